@@ -1,0 +1,1 @@
+"""F5-TTS: flow-matching DiT + Vocos, 24 kHz."""
