@@ -1,0 +1,237 @@
+"""Command line: `python -m studio synth|serve|download|make-demo-weights|bench`."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from studio.config import default_checkpoints_dir, default_data_dir
+
+LEVELS = ("very_low", "low", "moderate", "high", "very_high")
+
+
+def parse_gpus(value: str | None) -> list[int] | None:
+    if value is None or value == "":
+        return None
+    try:
+        return [int(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--gpus takes indices like 0,1; got {value!r}") from None
+
+
+def add_server_args(p: argparse.ArgumentParser) -> None:
+    """Flags shared by every command that talks to (or starts) a Triton server."""
+    g = p.add_argument_group("server")
+    g.add_argument("--triton-url", help="use an existing Triton server (gRPC HOST:PORT) instead of starting one")
+    g.add_argument("--data-dir", type=Path, default=None, help="default: $STUDIO_DATA_DIR or ~/.cache/voice-studio")
+    g.add_argument("--checkpoints", type=Path, default=None,
+                   help="folder with F5TTS_v1_Base/, vocos-mel-24khz/, Spark-TTS-0.5B/ (or $STUDIO_CHECKPOINTS)")
+    g.add_argument("--demo-weights", action="store_true", help="force the tiny random demo weights (output is noise)")
+    g.add_argument("--no-download", action="store_true", help="never download weights")
+    g.add_argument("--f5-model", default="F5TTS_v1_Base", help="F5 architecture/checkpoint name")
+    g.add_argument("--gpus", type=parse_gpus, default=None, help="GPU indices for engine instances, e.g. 0,1")
+    g.add_argument("--http-port", type=int, default=None)
+    g.add_argument("--grpc-port", type=int, default=None)
+    g.add_argument("--instances", type=int, default=None, help="front-end instances per model (concurrency served)")
+
+
+def make_server(args, families: list[str] | None = None):
+    from studio.server import TritonServer
+
+    return TritonServer(args.data_dir or default_data_dir(), http_port=args.http_port, grpc_port=args.grpc_port,
+                        gpus=args.gpus, demo_weights=args.demo_weights,
+                        checkpoints=args.checkpoints or default_checkpoints_dir(), no_download=args.no_download,
+                        f5_model=args.f5_model, instances=args.instances, families=families)
+
+
+def cmd_serve(args) -> int:
+    from studio.server import ServerStartError
+
+    server = make_server(args)
+    try:
+        server.start()
+    except ServerStartError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    st = server.status()
+    print(f"Triton serving {', '.join(server.models)}")
+    print(f"  gRPC {server.grpc_url}   HTTP {server.http_url}")
+    for fam, demo in st["demo_weights"].items():
+        print(f"  {fam}: {'DEMO WEIGHTS (random: output is noise)' if demo else 'real weights'}")
+    print("Ctrl-C stops it.", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.wait(1.0):
+            pass
+    except KeyboardInterrupt:
+        pass
+    server.stop()
+    return 0
+
+
+def _synth_params(args) -> dict:
+    params = {}
+    if args.seed is not None:
+        params["seed"] = args.seed
+    if args.model == "f5":
+        for key, val in (("nfe_steps", args.nfe), ("cfg_strength", args.cfg), ("speed", args.speed)):
+            if val is not None:
+                params[key] = val
+    else:
+        for key, val in (("temperature", args.temperature), ("top_k", args.top_k), ("top_p", args.top_p),
+                         ("max_new_tokens", args.max_new_tokens), ("gender", args.gender),
+                         ("pitch_level", args.pitch_level), ("speed_level", args.speed_level)):
+            if val is not None:
+                params[key] = val
+    return params
+
+
+def cmd_synth(args) -> int:
+    from studio.audio_io import AudioInputError, load_audio, save_audio
+    from studio.client import GenerationCancelled, StudioClient, SynthesisError
+    from studio.server import ServerStartError
+    from tts.audio import F5_SAMPLE_RATE, SPARK_SAMPLE_RATE
+
+    text = args.text if args.text is not None else (Path(args.text_file).read_text("utf-8") if args.text_file else None)
+    if not text or not text.strip():
+        print("error: give the text to speak with --text or --text-file", file=sys.stderr)
+        return 2
+    voice_creation = args.model == "spark" and args.gender is not None
+    if voice_creation and args.ref_audio:
+        print("error: voice creation (--gender) takes no --ref-audio", file=sys.stderr)
+        return 2
+    if not voice_creation and not args.ref_audio:
+        print("error: --ref-audio is required (or, for Spark voice creation, --gender/--pitch-level/--speed-level)",
+              file=sys.stderr)
+        return 2
+    if args.model == "f5" and not (args.ref_text or "").strip():
+        print("error: F5-TTS needs --ref-text, the transcript of the prompt clip", file=sys.stderr)
+        return 2
+    sr = F5_SAMPLE_RATE if args.model == "f5" else SPARK_SAMPLE_RATE
+    ref = None
+    if args.ref_audio:
+        try:
+            ref = load_audio(args.ref_audio, sr)
+        except AudioInputError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    server = None
+    url = args.triton_url
+    if not url:
+        server = make_server(args, families=[args.model])
+        try:
+            server.start()
+        except ServerStartError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        url = server.grpc_url
+    try:
+        with StudioClient(url) as client:
+            result = client.synthesize(args.model, text, ref, args.ref_text or "", stream=args.stream,
+                                       params=_synth_params(args))
+    except (SynthesisError, GenerationCancelled, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if server is not None:
+            server.stop()
+    save_audio(args.output, result.audio, result.sample_rate)
+    info = result.info
+    print(f"wrote {args.output}: {result.audio_s:.2f} s of audio at {result.sample_rate} Hz")
+    line = f"latency {result.latency_s:.3f} s"
+    if args.stream:
+        line += f", first chunk {result.first_chunk_s:.3f} s"
+    line += f", RTF {result.rtf:.3f}, seed {result.seed}, server compute {info.get('compute_ms', 0):.0f} ms"
+    if "tokens" in info:
+        line += f", tokens {info['tokens']}"
+        if info.get("decode_ms"):
+            line += f", decode {info['tokens'] / (info['decode_ms'] / 1000):.0f} tokens/s"
+    print(line)
+    for note in info.get("notes", []):
+        print(f"note: {note}")
+    if result.demo_weights:
+        print("note: DEMO WEIGHTS were used (tiny random model): the audio is noise, not speech. "
+              "Run `python -m studio download` for the real weights.")
+    return 0
+
+
+def cmd_download(args) -> int:
+    from studio.weights import download
+
+    download(args.family)
+    return 0
+
+
+def cmd_make_demo_weights(args) -> int:
+    from tts.demo_weights import write_all
+
+    for line in write_all(Path(args.dir)):
+        print(line)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from studio.bench import main as bench_main
+
+    return bench_main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m studio", description="Voice-cloning studio over Triton")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="synthesise one text in a prompt clip's voice")
+    p.add_argument("--model", choices=("f5", "spark"), default="f5")
+    p.add_argument("--ref-audio", help="prompt clip (any common format/rate/channels)")
+    p.add_argument("--ref-text", default="", help="what the prompt clip says")
+    p.add_argument("--text", help="what to say")
+    p.add_argument("--text-file", help="read the text to say from a UTF-8 file")
+    p.add_argument("-o", "--output", type=Path, default=Path("out.wav"), help=".wav, .flac or .mp3")
+    p.add_argument("--stream", action="store_true", help="streaming (reports first-chunk latency)")
+    p.add_argument("--seed", type=int)
+    f5 = p.add_argument_group("F5-TTS")
+    f5.add_argument("--nfe", type=int, help="ODE steps (default 32; 16 is fast)")
+    f5.add_argument("--cfg", type=float, help="CFG strength (default 2.0)")
+    f5.add_argument("--speed", type=float, help="> 1 speaks faster (default 1.0)")
+    sp = p.add_argument_group("Spark-TTS")
+    sp.add_argument("--temperature", type=float)
+    sp.add_argument("--top-k", type=int)
+    sp.add_argument("--top-p", type=float)
+    sp.add_argument("--max-new-tokens", type=int)
+    sp.add_argument("--gender", choices=("female", "male"), help="voice creation (no --ref-audio)")
+    sp.add_argument("--pitch-level", choices=LEVELS)
+    sp.add_argument("--speed-level", choices=LEVELS)
+    add_server_args(p)
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("serve", help="start the Triton server with the studio's models and keep it running")
+    add_server_args(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("download", help="download the real weights (states their size first)")
+    p.add_argument("family", nargs="?", choices=("f5", "spark", "all"), default="all")
+    p.set_defaults(func=cmd_download)
+
+    p = sub.add_parser("make-demo-weights", help="write the tiny deterministic demo weights into DIR")
+    p.add_argument("dir")
+    p.set_defaults(func=cmd_make_demo_weights)
+
+    p = sub.add_parser("bench", help="benchmark a model through Triton")
+    try:
+        from studio.bench import add_bench_args
+    except ImportError:
+        add_bench_args = None
+    if add_bench_args:
+        add_bench_args(p)
+        add_server_args(p)
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)

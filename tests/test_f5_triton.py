@@ -1,0 +1,150 @@
+"""F5-TTS end to end through a real tritonserver (demo weights): DESIGN.md's Triton contract."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import urllib.request
+
+import numpy as np
+import pytest
+
+from tests.conftest import speech_like
+from tts.audio import F5_SAMPLE_RATE
+
+REF = speech_like(2.5, F5_SAMPLE_RATE)
+REF_TEXT = "Some call me nature, others call me mother nature."
+LONG_TEXT = ("I don't really care what you call me. I've been a silent spectator, watching species evolve, "
+             "empires rise and fall. But always remember, I am mighty and enduring.")
+FAST = {"nfe_steps": 4}
+
+
+def synth(client, text, stream=False, ref=REF, ref_text=REF_TEXT, **params):
+    return client.synthesize("f5", text, ref, ref_text, stream=stream, params={**FAST, **params})
+
+
+def test_offline_synthesis(client):
+    r = synth(client, "Hello there, this is a test.", seed=7)
+    assert r.sample_rate == F5_SAMPLE_RATE
+    assert r.audio.dtype == np.float32 and r.audio.size > F5_SAMPLE_RATE // 4
+    assert np.isfinite(r.audio).all() and np.abs(r.audio).max() > 0
+    assert r.info["demo_weights"] is True and r.seed == 7
+    assert r.latency_s > 0 and r.rtf > 0 and r.first_chunk_s == pytest.approx(r.latency_s)
+    assert r.info["compute_ms"] > 0
+
+
+def test_same_seed_same_audio_and_random_seed_reported(client):
+    a = synth(client, "Hello there.", seed=3)
+    b = synth(client, "Hello there.", seed=3)
+    assert np.abs(a.audio - b.audio).max() <= 1e-4
+    c = synth(client, "Hello there.")
+    assert isinstance(c.seed, int)
+
+
+def test_streaming_joined_equals_offline(client):
+    off = synth(client, LONG_TEXT, seed=11)
+    arrivals = []
+    st = client.synthesize("f5", LONG_TEXT, REF, REF_TEXT, stream=True, params={**FAST, "seed": 11},
+                           on_chunk=lambda samples, info: arrivals.append(info["chunk_index"]))
+    assert st.info["chunks"] >= 3, "the long text should be planned as several chunks"
+    assert len(st.chunk_arrivals_s) == st.info["chunks"]
+    assert st.first_chunk_s < st.latency_s
+    assert st.audio.shape == off.audio.shape
+    assert np.abs(st.audio - off.audio).max() <= 1e-4
+
+
+def test_concurrent_requests_batch_and_match_solo(client, triton_server):
+    texts = ["Short one.", "A somewhat longer sentence to speak here.", "Three."]
+    solo = [synth(client, t, seed=100 + i).audio for i, t in enumerate(texts)]
+    before = client.statistics("f5_engine")["model_stats"][0]
+    results = [None] * 3
+    barrier = threading.Barrier(3)
+
+    def run(i):
+        from studio.client import StudioClient
+
+        with StudioClient(triton_server.grpc_url) as c:
+            barrier.wait()
+            results[i] = synth(c, texts[i], seed=100 + i).audio
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    after = client.statistics("f5_engine")["model_stats"][0]
+    for got, want in zip(results, solo):
+        assert got.shape == want.shape
+        assert np.abs(got - want).max() <= 1e-4
+    inferences = int(after["inference_count"]) - int(before["inference_count"])
+    executions = int(after["execution_count"]) - int(before["execution_count"])
+    assert inferences == 3
+    assert executions < inferences, f"3 concurrent requests ran in {executions} executions"
+
+
+def test_upstream_client_http_request_shape(triton_server):
+    """Exactly the KServe v2 JSON that upstream's client_http.py sends; outputs[0] is the waveform."""
+    wav = REF.reshape(1, -1)
+    body = {"inputs": [
+        {"name": "reference_wav", "shape": list(wav.shape), "datatype": "FP32", "data": wav.tolist()},
+        {"name": "reference_wav_len", "shape": [1, 1], "datatype": "INT32", "data": [[wav.shape[1]]]},
+        {"name": "reference_text", "shape": [1, 1], "datatype": "BYTES", "data": [REF_TEXT]},
+        {"name": "target_text", "shape": [1, 1], "datatype": "BYTES", "data": ["Hello from the HTTP client."]},
+    ]}
+    req = urllib.request.Request(f"http://{triton_server.http_url}/v2/models/f5_tts/infer",
+                                 data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=300) as resp:
+        result = json.loads(resp.read())
+    assert result["outputs"][0]["name"] == "waveform"
+    audio = np.array(result["outputs"][0]["data"], dtype=np.float32)
+    assert audio.size > 1000 and np.isfinite(audio).all()
+
+
+BAD = [
+    ("empty text", dict(text="   "), "target text"),
+    ("punctuation only", dict(text="?!... ,"), "target text"),
+    ("emoji only", dict(text="😀🎉"), "target text"),
+    ("empty reference text", dict(ref_text=" "), "reference text"),
+    ("silent prompt", dict(ref=np.zeros(F5_SAMPLE_RATE, np.float32)), "silent"),
+    ("short prompt", dict(ref=REF[: F5_SAMPLE_RATE // 4]), "0.5 s"),
+    ("nan prompt", dict(ref=np.where(np.arange(REF.size) == 5, np.nan, REF).astype(np.float32)), "NaN"),
+    ("inf prompt", dict(ref=np.where(np.arange(REF.size) == 5, np.inf, REF).astype(np.float32)), "infinite"),
+    ("nfe too high", dict(nfe_steps=1000), "nfe_steps"),
+    ("nfe zero", dict(nfe_steps=0), "nfe_steps"),
+    ("speed too high", dict(speed=50.0), "speed"),
+    ("speed zero", dict(speed=0.0), "speed"),
+]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["offline", "stream"])
+@pytest.mark.parametrize("name,change,needle", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_gets_clear_message(client, name, change, needle, stream):
+    from studio.client import SynthesisError
+
+    kwargs = dict(text="Hello there.", ref=REF, ref_text=REF_TEXT)
+    params = {k: v for k, v in change.items() if k not in kwargs}
+    kwargs.update({k: v for k, v in change.items() if k in kwargs})
+    with pytest.raises(SynthesisError) as err:
+        synth(client, kwargs["text"], stream=stream, ref=kwargs["ref"], ref_text=kwargs["ref_text"], **params)
+    assert needle.lower() in str(err.value).lower()
+    # the server and the model carry on
+    assert synth(client, "Still alive.", seed=1).audio.size > 0
+
+
+def test_cli_synth_with_embedded_server(tmp_path):
+    """`python -m studio synth` starts its own server, writes audio, and says it used demo weights."""
+    import soundfile as sf
+
+    ref = tmp_path / "ref.wav"
+    sf.write(ref, np.stack([REF, REF], axis=1), 44100)  # stereo at another rate: converted to mono 24 kHz
+    out = tmp_path / "out.wav"
+    cmd = [sys.executable, "-m", "studio", "synth", "--model", "f5", "--ref-audio", str(ref), "--ref-text",
+           REF_TEXT, "--text", "Hello from the command line.", "-o", str(out), "--nfe", "4", "--seed", "5",
+           "--demo-weights", "--data-dir", str(tmp_path / "data"), "--instances", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "DEMO WEIGHTS" in proc.stdout and "RTF" in proc.stdout and "seed 5" in proc.stdout
+    audio, sr = sf.read(out)
+    assert sr == F5_SAMPLE_RATE and audio.size > 1000

@@ -1,0 +1,77 @@
+"""f5_engine: thin Triton adapter over tts.f5 (weights, batching across requests, one response per chunk)."""
+
+import json
+import sys
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+def _use_project(args) -> None:
+    """The backend stub ignores PYTHONPATH: put the project root (a config parameter) on sys.path."""
+    root = json.loads(args["model_config"])["parameters"]["project_root"]["string_value"]
+    if root not in sys.path:
+        sys.path.insert(0, root)
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        _use_project(args)
+        from triton_models.shared import model_params
+
+        params = model_params(args)["params"]
+        import torch
+
+        from tts.f5.pipeline import F5Options, F5Pipeline, serve
+        from triton_models import shared
+
+        self.shared, self.F5Options, self.serve = shared, F5Options, serve
+        kind, device_id = args.get("model_instance_kind", "CPU"), args.get("model_instance_device_id", "0")
+        device = f"cuda:{device_id}" if kind == "GPU" and torch.cuda.is_available() else "cpu"
+        self.demo = params.get("demo_weights") == "true"
+        self.pipeline = F5Pipeline(params["checkpoint"], params["vocab"], params["vocos_dir"],
+                                   params.get("model_name", "F5TTS_v1_Base"), device=device)
+        label = "DEMO WEIGHTS (random: output is noise)" if self.demo else params["checkpoint"]
+        print(f"[f5_engine] ready on {device}: {label}", flush=True)
+
+    def _parse(self, request):
+        s, pb = self.shared, pb_utils
+        options = self.F5Options(
+            nfe_steps=int(s.get_scalar(pb, request, "nfe_steps", 32)),
+            cfg_strength=float(s.get_scalar(pb, request, "cfg_strength", 2.0)),
+            sway_coef=float(s.get_scalar(pb, request, "sway_coef", -1.0)),
+            speed=float(s.get_scalar(pb, request, "speed", 1.0)),
+            seed=s.get_scalar(pb, request, "seed", None),
+            use_prompt_cache=bool(s.get_scalar(pb, request, "use_prompt_cache", True)))
+        wav = s.get_wav(pb, request)
+        return self.pipeline.make_request(wav, s.get_text(pb, request, "reference_text"),
+                                          s.get_text(pb, request, "target_text"), options)
+
+    def execute(self, requests):
+        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        work, senders = [], {}
+        for i, request in enumerate(requests):
+            sender = request.get_response_sender()
+            try:
+                work.append((i, self._parse(request), bool(self.shared.get_scalar(pb_utils, request, "streaming", False))))
+                senders[i] = sender
+            except ValueError as exc:
+                sender.send(self.shared.error_response(pb_utils, str(exc)), flags=final)
+
+        def emit(key, index, wav, info):
+            senders[key].send(self.shared.audio_response(pb_utils, wav, info))
+            if info["final"]:
+                senders[key].send(flags=final)
+
+        if work:
+            try:
+                self.serve(self.pipeline, work, emit, self.demo)
+            except Exception as exc:  # keep the instance alive; tell every waiting request why
+                msg = f"F5 synthesis failed: {type(exc).__name__}: {exc}"
+                print(f"[f5_engine] {msg}", flush=True)
+                for key, sender in senders.items():
+                    try:
+                        sender.send(self.shared.error_response(pb_utils, msg), flags=final)
+                    except Exception:  # noqa: BLE001 - already finished
+                        pass
+        return None

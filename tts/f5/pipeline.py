@@ -1,0 +1,334 @@
+"""F5-TTS inference pipeline: reference preparation, chunk plan, batched synthesis, serving order.
+
+One request = a prompt clip (24 kHz mono), its transcript, a target text and options. The target
+text is cut into chunks by a pure function of (text, prompt, speed) -- the same plan offline and
+streaming -- with a short first chunk so streaming answers fast. Chunk i uses seed `seed + i`.
+Chunks of any requests are synthesised together in one batch; per-item masks make each item's
+audio independent of its batch mates (DESIGN.md tolerance), so offline (all chunks at once) and
+streaming (chunk 0 alone, then the rest) give the same joined audio.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from tts.audio import F5_CROSSFADE_S, F5_SAMPLE_RATE, join_chunks
+from tts.f5 import mel as mel_mod
+from tts.f5 import reference as ref_mod
+from tts.f5 import text as text_mod
+from tts.f5.checkpoint import load_dit
+from tts.f5.config import load_config
+from tts.f5.sampler import make_noise, sample
+from tts.f5.vocos import Vocos
+
+HOP = mel_mod.HOP_LENGTH
+#: Upstream's chunk budget: a chunk plus the prompt should stay under ~22 s of speech.
+MAX_SPEECH_S = 22.0
+#: Floor for the chunk budget: upstream's formula goes to zero for prompts near 22 s.
+MIN_CHUNK_S = 4.0
+#: The first chunk is at most one clause of about this many seconds, so streaming answers fast.
+FIRST_CHUNK_S = 2.0
+#: Upstream slows chunks under 10 UTF-8 bytes to speed 0.3 so a word or two is not rushed.
+SHORT_TEXT_BYTES, SHORT_TEXT_SPEED = 10, 0.3
+#: Prompts longer than this are clipped at a silence near it (as upstream's app does).
+MAX_PROMPT_S = 12.0
+CROSSFADE_SAMPLES = int(F5_CROSSFADE_S * F5_SAMPLE_RATE)  # 0.15 s * 24000 = 3600
+PROMPT_CACHE_SIZE = 64
+
+# Accepted option ranges; outside them a request is refused with a message naming the option.
+NFE_RANGE = (1, 128)
+SPEED_RANGE = (0.3, 3.0)
+CFG_RANGE = (0.0, 10.0)
+SWAY_RANGE = (-1.0, 1.0)
+
+
+@dataclass(frozen=True)
+class F5Options:
+    """Per-request sampling options (DESIGN.md defaults)."""
+
+    nfe_steps: int = 32  # Euler steps; 16 with EPSS is the fast setting
+    cfg_strength: float = 2.0  # classifier-free guidance weight
+    sway_coef: float = -1.0  # sway sampling coefficient applied on top of the timestep table
+    speed: float = 1.0  # > 1 speaks faster: duration divided by speed
+    seed: int | None = None  # None = random; the used seed is returned
+    use_prompt_cache: bool = True  # False recomputes the reference mel (cold prompt)
+
+    def validated(self) -> "F5Options":
+        def check(name, value, lo, hi):
+            if not np.isfinite(value) or not lo <= value <= hi:
+                raise ValueError(f"{name} must be between {lo} and {hi}; got {value}")
+        check("nfe_steps", self.nfe_steps, *NFE_RANGE)
+        check("speed", self.speed, *SPEED_RANGE)
+        check("cfg_strength", self.cfg_strength, *CFG_RANGE)
+        check("sway_coef", self.sway_coef, *SWAY_RANGE)
+        if self.seed is not None and not 0 <= int(self.seed) < 2**63:
+            raise ValueError(f"seed must be a non-negative 64-bit integer; got {self.seed}")
+        return self
+
+
+@dataclass
+class PreparedReference:
+    """A processed prompt clip: what every chunk of a request conditions on."""
+
+    mel: torch.Tensor  # [T_ref, 100] log-mel, T_ref = wav_len // 256 + 1
+    wav_len: int  # samples after clipping
+    rms: float  # RMS before normalisation (output is scaled back by rms / 0.1 when it was quieter)
+    clipped: bool  # True if the clip was cut to about 12 s
+
+    @property
+    def frames(self) -> int:
+        """Frames the generated mel is cut at (upstream: samples // hop)."""
+        return self.wav_len // HOP
+
+    @property
+    def seconds(self) -> float:
+        return self.wav_len / F5_SAMPLE_RATE
+
+
+@dataclass
+class ChunkJob:
+    """One text chunk of one request, ready to synthesise."""
+
+    text_ids: list[int]
+    ref: PreparedReference
+    total_frames: int  # reference + generated frames
+    seed: int
+    options: F5Options
+    index: int
+    count: int
+
+
+@dataclass
+class F5Request:
+    """A validated request: its chunk jobs plus what the response info needs."""
+
+    jobs: list[ChunkJob]
+    seed: int
+    notes: list[str] = field(default_factory=list)
+    prompt_cached: bool = False
+
+
+def utf8_len(text: str) -> int:
+    return len(text.encode("utf-8"))
+
+
+def plan_chunks(ref_text: str, ref_seconds: float, target_text: str, speed: float) -> list[str]:
+    """Cut `target_text` into chunks: a pure function of the text, the prompt and the speed.
+
+    The first chunk is the first clause, cut at a word boundary if it exceeds ~2 s of speech at
+    the prompt's speaking rate; the rest follow upstream's sentence chunking with a budget of
+    (22 s - prompt) of speech, floored at 4 s.
+    """
+    bytes_per_s = max(utf8_len(ref_text), 1) / max(ref_seconds, 0.1)
+    max_bytes = int(bytes_per_s * max(MAX_SPEECH_S - ref_seconds, MIN_CHUNK_S) * speed)
+    first_budget = max(int(bytes_per_s * FIRST_CHUNK_S * speed), SHORT_TEXT_BYTES)
+    clauses = text_mod.split_sentences(target_text.strip(), 0)  # budget 0: one clause per piece
+    if not clauses:
+        return []
+    first, rest = _cut_head(clauses[0], first_budget)
+    rest_text = " ".join(p for p in [rest] + clauses[1:] if p) if _is_spaced(target_text) else \
+        "".join(p for p in [rest] + clauses[1:] if p)
+    chunks = [first] + (text_mod.split_sentences(rest_text, max_bytes) if rest_text.strip() else [])
+    return [c for c in (c.strip() for c in chunks) if c]
+
+
+def _is_spaced(text: str) -> bool:
+    """Texts written with spaces between words (English) are re-joined with spaces."""
+    return " " in text.strip()
+
+
+def _cut_head(clause: str, budget: int) -> tuple[str, str]:
+    """Split a clause into (head within `budget` bytes, rest), at a space when there is one."""
+    if utf8_len(clause) <= budget:
+        return clause, ""
+    head, used = "", 0
+    for ch in clause:
+        used += utf8_len(ch)
+        if used > budget:
+            break
+        head += ch
+    cut = head.rfind(" ")
+    if cut > 0:
+        head = head[:cut]
+    if not head.strip():
+        return clause, ""
+    return head.strip(), clause[len(head):].strip()
+
+
+def chunk_frames(ref: PreparedReference, ref_text: str, chunk_text: str, speed: float, n_ids: int) -> int:
+    """Total frames (prompt + generated) for a chunk, from the UTF-8 byte ratio divided by speed."""
+    chunk_bytes = utf8_len(chunk_text)
+    local_speed = SHORT_TEXT_SPEED if chunk_bytes < SHORT_TEXT_BYTES else speed
+    duration = ref.frames + int(ref.frames / max(utf8_len(ref_text), 1) * chunk_bytes / local_speed)
+    # upstream CFM.sample: at least the text / prompt length plus one frame, so something is generated
+    return max(duration, max(n_ids, ref.mel.shape[0]) + 1)
+
+
+class F5Pipeline:
+    """Loads DiT + Vocos once and synthesises batches of chunk jobs."""
+
+    def __init__(self, checkpoint: Path, vocab: Path, vocos_dir: Path, model_name: str = "F5TTS_v1_Base",
+                 device: str = "cpu", dtype: torch.dtype = torch.float32, max_batch: int = 8):
+        self.device, self.dtype, self.max_batch = torch.device(device), dtype, max_batch
+        self.vocab = text_mod.load_vocab(vocab)
+        self.config = load_config(model_name, Path(checkpoint).parent, len(self.vocab))
+        self.dit = load_dit(Path(checkpoint), self.config, self.device, dtype)
+        self.vocos = Vocos.from_dir(Path(vocos_dir), device=self.device, dtype=torch.float32)
+        self._cache: OrderedDict[str, PreparedReference] = OrderedDict()
+        self._cache_lock = threading.Lock()
+
+    # -- requests -------------------------------------------------------------------------------
+    def prepare_reference(self, wav: np.ndarray, use_cache: bool = True) -> tuple[PreparedReference, bool]:
+        """Check, clip, RMS-normalise and mel a prompt clip; cached by a hash of the samples."""
+        wav = np.ascontiguousarray(wav, dtype=np.float32).reshape(-1)
+        key = hashlib.sha1(wav.tobytes()).hexdigest()
+        if use_cache:
+            with self._cache_lock:
+                hit = self._cache.get(key)
+                if hit is not None:
+                    self._cache.move_to_end(key)
+                    return hit, True
+        ref_mod.check_reference(wav, F5_SAMPLE_RATE)
+        clipped_wav, clipped = ref_mod.clip_at_silence(wav, F5_SAMPLE_RATE, MAX_PROMPT_S)
+        norm_wav, rms = ref_mod.normalize_rms(clipped_wav)
+        with torch.inference_mode():
+            audio = torch.from_numpy(np.ascontiguousarray(norm_wav, dtype=np.float32))[None].to(self.device)
+            mel = mel_mod.log_mel_spectrogram(audio)[0].transpose(0, 1).contiguous()  # [T, 100]
+        prepared = PreparedReference(mel=mel.to(self.dtype), wav_len=len(norm_wav), rms=float(rms), clipped=clipped)
+        with self._cache_lock:
+            self._cache[key] = prepared
+            while len(self._cache) > PROMPT_CACHE_SIZE:
+                self._cache.popitem(last=False)
+        return prepared, False
+
+    def make_request(self, ref_wav: np.ndarray, ref_text: str, target_text: str, options: F5Options) -> F5Request:
+        """Validate a request and build its chunk jobs (raises ValueError with a readable message)."""
+        options = options.validated()
+        target_text = text_mod.validate_text(target_text, "target text")
+        ref_text = text_mod.validate_text(ref_text, "reference text")
+        ref, cached = self.prepare_reference(ref_wav, options.use_prompt_cache)
+        ref_text = text_mod.prepare_reference_text(ref_text)
+        chunks = plan_chunks(ref_text, ref.seconds, target_text, options.speed)
+        if not chunks:
+            raise ValueError("the target text has nothing to speak")
+        seed = int(options.seed) if options.seed is not None else secrets.randbelow(2**31)
+        jobs = []
+        for i, chunk in enumerate(chunks):
+            ids = text_mod.encode(ref_text + chunk, self.vocab)
+            frames = chunk_frames(ref, ref_text, chunk, options.speed, len(ids))
+            jobs.append(ChunkJob(ids, ref, frames, seed + i, options, i, len(chunks)))
+        notes = [f"the prompt clip was longer than {MAX_PROMPT_S:.0f} s and was clipped to "
+                 f"{ref.seconds:.1f} s at a pause"] if ref.clipped else []
+        return F5Request(jobs, seed, notes, cached)
+
+    # -- synthesis ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def synthesize(self, jobs: list[ChunkJob]) -> list[np.ndarray]:
+        """Synthesise chunk jobs as batches grouped by sampling options; returns 24 kHz float32 audio."""
+        out: list[np.ndarray | None] = [None] * len(jobs)
+        groups: dict[tuple, list[int]] = {}
+        for i, job in enumerate(jobs):
+            o = job.options
+            groups.setdefault((o.nfe_steps, o.cfg_strength, o.sway_coef), []).append(i)
+        for idx in groups.values():
+            for start in range(0, len(idx), self.max_batch):
+                part = idx[start:start + self.max_batch]
+                for i, wav in zip(part, self._synthesize_batch([jobs[i] for i in part])):
+                    out[i] = wav
+        return out  # type: ignore[return-value]
+
+    def _synthesize_batch(self, jobs: list[ChunkJob]) -> list[np.ndarray]:
+        dev, n_mels = self.device, self.config.mel_dim
+        batch, frames = len(jobs), max(j.total_frames for j in jobs)
+        cond = torch.zeros(batch, frames, n_mels, device=dev, dtype=self.dtype)
+        noise = torch.zeros(batch, frames, n_mels, device=dev, dtype=self.dtype)
+        max_ids = max(len(j.text_ids) for j in jobs)
+        text_ids = torch.full((batch, max_ids), -1, dtype=torch.long)
+        for i, j in enumerate(jobs):
+            cond[i, : j.ref.mel.shape[0]] = j.ref.mel
+            noise[i, : j.total_frames] = make_noise(j.seed, j.total_frames, n_mels, dev, self.dtype)
+            text_ids[i, : len(j.text_ids)] = torch.tensor(j.text_ids, dtype=torch.long)
+        ref_lens = torch.tensor([j.ref.mel.shape[0] for j in jobs], device=dev)
+        total_lens = torch.tensor([j.total_frames for j in jobs], device=dev)
+        o = jobs[0].options
+        mel = sample(self.dit, cond, text_ids.to(dev), ref_lens, total_lens, noise, o.nfe_steps, o.cfg_strength,
+                     o.sway_coef)
+        waves = []
+        for i, j in enumerate(jobs):
+            gen = mel[i, j.ref.frames: j.total_frames].float().transpose(0, 1)[None]  # [1, 100, T_gen]
+            wav = self.vocos.decode(gen)[0]
+            if j.ref.rms < ref_mod.TARGET_RMS:
+                wav = wav * (j.ref.rms / ref_mod.TARGET_RMS)
+            waves.append(wav.float().cpu().numpy().astype(np.float32))
+        return waves
+
+
+Emit = Callable[[object, int, np.ndarray, dict], None]
+
+
+def chunk_info(req: F5Request, job: ChunkJob, compute_ms: float, demo_weights: bool) -> dict:
+    """The DESIGN.md `info` object for one chunk (running totals: the last chunk's are the request's)."""
+    return {"sample_rate": F5_SAMPLE_RATE, "seed": req.seed, "demo_weights": demo_weights,
+            "compute_ms": round(compute_ms, 3), "chunk_index": job.index, "chunks": job.count,
+            "final": job.index == job.count - 1, "overlap_samples": CROSSFADE_SAMPLES if job.index > 0 else 0,
+            "prompt_cached": req.prompt_cached, "notes": req.notes}
+
+
+def serve(pipeline: F5Pipeline, requests: list[tuple[object, F5Request, bool]], emit: Emit,
+          demo_weights: bool) -> None:
+    """Run one engine batch: streaming requests' first chunks alone first, then every other chunk.
+
+    `requests` holds (key, request, streaming). `emit(key, chunk_index, audio, info)` is called per
+    chunk in order of each request's chunks. compute_ms accumulates the wall time of the batches a
+    request's chunks ran in.
+    """
+    spent = {id(req): 0.0 for _, req, _ in requests}
+    waves: dict[tuple[int, int], np.ndarray] = {}
+    sent = {id(req): 0 for _, req, _ in requests}
+
+    def run(jobs_of: list[tuple[F5Request, ChunkJob]]):
+        if not jobs_of:
+            return
+        t0 = time.perf_counter()
+        outs = pipeline.synthesize([job for _, job in jobs_of])
+        ms = (time.perf_counter() - t0) * 1000
+        for (req, job), wav in zip(jobs_of, outs):
+            waves[(id(req), job.index)] = wav
+        for req in {id(r): r for r, _ in jobs_of}.values():
+            spent[id(req)] += ms
+        flush()
+
+    def flush():
+        for key, req, _ in requests:
+            while sent[id(req)] < len(req.jobs) and (id(req), sent[id(req)]) in waves:
+                job = req.jobs[sent[id(req)]]
+                emit(key, job.index, waves.pop((id(req), job.index)),
+                     chunk_info(req, job, spent[id(req)], demo_weights))
+                sent[id(req)] += 1
+
+    run([(req, req.jobs[0]) for _, req, streaming in requests if streaming])
+    run([(req, job) for _, req, streaming in requests for job in req.jobs if not (streaming and job.index == 0)])
+
+
+def synthesize_offline(pipeline: F5Pipeline, request: F5Request) -> tuple[np.ndarray, dict]:
+    """All chunks as one batch, joined with the shared cross-fade (for the CLI and tests)."""
+    chunks, infos = [], []
+    serve(pipeline, [(0, request, False)], lambda k, i, wav, info: (chunks.append(wav), infos.append(info)),
+          demo_weights=False)
+    return join_chunks(chunks, [info["overlap_samples"] for info in infos]), infos[-1]
+
+
+def with_options(request: F5Request, **changes) -> F5Request:
+    """A copy of a request with changed options on each job (used by tests)."""
+    jobs = [replace(j, options=replace(j.options, **changes)) for j in request.jobs]
+    return replace(request, jobs=jobs)
