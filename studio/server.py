@@ -116,7 +116,9 @@ def render_model_repository(dest: Path, families: dict[str, FamilyWeights], *, g
 
 
 def available_families() -> list[str]:
-    return [fam for fam, names in FAMILY_MODELS.items() if all((MODELS_SRC / n / "config.pbtxt").is_file() for n in names)]
+    return [fam for fam, names in FAMILY_MODELS.items()
+            if all((MODELS_SRC / n / "config.pbtxt").is_file() and (MODELS_SRC / n / "1" / "model.py").is_file()
+                   for n in names)]
 
 
 class TritonServer:

@@ -95,3 +95,59 @@ def response_audio(pb_utils, response) -> tuple[np.ndarray | None, dict | None]:
         return None, None
     raw = info.as_numpy().reshape(-1)[0]
     return wav.as_numpy().reshape(-1), json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
+
+
+def _cancelled(request) -> bool:
+    check = getattr(request, "is_cancelled", None)
+    return bool(check()) if check else False
+
+
+def offline_front(pb_utils, request, engine: str, input_names: list[str], join, extra: list | None = None):
+    """Call a decoupled engine through BLS, join its chunk responses, return one response."""
+    inputs = forward_inputs(pb_utils, request, input_names) + (extra or [])
+    inputs.append(pb_utils.Tensor("streaming", np.array([[False]], dtype=bool)))
+    bls = pb_utils.InferenceRequest(model_name=engine, inputs=inputs, requested_output_names=["waveform", "info"])
+    chunks, overlaps, info = [], [], None
+    for response in bls.exec(decoupled=True):
+        if response.has_error():
+            return error_response(pb_utils, response.error().message())
+        wav, chunk_info = response_audio(pb_utils, response)
+        if wav is None:
+            continue
+        chunks.append(wav)
+        overlaps.append(int(chunk_info.get("overlap_samples", 0)))
+        info = chunk_info
+    if info is None:
+        return error_response(pb_utils, f"{engine} returned no audio")
+    info.update(overlap_samples=0, chunk_index=len(chunks) - 1, final=True)
+    return audio_response(pb_utils, join(chunks, overlaps), info)
+
+
+def stream_front(pb_utils, request, engine: str, input_names: list[str], extra: list | None = None,
+                 on_cancel=None) -> None:
+    """Forward a decoupled engine's chunk responses; audio responses never carry the final flag.
+
+    When the client closes its stream, `on_cancel()` tells the engine (BLS response-iterator
+    cancel is newer than tritonserver 2.51) and forwarding stops.
+    """
+    final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+    sender = request.get_response_sender()
+    inputs = forward_inputs(pb_utils, request, input_names) + (extra or [])
+    inputs.append(pb_utils.Tensor("streaming", np.array([[True]], dtype=bool)))
+    bls = pb_utils.InferenceRequest(model_name=engine, inputs=inputs, requested_output_names=["waveform", "info"])
+    try:
+        for response in bls.exec(decoupled=True):
+            if _cancelled(request):
+                if on_cancel:
+                    on_cancel()
+                break
+            if response.has_error():
+                sender.send(error_response(pb_utils, response.error().message()), flags=final)
+                return
+            wav, info = response_audio(pb_utils, response)
+            if wav is not None:
+                sender.send(audio_response(pb_utils, wav, info))
+    except Exception as exc:  # noqa: BLE001 - one bad request must not take the instance down
+        sender.send(error_response(pb_utils, f"streaming failed: {exc}"), flags=final)
+        return
+    sender.send(flags=final)

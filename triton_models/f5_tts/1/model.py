@@ -28,26 +28,5 @@ class TritonPythonModel:
 
         self.shared, self.join = shared, join_chunks
 
-    def _one(self, request):
-        s = self.shared
-        inputs = s.forward_inputs(pb_utils, request, INPUTS)
-        inputs.append(pb_utils.Tensor("streaming", np.array([[False]], dtype=bool)))
-        bls = pb_utils.InferenceRequest(model_name=self.engine, inputs=inputs,
-                                        requested_output_names=["waveform", "info"])
-        chunks, overlaps, info = [], [], None
-        for response in bls.exec(decoupled=True):
-            if response.has_error():
-                return s.error_response(pb_utils, response.error().message())
-            wav, chunk_info = s.response_audio(pb_utils, response)
-            if wav is None:
-                continue
-            chunks.append(wav)
-            overlaps.append(int(chunk_info["overlap_samples"]))
-            info = chunk_info
-        if info is None:
-            return s.error_response(pb_utils, "the F5 engine returned no audio")
-        info.update(overlap_samples=0, chunk_index=len(chunks) - 1, final=True)
-        return s.audio_response(pb_utils, self.join(chunks, overlaps), info)
-
     def execute(self, requests):
-        return [self._one(r) for r in requests]
+        return [self.shared.offline_front(pb_utils, r, self.engine, INPUTS, self.join) for r in requests]

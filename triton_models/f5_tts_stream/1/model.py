@@ -27,29 +27,7 @@ class TritonPythonModel:
 
         self.shared = shared
 
-    def _stream(self, request):
-        s, final = self.shared, pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-        sender = request.get_response_sender()
-        inputs = s.forward_inputs(pb_utils, request, INPUTS)
-        inputs.append(pb_utils.Tensor("streaming", np.array([[True]], dtype=bool)))
-        bls = pb_utils.InferenceRequest(model_name=self.engine, inputs=inputs,
-                                        requested_output_names=["waveform", "info"])
-        try:
-            for response in bls.exec(decoupled=True):
-                if request.is_cancelled():
-                    break  # the client closed its stream: stop forwarding
-                if response.has_error():
-                    sender.send(s.error_response(pb_utils, response.error().message()), flags=final)
-                    return
-                wav, info = s.response_audio(pb_utils, response)
-                if wav is not None:
-                    sender.send(s.audio_response(pb_utils, wav, info))
-        except Exception as exc:  # noqa: BLE001 - one bad request must not take the instance down
-            sender.send(s.error_response(pb_utils, f"streaming failed: {exc}"), flags=final)
-            return
-        sender.send(flags=final)  # audio responses never carry the final flag
-
     def execute(self, requests):
         for request in requests:
-            self._stream(request)
+            self.shared.stream_front(pb_utils, request, self.engine, INPUTS)
         return None

@@ -1,0 +1,264 @@
+"""`python -m studio bench`: load a model through Triton at several concurrencies and report DESIGN.md metrics.
+
+Per concurrency: rtf_aggregate (wall time / sum of audio seconds), latency p50/p90/p99, first-chunk
+p50/p90 (streaming), requests/s, audio seconds per second, server compute vs queue time (Triton's
+statistics deltas for the engine model), Spark decode tokens/s, and per-GPU peak memory and
+utilisation sampled with nvidia-smi. Writes JSON and a PNG plot, prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from studio.config import PROJECT_ROOT
+
+DEFAULT_WORKLOAD = PROJECT_ROOT / "samples" / "bench_workload.jsonl"
+ENGINE_MODEL = {"f5": "f5_engine", "spark": "spark_llm"}
+
+
+@dataclass
+class WorkItem:
+    prompt: Path
+    reference_text: str
+    target_text: str
+
+
+def load_workload(path: Path) -> list[WorkItem]:
+    """JSON lines with `prompt` (path relative to the file), `reference_text`, `target_text`."""
+    items = []
+    for n, line in enumerate(Path(path).read_text("utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            prompt = Path(row["prompt"])
+            items.append(WorkItem(prompt if prompt.is_absolute() else Path(path).parent / prompt,
+                                  row["reference_text"], row["target_text"]))
+        except (KeyError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{path}:{n}: bad workload line ({exc})") from None
+    if not items:
+        raise ValueError(f"{path} holds no workload lines")
+    return items
+
+
+def add_bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", choices=("f5", "spark"), default="f5")
+    p.add_argument("--mode", choices=("offline", "streaming"), default="offline")
+    p.add_argument("--concurrency", default="1,2,4,8,16", help="comma-separated levels")
+    p.add_argument("--requests", type=int, default=16, help="requests per concurrency level")
+    p.add_argument("--warmup", type=int, default=2, help="untimed requests before each level")
+    p.add_argument("--nfe", type=int, default=None, help="F5 ODE steps (16 with EPSS is the fast setting)")
+    p.add_argument("--fixed-tokens", type=int, default=None,
+                   help="Spark: min_new_tokens = max_new_tokens = N (random weights never emit the end token)")
+    p.add_argument("--workload", type=Path, default=DEFAULT_WORKLOAD)
+    p.add_argument("--cold-cache", action="store_true", help="send use_prompt_cache=false (cold prompt)")
+    p.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for JSON and PNG")
+    p.add_argument("--label", default="", help="a name for this run in the JSON")
+
+
+class GpuSampler:
+    """Samples nvidia-smi every 0.2 s: peak memory and mean utilisation per GPU (nothing on CPU)."""
+
+    def __init__(self):
+        self.smi = shutil.which("nvidia-smi")
+        self.samples: list[list[tuple[float, float]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        if self.smi:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                out = subprocess.run([self.smi, "--query-gpu=memory.used,utilization.gpu",
+                                      "--format=csv,noheader,nounits"], capture_output=True, text=True,
+                                     timeout=5).stdout
+                self.samples.append([tuple(float(x) for x in line.split(",")) for line in out.strip().splitlines()])
+            except (OSError, ValueError, subprocess.SubprocessError):
+                pass
+            self._stop.wait(0.2)
+
+    def summary(self) -> list[dict]:
+        if not self.samples:
+            return []
+        n = min(len(s) for s in self.samples)
+        return [{"gpu": g, "peak_memory_mib": max(s[g][0] for s in self.samples),
+                 "mean_utilization_pct": round(float(np.mean([s[g][1] for s in self.samples])), 1)}
+                for g in range(n)]
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    return round(float(np.percentile(values, q)), 4) if values else None
+
+
+def _engine_stats(client, model: str) -> dict:
+    try:
+        stats = client.statistics(model)["model_stats"][0]
+    except Exception:  # noqa: BLE001 - statistics are optional extras in the report
+        return {}
+    inf = stats.get("inference_stats", {})
+    return {"inference_count": int(stats.get("inference_count", 0)),
+            "execution_count": int(stats.get("execution_count", 0)),
+            "queue_ns": int(inf.get("queue", {}).get("ns", 0)),
+            "compute_ns": sum(int(inf.get(k, {}).get("ns", 0)) for k in ("compute_input", "compute_infer",
+                                                                            "compute_output"))}
+
+
+def build_params(args) -> dict:
+    params: dict = {"seed": 1234}
+    if args.cold_cache:
+        params["use_prompt_cache"] = False
+    if args.model == "f5" and args.nfe:
+        params["nfe_steps"] = args.nfe
+    if args.model == "spark" and args.fixed_tokens:
+        params["min_new_tokens"] = params["max_new_tokens"] = args.fixed_tokens
+    return params
+
+
+def run_level(url: str, args, items, prompts, concurrency: int) -> dict:
+    """One concurrency level: `args.requests` requests, `concurrency` in flight at a time."""
+    from studio.client import StudioClient
+
+    params = build_params(args)
+    stream = args.mode == "streaming"
+    clients = [StudioClient(url) for _ in range(concurrency)]
+    try:
+        def one(i: int):
+            item = items[i % len(items)]
+            c = clients[i % concurrency]
+            return c.synthesize(args.model, item.target_text, prompts[item.prompt], item.reference_text,
+                                stream=stream, params=params)
+
+        with ThreadPoolExecutor(concurrency) as pool:
+            list(pool.map(one, range(min(args.warmup, args.requests) if args.warmup else 0)))
+            before = _engine_stats(clients[0], ENGINE_MODEL[args.model])
+            with GpuSampler() as gpus:
+                t0 = time.perf_counter()
+                results = list(pool.map(one, range(args.requests)))
+                wall = time.perf_counter() - t0
+            after = _engine_stats(clients[0], ENGINE_MODEL[args.model])
+    finally:
+        for c in clients:
+            c.close()
+    lat = [r.latency_s for r in results]
+    first = [r.first_chunk_s for r in results]
+    audio = sum(r.audio_s for r in results)
+    row = {"concurrency": concurrency, "requests": len(results), "wall_s": round(wall, 4),
+           "audio_s": round(audio, 3), "rtf_aggregate": round(wall / audio, 5) if audio else None,
+           "rtf_mean": round(float(np.mean([r.rtf for r in results])), 5),
+           "latency_p50_s": _pct(lat, 50), "latency_p90_s": _pct(lat, 90), "latency_p99_s": _pct(lat, 99),
+           "first_chunk_p50_s": _pct(first, 50) if stream else None,
+           "first_chunk_p90_s": _pct(first, 90) if stream else None,
+           "requests_per_s": round(len(results) / wall, 3), "audio_s_per_s": round(audio / wall, 3),
+           "server_compute_ms_mean": round(float(np.mean([r.info.get("compute_ms", 0) for r in results])), 2),
+           "gpus": gpus.summary(), "demo_weights": any(r.demo_weights for r in results)}
+    if before and after:
+        n = max(after["inference_count"] - before["inference_count"], 1)
+        row["engine_queue_ms_mean"] = round((after["queue_ns"] - before["queue_ns"]) / n / 1e6, 3)
+        row["engine_compute_ms_mean"] = round((after["compute_ns"] - before["compute_ns"]) / n / 1e6, 3)
+        row["engine_executions"] = after["execution_count"] - before["execution_count"]
+    if args.model == "spark":
+        toks = [r.info.get("tokens", 0) for r in results]
+        dec = [r.info.get("decode_ms", 0) for r in results]
+        rates = [t / (d / 1000) for t, d in zip(toks, dec) if d]
+        row["tokens_mean"] = round(float(np.mean(toks)), 1)
+        row["decode_tokens_per_s_per_stream"] = round(float(np.mean(rates)), 1) if rates else None
+    return row
+
+
+def print_table(rows: list[dict], model: str, mode: str) -> None:
+    cols = ["concurrency", "rtf_aggregate", "latency_p50_s", "latency_p90_s", "latency_p99_s"]
+    if mode == "streaming":
+        cols += ["first_chunk_p50_s", "first_chunk_p90_s"]
+    cols += ["requests_per_s", "audio_s_per_s", "engine_compute_ms_mean", "engine_queue_ms_mean"]
+    if model == "spark":
+        cols.append("decode_tokens_per_s_per_stream")
+    print(" | ".join(cols))
+    print(" | ".join("---" for _ in cols))
+    for r in rows:
+        print(" | ".join("" if r.get(c) is None else str(r.get(c)) for c in cols))
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    conc = [r["concurrency"] for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    a.plot(conc, [r["rtf_aggregate"] for r in rows], "o-")
+    a.set(xlabel="concurrency", ylabel="rtf_aggregate", title="RTF (lower is better)", xscale="log", xticks=conc)
+    a.set_xticklabels(conc)
+    b.plot(conc, [r["latency_p50_s"] for r in rows], "o-", label="latency p50")
+    if rows and rows[0].get("first_chunk_p50_s") is not None:
+        b.plot(conc, [r["first_chunk_p50_s"] for r in rows], "s-", label="first chunk p50")
+    b.set(xlabel="concurrency", ylabel="seconds", title="latency", xscale="log", xticks=conc)
+    b.set_xticklabels(conc)
+    b.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(args) -> int:
+    from studio.audio_io import load_audio
+    from studio.cli import make_server
+    from tts.audio import F5_SAMPLE_RATE, SPARK_SAMPLE_RATE
+
+    try:
+        levels = [int(x) for x in str(args.concurrency).split(",") if x.strip()]
+        items = load_workload(args.workload)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    sr = F5_SAMPLE_RATE if args.model == "f5" else SPARK_SAMPLE_RATE
+    prompts = {item.prompt: load_audio(item.prompt, sr) for item in items}
+    server = None
+    url = args.triton_url
+    if not url:
+        server = make_server(args, families=[args.model])
+        server.start()
+        url = server.grpc_url
+    try:
+        rows = []
+        for level in levels:
+            row = run_level(url, args, items, prompts, level)
+            rows.append(row)
+            print(f"[bench] concurrency {level}: rtf_aggregate {row['rtf_aggregate']}, "
+                  f"latency p50 {row['latency_p50_s']} s", file=sys.stderr, flush=True)
+    finally:
+        if server is not None:
+            server.stop()
+    report = {"model": args.model, "mode": args.mode, "label": args.label, "date": time.strftime("%Y-%m-%d"),
+              "params": build_params(args), "requests_per_level": args.requests, "workload": str(args.workload),
+              "command": " ".join(sys.argv), "rows": rows}
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"bench_{args.model}_{args.mode}{'_' + args.label if args.label else ''}"
+    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2))
+    plot(rows, args.out / f"{stem}.png", f"{args.model} {args.mode} {args.label}".strip())
+    print_table(rows, args.model, args.mode)
+    if rows and rows[0]["demo_weights"]:
+        print("note: DEMO WEIGHTS: these figures are for the tiny demo model, not the real one.")
+    print(f"wrote {args.out / (stem + '.json')} and .png")
+    return 0

@@ -1,0 +1,69 @@
+"""Model-repository rendering and server-manager behaviour that needs no running server."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from studio.server import FAMILY_MODELS, engine_instance_group, render_model_repository
+from studio.weights import FamilyWeights
+
+
+def fake_f5() -> FamilyWeights:
+    return FamilyWeights("f5", True, "demo", {"checkpoint": "/w/model.safetensors", "vocab": "/w/vocab.txt",
+                                              "model_dir": "/w", "vocos_dir": "/v", "model_name": "F5TTS_Demo"})
+
+
+@pytest.mark.parametrize("gpus", [[], [0], [0, 1], [0, 1, 2, 3]])
+def test_engine_placed_on_every_gpu_fronts_on_cpu(tmp_path, gpus):
+    names = render_model_repository(tmp_path, {"f5": fake_f5()}, gpus=gpus, front_instances=7)
+    assert names == list(FAMILY_MODELS["f5"])
+    engine = (tmp_path / "f5_engine" / "config.pbtxt").read_text()
+    if gpus:
+        assert "KIND_GPU" in engine and f"gpus: [{', '.join(map(str, gpus))}]" in engine
+    else:
+        assert "KIND_CPU" in engine and "KIND_GPU" not in engine
+    for front in ("f5_tts", "f5_tts_stream"):
+        cfg = (tmp_path / front / "config.pbtxt").read_text()
+        assert "count: 7 kind: KIND_CPU" in cfg
+        assert "${" not in cfg
+    assert '"true"' in engine  # demo_weights parameter
+    assert "${" not in engine
+    assert (tmp_path / "f5_engine" / "1" / "model.py").is_file()
+
+
+def test_stream_front_is_decoupled_offline_is_not(tmp_path):
+    render_model_repository(tmp_path, {"f5": fake_f5()}, gpus=[], front_instances=1)
+    decoupled = re.compile(r"decoupled:\s*true")
+    assert decoupled.search((tmp_path / "f5_tts_stream" / "config.pbtxt").read_text())
+    assert decoupled.search((tmp_path / "f5_engine" / "config.pbtxt").read_text())
+    assert not decoupled.search((tmp_path / "f5_tts" / "config.pbtxt").read_text())
+
+
+def test_engine_instances_per_gpu():
+    assert engine_instance_group([0, 1], 2) == "[{ count: 2 kind: KIND_GPU gpus: [0, 1] }]"
+
+
+def test_missing_template_value_fails_loudly(tmp_path):
+    broken = FamilyWeights("f5", True, "demo", {"checkpoint": "/x"})  # no vocab, vocos_dir, ...
+    with pytest.raises(KeyError):
+        render_model_repository(tmp_path, {"f5": broken}, gpus=[], front_instances=1)
+
+
+def test_dead_server_is_restarted(triton_server):
+    """Kill the server process group from outside: the watchdog brings it back on the same ports."""
+    import os
+    import signal
+    import time
+
+    old_pid = triton_server._proc.pid
+    os.killpg(os.getpgid(old_pid), signal.SIGKILL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        proc = triton_server._proc
+        if proc is not None and proc.pid != old_pid and triton_server.status()["state"] == "ready":
+            break
+        time.sleep(0.5)
+    assert triton_server._proc.pid != old_pid
+    assert triton_server.status()["state"] == "ready"
