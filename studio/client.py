@@ -1,0 +1,489 @@
+"""The studio's Triton client: one generation in, joined audio and its timings out (gRPC only).
+
+DESIGN.md's Triton contract from the client side. Offline requests go to `f5_tts` / `spark_tts`
+(one response); streaming requests go to the decoupled `f5_tts_stream` / `spark_tts_stream`
+over a gRPC stream, one response per audio chunk, then one empty response carrying Triton's
+final flag. Chunks are joined with `tts.audio` (the one joining function) and timed:
+
+- `latency_s`: request sent -> last audio received; `first_chunk_s`: -> first audio received
+  (offline: equal to latency); `audio_s`: seconds of joined audio; `rtf = latency_s / audio_s`.
+
+No torch here. One `StudioClient` may be shared by threads: offline calls share one gRPC
+channel (thread-safe), and each streaming call borrows a gRPC client of its own from a small
+pool, because a tritonclient gRPC client carries only one stream at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import re
+import threading
+import time
+import uuid
+import weakref
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from tts.audio import (F5_CROSSFADE_SAMPLES, F5_SAMPLE_RATE, SPARK_CROSSFADE_SAMPLES, SPARK_SAMPLE_RATE,
+                       ChunkJoiner)
+
+#: family -> (offline model, streaming model) in the Triton repository.
+TRITON_MODELS = {"f5": ("f5_tts", "f5_tts_stream"), "spark": ("spark_tts", "spark_tts_stream")}
+SAMPLE_RATES = {"f5": F5_SAMPLE_RATE, "spark": SPARK_SAMPLE_RATE}
+#: Samples a streaming receiver holds back: the largest overlap the family's chunks carry
+#: (F5: 0.15 s cross-fade at 24 kHz; Spark: 5 tokens x 320 samples at 16 kHz).
+HOLD_BACK = {"f5": F5_CROSSFADE_SAMPLES, "spark": SPARK_CROSSFADE_SAMPLES}
+
+#: Request options (DESIGN.md "Inputs"): name -> Triton datatype. Each is sent as [1, 1].
+PARAM_TYPES = {
+    "nfe_steps": "INT32", "cfg_strength": "FP32", "sway_coef": "FP32", "speed": "FP32",
+    "temperature": "FP32", "top_p": "FP32", "top_k": "INT32", "max_new_tokens": "INT32", "min_new_tokens": "INT32",
+    "use_prompt_cache": "BOOL", "seed": "INT64",
+    "gender": "BYTES", "pitch_level": "BYTES", "speed_level": "BYTES",
+}
+FAMILY_PARAMS = {
+    "f5": ("nfe_steps", "cfg_strength", "sway_coef", "speed", "use_prompt_cache", "seed"),
+    "spark": ("temperature", "top_p", "top_k", "max_new_tokens", "min_new_tokens", "use_prompt_cache", "seed",
+              "gender", "pitch_level", "speed_level"),
+}
+_INT_RANGES = {"INT32": (np.int32, -2**31, 2**31 - 1), "INT64": (np.int64, -2**63, 2**63 - 1)}
+OUTPUTS = ("waveform", "info")
+
+#: How often a waiting call looks at its cancel Event and deadline, in seconds.
+POLL_S = 0.05
+#: Idle streaming clients kept open for reuse; more are closed when returned.
+MAX_IDLE_STREAM_CLIENTS = 8
+#: How long to wait for the callback's reason when a stream fails to start, in seconds.
+STREAM_ERROR_WAIT_S = 1.0
+#: Time limit for the small control calls (readiness, statistics, config), in seconds.
+CONTROL_TIMEOUT_S = 10.0
+
+
+class SynthesisError(RuntimeError):
+    """The server refused or failed a generation; the message is the model's own, without gRPC noise."""
+
+    def __init__(self, message: str, status: str | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+class GenerationCancelled(Exception):
+    """The caller's cancel Event was set; the request was cancelled on the server too."""
+
+
+@dataclass
+class SynthResult:
+    """One finished generation. Times in seconds, measured by this client (DESIGN.md "Metrics")."""
+
+    audio: np.ndarray  # float32 [N], joined
+    sample_rate: int  # Hz
+    latency_s: float  # request sent -> last audio received
+    first_chunk_s: float  # request sent -> first audio received (offline: = latency_s)
+    audio_s: float  # len(audio) / sample_rate
+    rtf: float  # latency_s / audio_s
+    info: dict  # the last chunk's `info` JSON (running totals: the request's)
+    chunk_arrivals_s: list[float] = field(default_factory=list)  # per audio response, from request sent
+    seed: int | None = None  # the seed the server used (random when none was asked for)
+    demo_weights: bool = False  # the server ran demo (random) weights: the audio is noise
+
+
+# --- request building -------------------------------------------------------------------------------
+def family_of(model: str) -> str:
+    if model not in TRITON_MODELS:
+        raise ValueError(f"unknown model {model!r}; choose one of {', '.join(TRITON_MODELS)}")
+    return model
+
+
+def triton_model_name(model: str, stream: bool) -> str:
+    """'f5'/'spark' -> the Triton model serving it offline or streaming."""
+    return TRITON_MODELS[family_of(model)][1 if stream else 0]
+
+
+def _bytes_input(name: str, text: str) -> grpcclient.InferInput:
+    if not isinstance(text, str):
+        raise ValueError(f"{name} must be text (str), got {type(text).__name__}")
+    inp = grpcclient.InferInput(name, [1, 1], "BYTES")
+    inp.set_data_from_numpy(np.array([[text.encode("utf-8")]], dtype=np.object_))
+    return inp
+
+
+def _param_array(name: str, value) -> np.ndarray:
+    """A request option as its DESIGN.md dtype, shaped [1, 1]; ValueError for a wrong kind of value."""
+    dtype = PARAM_TYPES[name]
+    if dtype == "BYTES":
+        if not isinstance(value, str):
+            raise ValueError(f"{name} must be a string, got {value!r}")
+        return np.array([[value.encode("utf-8")]], dtype=np.object_)
+    if dtype == "BOOL":
+        if not isinstance(value, (bool, np.bool_)):
+            raise ValueError(f"{name} must be true or false, got {value!r}")
+        return np.array([[bool(value)]], dtype=np.bool_)
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if dtype == "FP32":
+        if not np.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+        return np.array([[value]], dtype=np.float32)
+    np_type, low, high = _INT_RANGES[dtype]
+    if isinstance(value, (float, np.floating)):
+        if not float(value).is_integer():
+            raise ValueError(f"{name} must be a whole number, got {value!r}")
+        value = int(value)
+    if not low <= int(value) <= high:
+        raise ValueError(f"{name} = {value} does not fit in {dtype}")
+    return np.array([[int(value)]], dtype=np_type)
+
+
+def build_inputs(model: str, text: str, ref_audio: np.ndarray | None, ref_text: str,
+                 params: dict | None = None) -> list[grpcclient.InferInput]:
+    """The request tensors, batch dimension first (DESIGN.md "Inputs").
+
+    reference_wav FP32 [1, N] and reference_wav_len INT32 [1, 1] (only with a prompt clip; F5
+    requires one, Spark without one is voice creation), reference_text and target_text BYTES
+    [1, 1] (UTF-8), then each option in `params` with its own dtype as [1, 1]. Options set to
+    None are left out, so the server's defaults apply; unknown options, or options of the other
+    family, raise ValueError.
+    """
+    family = family_of(model)
+    params = {k: v for k, v in (params or {}).items() if v is not None}
+    unknown = sorted(k for k in params if k not in PARAM_TYPES)
+    if unknown:
+        raise ValueError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(PARAM_TYPES)}")
+    foreign = sorted(k for k in params if k not in FAMILY_PARAMS[family])
+    if foreign:
+        raise ValueError(f"option(s) {', '.join(foreign)} do not apply to {family}; it takes "
+                         f"{', '.join(FAMILY_PARAMS[family])}")
+    inputs = []
+    if ref_audio is None:
+        if family == "f5":
+            raise ValueError("F5-TTS needs a prompt clip (reference audio) to clone a voice")
+    else:
+        wav = np.asarray(ref_audio, dtype=np.float32)
+        if wav.ndim == 2 and wav.shape[0] == 1:
+            wav = wav[0]
+        if wav.ndim != 1:
+            raise ValueError(f"the prompt clip must be mono, shaped [samples]; got {wav.shape}")
+        wav = np.ascontiguousarray(wav).reshape(1, -1)
+        wav_in = grpcclient.InferInput("reference_wav", list(wav.shape), "FP32")
+        wav_in.set_data_from_numpy(wav)
+        len_in = grpcclient.InferInput("reference_wav_len", [1, 1], "INT32")
+        len_in.set_data_from_numpy(np.array([[wav.shape[1]]], dtype=np.int32))
+        inputs += [wav_in, len_in]
+    inputs.append(_bytes_input("reference_text", "" if ref_text is None else ref_text))
+    inputs.append(_bytes_input("target_text", text))
+    for name, value in params.items():
+        arr = _param_array(name, value)
+        inp = grpcclient.InferInput(name, [1, 1], PARAM_TYPES[name])
+        inp.set_data_from_numpy(arr)
+        inputs.append(inp)
+    return inputs
+
+
+# --- responses and errors ----------------------------------------------------------------------------
+def read_result(result) -> tuple[np.ndarray | None, dict | None]:
+    """(waveform float32 [N], info dict) of a response, or (None, None) for an empty one."""
+    wav = result.as_numpy("waveform")
+    raw = result.as_numpy("info")
+    if wav is None or raw is None:
+        return None, None
+    raw = raw.reshape(-1)[0]
+    info = json.loads(raw.decode("utf-8") if isinstance(raw, (bytes, np.bytes_)) else raw)
+    return np.ascontiguousarray(wav.reshape(-1), dtype=np.float32), info
+
+
+def is_final(result) -> bool:
+    """Whether a streamed response carries Triton's final flag (requested with enable_empty_final_response)."""
+    params = result.get_response().parameters
+    return "triton_final_response" in params and bool(params["triton_final_response"].bool_param)
+
+
+#: Wrappers the server and the Python backend put around a model's own message.
+_NOISE = [
+    re.compile(r"^\[StatusCode\.[A-Z_]+\]\s*"),
+    re.compile(r"^\[request id: [^\]]*\]\s*"),
+    re.compile(r"^Failed to process the request\(s\) for model(?: instance)? '[^']*', message:\s*"),
+    re.compile(r"^in ensemble '[^']*', "),
+    re.compile(r"^(?:TritonModelException|pb_utils\.TritonError|TritonError|ValueError|RuntimeError):\s*"),
+]
+
+_TRAILERS = ("\n\nAt:\n", "\nAt:\n  ", "\nTraceback (most recent call last)")
+
+
+def clean_message(message: str) -> str:
+    """The model's own words from a Triton/gRPC error text (wrapping prefixes and the stack trailer removed)."""
+    text = (message or "").strip()
+    changed = True
+    while changed:
+        changed = False
+        for pattern in _NOISE:
+            stripped = pattern.sub("", text, count=1)
+            if stripped != text:
+                text, changed = stripped.strip(), True
+    for marker in _TRAILERS:  # the Python backend appends the raising stack ("At:" + frames)
+        cut = text.find(marker)
+        if cut > 0:
+            text = text[:cut].strip()
+    return text or "the server reported an error without a message"
+
+
+def _status(exc) -> str | None:
+    status = exc.status() if isinstance(exc, InferenceServerException) else None
+    return str(status) if status else None
+
+
+def to_synthesis_error(exc, url: str, model_name: str, timeout_s: float) -> SynthesisError:
+    """An InferenceServerException as a SynthesisError a person can act on."""
+    status = _status(exc)
+    raw = exc.message() if isinstance(exc, InferenceServerException) else str(exc)
+    if status == "StatusCode.UNAVAILABLE":
+        return SynthesisError(f"cannot reach the Triton server at {url} (is it running?): {clean_message(raw)}",
+                              status)
+    if status == "StatusCode.DEADLINE_EXCEEDED":
+        return SynthesisError(f"{model_name} gave no complete answer within {timeout_s:g} s", status)
+    return SynthesisError(clean_message(raw), status)
+
+
+# --- the client ----------------------------------------------------------------------------------------
+def _close_all(clients: list, lock: threading.Lock) -> None:
+    with lock:
+        pending, clients[:] = list(clients), []
+    for c in pending:
+        try:
+            c.stop_stream(cancel_requests=True)
+            c.close()
+        except Exception:  # noqa: BLE001 - closing must never raise (runs at exit too)
+            pass
+
+
+class StudioClient:
+    """A gRPC client of the studio's Triton server (`host:port` of its gRPC endpoint)."""
+
+    def __init__(self, url: str = "127.0.0.1:8001"):
+        self.url = url
+        self._lock = threading.Lock()
+        self._clients: list = []  # every tritonclient client this object opened, for close()
+        self._idle_stream: list = []
+        self._closed = False
+        self._client = self._open()
+        # Unclosed gRPC clients with stream threads can hang the interpreter at exit.
+        self._finalizer = weakref.finalize(self, _close_all, self._clients, self._lock)
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def _open(self):
+        client = grpcclient.InferenceServerClient(url=self.url, verbose=False)
+        with self._lock:
+            self._clients.append(client)
+        return client
+
+    def close(self) -> None:
+        """Close every gRPC channel (cancels streams still running). Safe to call twice."""
+        self._closed = True
+        with self._lock:
+            self._idle_stream.clear()
+        self._finalizer()
+
+    def __enter__(self) -> "StudioClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this StudioClient is closed")
+
+    # -- server state -----------------------------------------------------------------------------
+    def server_ready(self) -> bool:
+        self._check_open()
+        try:
+            return bool(self._client.is_server_ready(client_timeout=CONTROL_TIMEOUT_S))
+        except InferenceServerException:
+            return False
+
+    def model_ready(self, name: str) -> bool:
+        self._check_open()
+        try:
+            return bool(self._client.is_model_ready(name, client_timeout=CONTROL_TIMEOUT_S))
+        except InferenceServerException:
+            return False
+
+    def statistics(self, model: str | None = None) -> dict:
+        """Triton's cumulative inference statistics (all models, or one), as JSON (int64s are strings)."""
+        self._check_open()
+        try:
+            return self._client.get_inference_statistics(model_name=model or "", as_json=True,
+                                                         client_timeout=CONTROL_TIMEOUT_S)
+        except InferenceServerException as exc:
+            raise to_synthesis_error(exc, self.url, model or "statistics", CONTROL_TIMEOUT_S) from None
+
+    def model_config(self, name: str) -> dict:
+        """The model's configuration as JSON (the `config` object of Triton's answer)."""
+        self._check_open()
+        try:
+            answer = self._client.get_model_config(name, as_json=True, client_timeout=CONTROL_TIMEOUT_S)
+        except InferenceServerException as exc:
+            raise to_synthesis_error(exc, self.url, name, CONTROL_TIMEOUT_S) from None
+        return answer.get("config", answer)
+
+    # -- generation -------------------------------------------------------------------------------
+    def synthesize(self, model: str, text: str, ref_audio: np.ndarray | None, ref_text: str, stream: bool = False,
+                   params: dict | None = None, on_chunk: Callable[[np.ndarray, dict], None] | None = None,
+                   cancel: threading.Event | None = None, timeout_s: float = 600) -> SynthResult:
+        """Speak `text` in the voice of `ref_audio` (mono float32 at the family's rate) with `model`.
+
+        model: 'f5' or 'spark'. stream: use the decoupled model and receive audio chunk by chunk.
+        params: request options by DESIGN.md name (None values and absent names: server default).
+        on_chunk(samples, info): called in this thread with the samples that just became final
+        (streaming: once per audio chunk, the held-back cross-fade tail with the last chunk;
+        offline: once with all the audio); their concatenation is `result.audio`.
+        cancel: set it from another thread to stop; raises GenerationCancelled.
+        Raises SynthesisError with the server's message when the request fails.
+        """
+        self._check_open()
+        family = family_of(model)
+        inputs = build_inputs(family, text, ref_audio, ref_text, params)
+        name = triton_model_name(family, stream)
+        request_id = f"studio-{uuid.uuid4().hex[:16]}"
+        if stream:
+            return self._stream(family, name, inputs, request_id, on_chunk, cancel, timeout_s)
+        return self._offline(family, name, inputs, request_id, on_chunk, cancel, timeout_s)
+
+    def _offline(self, family, name, inputs, request_id, on_chunk, cancel, timeout_s) -> SynthResult:
+        answers: queue.SimpleQueue = queue.SimpleQueue()
+        outputs = [grpcclient.InferRequestedOutput(o) for o in OUTPUTS]
+        sent = time.perf_counter()
+        call = self._client.async_infer(
+            name, inputs, callback=lambda result, error: answers.put((time.perf_counter(), result, error)),
+            outputs=outputs, request_id=request_id, client_timeout=timeout_s)
+        try:
+            received, result, error = _wait(answers, cancel, timeout_s, name)
+        except BaseException:
+            call.cancel()
+            raise
+        if error is not None:
+            raise to_synthesis_error(error, self.url, name, timeout_s)
+        wav, info = read_result(result)
+        if wav is None:
+            raise SynthesisError(f"{name} answered without audio")
+        if on_chunk is not None:
+            on_chunk(wav, info)
+        latency = received - sent
+        return _result(family, wav, info, latency, latency, [latency])
+
+    def _stream(self, family, name, inputs, request_id, on_chunk, cancel, timeout_s) -> SynthResult:
+        answers: queue.SimpleQueue = queue.SimpleQueue()
+        outputs = [grpcclient.InferRequestedOutput(o) for o in OUTPUTS]
+        joiner = ChunkJoiner(hold_back=HOLD_BACK[family])
+        arrivals: list[float] = []
+        info: dict | None = None
+        client = self._take_stream_client()
+        completed = False
+        try:
+            sent = time.perf_counter()
+            try:
+                client.start_stream(callback=lambda result, error: answers.put((time.perf_counter(), result, error)),
+                                    stream_timeout=timeout_s)
+                client.async_stream_infer(name, inputs, outputs=outputs, request_id=request_id,
+                                          enable_empty_final_response=True)
+            except InferenceServerException as exc:
+                raise to_synthesis_error(_stream_failure(answers, exc), self.url, name, timeout_s) from None
+            deadline = time.monotonic() + timeout_s
+            while True:
+                received, result, error = _wait(answers, cancel, deadline - time.monotonic(), name)
+                if error is not None:
+                    raise to_synthesis_error(error, self.url, name, timeout_s)
+                wav, chunk_info = read_result(result)
+                if wav is not None:
+                    arrivals.append(received - sent)
+                    info = chunk_info
+                    new = self._join(joiner, wav, chunk_info, name)
+                    if chunk_info.get("final"):
+                        new = np.concatenate([new, joiner.finish()])
+                    if on_chunk is not None:
+                        on_chunk(new, chunk_info)
+                if is_final(result):
+                    break
+            completed = True
+        finally:
+            self._give_back_stream_client(client, healthy=completed)
+        if info is None:
+            raise SynthesisError(f"{name} ended the stream without sending audio")
+        rest = np.zeros(0, np.float32) if joiner.finished else joiner.finish()
+        if rest.size and on_chunk is not None:  # no chunk was marked final: hand out the held-back tail
+            on_chunk(rest, info)
+        return _result(family, joiner.joined, info, arrivals[-1], arrivals[0], arrivals)
+
+    @staticmethod
+    def _join(joiner: ChunkJoiner, wav: np.ndarray, info: dict, name: str) -> np.ndarray:
+        overlap = int(info.get("overlap_samples", 0)) if joiner.chunks else 0
+        try:
+            return joiner.add(wav, overlap)
+        except ValueError as exc:
+            raise SynthesisError(f"{name} sent a chunk this client cannot join: {exc}") from None
+
+    # -- the pool of streaming clients ------------------------------------------------------------
+    def _take_stream_client(self):
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("this StudioClient is closed")
+            if self._idle_stream:
+                return self._idle_stream.pop()
+        return self._open()
+
+    def _give_back_stream_client(self, client, healthy: bool) -> None:
+        """Stop its stream (cancelling the request unless it completed) and keep it for reuse or close it."""
+        try:
+            client.stop_stream(cancel_requests=not healthy)
+        except Exception:  # noqa: BLE001 - a broken stream means a broken client: close it below
+            healthy = False
+        with self._lock:
+            if healthy and not self._closed and len(self._idle_stream) < MAX_IDLE_STREAM_CLIENTS:
+                self._idle_stream.append(client)
+                return
+            if client in self._clients:
+                self._clients.remove(client)
+        try:
+            client.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def _wait(answers: queue.SimpleQueue, cancel: threading.Event | None, timeout_s: float, name: str):
+    """The next (time, result, error) from a callback queue, watching `cancel` and the deadline."""
+    deadline = time.monotonic() + max(timeout_s, 0.0)
+    while True:
+        if cancel is not None and cancel.is_set():
+            raise GenerationCancelled("generation cancelled")
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise SynthesisError(f"{name} gave no complete answer in time (client timeout)",
+                                 "StatusCode.DEADLINE_EXCEEDED")
+        try:
+            return answers.get(timeout=min(POLL_S, remaining) if cancel is not None else remaining)
+        except queue.Empty:
+            continue
+
+
+def _stream_failure(answers: queue.SimpleQueue, exc: InferenceServerException):
+    """A stream that failed to start reports its reason through the callback: prefer that one."""
+    try:
+        _, _, error = answers.get(timeout=STREAM_ERROR_WAIT_S)
+    except queue.Empty:
+        return exc
+    return error if error is not None else exc
+
+
+def _result(family: str, audio: np.ndarray, info: dict, latency: float, first: float,
+            arrivals: list[float]) -> SynthResult:
+    sr = int(info.get("sample_rate", SAMPLE_RATES[family]))
+    audio_s = audio.size / sr
+    seed = info.get("seed")
+    return SynthResult(audio=audio, sample_rate=sr, latency_s=latency, first_chunk_s=first, audio_s=audio_s,
+                       rtf=latency / audio_s if audio_s > 0 else float("inf"), info=info,
+                       chunk_arrivals_s=list(arrivals), seed=None if seed is None else int(seed),
+                       demo_weights=bool(info.get("demo_weights", False)))

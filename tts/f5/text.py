@@ -1,0 +1,201 @@
+"""F5-TTS text front end: vocabulary, text -> units -> ids, sentence chunking, text checks.
+
+Upstream facts followed here (F5-TTS `model/utils.py` and `infer/utils_infer.py`):
+- `vocab.txt`: line index = token id; only each line's trailing newline is dropped (id 0 is the
+  line holding a single space, and 0 also stands for every unknown unit).
+- Units (`convert_char_to_pinyin`): the text is segmented into words (upstream: rjieba; here:
+  jieba, same dictionary-plus-HMM algorithm); pure-ASCII words stay characters, Chinese words
+  become tone-3 pinyin syllables with tone sandhi, each syllable preceded by a space unit.
+- Chunking (`chunk_text`): split after `; : , . ! ?` followed by whitespace and after CJK
+  `；：，。！？`, then pack pieces while their UTF-8 byte length stays within the budget.
+- Reference text (`preprocess_ref_audio_text` + `infer_batch_process`): end it with ". "
+  unless it already ends with ". " or "。", then add one more space if its last character is a
+  single UTF-8 byte (so "Hello" -> "Hello.  ", as upstream feeds the model).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import unicodedata
+from pathlib import Path
+
+# Upstream maps these before segmenting, "to address OOV": the vocabulary has no `;` or curly quotes.
+_OOV_TRANSLATION = str.maketrans({";": ",", "\u201c": '"', "\u201d": '"', "\u2018": "'", "\u2019": "'"})
+# A multi-character ASCII word gets a separating space unless the previous unit is one of these.
+_NO_SPACE_AFTER = " :'\""
+# Upstream's "is Chinese" test: U+3100 (Bopomofo) .. U+9FFF (end of CJK Unified Ideographs).
+_CJK_FIRST, _CJK_LAST = "\u3100", "\u9fff"
+# Sentence split points of upstream's chunk_text: ASCII punctuation + whitespace, or CJK punctuation.
+_SENTENCE_SPLIT = re.compile(r"(?<=[;:,.!?])\s+|(?<=[；：，。！？])")
+_CJK_FULL_STOP = "。"
+
+
+# --- vocabulary -----------------------------------------------------------------------------------
+def load_vocab(path: str | Path) -> dict[str, int]:
+    """Read `vocab.txt`: unit on line i -> id i. Lines are never stripped (id 0 is " ").
+
+    Read in text mode with universal newlines, as upstream does, so ids match its dict. A last
+    line without a newline keeps all its characters (upstream's `line[:-1]` would cut one);
+    a unit listed twice keeps its last id, as in upstream's dict.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"vocabulary file not found: {path}")
+    vocab: dict[str, int] = {}
+    with open(path, "r", encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            vocab[line[:-1] if line.endswith("\n") else line] = i
+    if not vocab:
+        raise ValueError(f"vocabulary file is empty: {path}")
+    if vocab.get(" ") != 0:
+        raise ValueError(f"{path}: line 1 (id 0) must be a single space, as in F5-TTS's vocab.txt "
+                         f"(was the file stripped? found id {vocab.get(' ')} for ' ')")
+    return vocab
+
+
+# --- segmentation and pinyin ----------------------------------------------------------------------
+_jieba = None
+_jieba_lock = threading.Lock()
+
+
+def _segmenter():
+    """jieba's tokenizer, created on first use (loading its dictionary takes about a second)."""
+    global _jieba
+    if _jieba is None:
+        with _jieba_lock:
+            if _jieba is None:
+                import jieba
+
+                jieba.setLogLevel(logging.WARNING)  # no "Building prefix dict" chatter on stderr
+                tokenizer = jieba.Tokenizer()
+                tokenizer.initialize()
+                _jieba = tokenizer
+    return _jieba
+
+
+def _pinyin(text: str) -> list[str]:
+    from pypinyin import Style, lazy_pinyin
+
+    return lazy_pinyin(text, style=Style.TONE3, tone_sandhi=True)
+
+
+def _is_chinese(ch: str) -> bool:
+    return _CJK_FIRST <= ch <= _CJK_LAST
+
+
+def _utf8_len(text: str) -> int:
+    return len(text.encode("utf-8"))
+
+
+def text_to_units(text: str) -> list[str]:
+    """Text -> model units: ASCII characters, pinyin syllables (" ni2"-style, space separate), others.
+
+    Per segmented word: pure ASCII -> its characters (with a space unit first when the word is
+    longer than one character and the previous unit is not a space, colon or quote); all 3-byte
+    characters (Chinese) -> for each character a " " unit if it is Chinese, then its syllable
+    (pinyin of the whole word, so tone sandhi sees the word); mixed -> per character: Latin-1
+    kept, Chinese as " " + syllable, anything else kept.
+    """
+    units: list[str] = []
+    for word in _segmenter().cut(text.translate(_OOV_TRANSLATION)):
+        n_bytes = _utf8_len(word)
+        if n_bytes == len(word):  # pure ASCII
+            if units and n_bytes > 1 and units[-1] not in _NO_SPACE_AFTER:
+                units.append(" ")
+            units.extend(word)
+        elif n_bytes == 3 * len(word):  # all three-byte characters: Chinese (and CJK punctuation)
+            syllables = _pinyin(word)
+            if len(syllables) != len(word):
+                # pypinyin merges runs of non-Chinese characters into one item; upstream would then
+                # misalign (or raise), so fall back to one character at a time
+                syllables = [_pinyin(ch)[0] for ch in word]
+            for ch, syllable in zip(word, syllables):
+                if _is_chinese(ch):
+                    units.append(" ")
+                units.append(syllable)
+        else:  # mixed scripts
+            for ch in word:
+                if ord(ch) < 256:
+                    units.append(ch)
+                elif _is_chinese(ch):
+                    units.append(" ")
+                    units.extend(_pinyin(ch))
+                else:
+                    units.append(ch)
+    return units
+
+
+def encode(text: str, vocab: dict[str, int]) -> list[int]:
+    """Text -> token ids through `text_to_units`; units missing from `vocab` become 0 (as upstream)."""
+    return [vocab.get(unit, 0) for unit in text_to_units(text)]
+
+
+# --- checks ----------------------------------------------------------------------------------------
+def speakable(text: str) -> bool:
+    """True when `text` has something to say: a letter or a digit of any script.
+
+    Empty text, whitespace, punctuation, symbols and emoji alone are not speakable.
+    """
+    return any(unicodedata.category(ch)[0] in "LN" for ch in text)
+
+
+def validate_text(text, what: str = "target text") -> str:
+    """Return `text` (bytes decoded as UTF-8, outer whitespace removed) or raise ValueError naming the problem."""
+    if isinstance(text, (bytes, bytearray)):
+        try:
+            text = bytes(text).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"the {what} is not valid UTF-8 ({exc})") from None
+    if text is None:
+        raise ValueError(f"the {what} is missing")
+    if not isinstance(text, str):
+        raise ValueError(f"the {what} must be a string, got {type(text).__name__}")
+    text = text.strip()
+    if not text:
+        raise ValueError(f"the {what} is empty; type the words to be spoken")
+    if not speakable(text):
+        raise ValueError(f"the {what} {text[:40]!r} has nothing to speak (only punctuation, symbols or emoji); "
+                         f"it needs at least one letter, character or digit")
+    return text
+
+
+# --- chunking and the reference transcript --------------------------------------------------------
+def split_sentences(text: str, max_chars: int) -> list[str]:
+    """Upstream's chunk_text: pack sentence pieces into chunks of at most `max_chars` UTF-8 bytes.
+
+    A piece whose last character is a single byte gets a trailing space before packing (then each
+    chunk is stripped), so English pieces are re-joined with spaces and Chinese ones without. A
+    single piece longer than the budget becomes a chunk of its own; `max_chars` 0 gives one piece
+    per chunk.
+    """
+    chunks: list[str] = []
+    current = ""
+    for piece in _SENTENCE_SPLIT.split(text):
+        if not piece:
+            continue
+        padded = piece + " " if _utf8_len(piece[-1]) == 1 else piece
+        if _utf8_len(current) + _utf8_len(piece) <= max_chars:
+            current += padded
+        else:
+            if current:
+                chunks.append(current.strip())
+            current = padded
+    if current:
+        chunks.append(current.strip())
+    return chunks
+
+
+def prepare_reference_text(ref_text: str) -> str:
+    """The reference transcript exactly as upstream's Gradio/CLI path puts it before the target text.
+
+    Ends it with ". " unless it ends with ". " or "。" (a final "." only gains the space); then,
+    as `infer_batch_process` does, adds one more space when the last character is one byte. So
+    "Hello" -> "Hello.  ", "Hello." -> "Hello.  ", "你好" -> "你好.  ", "你好。" -> "你好。".
+    """
+    if not ref_text.endswith(". ") and not ref_text.endswith(_CJK_FULL_STOP):
+        ref_text += " " if ref_text.endswith(".") else ". "
+    if ref_text and _utf8_len(ref_text[-1]) == 1:
+        ref_text += " "
+    return ref_text
