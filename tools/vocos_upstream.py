@@ -79,7 +79,8 @@ def parity(vocos_src: Path) -> int:
             assert a.shape == b.shape == (2, (frames - 1) * 256), (a.shape, b.shape)
             diff = float((a - b).abs().max())
             worst = max(worst, diff)
-            print(f"  {device} T={frames:<4} out {tuple(a.shape)} max |diff| {diff:.3g} (peak {float(b.abs().max()):.3g})")
+            peak = float(b.abs().max())
+            print(f"  {device} T={frames:<4} out {tuple(a.shape)} max |diff| {diff:.3g} (peak {peak:.3g})")
         if device == "cpu":  # also through upstream's own feature extractor -> decode (copy-synthesis)
             wav = torch.randn(1, 24000, generator=gen) * 0.1
             from tts.f5.mel import log_mel_spectrogram

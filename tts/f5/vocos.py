@@ -230,8 +230,9 @@ class Vocos(nn.Module):
             raise ValueError(f"cannot read Vocos weights {weights}: {exc}") from exc
         model = cls(cfg)
         model.load_checkpoint_state(state, source=str(weights))
+        window = model.head.istft.window.float().clone()
         model.to(device=torch.device(device), dtype=dtype)
-        model.head.istft.window.data = model.head.istft.window.data.float()  # the ISTFT runs in float32
+        model.head.istft.window = window.to(device=torch.device(device))  # the ISTFT runs in float32
         return model.eval()
 
     def load_checkpoint_state(self, state: dict, source: str = WEIGHTS_FILE) -> None:
@@ -324,7 +325,7 @@ def demo_state_dict(cfg: VocosConfig, seed: int = 0) -> dict[str, torch.Tensor]:
     bias[bins:] = (torch.rand(bins, generator=gen) * 2 - 1) * torch.pi
     weight = state["head.out.weight"]
     weight[bins:] = torch.randn(bins, cfg.dim, generator=gen) * (_DEMO_PHASE_GAIN * torch.pi / cfg.dim ** 0.5)
-    state.update(feature_extractor_buffers(cfg))
+    state = {**feature_extractor_buffers(cfg), **state}  # the published file lists these first
     return {k: v.contiguous() for k, v in state.items()}
 
 

@@ -1,0 +1,334 @@
+"""F5-TTS diffusion transformer (DiT), for inference.
+
+Written from the architecture of upstream F5-TTS (`model/backbones/dit.py`, `model/modules.py`);
+parameter names and shapes are upstream's, so the published EMA weights load strictly (without
+the checkpoint's `ema_model.transformer.` prefix, see `tts.f5.checkpoint`).
+
+Differences from upstream, all for batching (upstream issues #1039 / #1179):
+  * the text is embedded once per request by `embed_text`, each item to its own frame count:
+    the text ConvNeXtV2 blocks zero every position past the item's length after each block, and
+    their GRN statistic (an L2 norm over time) only counts the item's own frames;
+  * attention masks padded keys per item and the convolutional position embedding zeroes padded
+    frames, so an item's output never depends on what it is batched with;
+  * `forward` always runs the conditional and unconditional (CFG) halves as one 2B batch;
+  * rotary and sinusoidal angles are computed in float32 whatever the weight dtype.
+
+Shapes: B batch, T mel frames (93.75 per second), Nt text tokens, D model width.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tts.f5.config import F5Config
+
+ROPE_BASE = 10000.0  # x_transformers RotaryEmbedding default base, as upstream builds it
+TEXT_POS_BASE = 10000.0  # upstream precompute_freqs_cis theta for the text positions
+TIME_FREQ_DIM = 256  # sinusoidal width of the flow time t before the time MLP
+TIME_SCALE = 1000.0  # t in [0, 1] is scaled by 1000 before the sinusoid (upstream SinusPositionEmbedding)
+CONV_POS_KERNEL = 31  # ConvPositionEmbedding kernel (31 frames = 0.33 s)
+CONV_POS_GROUPS = 16
+TEXT_CONV_KERNEL = 7  # ConvNeXtV2 depthwise kernel on the text embedding
+NORM_EPS = 1e-6  # every LayerNorm / RMSNorm in the network
+GRN_EPS = 1e-6
+
+
+# -- position encodings (float32) ---------------------------------------------------------------
+
+def rope_inv_freq(dim_head: int, device: torch.device | str | None = None) -> Tensor:
+    """x_transformers RotaryEmbedding frequencies: base ** (-2i / dim_head), i < dim_head / 2. [dim_head/2]."""
+    return 1.0 / (ROPE_BASE ** (torch.arange(0, dim_head, 2, device=device).float() / dim_head))
+
+
+def rope_cos_sin(frames: int, dim_head: int, device: torch.device | str) -> tuple[Tensor, Tensor]:
+    """cos and sin of the rotary angles, [frames, dim_head] float32, each frequency repeated for its pair.
+
+    x_transformers pairs adjacent channels (0,1), (2,3), ... so the angle table is interleaved.
+    """
+    angles = torch.arange(frames, device=device, dtype=torch.float32)[:, None] * rope_inv_freq(dim_head, device)
+    angles = angles.repeat_interleave(2, dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate adjacent channel pairs of x [B, H, T, Dh] by the angles ([T, Dh]); math in float32."""
+    xf = x.float()
+    pairs = xf.unflatten(-1, (-1, 2))
+    rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+    return (xf * cos + rotated * sin).to(x.dtype)
+
+
+def text_positions(frames: int, dim: int, device: torch.device | str) -> Tensor:
+    """Sinusoidal text positions [frames, dim] float32: cos of all frequencies, then sin (upstream layout)."""
+    freqs = 1.0 / (TEXT_POS_BASE ** (torch.arange(0, dim, 2, device=device)[: dim // 2].float() / dim))
+    angles = torch.outer(torch.arange(frames, device=device, dtype=torch.float32), freqs)
+    return torch.cat((angles.cos(), angles.sin()), dim=-1)
+
+
+def time_sinusoid(time: Tensor, dim: int = TIME_FREQ_DIM) -> Tensor:
+    """Flow time t [B] (0 = noise, 1 = data) -> [B, dim] float32: sin of all frequencies, then cos."""
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, device=time.device).float() * -(math.log(10000.0) / (half - 1)))
+    angles = TIME_SCALE * time.float()[:, None] * freqs[None, :]
+    return torch.cat((angles.sin(), angles.cos()), dim=-1)
+
+
+# -- modules (attribute names = upstream state-dict keys) ---------------------------------------
+
+class RotaryEmbedding(nn.Module):
+    """Holds `inv_freq` only because the published checkpoints carry it (x_transformers registers it
+    as a persistent buffer). Angles are recomputed in float32 from the same formula, so a bf16/fp16
+    cast of the buffer cannot degrade positions; `tts.f5.checkpoint` checks the loaded buffer."""
+
+    def __init__(self, dim_head: int):
+        super().__init__()
+        self.dim_head = dim_head
+        self.register_buffer("inv_freq", rope_inv_freq(dim_head))
+
+
+class TimestepEmbedding(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.time_mlp = nn.Sequential(nn.Linear(TIME_FREQ_DIM, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, time: Tensor) -> Tensor:
+        """time [B] -> [B, D] in the weights' dtype."""
+        return self.time_mlp(time_sinusoid(time).to(self.time_mlp[0].weight.dtype))
+
+
+class GRN(nn.Module):
+    """Global response normalisation over time, counting only each item's valid frames."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.zeros(1, 1, dim))
+        self.beta = nn.Parameter(torch.zeros(1, 1, dim))
+
+    def forward(self, x: Tensor, valid: Tensor) -> Tensor:
+        """x [B, T, C]; valid [B, T, 1] bool. Upstream's norm runs over all T frames of a solo item;
+        masking keeps a batched item's statistic equal to its solo one."""
+        gx = torch.linalg.vector_norm(x.masked_fill(~valid, 0.0), ord=2, dim=1, keepdim=True)
+        nx = gx / (gx.mean(dim=-1, keepdim=True) + GRN_EPS)
+        return self.gamma * (x * nx) + self.beta + x
+
+
+class ConvNeXtV2Block(nn.Module):
+    def __init__(self, dim: int, intermediate_dim: int):
+        super().__init__()
+        self.dwconv = nn.Conv1d(dim, dim, TEXT_CONV_KERNEL, padding=TEXT_CONV_KERNEL // 2, groups=dim)
+        self.norm = nn.LayerNorm(dim, eps=NORM_EPS)
+        self.pwconv1 = nn.Linear(dim, intermediate_dim)
+        self.grn = GRN(intermediate_dim)
+        self.pwconv2 = nn.Linear(intermediate_dim, dim)
+
+    def forward(self, x: Tensor, valid: Tensor) -> Tensor:
+        """x [B, T, C] (zero past each item's length); valid [B, T, 1] bool."""
+        h = self.dwconv(x.transpose(1, 2)).transpose(1, 2)
+        h = F.gelu(self.pwconv1(self.norm(h)))
+        return x + self.pwconv2(self.grn(h, valid))
+
+
+class TextEmbedding(nn.Module):
+    def __init__(self, cfg: F5Config):
+        super().__init__()
+        # Row 0 is the filler token: ids are shifted by one, batch padding (-1) becomes 0.
+        self.text_embed = nn.Embedding(cfg.text_num_embeds + 1, cfg.text_dim)
+        if cfg.conv_layers > 0:
+            self.text_blocks = nn.Sequential(
+                *[ConvNeXtV2Block(cfg.text_dim, cfg.text_dim * 2) for _ in range(cfg.conv_layers)])
+        else:
+            self.text_blocks = None
+
+    def forward(self, ids: Tensor, valid: Tensor, keep: Tensor) -> Tensor:
+        """ids [B, T] shifted ids (0 = filler); valid [B, T] bool: the item's frames; keep [B, T] bool:
+        positions kept around each text block -> [B, T, text_dim], zero past each item's length."""
+        valid3, keep3 = valid[..., None], keep[..., None]
+        x = self.text_embed(ids).masked_fill(~valid3, 0.0)
+        if self.text_blocks is None:
+            return x
+        pos = text_positions(ids.shape[1], x.shape[-1], ids.device).to(x.dtype)
+        x = (x + pos).masked_fill(~keep3, 0.0)
+        for block in self.text_blocks:
+            x = block(x, valid3).masked_fill(~keep3, 0.0)
+        return x
+
+
+class ConvPositionEmbedding(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        pad = CONV_POS_KERNEL // 2
+        self.conv1d = nn.Sequential(
+            nn.Conv1d(dim, dim, CONV_POS_KERNEL, groups=CONV_POS_GROUPS, padding=pad), nn.Mish(),
+            nn.Conv1d(dim, dim, CONV_POS_KERNEL, groups=CONV_POS_GROUPS, padding=pad), nn.Mish(),
+        )
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        """x [B, T, D], mask [B, T] bool -> [B, T, D]; padded frames are zero before and after each conv."""
+        m = ~mask[:, None, :]
+        h = x.transpose(1, 2).masked_fill(m, 0.0)
+        h = self.conv1d[1](self.conv1d[0](h).masked_fill(m, 0.0))
+        h = self.conv1d[3](self.conv1d[2](h).masked_fill(m, 0.0))
+        return h.transpose(1, 2)
+
+
+class InputEmbedding(nn.Module):
+    def __init__(self, cfg: F5Config):
+        super().__init__()
+        self.proj = nn.Linear(cfg.mel_dim * 2 + cfg.text_dim, cfg.dim)
+        self.conv_pos_embed = ConvPositionEmbedding(cfg.dim)
+
+    def forward(self, x: Tensor, cond: Tensor, text: Tensor, mask: Tensor) -> Tensor:
+        """noisy mel x, reference mel cond [B, T, mel], text [B, T, text_dim], mask [B, T] -> [B, T, D]."""
+        h = self.proj(torch.cat((x, cond, text), dim=-1))
+        return self.conv_pos_embed(h, mask) + h
+
+
+class AdaLayerNorm(nn.Module):
+    """LayerNorm modulated by the time embedding; also returns the feed-forward modulation."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.linear = nn.Linear(dim, dim * 6)
+
+    def forward(self, x: Tensor, emb: Tensor) -> tuple[Tensor, ...]:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.linear(F.silu(emb)).chunk(6, dim=1)
+        x = F.layer_norm(x, x.shape[-1:], eps=NORM_EPS) * (1 + scale_msa[:, None]) + shift_msa[:, None]
+        return x, gate_msa, shift_mlp, scale_mlp, gate_mlp
+
+
+class AdaLayerNormFinal(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.linear = nn.Linear(dim, dim * 2)
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        scale, shift = self.linear(F.silu(emb)).chunk(2, dim=1)  # upstream order: scale first
+        return F.layer_norm(x, x.shape[-1:], eps=NORM_EPS) * (1 + scale)[:, None] + shift[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: F5Config):
+        super().__init__()
+        self.heads, self.dim_head, self.pe_heads = cfg.heads, cfg.dim_head, cfg.pe_attn_head
+        inner = cfg.heads * cfg.dim_head
+        self.to_q = nn.Linear(cfg.dim, inner)
+        self.to_k = nn.Linear(cfg.dim, inner)
+        self.to_v = nn.Linear(cfg.dim, inner)
+        if cfg.qk_norm == "rms_norm":
+            self.q_norm = nn.RMSNorm(cfg.dim_head, eps=NORM_EPS)
+            self.k_norm = nn.RMSNorm(cfg.dim_head, eps=NORM_EPS)
+        else:
+            self.q_norm = self.k_norm = None
+        self.to_out = nn.ModuleList([nn.Linear(inner, cfg.dim)])  # upstream slot 1 is a parameterless Dropout
+
+    def _rope(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        if self.pe_heads is None:
+            return apply_rope(x, cos, sin)
+        n = self.pe_heads  # v0 checkpoints: rotary positions on the first head(s) only
+        return torch.cat((apply_rope(x[:, :n], cos, sin), x[:, n:]), dim=1)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor) -> Tensor:
+        """x [B, T, D]; cos/sin [T, Dh]; key_mask [B, 1, 1, T] bool (True = attend) -> [B, T, D]."""
+        b, t, _ = x.shape
+        q, k, v = (proj(x).view(b, t, self.heads, self.dim_head).transpose(1, 2)
+                   for proj in (self.to_q, self.to_k, self.to_v))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
+        return self.to_out[0](out.transpose(1, 2).reshape(b, t, self.heads * self.dim_head))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int):
+        super().__init__()
+        inner = dim * mult
+        # Indices match upstream: ff.0.0 Linear, ff.0.1 GELU(tanh), ff.1 Dropout (identity here), ff.2 Linear.
+        self.ff = nn.Sequential(nn.Sequential(nn.Linear(dim, inner), nn.GELU(approximate="tanh")),
+                                nn.Identity(), nn.Linear(inner, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.ff(x)
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, cfg: F5Config):
+        super().__init__()
+        self.attn_norm = AdaLayerNorm(cfg.dim)
+        self.attn = Attention(cfg)
+        self.ff = FeedForward(cfg.dim, cfg.ff_mult)
+
+    def forward(self, x: Tensor, t: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor) -> Tensor:
+        norm, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.attn_norm(x, t)
+        x = x + gate_msa[:, None] * self.attn(norm, cos, sin, key_mask)
+        norm = F.layer_norm(x, x.shape[-1:], eps=NORM_EPS) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+        return x + gate_mlp[:, None] * self.ff(norm)
+
+
+class DiT(nn.Module):
+    """The F5-TTS velocity network: (noisy mel, reference mel, text, t) -> flow velocity."""
+
+    def __init__(self, cfg: F5Config):
+        super().__init__()
+        self.cfg = cfg
+        self.time_embed = TimestepEmbedding(cfg.dim)
+        self.text_embed = TextEmbedding(cfg)
+        self.input_embed = InputEmbedding(cfg)
+        self.rotary_embed = RotaryEmbedding(cfg.dim_head)
+        self.transformer_blocks = nn.ModuleList([DiTBlock(cfg) for _ in range(cfg.depth)])
+        self.norm_out = AdaLayerNormFinal(cfg.dim)
+        self.proj_out = nn.Linear(cfg.dim, cfg.mel_dim)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.proj_out.weight.dtype
+
+    def embed_text(self, text_ids: Tensor, seq_lens: Tensor, frames: int | None = None) -> tuple[Tensor, Tensor]:
+        """Text conditioning for a batch, computed once per request.
+
+        text_ids [B, Nt] long (token ids, batch padding -1); seq_lens [B] long: each item's total
+        frames (reference + generated). Returns (cond, uncond), each [B, T, text_dim] with
+        T = `frames` or max(seq_lens) (pass `frames` to avoid a host sync); uncond is the dropped
+        text (all filler) of upstream's CFG. Each item is embedded to its own length: text past it
+        is cut, and frames past it are zero.
+        """
+        if frames is None:
+            frames = int(seq_lens.max())
+        ids = text_ids[:, :frames] + 1
+        ids = F.pad(ids, (0, frames - ids.shape[1]), value=0)
+        valid = torch.arange(frames, device=ids.device)[None, :] < seq_lens.to(ids.device)[:, None]
+        ids = ids.masked_fill(~valid, 0)
+        # Kept positions: the item's text tokens (v1, text_mask_padding) or all its frames (v0).
+        # Upstream takes the filler mask before dropping the text, so uncond keeps cond's mask.
+        keep = (ids != 0) & valid if self.cfg.text_mask_padding else valid
+        b = ids.shape[0]
+        emb = self.text_embed(torch.cat((ids, torch.zeros_like(ids))), torch.cat((valid, valid)),
+                              torch.cat((keep, keep)))
+        return emb[:b], emb[b:]
+
+    def forward(self, x: Tensor, cond: Tensor, text_cond: Tensor, text_uncond: Tensor, time: Tensor,
+                mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Velocity with and without conditioning, as one 2B batch.
+
+        x: noisy mel [B, T, mel]; cond: reference mel [B, T, mel], zero past the reference;
+        text_cond / text_uncond: from `embed_text` [B, T, text_dim]; time: flow time [B] in [0, 1];
+        mask: [B, T] bool, True for each item's frames. Returns (pred_cond, pred_uncond) [B, T, mel]
+        in the weights' dtype. The unconditional half sees zero audio conditioning and dropped text.
+        """
+        b, t = x.shape[:2]
+        dt = self.dtype
+        temb = self.time_embed(time)
+        temb = torch.cat((temb, temb))
+        mask2 = torch.cat((mask, mask))
+        h = self.input_embed(torch.cat((x, x)).to(dt), torch.cat((cond, torch.zeros_like(cond))).to(dt),
+                             torch.cat((text_cond, text_uncond)).to(dt), mask2)
+        cos, sin = rope_cos_sin(t, self.cfg.dim_head, x.device)
+        key_mask = mask2[:, None, None, :]
+        for block in self.transformer_blocks:
+            h = block(h, temb, cos, sin, key_mask)
+        out = self.proj_out(self.norm_out(h, temb))
+        return out[:b], out[b:]
