@@ -258,7 +258,8 @@ class TritonServer:
         stub = wheel_root / "python_backend_stubs" / ver / "triton_python_backend_stub"
         if not stub.is_file():
             raise ServerStartError(f"the nvidia-pytriton wheel has no Python backend stub for Python {ver}")
-        shutil.copy2(stub, dest / "triton_python_backend_stub")
+        if not (dest / "triton_python_backend_stub").exists():  # a restart reuses it (stubs may still run it)
+            shutil.copy2(stub, dest / "triton_python_backend_stub")
         return dest.parent
 
     def _launch(self) -> None:

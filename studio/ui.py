@@ -31,6 +31,8 @@ GENERATE_CONCURRENCY = int(os.environ.get("STUDIO_CONCURRENCY", "4"))
 LIGHT_CONCURRENCY = 16
 MAX_QUEUE = 256
 HISTORY_ROWS = 200
+HISTORY_WIDTHS = ["150px", "110px", "85px", "80px", "240px", "80px", "80px", "70px", "70px", "80px", "110px",
+                  "70px", "210px"]
 LOG_LINES = 200
 FORMATS = ("wav", "flac", "mp3")
 CONSENT = ("**Consent:** clone only voices you have the right to use: your own, or a speaker who agreed. "
@@ -99,19 +101,40 @@ def output_panel(key: str) -> OutputPanel:
 
 
 # --- handlers: plain functions over the runtime ---------------------------------------------------
+def user_error(message: str, title: str = "Cannot do that") -> gr.Error:
+    """A message for the person at the page (no traceback in the server log: nothing is broken)."""
+    return gr.Error(message, title=title, print_exception=False)
+
+
 class Handlers:
     def __init__(self, rt: StudioRuntime, autostart: bool):
         self.rt = rt
         self.autostart = autostart
+        self.demo: gr.Blocks | None = None
 
     # status -------------------------------------------------------------------------------------
-    def on_load(self, request: gr.Request | None = None):
+    def on_load(self):
         if self.autostart and not self.rt.started:
             from studio.ui_runtime import RuntimeOptions
 
-            self.rt.configure(RuntimeOptions.from_env())
-            self.rt.start()
+            if self.rt.start(RuntimeOptions.from_env()):
+                self._attach_to_launched_app()
         return (*self.tick("f5"), *self.voice_views(), *self.history_view())
+
+    def _attach_to_launched_app(self) -> None:
+        """`gradio app.py` launched the page without launch_kwargs(): add the player's routes and the
+        data folders to the running app (its router is consulted per request, so this takes effect)."""
+        from studio.ui_stream import ROUTE_PREFIX
+
+        demo = self.demo
+        if demo is None:
+            return
+        for path in self.rt.allowed_paths():
+            if path not in demo.allowed_paths:
+                demo.allowed_paths.append(path)
+        app = getattr(demo, "app", None)
+        if app is not None and not any(getattr(r, "path", "").startswith(ROUTE_PREFIX) for r in app.router.routes):
+            app.router.routes[0:0] = self.rt.jobs.routes()
 
     def tick(self, model: str):
         st = self.rt.status()
@@ -129,14 +152,16 @@ class Handlers:
         try:
             if job.cancel.is_set():
                 job.finish("cancelled", "stopped before it started")
-                raise gr.Error("Stopped before the generation started.", title="Stopped")
+                gr.Info("Stopped before the generation started.")
+                return (None, metrics_html({}, seed=None, demo=None, mode="offline", status="cancelled"), None,
+                        gr.DownloadButton(visible=False), None, None)
             req = build()
             for w in req.warnings:
                 gr.Warning(w)
             outcome = run_generation(self.rt, job, req)
         except (InputProblem, NotReady) as exc:
             job.finish("error", str(exc))
-            raise gr.Error(str(exc), title="Cannot generate") from None
+            raise user_error(str(exc), "Cannot generate") from None
         except gr.Error:
             raise
         except Exception as exc:  # noqa: BLE001 - SynthesisError and the unexpected: the user sees why
@@ -144,9 +169,9 @@ class Handlers:
 
             job.finish("error", str(exc))
             if isinstance(exc, SynthesisError):
-                raise gr.Error(f"The server could not generate this: {exc}", title="Generation failed") from None
+                raise user_error(f"The server could not generate this: {exc}", title="Generation failed") from None
             raise gr.Error(f"Generation failed unexpectedly ({type(exc).__name__}: {exc}). See the Server tab.",
-                           title="Generation failed") from None
+                           title="Generation failed") from exc
         rec = outcome.record
         if outcome.status == "cancelled":
             gr.Info("Stopped. The audio that arrived before the stop is shown.")
@@ -191,7 +216,7 @@ class Handlers:
         try:
             return read_text_file(path)
         except InputProblem as exc:
-            raise gr.Error(str(exc), title="Cannot read the file") from None
+            raise user_error(str(exc), title="Cannot read the file") from None
 
     # downloads ----------------------------------------------------------------------------------
     def export(self, rec: dict, fmt: str) -> str | None:
@@ -210,7 +235,7 @@ class Handlers:
             try:
                 save_audio(tmp, wav, sr)
             except ValueError as exc:
-                raise gr.Error(str(exc), title="Cannot export") from None
+                raise user_error(str(exc), title="Cannot export") from None
             os.replace(tmp, out)
         return str(out)
 
@@ -249,7 +274,7 @@ class Handlers:
         try:
             v = self.rt.voices.get(key)
         except VoiceError as exc:
-            raise gr.Error(str(exc)) from None
+            raise user_error(str(exc)) from None
         return str(v.audio_path), v.transcript
 
     def show_voice(self, key):
@@ -258,19 +283,19 @@ class Handlers:
         try:
             v = self.rt.voices.get(key)
         except VoiceError as exc:
-            raise gr.Error(str(exc)) from None
+            raise user_error(str(exc)) from None
         return str(v.audio_path), v.transcript, v.name if not v.read_only else ""
 
     def save_voice(self, name, audio_path, transcript):
         from studio.audio_io import AudioInputError, load_audio
 
         if not audio_path:
-            raise gr.Error("Upload or record the clip to save (or copy the Clone tab's prompt).", title="No clip")
+            raise user_error("Upload or record the clip to save (or copy the Clone tab's prompt).", title="No clip")
         try:
             sanitized = self.rt.voices.save(name, load_audio(audio_path, VOICE_SAMPLE_RATE), VOICE_SAMPLE_RATE,
                                             transcript or "")
         except (VoiceError, AudioInputError) as exc:
-            raise gr.Error(str(exc), title="Cannot save the voice") from None
+            raise user_error(str(exc), title="Cannot save the voice") from None
         if sanitized.name != (name or "").strip():
             gr.Info(f"Saved as {sanitized.name!r} (names keep letters, digits and - _ . ( ) ').")
         else:
@@ -279,32 +304,33 @@ class Handlers:
 
     def rename_voice(self, key, new_name):
         if not key:
-            raise gr.Error("Pick a saved voice to rename.")
+            raise user_error("Pick a saved voice to rename.")
         try:
             v = self.rt.voices.rename(key, new_name)
         except VoiceError as exc:
-            raise gr.Error(str(exc), title="Cannot rename") from None
+            raise user_error(str(exc), title="Cannot rename") from None
         gr.Info(f"Renamed to {v.name!r}.")
         return self.voice_views(v.key)
 
     def delete_voice(self, key):
         if not key:
-            raise gr.Error("Pick a saved voice to delete.")
+            raise user_error("Pick a saved voice to delete.")
         try:
             where = self.rt.voices.delete(key)
         except VoiceError as exc:
-            raise gr.Error(str(exc), title="Cannot delete") from None
+            raise user_error(str(exc), title="Cannot delete") from None
         gr.Info(f"Deleted. A copy is kept in {where.parent} in case you need it back.")
         return self.voice_views(None)
 
     def use_voice(self, key):
         if not key:
-            raise gr.Error("Pick a voice to use.")
+            raise user_error("Pick a voice to use.")
         try:
             v = self.rt.voices.get(key)
         except VoiceError as exc:
-            raise gr.Error(str(exc)) from None
-        return str(v.audio_path), v.transcript, gr.Dropdown(value=v.key), gr.Tabs(selected="clone")
+            raise user_error(str(exc)) from None
+        return (str(v.audio_path), v.transcript, gr.Dropdown(choices=self.voice_choices(), value=v.key),
+                gr.Tabs(selected="clone"))
 
     # history ------------------------------------------------------------------------------------
     def history_view(self):
@@ -321,7 +347,7 @@ class Handlers:
         try:
             rec = self.rt.history.get(ids[row])
         except KeyError:
-            raise gr.Error("That generation is no longer in the history.") from None
+            raise user_error("That generation is no longer in the history.") from None
         audio = self.export(rec, "wav") if rec.get("audio") else None
         detail = {k: v for k, v in rec.items() if k != "info"}
         detail["server_info"] = rec.get("info")
@@ -336,7 +362,7 @@ class Handlers:
                 rows = stats_rows(self.rt.client().statistics())
             except Exception as exc:  # noqa: BLE001 - show why instead of failing the tab
                 note = f"\n\nStatistics unavailable: {exc}"
-        log = "\n".join(self.rt.log_tail(LOG_LINES)) or (
+        log = "\n".join(reversed(self.rt.log_tail(LOG_LINES))) or (
             "(an external server's log is not visible from here)" if st["external"] else "(no log yet)")
         return server_md(st) + note, rows, log
 
@@ -367,7 +393,7 @@ def build_demo(rt: StudioRuntime, *, autostart: bool = True) -> gr.Blocks:
                         text = gr.Textbox(label="Text to speak", lines=6, max_lines=20,
                                           placeholder="Type or paste the text; long text is split into sentences.",
                                           elem_id="clone-text")
-                        text_file = gr.File(label="...or load a .txt file", file_types=[".txt"], height=90,
+                        text_file = gr.File(label="...or load a .txt file", file_types=[".txt"], height=120,
                                             elem_id="clone-text-file")
                         gr.Markdown(LANGUAGES)
                     with gr.Column(scale=1):
@@ -464,7 +490,7 @@ def build_demo(rt: StudioRuntime, *, autostart: bool = True) -> gr.Blocks:
                                      interactive=False, height=260, elem_id="history-plot")
                 hist_refresh = gr.Button("Refresh", size="sm", elem_id="history-refresh")
                 hist_table = gr.Dataframe(headers=HISTORY_HEADERS, interactive=False, wrap=True, max_height=420,
-                                          elem_id="history-table")
+                                          column_widths=HISTORY_WIDTHS, elem_id="history-table")
                 hist_ids = gr.State([])
                 with gr.Row(equal_height=False):
                     with gr.Column():
@@ -481,7 +507,7 @@ def build_demo(rt: StudioRuntime, *, autostart: bool = True) -> gr.Blocks:
                 srv_md = gr.Markdown(elem_id="server-state")
                 srv_stats = gr.Dataframe(headers=STATS_HEADERS, interactive=False, label="Per-model statistics "
                                          "(cumulative since the server started)", elem_id="server-stats")
-                srv_log = gr.Textbox(label="Recent server log lines", lines=16, max_lines=16, autoscroll=True,
+                srv_log = gr.Textbox(label="Recent server log lines, newest first", lines=16, max_lines=16,
                                      interactive=False, elem_id="server-log")
 
         # ---- wiring ---------------------------------------------------------------------------------
@@ -535,6 +561,7 @@ def build_demo(rt: StudioRuntime, *, autostart: bool = True) -> gr.Blocks:
         tab_history.select(h.history_view, outputs=hist_outs, **quiet)  # opening a tab refreshes it
         tab_server.select(h.server_view, outputs=srv_outs, **quiet)
         demo.queue(default_concurrency_limit=LIGHT_CONCURRENCY, max_size=MAX_QUEUE)
+    h.demo = demo
     return demo
 
 

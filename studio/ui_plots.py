@@ -75,6 +75,7 @@ def waveform_png(audio: np.ndarray, sample_rate: int, path: Path, title: str = "
 def history_png(records: list[dict], path: Path, last: int = 50) -> Path:
     """Latency, first-chunk latency and RTF of the `last` successful generations (oldest left)."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     rows = [r for r in records if r.get("status") == "ok" and r.get("metrics")][:last][::-1]
     fig = Figure(figsize=(8, 2.8))
@@ -89,6 +90,8 @@ def history_png(records: list[dict], path: Path, last: int = 50) -> Path:
                                 for r in rows], dtype=float)
     ax.plot(x, get("latency_s"), "o-", markersize=3, label="latency (s)", color="#2563eb")
     ax.plot(x, get("first_chunk_s"), "s--", markersize=3, label="first chunk (s)", color="#16a34a")
+    ax.set_xlim(-0.5, len(rows) - 0.5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("generation (oldest to newest)")
     ax.set_ylabel("seconds")
     ax2 = ax.twinx()

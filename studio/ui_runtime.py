@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from studio.config import WEIGHTS_LICENCE, default_checkpoints_dir, default_data_dir
@@ -85,15 +85,19 @@ class StudioRuntime:
     def started(self) -> bool:
         return self._started
 
-    def start(self) -> None:
-        """Start the embedded server in the background (or just note the external one). Idempotent."""
+    def start(self, options: RuntimeOptions | None = None) -> bool:
+        """Start the embedded server in the background (or just note the external one), optionally with
+        new options. Idempotent: returns False when it had started already."""
         with self._lock:
             if self._started:
-                return
+                return False
+            if options is not None:
+                self.options = options
+                self._stores()
             self._started = True
             Path(self.options.data_dir).expanduser().mkdir(parents=True, exist_ok=True)
             if self.options.triton_url:
-                return
+                return True
             from studio.server import TritonServer
 
             o = self.options
@@ -101,6 +105,7 @@ class StudioRuntime:
                                        demo_weights=o.demo_weights, checkpoints=o.checkpoints,
                                        no_download=o.no_download, f5_model=o.f5_model, instances=o.instances)
             self.server.start_in_background()
+            return True
 
     def stop(self) -> None:
         with self._lock:
@@ -223,7 +228,3 @@ class StudioRuntime:
         """The browser's first-sound report came after the history row was written: append it."""
         if job.record_id and job.played:
             self.history.update(job.record_id, metrics=dict(job.played))
-
-
-def with_options(rt: StudioRuntime, **changes) -> RuntimeOptions:
-    return replace(rt.options, **changes)

@@ -71,7 +71,12 @@ def banner_html(st: dict) -> str:
 def model_note_html(st: dict, family: str) -> str:
     """Beside the model picker: readiness, weights, licence of the chosen model."""
     fam = st["families"][family]
-    body = family_line(fam)
+    if st["state"] == "ready" or not fam["served"]:
+        body = family_line(fam)
+    elif st["state"] in ("not started", "starting"):
+        body = f"<b>{esc(fam['label'])}</b>: waiting for the Triton server to start"
+    else:
+        body = f"<b>{esc(fam['label'])}</b>: unavailable, the Triton server {esc(st['state'])}"
     if fam["demo"]:
         body += " &mdash; <b>output is noise</b>"
     body += f"<br><small>Weights licence: {esc(fam['licence'])}</small>"

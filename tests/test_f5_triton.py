@@ -48,7 +48,7 @@ def test_streaming_joined_equals_offline(client):
     arrivals = []
     st = client.synthesize("f5", LONG_TEXT, REF, REF_TEXT, stream=True, params={**FAST, "seed": 11},
                            on_chunk=lambda samples, info: arrivals.append(info["chunk_index"]))
-    assert st.info["chunks"] >= 3, "the long text should be planned as several chunks"
+    assert st.info["chunks"] >= 2, "the long text should be planned as several chunks"
     assert len(st.chunk_arrivals_s) == st.info["chunks"]
     assert st.first_chunk_s < st.latency_s
     assert st.audio.shape == off.audio.shape

@@ -65,5 +65,9 @@ def test_dead_server_is_restarted(triton_server):
         if proc is not None and proc.pid != old_pid and triton_server.status()["state"] == "ready":
             break
         time.sleep(0.5)
-    assert triton_server._proc.pid != old_pid
+    assert triton_server._proc is not None and triton_server._proc.pid != old_pid
     assert triton_server.status()["state"] == "ready"
+    from studio.client import StudioClient
+
+    with StudioClient(triton_server.grpc_url) as c:  # the restarted server serves on the same ports
+        assert c.server_ready()

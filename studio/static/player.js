@@ -12,7 +12,7 @@
   if (window.studioPlayer) return;
   const HEADER = 5;                       // 1 byte type + uint32 LE length
   const T_AUDIO = 65, T_META = 77, T_END = 69;  // 'A' 'M' 'E' ('K' keep-alives are ignored)
-  const LEAD_S = 0.03;                    // schedule margin: a buffer started in the past is clipped
+  const LEAD_S = 0.01;                    // schedule margin: one render quantum is 3 ms; a late start would gap
   const POLL_MS = 5;                      // clock check while waiting for the first sound
   const METER_MS = 50;
   let ctx = null, sink = null, analyser = null, meterTimer = null;
@@ -36,6 +36,12 @@
     const bytes = new Uint8Array(16);
     crypto.getRandomValues(bytes);
     return Array.from(bytes, (b) => b.toString(16).padStart(2, '0')).join('');
+  }
+
+  // Gradio's own idea of where the app lives (it honours --root-path and proxies); else relative.
+  function api(path) {
+    const root = (window.gradio_config && window.gradio_config.root) || '';
+    return root ? `${root.replace(/\/+$/, '')}/studio_api/${path}` : `studio_api/${path}`;
   }
 
   function el(key, part) { return document.getElementById(`studio-player-${key}-${part}`); }
@@ -74,7 +80,7 @@
   }
 
   function report(s) {
-    fetch(`studio_api/stream/${s.id}/played`, {
+    fetch(api(`stream/${s.id}/played`), {
       method: 'POST', headers: { 'Content-Type': 'application/json' },
       body: JSON.stringify({ first_sound_ms: s.firstSoundMs, first_audio_ms: s.firstAudioMs,
                              output_latency_ms: s.outputLatencyMs }),
@@ -167,7 +173,7 @@
   async function read(s) {
     let resp;
     try {
-      resp = await fetch(`studio_api/stream/${s.id}`, { signal: s.abort.signal, cache: 'no-store' });
+      resp = await fetch(api(`stream/${s.id}`), { signal: s.abort.signal, cache: 'no-store' });
     } catch (e) {
       if (!s.abort.signal.aborted) { s.state = 'unavailable'; show(s, 'Live player could not connect; the result appears below when done.', 'error'); }
       return;
@@ -228,7 +234,8 @@
     const s = sessions[key];
     if (!s) return null;
     return { id: s.id, state: s.state, chunks: s.chunks, seconds: s.seconds, sampleRate: s.sampleRate,
-             firstAudioMs: s.firstAudioMs, firstSoundMs: s.firstSoundMs, played: s.played, peak: s.peak,
+             firstAudioMs: s.firstAudioMs, firstSoundMs: s.firstSoundMs, outputLatencyMs: s.outputLatencyMs,
+             played: s.played, peak: s.peak,
              ended: s.ended, contextState: ctx ? ctx.state : null };
   }
 

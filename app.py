@@ -1,0 +1,78 @@
+"""Voice Studio: `python app.py` opens the page at http://127.0.0.1:7860 with its own Triton server.
+
+    python app.py [--host 0.0.0.0] [--port 7860] [--share] [--root-path /studio]
+                  [--triton-url HOST:PORT]        # use a running Triton server (gRPC) instead
+                  [--data-dir DIR] [--checkpoints DIR] [--demo-weights] [--no-download]
+                  [--gpus 0,1] [--http-port N] [--grpc-port N] [--f5-model NAME] [--instances N]
+
+The page comes up at once; the embedded server starts in the background (on a first real start it
+downloads several GB of weights) and the banner shows its progress and which models are ready.
+
+Importing this module starts nothing: it only builds the module-level `demo` (Hugging Face Spaces
+and tools that look for `demo` import it). Two ways to serve it:
+
+- `python app.py` (the supported way, also what Spaces runs): starts the server, then launches the
+  page with the streaming player's routes (`studio/ui_stream.py`) and the data folder's voices and
+  history allowed for download.
+- `gradio app.py` (Gradio's auto-reload for development): Gradio launches `demo` itself, so the
+  first page load starts the server, configured from the environment (STUDIO_DATA_DIR,
+  STUDIO_TRITON_URL, STUDIO_CHECKPOINTS, STUDIO_DEMO_WEIGHTS=1, STUDIO_NO_DOWNLOAD=1), and adds the
+  player's routes to Gradio's app on that load.
+
+Generations at once: STUDIO_CONCURRENCY (default 4); further requests wait in Gradio's queue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+
+from studio.ui import build_demo, launch_kwargs
+from studio.ui_runtime import RuntimeOptions, StudioRuntime
+
+runtime = StudioRuntime()
+demo = build_demo(runtime)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from studio.cli import add_server_args
+
+    p = argparse.ArgumentParser(description="Voice Studio: voice cloning with F5-TTS and Spark-TTS on Triton.")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve the page on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--share", action="store_true", help="also open a temporary public gradio.live link")
+    p.add_argument("--root-path", default=None, help="URL prefix when served behind a reverse proxy, e.g. /studio")
+    add_server_args(p)
+    return p.parse_args(argv)
+
+
+def options_from(args: argparse.Namespace) -> RuntimeOptions:
+    base = RuntimeOptions()
+    return RuntimeOptions(data_dir=args.data_dir or base.data_dir, triton_url=args.triton_url,
+                          checkpoints=args.checkpoints or base.checkpoints, demo_weights=args.demo_weights,
+                          no_download=args.no_download, gpus=args.gpus, http_port=args.http_port,
+                          grpc_port=args.grpc_port, f5_model=args.f5_model, instances=args.instances)
+
+
+def _terminate(*_):
+    raise KeyboardInterrupt  # unwinds launch() so the embedded server is stopped below
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    runtime.start(options_from(args))  # in the background: the page is up before the server
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        demo.launch(server_name=args.host, server_port=args.port, share=args.share, root_path=args.root_path,
+                    show_error=True, **launch_kwargs(runtime))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        demo.close()
+        runtime.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

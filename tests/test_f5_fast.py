@@ -1,0 +1,322 @@
+"""tts/f5/fast.py: bucketing, padding invariance, the compile plumbing, batched Vocos; CUDA graphs (gpu).
+
+CPU tests run the fast sampler's bucketed static-buffer path without graphs (mode "eager") and the
+compile path with torch.compile's cheap "eager" backend: everything but the CUDA graph capture.
+Tolerances: CPU float32 "same audio" = max abs difference <= 1e-4 (DESIGN.md). GPU: the graph path
+in float32 against the eager sampler, relative L2 <= 1e-4 (only summation order differs); in
+bfloat16 (compiled blocks, graphs) relative L2 <= 3e-2 against the eager bf16 sampler (an 8-bit
+mantissa, different fusions and kernels, 8 ODE steps).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from tts.f5 import fast as F
+from tts.f5.checkpoint import DEMO_CONFIG, load_dit, write_demo_dit
+from tts.f5.sampler import make_noise, sample, timesteps
+
+VOCAB = 50
+SAME_AUDIO = 1e-4
+
+
+def tiny_dit(tmp_path, depth: int = 2, dtype=torch.float32, device="cpu", **cfg_changes):
+    cfg = replace(DEMO_CONFIG, text_num_embeds=VOCAB, depth=depth, **cfg_changes)
+    path = write_demo_dit(tmp_path / f"dit{depth}", cfg, seed=0)
+    return load_dit(path, cfg, device, dtype)
+
+
+def batch(lens, refs, frames=None, n_ids=20, seed=0, device="cpu"):
+    """A mixed-length batch as the pipeline builds it: noise zero past each length, cond past each reference."""
+    gen = torch.Generator().manual_seed(seed)
+    frames = frames or max(lens)
+    lens_t, refs_t = torch.tensor(lens), torch.tensor(refs)
+    noise = torch.zeros(len(lens), frames, 100)
+    for i, n in enumerate(lens):
+        noise[i, :n] = make_noise(seed + i, n)
+    cond = torch.randn(len(lens), frames, 100, generator=gen)
+    cond[torch.arange(frames)[None, :] >= refs_t[:, None]] = 0
+    ids = torch.randint(0, VOCAB, (len(lens), n_ids), generator=gen)
+    ids[-1, n_ids // 2:] = -1  # the last item has a shorter text
+    return [t.to(device) for t in (cond, ids, refs_t, lens_t, noise)]
+
+
+def small_options(**kw):
+    base = dict(mode="eager", batch_buckets=(1, 2, 4), length_buckets=(64, 128, 256, 384), self_check=False)
+    base.update(kw)
+    return F.FastOptions(**base)
+
+
+# -- bucketing and options -------------------------------------------------------------------------
+
+def test_bucket_for():
+    assert F.bucket_for(1, (1, 2, 4, 8)) == 1
+    assert F.bucket_for(3, (1, 2, 4, 8)) == 4
+    assert F.bucket_for(8, (1, 2, 4, 8)) == 8
+    assert F.bucket_for(9, (1, 2, 4, 8)) is None
+    assert F.bucket_for(938, F.DEFAULT_LENGTH_BUCKETS) == 1024
+    assert F.bucket_for(2049, F.DEFAULT_LENGTH_BUCKETS) == 2304
+
+
+def test_default_length_buckets_cover_the_pipeline_range():
+    b = F.DEFAULT_LENGTH_BUCKETS
+    assert b[0] == 128 and b[-1] == 4096 and list(b) == sorted(set(b))
+    assert all(t % 128 == 0 for t in b)
+    # padding waste below 2048 frames is at most one 128-frame step
+    assert max(nxt - cur for cur, nxt in zip(b, b[1:]) if nxt <= 2048) == 128
+
+
+def test_batch_buckets_for():
+    assert F.batch_buckets_for(8) == (1, 2, 4, 8)
+    assert F.batch_buckets_for(6) == (1, 2, 4, 6)
+    assert F.batch_buckets_for(1) == (1,)
+    with pytest.raises(ValueError):
+        F.batch_buckets_for(0)
+
+
+def test_options_are_validated():
+    with pytest.raises(ValueError, match="mode"):
+        F.FastOptions(mode="turbo")
+    with pytest.raises(ValueError, match="increasing"):
+        F.FastOptions(length_buckets=(256, 128))
+    with pytest.raises(ValueError, match="increasing"):
+        F.FastOptions(batch_buckets=())
+
+
+@pytest.mark.parametrize("value,mode", [("", "compile"), ("1", "compile"), ("auto", "compile"), ("0", "off"),
+                                        ("off", "off"), ("graph", "graph"), ("EAGER", "eager"),
+                                        ("compile", "compile")])
+def test_options_from_env(value, mode):
+    opts = F.fast_options_from_env(max_batch=4, env={F.FAST_ENV: value})
+    assert opts.mode == mode and opts.batch_buckets == (1, 2, 4)
+
+
+def test_options_from_env_rejects_unknown_values():
+    with pytest.raises(ValueError, match=F.FAST_ENV):
+        F.fast_options_from_env(env={F.FAST_ENV: "fastest"})
+
+
+def test_graph_mode_needs_cuda(tmp_path):
+    dit = tiny_dit(tmp_path)
+    with pytest.raises(ValueError, match="CUDA"):
+        F.FastSampler(dit, small_options(mode="graph"))
+    with pytest.raises(ValueError, match="off"):
+        F.FastSampler(dit, small_options(mode="off"))
+
+
+def test_static_views_share_one_storage(tmp_path):
+    buf = F.StaticBuffers(4, 256, 100, 32, torch.float32, torch.device("cpu"))
+    a, b = buf.views(1, 64), buf.views(4, 256)
+    for name in ("x", "cond", "text_cond", "text_uncond", "mask"):
+        va, vb = getattr(a, name), getattr(b, name)
+        assert va.is_contiguous() and vb.is_contiguous()
+        assert va.data_ptr() == vb.data_ptr()  # a graph's addresses are valid for every bucket
+    assert a.x.shape == (1, 64, 100) and b.text_cond.shape == (4, 256, 32) and b.mask.shape == (4, 256)
+    with pytest.raises(ValueError, match="exceeds"):
+        buf.views(8, 64)
+
+
+@pytest.mark.parametrize("nfe,sway", [(16, -1.0), (32, -1.0), (7, None), (9, 0.5)])
+def test_step_table_matches_the_sampler_grid(nfe, sway):
+    t = timesteps(nfe, sway)
+    table = F.step_table(nfe, sway, True, torch.device("cpu"))
+    assert table.shape == (nfe, 2) and table.dtype == torch.float32
+    assert torch.equal(table[:, 0], t[:-1]) and torch.equal(table[:, 1], t[1:] - t[:-1])
+
+
+# -- padding to a bucket changes nothing -----------------------------------------------------------
+
+def test_bucketed_path_equals_the_eager_sampler(tmp_path):
+    """Mixed lengths, padded to bucket (4, 128): every item equals the plain sampler's result."""
+    dit = tiny_dit(tmp_path)
+    fs = F.FastSampler(dit, small_options())
+    args = batch([100, 70, 33], [30, 20, 10])
+    with torch.inference_mode():
+        ref = sample(dit, *args, 8, 2.0, -1.0)
+        out = fs.sample(dit, *args, 8, 2.0, -1.0)
+    assert fs.bucket(3, 100) == (4, 128)
+    assert out.shape == ref.shape == (3, 100, 100) and out.dtype == torch.float32
+    assert (out - ref).abs().max() <= SAME_AUDIO
+    assert out[2, 33:].abs().max() == 0 and out[1, 70:].abs().max() == 0  # zeros past each length
+    assert torch.equal(out[0, :30], args[0][0, :30])  # the reference region is the reference mel
+
+
+def test_bucketed_item_equals_its_solo_run(tmp_path):
+    dit = tiny_dit(tmp_path)
+    fs = F.FastSampler(dit, small_options())
+    cond, ids, refs, lens, noise = batch([120, 50], [40, 20])
+    both = fs.sample(dit, cond, ids, refs, lens, noise, 6, 2.0, -1.0)
+    solo = fs.sample(dit, cond[1:, :50], ids[1:], refs[1:], lens[1:], noise[1:, :50], 6, 2.0, -1.0)
+    assert fs.bucket(2, 120) == (2, 128) and fs.bucket(1, 50) == (1, 64)  # different buckets
+    assert (both[1, :50] - solo[0]).abs().max() <= SAME_AUDIO
+
+
+def test_stale_buffer_contents_do_not_leak(tmp_path):
+    """Poison every static buffer (NaN) before a run: the result must not change."""
+    dit = tiny_dit(tmp_path)
+    fs = F.FastSampler(dit, small_options())
+    args = batch([90, 60], [30, 20])
+    clean = fs.sample(dit, *args, 4, 2.0, -1.0)
+    buf = fs.buffers
+    for t in (buf.x, buf.cond, buf.text_cond, buf.text_uncond, buf.step, buf.cfg):
+        t.fill_(float("nan"))
+    buf.mask.fill_(True)
+    again = fs.sample(dit, *args, 4, 2.0, -1.0)
+    assert torch.isfinite(again).all()
+    assert torch.equal(clean, again)
+
+
+def test_guidance_strength_is_a_runtime_input(tmp_path):
+    dit = tiny_dit(tmp_path)
+    fs = F.FastSampler(dit, small_options())
+    args = batch([80], [20])
+    for cfg in (0.0, 2.0, 3.5):
+        assert (fs.sample(dit, *args, 4, cfg, -1.0) - sample(dit, *args, 4, cfg, -1.0)).abs().max() <= SAME_AUDIO
+
+
+def test_shapes_beyond_the_buckets_run_the_eager_sampler(tmp_path):
+    dit = tiny_dit(tmp_path)
+    fs = F.FastSampler(dit, small_options(length_buckets=(64,)))
+    args = batch([100], [20])
+    assert fs.bucket(1, 100) is None
+    assert torch.equal(fs.sample(dit, *args, 3, 2.0, -1.0), sample(dit, *args, 3, 2.0, -1.0))
+    other = tiny_dit(tmp_path / "other")  # a different DiT object is never run through the buffers
+    args = batch([40], [10])
+    assert torch.equal(fs.sample(other, *args, 3, 2.0, -1.0), sample(other, *args, 3, 2.0, -1.0))
+
+
+def test_failed_self_check_turns_the_fast_path_off(tmp_path, monkeypatch):
+    dit = tiny_dit(tmp_path)
+    monkeypatch.setitem(F.SELF_CHECK_TOL, torch.float32, -1.0)  # nothing can pass
+    fs = F.FastSampler(dit, small_options(self_check=True))
+    stats = fs.warmup()
+    assert not fs.ready and "self_check_failed" in stats
+    args = batch([50], [10])
+    assert torch.equal(fs.sample(dit, *args, 3, 2.0, -1.0), sample(dit, *args, 3, 2.0, -1.0))
+
+
+def test_self_check_passes_on_the_eager_path(tmp_path):
+    fs = F.FastSampler(tiny_dit(tmp_path), small_options(self_check=True))
+    stats = fs.warmup()
+    assert fs.ready and stats["self_check_rel_err"] <= 1e-5 and "self_check_failed" not in stats
+
+
+# -- the compile plumbing (cheap backend on CPU) ---------------------------------------------------
+
+def test_regional_compile_traces_once_for_every_bucket(tmp_path):
+    """Two priming calls compile the block (static, then dynamic in batch and frames); after that no
+    bucket compiles again, and the compiled step gives the eager result."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    dit = tiny_dit(tmp_path, depth=3)
+    fs = F.FastSampler(dit, small_options(mode="compile", compile_backend="eager",
+                                          cache_dir=str(tmp_path / "cache")))
+    counters.clear()
+    stats = fs.warmup()
+    assert stats["mode"] == "compile" and "compile_error" not in stats
+    assert counters["stats"]["unique_graphs"] == 2  # 3 blocks, one compiled graph (+ its dynamic recompile)
+    for lens, refs in (([100, 70, 33], [30, 20, 10]), ([60], [15]), ([300, 200], [90, 50])):
+        args = batch(lens, refs)
+        with torch.inference_mode():  # the pipeline's mode: must not trigger a recompile either
+            out = fs.sample(dit, *args, 3, 2.0, -1.0)
+        with F.eager_stance():
+            ref = sample(dit, *args, 3, 2.0, -1.0)
+        assert (out - ref).abs().max() <= SAME_AUDIO
+    assert counters["stats"]["unique_graphs"] == 2
+    torch._dynamo.reset()
+
+
+def test_compile_failure_falls_back(tmp_path):
+    dit = tiny_dit(tmp_path)
+    fs = F.FastSampler(dit, small_options(mode="compile", compile_backend="no_such_backend",
+                                          cache_dir=str(tmp_path / "cache")))
+    stats = fs.warmup()
+    assert "compile_error" in stats and fs.mode == "eager" and fs.ready
+    assert all(b._compiled_call_impl is None for b in dit.transformer_blocks)
+    args = batch([50], [10])
+    assert (fs.sample(dit, *args, 3, 2.0, -1.0) - sample(dit, *args, 3, 2.0, -1.0)).abs().max() <= SAME_AUDIO
+
+
+def test_compile_cache_goes_under_the_data_dir(tmp_path, monkeypatch):
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    monkeypatch.setenv(F.DATA_DIR_ENV, str(tmp_path / "data"))
+    root = F.configure_compile_cache(None)
+    import os
+
+    assert root == tmp_path / "data" / F.CACHE_SUBDIR and root.is_dir()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(root / "inductor")
+    assert os.environ["TRITON_CACHE_DIR"] == str(root / "triton")
+
+
+# -- Vocos on a whole batch ------------------------------------------------------------------------
+
+def test_vocode_batch_equals_solo_decodes(tmp_path):
+    from tts.f5.vocos import Vocos, write_demo_vocos
+
+    write_demo_vocos(tmp_path / "vocos", seed=0, tiny=True)
+    vocos = Vocos.from_dir(tmp_path / "vocos")
+    gen = torch.Generator().manual_seed(0)
+    mels = [torch.randn(100, n, generator=gen) * 2 - 4 for n in (57, 120, 2, 90)]
+    batched = F.vocode_batch(vocos, mels)
+    for m, wav in zip(mels, batched):
+        solo = vocos.decode(m[None])[0]
+        assert wav.shape == solo.shape == ((m.shape[1] - 1) * 256,)
+        assert (wav - solo).abs().max() <= SAME_AUDIO
+    assert F.vocode_batch(vocos, []) == []
+    with pytest.raises(ValueError, match="mels of shape"):
+        F.vocode_batch(vocos, [torch.zeros(80, 10)])
+
+
+# -- CUDA ------------------------------------------------------------------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@cuda
+def test_graph_path_equals_eager_fp32(tmp_path):
+    dit = tiny_dit(tmp_path, depth=4, dtype=torch.float32, device="cuda")
+    fs = F.FastSampler(dit, small_options(mode="graph", self_check=True))
+    stats = fs.warmup()
+    assert fs.ready and stats["graphs"] == 3 * 4
+    args = batch([300, 200, 70], [90, 60, 20], device="cuda")
+    out = fs.sample(dit, *args, 8, 2.0, -1.0)
+    ref = sample(dit, *args, 8, 2.0, -1.0)
+    assert float((out - ref).norm() / ref.norm()) <= 1e-4
+    solo = fs.sample(dit, *[a[2:] for a in args], 8, 2.0, -1.0)
+    assert float((out[2] - solo[0]).norm() / solo[0].norm()) <= 1e-4
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("mode", ["graph", "compile"])
+def test_graph_path_equals_eager_bf16(tmp_path, mode):
+    dit = tiny_dit(tmp_path, depth=4, dtype=torch.bfloat16, device="cuda", dim=256, heads=4, dim_head=64,
+                   text_dim=128)
+    fs = F.FastSampler(dit, small_options(mode=mode, self_check=True, cache_dir=str(tmp_path / "cache")))
+    stats = fs.warmup()
+    assert fs.ready and stats["mode"] == mode, stats
+    args = batch([300, 200, 70], [90, 60, 20], device="cuda")
+    out = fs.sample(dit, *args, 8, 2.0, -1.0)
+    with F.eager_stance():
+        ref = sample(dit, *args, 8, 2.0, -1.0)
+    assert torch.isfinite(out).all()
+    assert float((out - ref).norm() / ref.norm()) <= 3e-2
+
+
+@pytest.mark.gpu
+@cuda
+def test_vocode_batch_on_cuda(tmp_path):
+    from tts.f5.vocos import Vocos, write_demo_vocos
+
+    write_demo_vocos(tmp_path / "vocos", seed=0, tiny=True)
+    vocos = Vocos.from_dir(tmp_path / "vocos", device="cuda")
+    mels = [torch.randn(100, n, device="cuda") - 4 for n in (300, 120)]
+    for m, wav in zip(mels, F.vocode_batch(vocos, mels)):
+        solo = vocos.decode(m[None])[0]
+        assert float((wav - solo).norm() / solo.norm()) <= 1e-4

@@ -1,0 +1,519 @@
+"""The F5-TTS fast path on CUDA: bucketed shapes, one CUDA graph per bucket, optional torch.compile.
+
+Nothing here is a second model. The ODE step is `tts.f5.sampler.ode_step`, the function the CPU path
+runs; what changes is where it is called (gpt-fast / nano-vllm style):
+
+* shapes are rounded up to a bucket (batch in `batch_buckets`, frames in `length_buckets`), so a
+  few dozen fixed shapes cover every request. Padding never changes a real item's result: padded
+  frames are masked out of attention and zeroed around every convolution by the DiT itself, and
+  padded batch rows are separate items (DiT items never mix).
+* each bucket's step (DiT forward on the CFG 2B batch, guidance, Euler update into the state) reads
+  static buffers and is captured once in a CUDA graph at start-up; a request copies its inputs into
+  the buffers and replays the graph `nfe` times. The step's flow time and width come from a
+  device table, so the loop never waits on the host.
+* mode "compile" first compiles each DiT block (regional compilation: one block's code serves all
+  `depth` blocks) with dynamic batch and frame sizes, so one compile covers every bucket; the
+  graphs then capture the compiled kernels. Inductor's on-disk caches live under the data
+  directory, so a restart recompiles nothing.
+* everything is compiled and captured by `warmup()` when the server starts; a request never pays
+  for it. A shape larger than the largest bucket runs the plain eager sampler (correct, slower).
+
+The text embedding runs once per batch, eagerly, outside the step loop. `vocode_batch` runs Vocos
+on a whole batch at once with per-item masks, so each item's audio equals its solo decode.
+
+Modes (`STUDIO_F5_FAST`, see `fast_options_from_env`):
+  "off"     no fast path: the pipeline calls `tts.f5.sampler.sample` (the CPU code path, on CUDA);
+  "eager"   bucketed static buffers, no graphs, no compile (CPU tests; debugging);
+  "graph"   the eager step captured in CUDA graphs;
+  "compile" DiT blocks torch.compile'd (default inductor mode), then captured in CUDA graphs
+            (on a CPU DiT: compiled, no graphs; used by the tests with a cheap backend).
+
+Shapes: B batch, T mel frames (93.75 per second), C mel channels (100).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from tts.f5.dit import DiT
+from tts.f5.sampler import ode_step, timesteps
+from tts.f5.sampler import sample as eager_sample
+
+FAST_ENV = "STUDIO_F5_FAST"
+MODES = ("off", "eager", "graph", "compile")
+#: Env values that switch the fast path off / pick the default mode.
+OFF_VALUES = ("0", "off", "false", "no")
+DEFAULT_VALUES = ("", "1", "on", "true", "yes", "auto")
+DEFAULT_MODE = "compile"
+
+#: Batch buckets: the pipeline batches at most 8 chunks (F5Pipeline max_batch).
+DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8)
+#: Frame buckets: every 128 frames (1.37 s) up to 2048 (21.8 s: a 12 s prompt plus a ~10 s chunk,
+#: the pipeline's budget), then every 256 up to 4096 (43.7 s). Padding costs at most 128 frames
+#: below 2048, i.e. under 14 % at the ~940 frames of a 3 s prompt + 7 s chunk.
+DEFAULT_LENGTH_BUCKETS = tuple(range(128, 2048 + 1, 128)) + tuple(range(2048 + 256, 4096 + 1, 256))
+#: Relative L2 error (graph path vs the eager sampler, one small batch at start-up) above which the
+#: fast path disables itself. fp32: only summation order differs. bf16/fp16: kernel choice and
+#: fusion change rounding (bf16 has an 8-bit mantissa, ~4e-3 per op) and a few ODE steps add up.
+SELF_CHECK_TOL = {torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 2e-2}
+SELF_CHECK_NFE = 4
+DATA_DIR_ENV = "STUDIO_DATA_DIR"
+DEFAULT_DATA_DIR = "~/.cache/voice-studio"  # same default as studio.config (tts never imports studio)
+CACHE_SUBDIR = "compile-cache"
+
+
+@dataclass(frozen=True)
+class FastOptions:
+    """How the fast sampler is built (frozen: one per pipeline)."""
+
+    mode: str = DEFAULT_MODE  # one of MODES (see the module docstring)
+    batch_buckets: tuple[int, ...] = DEFAULT_BATCH_BUCKETS  # batch sizes captured; larger batches run eagerly
+    length_buckets: tuple[int, ...] = DEFAULT_LENGTH_BUCKETS  # frame counts captured; longer runs eagerly
+    cache_dir: str | None = None  # compile caches; None: $STUDIO_DATA_DIR (or ~/.cache/voice-studio)/compile-cache
+    compile_backend: str = "inductor"  # torch.compile backend ("eager"/"aot_eager" test the plumbing on CPU)
+    compile_mode: str | None = None  # inductor mode: None (default) or "max-autotune-no-cudagraphs"
+    self_check: bool = True  # compare one graph-path sample with the eager sampler at start-up
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"fast-path mode must be one of {MODES}; got {self.mode!r} "
+                             f"(set {FAST_ENV}=0|eager|graph|compile)")
+        for name, values in (("batch_buckets", self.batch_buckets), ("length_buckets", self.length_buckets)):
+            if not values or any(int(v) < 1 for v in values) or list(values) != sorted(set(values)):
+                raise ValueError(f"{name} must be strictly increasing positive integers; got {values}")
+
+
+def fast_options_from_env(max_batch: int = 8, env: dict | None = None, **overrides) -> FastOptions:
+    """Options from `STUDIO_F5_FAST` (0/off, eager, graph, compile; unset/1 = compile), with batch
+    buckets the powers of two up to `max_batch` plus `max_batch` itself."""
+    env = os.environ if env is None else env
+    raw = env.get(FAST_ENV, "").strip().lower()
+    if raw in OFF_VALUES:
+        mode = "off"
+    elif raw in DEFAULT_VALUES:
+        mode = DEFAULT_MODE
+    elif raw in MODES:
+        mode = raw
+    else:
+        raise ValueError(f"{FAST_ENV}={raw!r} is not understood; use 0 (off), eager, graph or compile")
+    return FastOptions(mode=mode, batch_buckets=batch_buckets_for(max_batch), **overrides)
+
+
+def batch_buckets_for(max_batch: int) -> tuple[int, ...]:
+    """Powers of two below `max_batch`, then `max_batch` (8 -> 1, 2, 4, 8; 6 -> 1, 2, 4, 6)."""
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1; got {max_batch}")
+    out = [1 << i for i in range(int(math.log2(max_batch)) + 1) if (1 << i) < max_batch]
+    return tuple(out + [max_batch])
+
+
+def bucket_for(n: int, buckets: tuple[int, ...]) -> int | None:
+    """The smallest bucket >= n, or None when n exceeds the largest."""
+    for b in buckets:
+        if b >= n:
+            return b
+    return None
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR).expanduser() / CACHE_SUBDIR
+
+
+def configure_compile_cache(cache_dir: str | Path | None = None) -> Path:
+    """Point inductor's and Triton's on-disk caches under `cache_dir` (unless the environment already
+    names them) and switch on the FX-graph and AOTAutograd caches, so a restart reuses compiled code.
+    Must run before the first compile in the process."""
+    root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(root / "inductor"))
+    os.environ.setdefault("TRITON_CACHE_DIR", str(root / "triton"))
+    import torch._inductor.config as inductor_config
+
+    inductor_config.fx_graph_cache = True
+    try:
+        import torch._functorch.config as functorch_config
+
+        functorch_config.enable_autograd_cache = True
+    except (ImportError, AttributeError):  # older torch: the FX graph cache alone still helps
+        pass
+    if not os.path.basename(sys.executable or "").startswith("python"):
+        # Inductor's compile workers are `sys.executable` subprocesses; inside an embedding host whose
+        # executable is not Python, compile in-process instead (slower cold start, same code).
+        inductor_config.compile_threads = 1
+    return root
+
+
+@contextmanager
+def step_context():
+    """Grad off and inference mode off around every step call, at start-up and per request alike:
+    compiled code guards on whether its tensors are inference tensors, so a step that ran under
+    `torch.inference_mode` (the pipeline's) would recompile. The static buffers are normal tensors."""
+    with torch.inference_mode(False), torch.no_grad():
+        yield
+
+
+@contextmanager
+def eager_stance():
+    """Run compiled modules eagerly inside (no compile or recompile on a request's path)."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    if set_stance is None:
+        yield
+        return
+    with set_stance("force_eager"):
+        yield
+
+
+# -- static buffers -----------------------------------------------------------------------------
+
+@dataclass
+class BucketViews:
+    """Contiguous [b, t, ...] views of the heads of the flat static buffers (one set serves every bucket)."""
+
+    x: Tensor  # [b, t, C] float32 ODE state
+    cond: Tensor  # [b, t, C] float32 reference mel, zero past each reference
+    text_cond: Tensor  # [b, t, text_dim] DiT dtype
+    text_uncond: Tensor  # [b, t, text_dim]
+    mask: Tensor  # [b, t] bool, True on each item's frames
+
+
+class StaticBuffers:
+    """Inputs every captured graph reads, allocated once at the largest bucket.
+
+    A graph bakes in its tensors' addresses; a bucket's views start at each flat buffer's first
+    element, so all graphs share one set of buffers (they never run at the same time).
+    """
+
+    def __init__(self, max_b: int, max_t: int, mel_dim: int, text_dim: int, text_dtype: torch.dtype,
+                 device: torch.device):
+        n = max_b * max_t
+        self.max_b, self.max_t, self.mel_dim, self.text_dim = max_b, max_t, mel_dim, text_dim
+        self.x = torch.zeros(n * mel_dim, dtype=torch.float32, device=device)
+        self.cond = torch.zeros(n * mel_dim, dtype=torch.float32, device=device)
+        self.text_cond = torch.zeros(n * text_dim, dtype=text_dtype, device=device)
+        self.text_uncond = torch.zeros(n * text_dim, dtype=text_dtype, device=device)
+        self.mask = torch.zeros(n, dtype=torch.bool, device=device)
+        self.step = torch.zeros(2, dtype=torch.float32, device=device)  # (t0, dt) of the step to run
+        self.cfg = torch.zeros((), dtype=torch.float32, device=device)  # guidance strength
+
+    def views(self, b: int, t: int) -> BucketViews:
+        if b > self.max_b or t > self.max_t:
+            raise ValueError(f"bucket ({b}, {t}) exceeds the static buffers ({self.max_b}, {self.max_t})")
+        n = b * t
+        return BucketViews(self.x[: n * self.mel_dim].view(b, t, self.mel_dim),
+                           self.cond[: n * self.mel_dim].view(b, t, self.mel_dim),
+                           self.text_cond[: n * self.text_dim].view(b, t, self.text_dim),
+                           self.text_uncond[: n * self.text_dim].view(b, t, self.text_dim),
+                           self.mask[:n].view(b, t))
+
+
+def static_step(dit: DiT, v: BucketViews, step: Tensor, cfg: Tensor) -> None:
+    """One Euler step on a bucket's static buffers, in place: what each CUDA graph captures.
+
+    `step` [2] float32 holds (t0, dt); `cfg` is a 0-d tensor so one graph serves every guidance
+    strength (it is rounded to the DiT dtype inside the guidance product: 2.0, 1.5, 2.5 are exact).
+    """
+    v.x.copy_(ode_step(dit, v.x, step[0], step[1], v.cond, v.text_cond, v.text_uncond, v.mask, cfg))
+
+
+def step_table(nfe: int, sway: float | None, use_epss: bool, device: torch.device) -> Tensor:
+    """[nfe, 2] float32 on device: row i = (t[i], t[i+1] - t[i]), computed as `sample` computes them."""
+    t = timesteps(nfe, sway, use_epss).to(device)
+    return torch.stack((t[:-1], t[1:] - t[:-1]), dim=1).contiguous()
+
+
+# -- the sampler ----------------------------------------------------------------------------------
+
+class FastSampler:
+    """`sample(...)` with `tts.f5.sampler.sample`'s signature and results, through bucketed CUDA graphs.
+
+    Build it once per DiT (weights on their final device and dtype), call `warmup()` at start-up,
+    then `sample(...)` per batch. Not thread-safe: one batch at a time (Triton runs one `execute`
+    per model instance at a time).
+    """
+
+    def __init__(self, dit: DiT, options: FastOptions = FastOptions(), log: Callable[[str], None] | None = None):
+        if options.mode == "off":
+            raise ValueError("FastSampler with mode 'off': use tts.f5.sampler.sample instead")
+        self.dit = dit
+        self.options = options
+        self.device = next(dit.parameters()).device
+        self.mode = options.mode
+        if self.mode == "graph" and self.device.type != "cuda":
+            raise ValueError(f"fast-path mode 'graph' needs the DiT on CUDA (it is on {self.device}); "
+                             f"use mode 'eager' or {FAST_ENV}=0")
+        # CUDA graphs on CUDA; "compile" on a CPU DiT compiles without graphs (tests the plumbing).
+        self.use_graphs = self.device.type == "cuda" and self.mode in ("graph", "compile")
+        self.log = log or (lambda msg: print(f"[f5-fast] {msg}", file=sys.stderr, flush=True))
+        cfg = dit.cfg
+        self.buffers = StaticBuffers(max(options.batch_buckets), max(options.length_buckets), cfg.mel_dim,
+                                     cfg.text_dim, dit.dtype, self.device)
+        self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self._tables: dict[tuple[int, float | None, bool], Tensor] = {}
+        self._compiled = False
+        self.ready = self.mode == "eager"  # the other modes become ready in warmup()
+        self.stats: dict = {"mode": self.mode}
+
+    # -- public ---------------------------------------------------------------------------------
+    def bucket(self, batch: int, frames: int) -> tuple[int, int] | None:
+        """The (batch, frames) bucket a batch runs in, or None when it exceeds the largest."""
+        b, t = bucket_for(batch, self.options.batch_buckets), bucket_for(frames, self.options.length_buckets)
+        return None if b is None or t is None else (b, t)
+
+    def buckets(self) -> list[tuple[int, int]]:
+        return [(b, t) for b in self.options.batch_buckets for t in self.options.length_buckets]
+
+    @torch.no_grad()
+    def warmup(self, buckets: list[tuple[int, int]] | None = None) -> dict:
+        """Compile (mode "compile") and capture one CUDA graph per bucket; returns timing stats.
+
+        Captures the largest bucket first so all graphs share one memory pool. Any compile failure
+        falls back to capturing the eager step; a failed self-check turns the fast path off (the
+        eager sampler then serves), with the reason logged and kept in `stats`.
+        """
+        t_start = time.perf_counter()
+        buckets = sorted(buckets or self.buckets(), key=lambda bt: (bt[0] * bt[1], bt), reverse=True)
+        stats = self.stats
+        stats.update(buckets=len(buckets), dtype=str(self.dit.dtype).replace("torch.", ""),
+                     device=str(self.device))
+        if self.mode == "compile":
+            stats["cache_dir"] = str(configure_compile_cache(self.options.cache_dir))
+            t0 = time.perf_counter()
+            try:
+                self._compile_blocks()
+                stats["compile_s"] = round(time.perf_counter() - t0, 2)
+            except Exception as exc:  # noqa: BLE001 - any compiler failure: keep serving, uncompiled
+                self._uncompile_blocks()
+                self.mode = stats["mode"] = "graph" if self.use_graphs else "eager"
+                stats["compile_error"] = f"{type(exc).__name__}: {exc}"[:2000]
+                self.log(f"torch.compile failed, capturing the eager step instead: {stats['compile_error']}")
+        if self.use_graphs:
+            t0 = time.perf_counter()
+            self._capture_all(buckets)
+            stats["capture_s"] = round(time.perf_counter() - t0, 2)
+            stats["graphs"] = len(self._graphs)
+        self.ready = True
+        if self.options.self_check:
+            self._self_check(stats)
+        stats["warmup_s"] = round(time.perf_counter() - t_start, 2)
+        self.log(f"warmup done: {stats}")
+        return stats
+
+    @torch.no_grad()
+    def sample(self, dit: DiT, cond_mel: Tensor, text_ids: Tensor, ref_lens: Tensor, total_lens: Tensor,
+               noise: Tensor, nfe: int, cfg_strength: float, sway: float | None, use_epss: bool = True) -> Tensor:
+        """Same arguments, shapes and result as `tts.f5.sampler.sample` (float32 [B, T, mel])."""
+        b, frames, mel_dim = noise.shape
+        key = self.bucket(b, frames)
+        if dit is not self.dit or key is None or not self.ready:
+            with eager_stance():
+                return eager_sample(dit, cond_mel, text_ids, ref_lens, total_lens, noise, nfe, cfg_strength,
+                                    sway, use_epss)
+        if cond_mel.shape != noise.shape or text_ids.shape[0] != b:
+            raise ValueError(f"batch shapes disagree: cond_mel {tuple(cond_mel.shape)}, noise {tuple(noise.shape)}, "
+                             f"text_ids {tuple(text_ids.shape)}")
+        if nfe < 1:
+            raise ValueError(f"nfe must be >= 1; got {nfe}")
+        bb, tb = key
+        v = self.buffers.views(bb, tb)
+        mask, ref_mask = self._load_inputs(v, b, frames, cond_mel, text_ids, ref_lens, total_lens, noise)
+        table = self._step_table(nfe, sway, use_epss)
+        self.buffers.cfg.fill_(float(cfg_strength))
+        graph = self._graphs.get(key)
+        with step_context():
+            for i in range(nfe):
+                self.buffers.step.copy_(table[i])
+                if graph is not None:
+                    graph.replay()
+                else:
+                    static_step(self.dit, v, self.buffers.step, self.buffers.cfg)
+        out = torch.where(ref_mask[:b, :frames], v.cond[:b, :frames], v.x[:b, :frames])
+        return torch.where(mask[:b, :frames, None], out, 0.0)
+
+    # -- internals ------------------------------------------------------------------------------
+    def _load_inputs(self, v: BucketViews, b: int, frames: int, cond_mel: Tensor, text_ids: Tensor,
+                     ref_lens: Tensor, total_lens: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+        """Copy one batch, padded to the bucket, into the static buffers (device work only, no sync).
+
+        Padded batch rows are one-frame items with no reference and no text: never an all-masked
+        attention row (which would be NaN), and never read back. Returns (mask [bb, tb],
+        ref_mask [bb, tb, 1]).
+        """
+        bb, tb = v.mask.shape
+        dev = self.device
+        lens = torch.ones(bb, dtype=torch.long, device=dev)
+        lens[:b] = total_lens.to(dev)
+        refs = torch.zeros(bb, dtype=torch.long, device=dev)
+        refs[:b] = ref_lens.to(dev)
+        ids = torch.full((bb, max(text_ids.shape[1], 1)), -1, dtype=torch.long, device=dev)
+        ids[:b, : text_ids.shape[1]] = text_ids.to(dev)
+        pos = torch.arange(tb, device=dev)[None, :]
+        mask = pos < lens[:, None]
+        ref_mask = (pos < refs[:, None])[..., None]
+        v.mask.copy_(mask)
+        v.x.zero_()
+        v.x[:b, :frames] = noise.to(dev)
+        v.x.masked_fill_(~mask[..., None], 0.0)
+        v.cond.zero_()
+        v.cond[:b, :frames] = cond_mel.to(dev)
+        v.cond.masked_fill_(~ref_mask, 0.0)
+        text_cond, text_uncond = self.dit.embed_text(ids, lens, frames=tb)
+        v.text_cond.copy_(text_cond)
+        v.text_uncond.copy_(text_uncond)
+        return mask, ref_mask
+
+    def _step_table(self, nfe: int, sway: float | None, use_epss: bool) -> Tensor:
+        key = (int(nfe), None if sway is None else float(sway), bool(use_epss))
+        table = self._tables.get(key)
+        if table is None:
+            table = self._tables[key] = step_table(nfe, sway, use_epss, self.device)
+        return table
+
+    def _fill_dummy(self, v: BucketViews, seed: int = 0) -> None:
+        """Plausible (non-zero, finite) inputs for compiling and capturing; values do not matter."""
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        b, t = v.mask.shape
+        v.x.copy_(torch.randn(b, t, v.x.shape[-1], generator=gen))
+        v.cond.copy_(torch.randn(b, t, v.cond.shape[-1], generator=gen))
+        v.text_cond.copy_(torch.randn(b, t, v.text_cond.shape[-1], generator=gen))
+        v.text_uncond.copy_(torch.randn(b, t, v.text_uncond.shape[-1], generator=gen))
+        lens = torch.randint(max(t // 2, 1), t + 1, (b,), generator=gen)
+        v.mask.copy_(torch.arange(t)[None, :] < lens[:, None])
+        self.buffers.step.copy_(torch.tensor([0.25, 0.05]))
+        self.buffers.cfg.fill_(2.0)
+
+    def _prime_shapes(self) -> list[tuple[int, int]]:
+        """Two shapes that differ in batch and frames: the first compiles static, the second
+        recompiles with both dimensions dynamic (torch's automatic dynamic shapes), after which
+        every bucket reuses that one graph. Chosen from the configured buckets, fixed (so the
+        on-disk cache keys repeat across start-ups), and with 2B != T (sizes that coincide would
+        be tied into one symbol)."""
+        bs, ts = self.options.batch_buckets, self.options.length_buckets
+        b0, b1 = bs[0], bs[1] if len(bs) > 1 else bs[0]
+        t_pool = [t for t in ts if t >= 256] or list(ts)
+        t0, t1 = t_pool[0], (t_pool[1] if len(t_pool) > 1 else t_pool[0])
+        return [(b0, t0), (b1, t1)]
+
+    def _compile_blocks(self) -> None:
+        """Regional compilation: each DiT block's call goes through torch.compile (same code for all
+        blocks, so one compiled graph serves the whole stack), dynamic in batch and frames."""
+        kwargs = {"backend": self.options.compile_backend}
+        if self.options.compile_mode and self.options.compile_backend == "inductor":
+            kwargs["mode"] = self.options.compile_mode
+        for block in self.dit.transformer_blocks:
+            block.compile(**kwargs)
+        self._compiled = True
+        for i, (b, t) in enumerate(self._prime_shapes()):
+            v = self.buffers.views(b, t)
+            self._fill_dummy(v, seed=i)
+            with step_context():
+                static_step(self.dit, v, self.buffers.step, self.buffers.cfg)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _uncompile_blocks(self) -> None:
+        for block in self.dit.transformer_blocks:
+            block._compiled_call_impl = None  # what nn.Module.compile() set: back to the plain call
+        self._compiled = False
+
+    def _capture_all(self, buckets: list[tuple[int, int]]) -> None:
+        dev = self.device
+        pool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream(device=dev)
+        with torch.cuda.device(dev), step_context():
+            for b, t in buckets:
+                v = self.buffers.views(b, t)
+                self._fill_dummy(v)
+                side.wait_stream(torch.cuda.current_stream(dev))
+                with torch.cuda.stream(side):  # warm-up off the capture: lazy inits, autotuning, cuBLAS
+                    static_step(self.dit, v, self.buffers.step, self.buffers.cfg)
+                torch.cuda.current_stream(dev).wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                    static_step(self.dit, v, self.buffers.step, self.buffers.cfg)
+                self._graphs[(b, t)] = graph
+            torch.cuda.synchronize(dev)
+
+    def _self_check(self, stats: dict) -> None:
+        """One small batch through the fast path and through the eager sampler; a mismatch (or a
+        non-finite result) switches the fast path off rather than serve wrong audio."""
+        dit, dev = self.dit, self.device
+        cfg = dit.cfg
+        key = self.bucket(2, min(300, max(self.options.length_buckets)))
+        if key is None:
+            return
+        frames = min(300, max(self.options.length_buckets))
+        gen = torch.Generator(device="cpu").manual_seed(1234)
+        lens = torch.tensor([frames, max(frames * 2 // 3, 2)])
+        refs = lens // 3
+        noise = torch.randn(2, frames, cfg.mel_dim, generator=gen)
+        noise[1, lens[1]:] = 0
+        cond = torch.randn(2, frames, cfg.mel_dim, generator=gen)
+        cond[(torch.arange(frames)[None, :] >= refs[:, None])] = 0
+        ids = torch.randint(0, cfg.text_num_embeds, (2, 40), generator=gen)
+        args = (cond.to(dev), ids.to(dev), refs.to(dev), lens.to(dev), noise.to(dev), SELF_CHECK_NFE, 2.0, -1.0)
+        fast = self.sample(dit, *args)
+        with eager_stance():
+            ref = eager_sample(dit, *args)
+        err = float((fast - ref).norm() / ref.norm().clamp_min(1e-12))
+        tol = SELF_CHECK_TOL.get(dit.dtype, 5e-2)
+        stats["self_check_rel_err"] = round(err, 6)
+        if not math.isfinite(err) or err > tol:
+            self.ready = False
+            self._graphs.clear()
+            stats["self_check_failed"] = f"relative error {err:.3g} > {tol} (fast path off; eager sampler serves)"
+            self.log(f"SELF-CHECK FAILED: {stats['self_check_failed']}")
+
+
+# -- Vocos on a whole batch ---------------------------------------------------------------------
+
+@torch.no_grad()
+def vocode_batch(vocos, mels: list[Tensor]) -> list[Tensor]:
+    """Vocos on several mels at once; each result equals `vocos.decode(mel[None])[0]` (float rounding).
+
+    mels: each [mel_dim, T_i] (T_i >= 2). Returns float32 audio [(T_i - 1) * hop] per item on the
+    vocoder's device. Only the depthwise convolutions mix frames, and a solo decode zero-pads each
+    conv's input past T_i; so every conv input is zeroed past each item's length here, and the
+    inverse STFT runs per item on its own frames.
+    """
+    if not mels:
+        return []
+    cfg = vocos.config
+    param = vocos.head.out.weight
+    lens = [int(m.shape[-1]) for m in mels]
+    for m in mels:
+        if m.dim() != 2 or m.shape[0] != cfg.input_channels or m.shape[1] < 2:
+            raise ValueError(f"vocode_batch takes mels of shape [{cfg.input_channels}, T >= 2]; got {tuple(m.shape)}")
+    if len(mels) == 1:
+        return [vocos.decode(mels[0][None])[0]]
+    t_max = max(lens)
+    x = torch.zeros(len(mels), cfg.input_channels, t_max, device=param.device, dtype=param.dtype)
+    for i, m in enumerate(mels):
+        x[i, :, : lens[i]] = m.to(device=param.device, dtype=param.dtype)
+    lens_t = torch.tensor(lens, device=param.device)
+    keep = (torch.arange(t_max, device=param.device)[None, :] < lens_t[:, None])[:, None, :]  # [B, 1, T]
+    bb = vocos.backbone
+    h = bb.embed(x)  # x is already zero past each length
+    h = bb.norm(h.transpose(1, 2)).transpose(1, 2)
+    for block in bb.convnext:
+        r = block.dwconv(h.masked_fill(~keep, 0.0)).transpose(1, 2)
+        r = block.pwconv2(block.act(block.pwconv1(block.norm(r))))
+        if block.gamma is not None:
+            r = block.gamma * r
+        h = h + r.transpose(1, 2)
+    spec = vocos.head.spectrum(bb.final_layer_norm(h.transpose(1, 2)))  # [B, bins, T] complex64
+    return [vocos.head.istft(spec[i: i + 1, :, : lens[i]])[0] for i in range(len(mels))]
+
+
+__all__ = ["FAST_ENV", "MODES", "FastOptions", "FastSampler", "StaticBuffers", "BucketViews", "bucket_for",
+           "batch_buckets_for", "configure_compile_cache", "default_cache_dir", "eager_stance", "step_context",
+           "fast_options_from_env", "static_step", "step_table", "vocode_batch"]

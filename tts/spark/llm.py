@@ -1,0 +1,141 @@
+"""The Spark-TTS LLM (a Qwen2 causal LM): weights through transformers, our own forward over a static cache.
+
+`LLM/` is loaded with `transformers.Qwen2ForCausalLM` (embedding, decoder layers, RMSNorms, rotary
+table and the tied output projection are its modules). The forward pass is written here because
+the decode loop needs what generate() does not offer: one static KV cache shared by sequences that
+join and leave between steps, each at its own position. Two entry points:
+
+    forward_prefill(llm, cache, slot, ids [T], start)            -> logits [V] of the last position
+    forward_step(llm, cache, tokens [R], positions [R], length)  -> logits [R, V]
+
+Rows of `forward_step` are slots 0..R-1 (free slots in between carry a dummy token at position 0,
+which only ever attends to itself). Every row attends to keys 0..positions[r] of its own slot, so
+its logits do not depend on the other rows beyond float rounding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from tts.spark.kv_cache import StaticKVCache
+
+
+@dataclass(frozen=True)
+class LLMShape:
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    hidden: int
+    vocab: int
+
+
+def llm_shape(model) -> LLMShape:
+    cfg = model.config
+    attn = model.model.layers[0].self_attn
+    return LLMShape(n_layers=len(model.model.layers), n_heads=cfg.num_attention_heads,
+                    n_kv_heads=cfg.num_key_value_heads, head_dim=attn.head_dim, hidden=cfg.hidden_size,
+                    vocab=model.lm_head.weight.shape[0])
+
+
+def load_llm(llm_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """Qwen2ForCausalLM from `LLM/` (safetensors), eval mode, on `device` in `dtype`."""
+    from transformers import Qwen2ForCausalLM
+
+    llm_dir = Path(llm_dir)
+    if not (llm_dir / "config.json").is_file():
+        raise ValueError(f"LLM folder {llm_dir} has no config.json")
+    model = Qwen2ForCausalLM.from_pretrained(str(llm_dir), dtype=dtype)
+    types = set(getattr(model.config, "layer_types", None) or ["full_attention"])
+    if types != {"full_attention"}:
+        raise ValueError(f"{llm_dir}: layer types {sorted(types)}; only full attention is supported")
+    return model.eval().to(device)
+
+
+def new_cache(model, max_batch: int, max_seq_len: int) -> StaticKVCache:
+    shape = llm_shape(model)
+    p = model.lm_head.weight
+    return StaticKVCache(shape.n_layers, max_batch, shape.n_kv_heads, max_seq_len, shape.head_dim,
+                         dtype=p.dtype, device=p.device)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """q, k [B, H, T, D]; cos, sin [B, T, D]."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _qkv(attn, x: torch.Tensor, head_dim: int):
+    b, t, _ = x.shape
+    q = attn.q_proj(x).view(b, t, -1, head_dim).transpose(1, 2)
+    k = attn.k_proj(x).view(b, t, -1, head_dim).transpose(1, 2)
+    v = attn.v_proj(x).view(b, t, -1, head_dim).transpose(1, 2)
+    return q, k, v
+
+
+def _layers(model, h: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
+    """Run all decoder layers; `attend(layer_index, q, k, v) -> [B, H, T, D]` owns cache writes and masks."""
+    cos, sin = model.model.rotary_emb(h, positions)
+    for i, layer in enumerate(model.model.layers):
+        attn = layer.self_attn
+        q, k, v = _qkv(attn, layer.input_layernorm(h), attn.head_dim)
+        q, k = _rope(q, k, cos, sin)
+        out = attend(i, q, k, v)
+        b, _, t, _ = out.shape
+        h = h + attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+    return model.model.norm(h)
+
+
+@torch.no_grad()
+def forward_prefill(model, cache: StaticKVCache, slot: int, ids: torch.Tensor, start: int = 0) -> torch.Tensor:
+    """Write `ids` [T] into `slot` at positions start..start+T-1; return the last position's logits [V] (float32)."""
+    t = ids.shape[0]
+    if start + t > cache.max_seq_len:
+        raise ValueError(f"prompt of {start + t} tokens exceeds the KV cache length {cache.max_seq_len}")
+    device = cache.k.device
+    ids = ids.to(device).view(1, t)
+    positions = torch.arange(start, start + t, device=device).view(1, t)
+    h = model.model.embed_tokens(ids)
+
+    def attend(i, q, k, v):
+        cache.write_prefill(i, slot, start, k, v)
+        if start == 0:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        keys, values = cache.slot_view(i, slot, start + t)
+        mask = torch.arange(start + t, device=device).view(1, -1) <= positions.view(-1, 1)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+
+    h = _layers(model, h, positions, attend)
+    return model.lm_head(h[:, -1]).float()[0]
+
+
+@torch.no_grad()
+def forward_step(model, cache: StaticKVCache, tokens: torch.Tensor, positions: torch.Tensor,
+                 length: int) -> torch.Tensor:
+    """One token per slot 0..R-1 (R = len(tokens)) at `positions`; keys 0..length-1 are read.
+
+    tokens, positions [R] (int64) -> logits [R, V] (float32). `length` must exceed every position.
+    """
+    device = cache.k.device
+    rows = tokens.shape[0]
+    tokens, positions = tokens.to(device), positions.to(device)
+    h = model.model.embed_tokens(tokens.view(rows, 1))
+    mask = (torch.arange(length, device=device).view(1, -1) <= positions.view(-1, 1)).view(rows, 1, 1, length)
+
+    def attend(i, q, k, v):
+        cache.write_step(i, rows, positions, k, v)
+        keys, values = cache.view(i, rows, length)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+
+    h = _layers(model, h, positions.view(rows, 1), attend)
+    return model.lm_head(h[:, 0]).float()

@@ -1,0 +1,120 @@
+"""In-flight batching over one DecodeBatch: requests join and leave between decode steps.
+
+`admit(state)` prefills the request's first segment into a free slot; `step()` runs one decode step
+for every running sequence, routes the new tokens, vocodes the windows that became ready and emits
+them; when a segment's sequence ends the next segment is prefilled at once (same slot count), and
+when the last one ends the final window is vocoded and emitted with `final` set. One failing
+request is dropped with an error; the others go on. Single-threaded: the engine's loop thread (or
+the pipeline, for one request) is the only caller.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from tts.spark.decode import DecodeBatch, Sequence
+from tts.spark.request import SparkChunk
+from tts.spark.session import RequestState
+
+Emit = Callable[[RequestState, SparkChunk], None]
+Fail = Callable[[RequestState, BaseException], None]
+
+
+class Scheduler:
+    def __init__(self, pipeline, max_batch: int, max_seq_len: int, emit: Emit, fail: Fail):
+        self.pipeline = pipeline
+        self.batch = DecodeBatch(pipeline.llm, max_batch, max_seq_len)
+        self.emit, self.fail = emit, fail
+        self.states: dict[str, RequestState] = {}
+        self._seq_of: dict[str, Sequence] = {}
+
+    @property
+    def running_batch_size(self) -> int:
+        """Sequences in the running batch (one per request being decoded)."""
+        return len(self.batch.running)
+
+    @property
+    def free_slots(self) -> int:
+        return self.batch.free_slots
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.states)
+
+    def admit(self, state: RequestState) -> None:
+        """Start a prepared request (needs a free slot)."""
+        self.states[state.request_id] = state
+        self._guard(state, self._next_segment, state)
+
+    def step(self) -> None:
+        """One decode step for every running sequence (no-op when none)."""
+        t0 = time.perf_counter()
+        results = self.batch.step()
+        if not results:
+            return
+        dt_ms = (time.perf_counter() - t0) * 1000
+        for state in {id(seq.tag): seq.tag for seq, _ in results}.values():
+            state.decode_ms += dt_ms
+        for seq, tok in results:
+            state = seq.tag
+            if state.request_id in self.states:
+                self._guard(state, self._on_token, state, seq, tok)
+
+    def cancel(self, request_id: str) -> bool:
+        """Drop a request from the batch; nothing more is emitted for it. False if unknown."""
+        state = self.states.pop(request_id, None)
+        if state is None:
+            return False
+        state.cancelled = True
+        seq = self._seq_of.pop(request_id, None)
+        if seq is not None:
+            self.batch.drop(seq)
+        return True
+
+    # ---- internals -----------------------------------------------------------------------------------------
+    def _guard(self, state: RequestState, fn, *args) -> None:
+        try:
+            fn(*args)
+        except Exception as exc:  # noqa: BLE001 - one bad request must not stop the batch
+            self.cancel(state.request_id)
+            self.fail(state, exc)
+
+    def _next_segment(self, state: RequestState) -> None:
+        while True:
+            seq = state.next_sequence()
+            if seq is None:
+                self._finish(state)
+                return
+            self._seq_of[state.request_id] = seq
+            tok = self.batch.add(seq)
+            self._on_token(state, seq, tok, chain=False)
+            if not seq.finished:
+                return
+            self._end_segment(state, seq)
+
+    def _on_token(self, state: RequestState, seq: Sequence, tok: int, chain: bool = True) -> None:
+        for window in state.feed(tok, seq):
+            self._vocode(state, window, final=False)
+        if seq.finished and chain:
+            self._end_segment(state, seq)
+            self._next_segment(state)
+
+    def _end_segment(self, state: RequestState, seq: Sequence) -> None:
+        self._seq_of.pop(state.request_id, None)
+        for window in state.end_segment(seq):
+            self._vocode(state, window, final=False)
+
+    def _finish(self, state: RequestState) -> None:
+        window = state.finish()
+        self.states.pop(state.request_id, None)
+        state.done = True
+        if window is None:
+            state.notes.append("the model wrote no speech (semantic) tokens")
+            self.emit(state, state.chunk(self.pipeline.empty_audio(), final=True))
+        else:
+            self._vocode(state, window, final=True)
+
+    def _vocode(self, state: RequestState, window, final: bool) -> None:
+        wav = self.pipeline.vocode(state.global_tokens, window)
+        self.emit(state, state.chunk(wav, final=final))
