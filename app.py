@@ -14,10 +14,13 @@ and tools that look for `demo` import it). Two ways to serve it:
 - `python app.py` (the supported way, also what Spaces runs): starts the server, then launches the
   page with the streaming player's routes (`studio/ui_stream.py`) and the data folder's voices and
   history allowed for download.
-- `gradio app.py` (Gradio's auto-reload for development): Gradio launches `demo` itself, so the
+- `gradio app.py [-- FLAGS]` (Gradio's auto-reload for development): Gradio runs this file with the
+  flags, so `main()` starts everything as above; on each reload Gradio re-executes the file in a
+  watcher thread, where `main()` does nothing and the process's one runtime (and server) is reused.
+- Anything that launches `demo` without `main()` (e.g. `demo.launch()` from another script): the
   first page load starts the server, configured from the environment (STUDIO_DATA_DIR,
   STUDIO_TRITON_URL, STUDIO_CHECKPOINTS, STUDIO_DEMO_WEIGHTS=1, STUDIO_NO_DOWNLOAD=1), and adds the
-  player's routes to Gradio's app on that load.
+  player's routes and the data folders to the running app.
 
 Generations at once: STUDIO_CONCURRENCY (default 4); further requests wait in Gradio's queue.
 """
@@ -27,11 +30,12 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import threading
 
 from studio.ui import build_demo, launch_kwargs
 from studio.ui_runtime import RuntimeOptions, StudioRuntime
 
-runtime = StudioRuntime()
+runtime = StudioRuntime.shared()
 demo = build_demo(runtime)
 
 
@@ -60,6 +64,10 @@ def _terminate(*_):
 
 
 def main(argv: list[str] | None = None) -> int:
+    if threading.current_thread() is not threading.main_thread():
+        # Gradio's reload mode re-executes this file in its watcher thread: the first run (main
+        # thread) already started the server and the page; the new `demo` is swapped in by Gradio.
+        return 0
     args = parse_args(argv)
     runtime.start(options_from(args))  # in the background: the page is up before the server
     signal.signal(signal.SIGTERM, _terminate)

@@ -25,8 +25,19 @@ STATIC = Path(__file__).resolve().parent / "static"
 TITLE = "Voice Studio"
 #: Status polling (s): quick while the server starts, relaxed once it is ready.
 POLL_STARTING_S, POLL_READY_S = 1.0, 5.0
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"{name} must be a whole number of at least 1, got {raw!r}")
+    return int(raw)
+
+
 #: Generations at once from this page (env STUDIO_CONCURRENCY); others wait in Gradio's queue.
-GENERATE_CONCURRENCY = int(os.environ.get("STUDIO_CONCURRENCY", "4"))
+GENERATE_CONCURRENCY = _env_int("STUDIO_CONCURRENCY", 4)
 #: Everything else (voices, history, status) is light; this many run at once per event.
 LIGHT_CONCURRENCY = 16
 MAX_QUEUE = 256
@@ -67,6 +78,10 @@ def begin_js(key: str, job_index: int) -> str:
     return (f"(...args) => window.studioPlayer ? window.studioPlayer.begin('{key}', args, {job_index}) : args")
 
 
+def fill_js(key: str) -> str:
+    return f"() => {{ if (window.studioPlayer) window.studioPlayer.fill('{key}'); }}"
+
+
 def stop_js(key: str) -> str:
     return f"(job) => [window.studioPlayer ? window.studioPlayer.stop('{key}') : '']"
 
@@ -84,7 +99,8 @@ class OutputPanel:
 
     @property
     def outputs(self) -> list:
-        return [self.audio, self.metrics, self.picture, self.download, self.record, self.seed]
+        """What a generation returns at once; the picture follows in a second step (it takes ~0.3 s)."""
+        return [self.audio, self.metrics, self.download, self.record, self.seed]
 
 
 def output_panel(key: str) -> OutputPanel:
@@ -117,13 +133,14 @@ class Handlers:
         if self.autostart and not self.rt.started:
             from studio.ui_runtime import RuntimeOptions
 
-            if self.rt.start(RuntimeOptions.from_env()):
-                self._attach_to_launched_app()
+            self.rt.start(RuntimeOptions.from_env())
+        self._attach_to_launched_app()
         return (*self.tick("f5"), *self.voice_views(), *self.history_view())
 
     def _attach_to_launched_app(self) -> None:
-        """`gradio app.py` launched the page without launch_kwargs(): add the player's routes and the
-        data folders to the running app (its router is consulted per request, so this takes effect)."""
+        """When something other than `app.main()` launched the page (Gradio's reload mode swaps in a
+        re-executed `demo`), give the running app the data folders and the player's routes. Both are
+        looked up per request, so adding them late takes effect. Idempotent and cheap."""
         from studio.ui_stream import ROUTE_PREFIX
 
         demo = self.demo
@@ -153,7 +170,7 @@ class Handlers:
             if job.cancel.is_set():
                 job.finish("cancelled", "stopped before it started")
                 gr.Info("Stopped before the generation started.")
-                return (None, metrics_html({}, seed=None, demo=None, mode="offline", status="cancelled"), None,
+                return (None, metrics_html({}, seed=None, demo=None, mode="offline", status="cancelled"),
                         gr.DownloadButton(visible=False), None, None)
             req = build()
             for w in req.warnings:
@@ -176,16 +193,31 @@ class Handlers:
         if outcome.status == "cancelled":
             gr.Info("Stopped. The audio that arrived before the stop is shown.")
         audio_path = self.export(rec, "wav") if rec.get("audio") else None
-        picture = None
-        if outcome.audio.size:
-            from studio.ui_plots import waveform_png
-
-            picture = str(waveform_png(outcome.audio, outcome.sample_rate,
-                                       self.rt.history.root / "plots" / f"{rec['id']}.png"))
         seed = rec.get("seed")
         html = metrics_html(outcome.metrics, seed=seed, demo=rec.get("demo_weights"), mode=rec["mode"],
-                            status=outcome.status)
-        return (audio_path, html, picture, self.download_button(rec, fmt), rec["id"], seed)
+                            status=outcome.status, job=job.id)
+        return (audio_path, html, self.download_button(rec, fmt), rec["id"], seed)
+
+    def picture(self, record_id):
+        """Waveform + spectrogram of a history record's audio (drawn once, kept under history/plots/)."""
+        import soundfile as sf
+
+        from studio.ui_plots import waveform_png
+
+        if not record_id:
+            return None
+        try:
+            rec = self.rt.history.get(record_id)
+        except KeyError:
+            return None
+        src = self.rt.history.file(rec.get("audio"))
+        if src is None:
+            return None
+        out = self.rt.history.root / "plots" / f"{rec['id']}.png"
+        if not out.is_file():
+            wav, sr = sf.read(src, dtype="float32")
+            waveform_png(wav, sr, out)
+        return str(out)
 
     def clone(self, ref_audio, ref_text, text, model, mode, nfe, cfg, sway, speed, temperature, top_k, top_p,
               max_new_tokens, seed, fmt, voice_key, job_id):
@@ -531,7 +563,9 @@ def build_demo(rt: StudioRuntime, *, autostart: bool = True) -> gr.Blocks:
                       max_tokens, seed, out.fmt, voice_pick, job]
         gen_kw = dict(concurrency_limit=GENERATE_CONCURRENCY, concurrency_id="generate")
         gen.click(h.clone, inputs=gen_inputs, outputs=out.outputs, js=begin_js("clone", len(gen_inputs) - 1),
-                  api_name="clone", **gen_kw).then(h.history_view, outputs=hist_outs, **quiet)
+                  api_name="clone", **gen_kw).then(None, js=fill_js("clone")).then(
+            h.picture, inputs=[out.record], outputs=[out.picture], **quiet).then(h.history_view, outputs=hist_outs,
+                                                                                 **quiet)
         stop.click(h.stop, inputs=[job], outputs=None, js=stop_js("clone"), concurrency_limit=None,
                    api_visibility="private")
         out.fmt.change(h.reformat, inputs=[out.record, out.fmt], outputs=[out.download], **quiet)
@@ -539,7 +573,9 @@ def build_demo(rt: StudioRuntime, *, autostart: bool = True) -> gr.Blocks:
         d_inputs = [d_text, d_gender, d_pitch, d_speed, d_mode, d_temperature, d_top_k, d_top_p, d_max_tokens,
                     d_seed, d_out.fmt, d_job]
         d_gen.click(h.design, inputs=d_inputs, outputs=d_out.outputs, js=begin_js("design", len(d_inputs) - 1),
-                    api_name="create_voice", **gen_kw).then(h.history_view, outputs=hist_outs, **quiet)
+                    api_name="create_voice", **gen_kw).then(None, js=fill_js("design")).then(
+            h.picture, inputs=[d_out.record], outputs=[d_out.picture], **quiet).then(h.history_view, outputs=hist_outs,
+                                                                                     **quiet)
         d_stop.click(h.stop, inputs=[d_job], outputs=None, js=stop_js("design"), concurrency_limit=None,
                      api_visibility="private")
         d_out.fmt.change(h.reformat, inputs=[d_out.record, d_out.fmt], outputs=[d_out.download], **quiet)

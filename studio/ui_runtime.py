@@ -9,6 +9,7 @@ the page comes up at once and shows the server's progress through `status()`.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -26,9 +27,6 @@ FAMILIES = {
 }
 #: The page polls status every second or so; one answer serves every open page for this long (s).
 STATUS_TTL_S = 1.0
-#: Generations running at once from this page. The server batches concurrent requests, but a CPU
-#: machine gains nothing past a few; more users wait in Gradio's queue (their pages stay live).
-DEFAULT_CONCURRENCY = 4
 
 
 @dataclass(frozen=True)
@@ -42,8 +40,7 @@ class RuntimeOptions:
     http_port: int | None = None
     grpc_port: int | None = None
     f5_model: str = "F5TTS_v1_Base"
-    instances: int | None = None
-    concurrency: int = DEFAULT_CONCURRENCY
+    instances: int | None = None            # front-end model instances (requests served at once)
 
     @classmethod
     def from_env(cls) -> "RuntimeOptions":
@@ -59,6 +56,16 @@ class NotReady(RuntimeError):
 
 
 class StudioRuntime:
+    _shared: "StudioRuntime | None" = None
+
+    @classmethod
+    def shared(cls) -> "StudioRuntime":
+        """The process's runtime. Gradio's reload mode (`gradio app.py`) re-executes app.py in a
+        thread; sharing one runtime keeps that from starting a second Triton server."""
+        if cls._shared is None:
+            cls._shared = cls()
+        return cls._shared
+
     def __init__(self, options: RuntimeOptions | None = None):
         self.options = options or RuntimeOptions()
         self.server = None  # studio.server.TritonServer when embedded
@@ -67,6 +74,7 @@ class StudioRuntime:
         self._started = False
         self._status_cache: tuple[float, dict] | None = None
         self._seen_demo: dict[str, bool] = {}  # external servers: learnt from each answer's info
+        self._last_log = ""  # the embedded server's latest progress line (downloads, model loading)
         self.jobs = JobRegistry(on_played=self._late_first_sound)
         self._stores()
 
@@ -103,9 +111,14 @@ class StudioRuntime:
             o = self.options
             self.server = TritonServer(o.data_dir, http_port=o.http_port, grpc_port=o.grpc_port, gpus=o.gpus,
                                        demo_weights=o.demo_weights, checkpoints=o.checkpoints,
-                                       no_download=o.no_download, f5_model=o.f5_model, instances=o.instances)
+                                       no_download=o.no_download, f5_model=o.f5_model, instances=o.instances,
+                                       log=self._server_log)
             self.server.start_in_background()
             return True
+
+    def _server_log(self, message: str) -> None:
+        print(f"[studio] {message}", file=sys.stderr, flush=True)
+        self._last_log = message.splitlines()[0] if message else ""
 
     def stop(self) -> None:
         with self._lock:
@@ -188,7 +201,10 @@ class StudioRuntime:
         if self.server is None:
             return out
         st = self.server.status()
-        out.update(state=st["state"], message=st.get("message", ""), device=st.get("device", "unknown"),
+        message = st.get("message", "")
+        if st["state"] == "starting" and self._last_log and self._last_log not in message:
+            message = f"{message}: {self._last_log}"  # e.g. which checkpoint file is downloading
+        out.update(state=st["state"], message=message, device=st.get("device", "unknown"),
                    runtime=st.get("runtime", "unknown"), weights=st.get("weights", {}))
         models = st.get("models", {})
         planned = getattr(self.server, "families", list(FAMILIES))

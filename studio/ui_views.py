@@ -92,8 +92,11 @@ def _fmt(value, unit: str = "", digits: int = 3) -> str:
     return f"{esc(value)}{unit}"
 
 
-def metrics_html(metrics: dict, *, seed, demo: bool | None, mode: str, status: str = "ok") -> str:
-    """One generation's numbers; each value cell carries data-metric=NAME for tools and tests."""
+def metrics_html(metrics: dict, *, seed, demo: bool | None, mode: str, status: str = "ok", job: str = "") -> str:
+    """One generation's numbers; each value cell carries data-metric=NAME for tools and tests.
+
+    `job` (the browser's stream id) lets the page's player fill in its first-sound figure when that
+    arrives after the handler answered."""
     rows = [
         ("latency_s", "Latency (request to last audio)", _fmt(metrics.get("latency_s"), " s")),
         ("first_chunk_s", "First chunk latency" + (" (offline: whole answer)" if mode == "offline" else ""),
@@ -102,6 +105,7 @@ def metrics_html(metrics: dict, *, seed, demo: bool | None, mode: str, status: s
         ("rtf", "Real-time factor (latency / audio)", _fmt(metrics.get("rtf"), "", 3)),
         ("compute_ms", "Server compute time", _fmt(metrics.get("compute_ms"), " ms", 1)),
         ("first_sound_ms", "First chunk arrival to first sound (browser)", _fmt(metrics.get("first_sound_ms"), " ms", 1)),
+        ("first_audio_ms", "Click to first chunk arrival (browser)", _fmt(metrics.get("first_audio_ms"), " ms", 0)),
         ("chunks", "Chunks received", _fmt(metrics.get("chunks"))),
         ("seed", "Seed used", _fmt(seed)),
         ("demo_weights", "Weights", "DEMO (noise)" if demo else ("real" if demo is False else "&mdash;")),
@@ -114,7 +118,8 @@ def metrics_html(metrics: dict, *, seed, demo: bool | None, mode: str, status: s
     body = "".join(f'<tr><th style="text-align:left;font-weight:normal;padding:2px 12px 2px 0">{esc(label)}</th>'
                    f'<td data-metric="{key}" style="font-variant-numeric:tabular-nums">{value}</td></tr>'
                    for key, label, value in rows)
-    return f'{head}<table class="studio-metrics" data-status="{esc(status)}">{body}</table>'
+    return (f'{head}<table class="studio-metrics" data-status="{esc(status)}" data-job="{esc(job)}">'
+            f'{body}</table>')
 
 
 HISTORY_HEADERS = ["Time (UTC)", "Model", "Mode", "Status", "Text", "Latency s", "First chunk s", "Audio s",

@@ -204,6 +204,75 @@ def test_self_check_passes_on_the_eager_path(tmp_path):
     assert fs.ready and stats["self_check_rel_err"] <= 1e-5 and "self_check_failed" not in stats
 
 
+# -- the graph protocol, with a stand-in for CUDA graphs -------------------------------------------
+
+class FakeGraph:
+    """Records the step a capture would record; replay runs it on whatever the buffers hold then."""
+
+    capturing = None
+
+    def __init__(self):
+        self.step = None
+        self.replays = 0
+
+    def replay(self):
+        self.replays += 1
+        self.step()
+
+
+class FakeCuda:
+    """Just enough of torch.cuda for FastSampler._capture_all on a CPU tensor."""
+
+    @staticmethod
+    def graph(g, pool=None, capture_error_mode=None):
+        from contextlib import contextmanager
+
+        @contextmanager
+        def ctx():
+            FakeGraph.capturing = g
+            try:
+                yield
+            finally:
+                FakeGraph.capturing = None
+        return ctx()
+
+
+def test_graph_protocol_with_a_stand_in_for_cuda_graphs(tmp_path, monkeypatch):
+    """Capture one step per bucket, then per request: load buffers, set (t0, dt), replay nfe times.
+    A stand-in graph re-runs the captured step on the live buffers, as a CUDA graph reads them."""
+    from contextlib import nullcontext
+
+    real_step = F.static_step
+
+    def recording_step(dit, v, step, cfg):
+        if FakeGraph.capturing is not None:  # a capture records work, it does not run it
+            FakeGraph.capturing.step = lambda: real_step(dit, v, step, cfg)
+            return
+        real_step(dit, v, step, cfg)
+
+    monkeypatch.setattr(F, "static_step", recording_step)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: type("S", (), {"wait_stream": lambda self, s: None})())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: type("S", (), {"wait_stream": lambda self, s: None})())
+    monkeypatch.setattr(torch.cuda, "device", lambda d: nullcontext())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda d=None: None)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", FakeCuda.graph)
+    dit = tiny_dit(tmp_path)
+    fs = F.FastSampler(dit, small_options(self_check=True))
+    fs.use_graphs, fs.mode = True, "graph"
+    stats = fs.warmup()
+    assert stats["graphs"] == 3 * 4 and "capture_errors" not in stats and fs.ready
+    assert stats["self_check_rel_err"] <= 1e-5
+    args = batch([100, 70, 33], [30, 20, 10])
+    graph = fs._graphs[(4, 128)]
+    before = graph.replays
+    out = fs.sample(dit, *args, 8, 2.0, -1.0)
+    assert graph.replays - before == 8
+    assert (out - sample(dit, *args, 8, 2.0, -1.0)).abs().max() <= SAME_AUDIO
+
+
 # -- the compile plumbing (cheap backend on CPU) ---------------------------------------------------
 
 def test_regional_compile_traces_once_for_every_bucket(tmp_path):

@@ -410,9 +410,10 @@ def test_handlers_generate_export_and_voices(rt):
     from studio.ui import Handlers
 
     h = Handlers(rt, autostart=False)
-    audio, html, picture, download, record_id, seed = h.clone(
+    audio, html, download, record_id, seed = h.clone(
         str(PROMPT), "The quiet harbour wakes up.", "Hello there.", "f5", "offline", 16, 2.0, -1.0, 1.0,
         0.8, 50, 0.95, 3000, 5, "mp3", "sample:en_female", "")
+    picture = h.picture(record_id)
     assert seed == 5 and Path(audio).is_file() and Path(picture).is_file()
     assert 'data-metric="latency_s"' in html
     assert ".mp3" in str(download.value) and download.visible
@@ -466,3 +467,15 @@ def test_importing_app_starts_nothing():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           cwd=Path(__file__).resolve().parent.parent)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
+
+
+def test_queue_limits_generations_but_not_the_light_events(tmp_path):
+    from studio.ui import GENERATE_CONCURRENCY, LIGHT_CONCURRENCY, build_demo
+
+    demo = build_demo(FakeRuntime(tmp_path), autostart=False)
+    fns = {f.api_name: f for f in demo.fns.values()}
+    for name in ("clone", "create_voice"):
+        assert fns[name].concurrency_limit == GENERATE_CONCURRENCY and fns[name].concurrency_id == "generate"
+    stops = [f for f in demo.fns.values() if getattr(f.fn, "__name__", "") == "stop"]
+    assert len(stops) == 2 and all(f.concurrency_limit is None for f in stops), "Stop never waits behind generations"
+    assert demo._queue.default_concurrency_limit == LIGHT_CONCURRENCY

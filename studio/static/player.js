@@ -79,6 +79,14 @@
     }, METER_MS);
   }
 
+  // The handler's metrics table may arrive before this page measured its first sound: fill it in.
+  function fill(key) {
+    const s = sessions[key];
+    if (!s || s.firstSoundMs === null) return;
+    const cell = document.querySelector(`#${key}-metrics table[data-job="${s.id}"] [data-metric="first_sound_ms"]`);
+    if (cell && !/\d/.test(cell.textContent)) cell.textContent = `${s.firstSoundMs.toFixed(1)} ms`;
+  }
+
   function report(s) {
     fetch(api(`stream/${s.id}/played`), {
       method: 'POST', headers: { 'Content-Type': 'application/json' },
@@ -109,6 +117,7 @@
       s.played = true;
       if (s.state === 'streaming') show(s, `Playing \u00b7 ${summary(s)}`, 'playing');
       report(s);
+      fill(s.key);
     }, POLL_MS);
   }
 
@@ -239,5 +248,5 @@
              ended: s.ended, contextState: ctx ? ctx.state : null };
   }
 
-  window.studioPlayer = { begin, stop, stats };
+  window.studioPlayer = { begin, stop, stats, fill };
 })();

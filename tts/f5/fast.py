@@ -33,6 +33,7 @@ Shapes: B batch, T mel frames (93.75 per second), C mel channels (100).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -70,6 +71,7 @@ SELF_CHECK_NFE = 4
 DATA_DIR_ENV = "STUDIO_DATA_DIR"
 DEFAULT_DATA_DIR = "~/.cache/voice-studio"  # same default as studio.config (tts never imports studio)
 CACHE_SUBDIR = "compile-cache"
+WARMUP_LOG_PREFIX = "warmup done:"  # followed by the stats as JSON (tools/gpu_summary.py reads the server log)
 
 
 @dataclass(frozen=True)
@@ -255,8 +257,9 @@ class FastSampler:
         self.use_graphs = self.device.type == "cuda" and self.mode in ("graph", "compile")
         self.log = log or (lambda msg: print(f"[f5-fast] {msg}", file=sys.stderr, flush=True))
         cfg = dit.cfg
-        self.buffers = StaticBuffers(max(options.batch_buckets), max(options.length_buckets), cfg.mel_dim,
-                                     cfg.text_dim, dit.dtype, self.device)
+        with torch.inference_mode(False):  # normal tensors even if built under inference mode (see step_context)
+            self.buffers = StaticBuffers(max(options.batch_buckets), max(options.length_buckets), cfg.mel_dim,
+                                         cfg.text_dim, dit.dtype, self.device)
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._tables: dict[tuple[int, float | None, bool], Tensor] = {}
         self._compiled = False
@@ -305,7 +308,7 @@ class FastSampler:
         if self.options.self_check:
             self._self_check(stats)
         stats["warmup_s"] = round(time.perf_counter() - t_start, 2)
-        self.log(f"warmup done: {stats}")
+        self.log(f"{WARMUP_LOG_PREFIX} {json.dumps(stats)}")
         return stats
 
     @torch.no_grad()
@@ -426,22 +429,33 @@ class FastSampler:
         self._compiled = False
 
     def _capture_all(self, buckets: list[tuple[int, int]]) -> None:
+        """One graph per bucket, largest first, all in one memory pool (no tensor outlives a capture,
+        and graphs never run at once, so they can share it). A bucket whose capture fails is logged
+        and runs its step uncaptured (correct, slower)."""
         dev = self.device
         pool = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream(device=dev)
+        errors: dict[str, str] = {}
         with torch.cuda.device(dev), step_context():
             for b, t in buckets:
                 v = self.buffers.views(b, t)
                 self._fill_dummy(v)
-                side.wait_stream(torch.cuda.current_stream(dev))
-                with torch.cuda.stream(side):  # warm-up off the capture: lazy inits, autotuning, cuBLAS
-                    static_step(self.dit, v, self.buffers.step, self.buffers.cfg)
-                torch.cuda.current_stream(dev).wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-                    static_step(self.dit, v, self.buffers.step, self.buffers.cfg)
-                self._graphs[(b, t)] = graph
+                try:
+                    side.wait_stream(torch.cuda.current_stream(dev))
+                    with torch.cuda.stream(side):  # warm-up off the capture: lazy inits, autotuning, cuBLAS
+                        static_step(self.dit, v, self.buffers.step, self.buffers.cfg)
+                    torch.cuda.current_stream(dev).wait_stream(side)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                        static_step(self.dit, v, self.buffers.step, self.buffers.cfg)
+                    self._graphs[(b, t)] = graph
+                except Exception as exc:  # noqa: BLE001 - keep the other buckets
+                    errors[f"{b}x{t}"] = f"{type(exc).__name__}: {exc}"[:500]
+                    torch.cuda.synchronize(dev)
             torch.cuda.synchronize(dev)
+        if errors:
+            self.stats["capture_errors"] = errors
+            self.log(f"{len(errors)} bucket(s) not captured (they run uncaptured): {errors}")
 
     def _self_check(self, stats: dict) -> None:
         """One small batch through the fast path and through the eager sampler; a mismatch (or a

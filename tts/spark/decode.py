@@ -80,9 +80,11 @@ def sample_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
             logits[r, list(s.end_ids)] = float("-inf")
     out = [0] * len(seqs)
     sampled = [r for r, s in enumerate(seqs) if not s.params.greedy]
-    for r, s in enumerate(seqs):
-        if s.params.greedy:
-            out[r] = int(torch.argmax(logits[r]))
+    greedy = [r for r, s in enumerate(seqs) if s.params.greedy]
+    if greedy:  # one device sync for all greedy rows
+        picks = logits[torch.tensor(greedy, device=logits.device)].argmax(dim=-1).tolist()
+        for r, tok in zip(greedy, picks):
+            out[r] = int(tok)
     if not sampled:
         return out
     rows = torch.tensor(sampled, device=logits.device)

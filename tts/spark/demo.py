@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -61,16 +62,57 @@ DEMO_BICODEC = {
                 "out_channels": 16, "use_tanh_at_final": False},
 }
 
-#: Demo embedding rows are small random vectors; every semantic-token row also gets one shared unit
-#: vector, so the random LLM mostly continues semantic tokens with semantic tokens (varied noise
-#: rather than a loop on one text token). It rarely writes an end token: demo generations usually
-#: run to max_new_tokens.
-DEMO_EMBED_STD = 0.2
+#: Demo embedding rows are small random vectors (std 0.3). Layer 0's value bias is made large, so
+#: attention adds one constant vector to every position; every semantic-token row gets that vector's
+#: direction added. The random LLM then writes (varied) semantic tokens after any prompt instead of
+#: looping on a text token. It practically never writes an end token or the 32 global tokens of
+#: voice creation: demo generations run to max_new_tokens, and created voices use the fallback.
+DEMO_EMBED_STD = 0.3
+DEMO_VALUE_BIAS_STD = 0.5
 
 DEMO_LLM = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
             "num_key_value_heads": 2, "max_position_embeddings": 32768, "rope_theta": 1000000.0,
             "rms_norm_eps": 1e-6, "tie_word_embeddings": True, "use_sliding_window": False,
             "sliding_window": 32768, "max_window_layers": 2, "hidden_act": "silu"}
+
+DEMO_W2V = {"hidden_size": W2V_HIDDEN, "num_hidden_layers": W2V_LAYERS, "num_attention_heads": 2,
+            "intermediate_size": 32, "conv_dim": (16,) * 7, "num_conv_pos_embeddings": 16,
+            "num_conv_pos_embedding_groups": 4}
+
+#: The published architectures (BiCodec/config.yaml, LLM/config.json, wav2vec2-large-xlsr-53/config.json),
+#: for random full-size checkpoints (speed measurements; tests/data/spark_manifest.json guards the names).
+FULL_BICODEC = {
+    "mel_params": DEMO_BICODEC["mel_params"],
+    "encoder": {"input_channels": 1024, "vocos_dim": 384, "vocos_intermediate_dim": 2048, "vocos_num_layers": 12,
+                "out_channels": 1024, "sample_ratios": [1, 1]},
+    "decoder": {"input_channel": 1024, "channels": 1536, "rates": [8, 5, 4, 2], "kernel_sizes": [16, 11, 8, 4]},
+    "quantizer": {"input_dim": 1024, "codebook_size": SEMANTIC_CODEBOOK, "codebook_dim": 8, "commitment": 0.25},
+    "speaker_encoder": {"input_dim": 128, "out_dim": 1024, "latent_dim": 128, "token_num": 32,
+                        "fsq_levels": [4, 4, 4, 4, 4, 4], "fsq_num_quantizers": 1},
+    "prenet": {"input_channels": 1024, "vocos_dim": 384, "vocos_intermediate_dim": 2048, "vocos_num_layers": 12,
+               "out_channels": 1024, "condition_dim": 1024, "sample_ratios": [1, 1], "use_tanh_at_final": False},
+    "postnet": {"input_channels": 1024, "vocos_dim": 384, "vocos_intermediate_dim": 2048, "vocos_num_layers": 6,
+                "out_channels": 1024, "use_tanh_at_final": False},
+}
+FULL_LLM = {**DEMO_LLM, "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+            "num_attention_heads": 14, "num_key_value_heads": 2, "max_window_layers": 21}
+FULL_LLM_VOCAB = 166000
+FULL_W2V = {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "intermediate_size": 4096,
+            "conv_dim": (512,) * 7, "num_conv_pos_embeddings": 128, "num_conv_pos_embedding_groups": 16}
+
+
+@dataclass(frozen=True)
+class CheckpointSize:
+    """Architecture of a random checkpoint: the tiny demo, or the published sizes."""
+
+    bicodec: dict
+    llm: dict
+    wav2vec2: dict
+    llm_vocab: int | None = None  # None: the tokenizer's size rounded up to 64
+
+
+DEMO_SIZE = CheckpointSize(DEMO_BICODEC, DEMO_LLM, DEMO_W2V)
+FULL_SIZE = CheckpointSize(FULL_BICODEC, FULL_LLM, FULL_W2V, FULL_LLM_VOCAB)
 
 
 def _fill(shapes: dict[str, torch.Size], gen: torch.Generator, rules) -> dict[str, torch.Tensor]:
@@ -119,16 +161,17 @@ def _bicodec_rules(name: str, shape, gen):
     return None
 
 
-def write_bicodec(folder: Path, gen: torch.Generator) -> BiCodecConfig:
+def write_bicodec(folder: Path, gen: torch.Generator, arch: dict = DEMO_BICODEC) -> BiCodecConfig:
     import yaml
     from safetensors.torch import save_file
 
     from tts.spark.bicodec import BiCodec
 
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.yaml").write_text(yaml.safe_dump({"audio_tokenizer": DEMO_BICODEC}, sort_keys=False))
-    cfg = BiCodecConfig.from_dict(DEMO_BICODEC)
-    shapes = {k: v.shape for k, v in BiCodec(cfg).state_dict().items()}
+    (folder / "config.yaml").write_text(yaml.safe_dump({"audio_tokenizer": arch}, sort_keys=False))
+    cfg = BiCodecConfig.from_dict(arch)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in BiCodec(cfg).state_dict().items()}
     save_file(_fill(shapes, gen, _bicodec_rules), str(folder / "model.safetensors"), metadata={"format": "pt"})
     return cfg
 
@@ -144,15 +187,14 @@ def _wav2vec2_rules(name: str, shape, gen):
     return None
 
 
-def write_wav2vec2(folder: Path, gen: torch.Generator) -> None:
+def write_wav2vec2(folder: Path, gen: torch.Generator, arch: dict = DEMO_W2V) -> None:
     from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
     folder.mkdir(parents=True, exist_ok=True)
-    cfg = Wav2Vec2Config(hidden_size=W2V_HIDDEN, num_hidden_layers=W2V_LAYERS, num_attention_heads=2,
-                         intermediate_size=32, conv_dim=(16,) * 7, conv_stride=(5, 2, 2, 2, 2, 2, 2),
-                         conv_kernel=(10, 3, 3, 3, 3, 2, 2), conv_bias=True, feat_extract_norm="layer",
-                         do_stable_layer_norm=True, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
-                         mask_time_prob=0.075, architectures=["Wav2Vec2ForPreTraining"])
+    # xlsr-53's conv stack (stride 320 = 50 frames/s), layer-norm variant, as in its published config
+    cfg = Wav2Vec2Config(conv_stride=(5, 2, 2, 2, 2, 2, 2), conv_kernel=(10, 3, 3, 3, 3, 2, 2), conv_bias=True,
+                         feat_extract_norm="layer", do_stable_layer_norm=True, mask_time_prob=0.075,
+                         architectures=["Wav2Vec2ForPreTraining"], **arch)
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in Wav2Vec2Model(cfg).state_dict().items()}
     state = _fill(shapes, gen, _wav2vec2_rules)
@@ -224,35 +266,45 @@ def _llm_rules(name: str, shape, gen):
     return None
 
 
-def write_llm(folder: Path, gen: torch.Generator) -> None:
+def write_llm(folder: Path, gen: torch.Generator, arch: dict = DEMO_LLM, vocab_size: int | None = None) -> None:
     from safetensors.torch import save_file
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     n_tokens, added = write_tokenizer(folder)
-    vocab_size = (n_tokens + 63) // 64 * 64  # padded like the published 166000-row embedding
+    vocab_size = vocab_size or (n_tokens + 63) // 64 * 64  # padded like the published 166000-row embedding
+    if vocab_size < n_tokens:
+        raise ValueError(f"vocab_size {vocab_size} is smaller than the tokenizer ({n_tokens} tokens)")
     cfg = Qwen2Config(vocab_size=vocab_size, bos_token_id=added["<|endoftext|>"],
-                      eos_token_id=added["<|im_end|>"], architectures=["Qwen2ForCausalLM"], **DEMO_LLM)
+                      eos_token_id=added["<|im_end|>"], architectures=["Qwen2ForCausalLM"], **arch)
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in Qwen2ForCausalLM(cfg).state_dict().items()}
     shapes.pop("lm_head.weight", None)  # tied to the embedding, not stored (as published)
     state = _fill(shapes, gen, _llm_rules)
-    direction = torch.randn(cfg.hidden_size, generator=gen)
+    value_bias = DEMO_VALUE_BIAS_STD * torch.randn(state["model.layers.0.self_attn.v_proj.bias"].shape, generator=gen)
+    state["model.layers.0.self_attn.v_proj.bias"] = value_bias
+    # what attention adds at every position: each query head reads its key/value head's bias
+    n_rep = cfg.num_attention_heads // cfg.num_key_value_heads
+    offset = state["model.layers.0.self_attn.o_proj.weight"] @ value_bias.view(cfg.num_key_value_heads, -1) \
+        .repeat_interleave(n_rep, dim=0).reshape(-1)
     semantic = [added[prompts.semantic_token(i)] for i in range(SEMANTIC_CODEBOOK)]
-    state["model.embed_tokens.weight"][semantic] += direction / direction.norm()
+    state["model.embed_tokens.weight"][semantic] += offset / offset.norm()
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     cfg.to_json_file(str(folder / "config.json"))
 
 
-def write_demo_checkpoint(folder: str | Path, seed: int = 0) -> Path:
-    """Write the demo `Spark-TTS-0.5B/` into `folder` (created); returns it."""
+def write_demo_checkpoint(folder: str | Path, seed: int = 0, size: CheckpointSize = DEMO_SIZE) -> Path:
+    """Write the demo `Spark-TTS-0.5B/` into `folder` (created); returns it.
+
+    `size=FULL_SIZE` writes random weights at the published sizes instead (about 4 GB; speed runs).
+    """
     import yaml
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.yaml").write_text(yaml.safe_dump(TOP_CONFIG, sort_keys=False))
-    write_bicodec(folder / "BiCodec", torch.Generator().manual_seed(seed))
-    write_llm(folder / "LLM", torch.Generator().manual_seed(seed + 1))
-    write_wav2vec2(folder / "wav2vec2-large-xlsr-53", torch.Generator().manual_seed(seed + 2))
-    (folder / "README.md").write_text("Spark-TTS demo weights: tiny random models in the published layout. "
+    write_bicodec(folder / "BiCodec", torch.Generator().manual_seed(seed), size.bicodec)
+    write_llm(folder / "LLM", torch.Generator().manual_seed(seed + 1), size.llm, size.llm_vocab)
+    write_wav2vec2(folder / "wav2vec2-large-xlsr-53", torch.Generator().manual_seed(seed + 2), size.wav2vec2)
+    (folder / "README.md").write_text("Spark-TTS demo weights: random models in the published layout. "
                                       "They produce noise.\n")
     return folder

@@ -28,6 +28,7 @@ import torch
 from tts.spark.audio_tokenizer import SparkAudioTokenizer
 from tts.spark.config import SAMPLES_PER_TOKEN, load_spark_config
 from tts.spark.llm import load_llm
+from tts.spark.reference import as_mono
 from tts.spark.request import SparkChunk, SparkRequest, SparkResult
 from tts.spark.session import ReferenceTokens, RequestState
 from tts.spark.text_split import MAX_SEGMENT_WEIGHT, split_text
@@ -108,7 +109,7 @@ class SparkPipeline:
     def reference_tokens(self, wav, use_cache: bool = True, volume_normalize: bool | None = None) -> ReferenceTokens:
         """Tokenize a 16 kHz reference clip (or take it from the prompt cache)."""
         normalize = self.config.top.volume_normalize if volume_normalize is None else bool(volume_normalize)
-        wav = np.asarray(wav, dtype=np.float32).reshape(-1)
+        wav = as_mono(wav)
         key = PromptCache.key(wav, normalize)
         if use_cache:
             hit = self.prompt_cache.get(key)

@@ -68,14 +68,19 @@ def speaker_segment(wav: np.ndarray, length: int) -> np.ndarray:
     return wav[:length]
 
 
+def as_mono(wav) -> np.ndarray:
+    """float32 [S]; a [1, S] or [S, 1] array is accepted, anything else with more channels is refused."""
+    wav = np.asarray(wav, dtype=np.float32)
+    if wav.ndim == 2 and 1 in wav.shape:
+        wav = wav.reshape(-1)
+    if wav.ndim != 1:
+        raise ValueError(f"the reference must be mono 16 kHz samples; got an array of shape {wav.shape}")
+    return wav
+
+
 def prepare_clip(wav, top: SparkTopConfig, volume_normalize_clip: bool | None = None) -> PreparedClip:
     """Check and prepare a 16 kHz mono clip; raises ValueError with an actionable message."""
-    wav = np.asarray(wav, dtype=np.float32)
-    if wav.ndim != 1:
-        if wav.ndim == 2 and 1 in wav.shape:
-            wav = wav.reshape(-1)
-        else:
-            raise ValueError(f"the reference must be mono 16 kHz samples; got an array of shape {wav.shape}")
+    wav = as_mono(wav)
     if not np.all(np.isfinite(wav)):
         raise ValueError("the reference audio contains NaN or infinite samples")
     seconds = len(wav) / SAMPLE_RATE

@@ -21,6 +21,12 @@ from tts.spark.streaming import OFFLINE_PLAN, STREAM_PLAN, TokenChunker
 from tts.spark.tokenizer import SparkTokenizer
 
 
+#: Voice creation whose LLM wrote no global tokens (never seen with the real weights; the demo LLM
+#: does it) falls back to this token repeated: FSQ code 2730 = digits (2, 2, 2, 2, 2, 2), the
+#: middle level of every dimension.
+FALLBACK_GLOBAL_TOKEN = 2730
+
+
 @dataclass
 class ReferenceTokens:
     """A tokenized reference clip (what the prompt cache keeps)."""
@@ -49,7 +55,6 @@ class RequestState:
         self.chunker = TokenChunker(STREAM_PLAN if request.streaming else OFFLINE_PLAN)
         self.segment = -1  # index of the segment being generated
         self.generated_globals: list[int] = []
-        self.pending_semantic: list[int] = []  # semantic tokens generated before the voice was known
         self.tokens = 0  # LLM tokens generated (end tokens excluded), all segments
         self.semantic_count = 0
         self.prompt_tokens = 0
@@ -94,9 +99,8 @@ class RequestState:
         if 0 <= token < len(tok.semantic_of) and tok.semantic_of[token] >= 0:
             self.semantic_count += 1
             s = int(tok.semantic_of[token])
-            if self.global_tokens is None:
-                self.pending_semantic.append(s)
-                return []
+            if self.global_tokens is None:  # the voice ends where the speech begins
+                return self._complete_voice() + self.chunker.push([s])
             return self.chunker.push([s])
         if self.global_tokens is None and 0 <= token < len(tok.global_of) and tok.global_of[token] >= 0:
             self.generated_globals.append(int(tok.global_of[token]))
@@ -106,8 +110,7 @@ class RequestState:
 
     def _voice_ready(self) -> list[np.ndarray]:
         self.global_tokens = np.asarray(self.generated_globals[:GLOBAL_TOKENS], dtype=np.int64)
-        pending, self.pending_semantic = self.pending_semantic, []
-        return self.chunker.push(pending) if pending else []
+        return []
 
     def end_segment(self, seq: Sequence) -> list[np.ndarray]:
         """A segment's LLM call finished; in voice creation the voice must be complete by now."""
@@ -117,11 +120,18 @@ class RequestState:
             self.notes.append(f"segment {self.segment + 1} stopped at the decoder's context limit")
         if self.global_tokens is not None:
             return []
+        return self._complete_voice()
+
+    def _complete_voice(self) -> list[np.ndarray]:
+        """Fix the created voice from the global tokens written so far (32 normally)."""
         got = len(self.generated_globals)
         if got == 0:
-            raise ValueError("the model wrote no speaker (global) tokens for the created voice; try another seed")
-        self.notes.append(f"the model wrote {got} of {GLOBAL_TOKENS} speaker tokens; they were repeated")
-        self.generated_globals = [self.generated_globals[i % got] for i in range(GLOBAL_TOKENS)]
+            self.notes.append(f"the model wrote no speaker tokens; a fallback voice (global tokens "
+                              f"{FALLBACK_GLOBAL_TOKEN}) was used")
+            self.generated_globals = [FALLBACK_GLOBAL_TOKEN] * GLOBAL_TOKENS
+        else:
+            self.notes.append(f"the model wrote {got} of {GLOBAL_TOKENS} speaker tokens; they were repeated")
+            self.generated_globals = [self.generated_globals[i % got] for i in range(GLOBAL_TOKENS)]
         return self._voice_ready()
 
     def finish(self) -> np.ndarray | None:

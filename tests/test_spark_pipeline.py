@@ -1,0 +1,193 @@
+"""Spark pipeline and engine on the demo checkpoint: tokenizer shapes, streaming, long text, batching, errors."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from tests.test_spark_fixtures import noise_clip, spark_dir, spark_pipeline  # noqa: F401 - fixtures
+from tts.spark.config import GLOBAL_TOKENS, SAMPLES_PER_TOKEN
+from tts.spark.request import SparkOptions, SparkRequest
+
+GREEDY = dict(top_k=1, seed=0)
+
+
+def _greedy(n: int, **kw) -> SparkOptions:
+    return SparkOptions(max_new_tokens=n, **{**GREEDY, **kw})
+
+
+def test_tokenize_and_detokenize_shapes(spark_pipeline):
+    codec = spark_pipeline.codec
+    for seconds in (0.5, 2.0, 7.0):  # shorter than, and longer than, the 6 s speaker segment
+        g, s = codec.tokenize(noise_clip(seconds))
+        assert g.shape == (GLOBAL_TOKENS,) and g.dtype == np.int64 and 0 <= g.min() and g.max() < 4096
+        assert abs(len(s) - seconds * 50) <= 2 and 0 <= s.min() and s.max() < 8192
+        wav = codec.detokenize(g, s)
+        assert wav.dtype == np.float32 and wav.shape == (len(s) * SAMPLES_PER_TOKEN,)
+        assert 0.01 < float(wav.std()) and float(np.abs(wav).max()) <= 1.0
+
+
+def test_tokenize_is_deterministic_and_the_prompt_cache_hits(spark_pipeline):
+    clip = noise_clip(2.5, seed=5)
+    a = spark_pipeline.reference_tokens(clip, use_cache=False)
+    b = spark_pipeline.reference_tokens(clip)
+    c = spark_pipeline.reference_tokens(clip, use_cache=False)
+    assert not a.cache_hit and b.cache_hit and not c.cache_hit
+    assert np.array_equal(a.global_tokens, b.global_tokens) and np.array_equal(a.semantic_tokens, c.semantic_tokens)
+
+
+def test_long_reference_is_clipped_with_a_note(spark_pipeline):
+    ref = spark_pipeline.reference_tokens(noise_clip(31.0, seed=2), use_cache=False)
+    assert ref.seconds == pytest.approx(30.0)
+    assert any("clipped" in n for n in ref.notes)
+    assert abs(len(ref.semantic_tokens) - 1500) <= 2
+
+
+def test_offline_clone_length_is_320_samples_per_token(spark_pipeline):
+    r = spark_pipeline.synthesize(SparkRequest("Hello there.", noise_clip(2.0), "A reference.", options=_greedy(60)))
+    assert r.info["semantic_tokens"] == 60 and len(r.wav) == 60 * SAMPLES_PER_TOKEN
+    assert r.info["final"] and r.info["demo_weights"] and r.info["seed"] == 0
+    for key in ("sample_rate", "compute_ms", "chunk_index", "overlap_samples", "tokens", "prefill_ms", "decode_ms"):
+        assert key in r.info
+
+
+def test_streaming_chunks_join_to_the_offline_length(spark_pipeline):
+    from tts.audio import join_chunks
+
+    n = 500
+    req = dict(text="Streaming test sentence.", reference_wav=noise_clip(2.0, seed=3), reference_text="Ref.")
+    offline = spark_pipeline.synthesize(SparkRequest(**req, options=_greedy(n)))
+    chunks = list(spark_pipeline.stream(SparkRequest(**req, options=_greedy(n), streaming=True)))
+    # upstream's plan: 50 tokens, then 50 * 8 = 400 (5 of them overlapping), then the rest
+    sizes = [len(c.wav) // SAMPLES_PER_TOKEN for c in chunks]
+    assert sizes == [50, 400, n - 440]  # tokens 0-49, 45-444, 440-499
+    assert [c.overlap_samples for c in chunks] == [0, 5 * SAMPLES_PER_TOKEN, 5 * SAMPLES_PER_TOKEN]
+    assert [c.final for c in chunks] == [False, False, True] and [c.index for c in chunks] == [0, 1, 2]
+    joined = join_chunks([c.wav for c in chunks], [c.overlap_samples for c in chunks])
+    assert abs(len(joined) - len(offline.wav)) <= 5 * SAMPLES_PER_TOKEN
+    assert len(joined) == n * SAMPLES_PER_TOKEN == len(offline.wav)
+    # the first chunk is the first second of the same tokens (vocoded on its own)
+    assert chunks[0].info["tokens"] >= 50 and chunks[-1].info["tokens"] == n
+
+
+def test_clone_without_transcript_uses_the_short_prompt(spark_pipeline):
+    state = spark_pipeline.prepare(SparkRequest("Hi.", noise_clip(1.0), "", options=_greedy(5)))
+    prompt = state.prompt(0)
+    assert prompt.endswith("<|end_global_token|>") and "bicodec_semantic" not in prompt
+    with_text = spark_pipeline.prepare(SparkRequest("Hi.", noise_clip(1.0), "Ref.", options=_greedy(5)))
+    assert with_text.prompt(0).count("bicodec_semantic") == len(with_text.reference.semantic_tokens)
+
+
+def test_long_text_is_generated_in_segments_with_one_voice(spark_pipeline):
+    text = " ".join(f"This is sentence number {i} of a long text that goes on." for i in range(12))
+    r = spark_pipeline.synthesize(SparkRequest(text, noise_clip(1.5), "Ref.", options=_greedy(20)))
+    segments = r.info["segments"]
+    assert segments >= 2 and r.info["semantic_tokens"] == 20 * segments
+    assert len(r.wav) == 20 * segments * SAMPLES_PER_TOKEN
+    state = spark_pipeline.prepare(SparkRequest(text, noise_clip(1.5), "Ref.", options=_greedy(20)))
+    globals_part = [p[p.index("<|start_global_token|>"):p.index("<|end_global_token|>")]
+                    for p in (state.prompt(i) for i in range(len(state.segments)))]
+    assert len(set(globals_part)) == 1
+    assert "".join(state.segments).replace(" ", "") == text.replace(" ", "")
+
+
+def test_voice_creation_runs(spark_pipeline):
+    req = SparkRequest("Create a voice.", gender="female", pitch_level="high", speed_level="low", options=_greedy(40))
+    state = spark_pipeline.prepare(req)
+    assert state.prompt(0).startswith("<|task_controllable_tts|>")
+    r = spark_pipeline.synthesize(req)
+    assert r.info["mode"] == "voice_creation" and len(r.wav) == r.info["semantic_tokens"] * SAMPLES_PER_TOKEN
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(text="  "), "target_text"),
+    (dict(options=SparkOptions(temperature=-1)), "temperature"),
+    (dict(options=SparkOptions(top_p=0.0)), "top_p"),
+    (dict(options=SparkOptions(min_new_tokens=10, max_new_tokens=5)), "min_new_tokens"),
+    (dict(reference_wav=None), "reference clip"),
+    (dict(gender="male"), "takes no reference"),
+])
+def test_bad_requests_are_refused_with_a_message(spark_pipeline, kwargs, match):
+    base = dict(text="Hello.", reference_wav=noise_clip(1.0), reference_text="")
+    with pytest.raises(ValueError, match=match):
+        spark_pipeline.prepare(SparkRequest(**{**base, **kwargs}))
+
+
+def test_bad_reference_audio_is_refused(spark_pipeline):
+    with pytest.raises(ValueError, match="at least"):
+        spark_pipeline.prepare(SparkRequest("Hi.", np.zeros(100, np.float32)))
+    with pytest.raises(ValueError, match="NaN"):
+        spark_pipeline.prepare(SparkRequest("Hi.", np.full(16000, np.nan, np.float32)))
+    with pytest.raises(ValueError, match="mono"):
+        spark_pipeline.prepare(SparkRequest("Hi.", np.zeros((2, 16000), np.float32)))
+
+
+def test_engine_batches_requests_and_matches_solo_audio(spark_pipeline):
+    from tts.spark.engine import SparkEngine
+
+    reqs = [SparkRequest(f"Request number {i}.", noise_clip(1.0 + i * 0.5, seed=i), "Ref." if i % 2 else "",
+                         options=_greedy(40 + 25 * i), streaming=bool(i % 2)) for i in range(4)]
+    solo = [spark_pipeline.synthesize(r) for r in reqs]
+    engine = SparkEngine(spark_pipeline, max_batch_size=3)
+    seen = []
+    try:
+        sampler = threading.Event()
+
+        def watch():
+            while not sampler.is_set():
+                seen.append(engine.running_batch_size)
+                sampler.wait(0.002)
+
+        t = threading.Thread(target=watch)
+        t.start()
+        handles = [engine.submit(r) for r in reqs]
+        results = [h.result(timeout=120) for h in handles]
+        sampler.set()
+        t.join()
+    finally:
+        engine.close()
+    assert max(seen) >= 2  # requests really ran together (at most 3 slots)
+    for got, ref in zip(results, solo):
+        assert got.info["tokens"] == ref.info["tokens"]
+        assert len(got.wav) == len(ref.wav)
+        assert np.max(np.abs(got.wav - ref.wav)) <= 1e-4
+
+
+def test_engine_cancel_and_callbacks(spark_pipeline):
+    from tts.spark.engine import SparkCancelled, SparkEngine
+
+    engine = SparkEngine(spark_pipeline, max_batch_size=2)
+    try:
+        events = []
+        done = threading.Event()
+
+        def callback(ev):
+            events.append(ev)
+            if isinstance(ev, BaseException) or ev.final:
+                done.set()
+
+        long_req = SparkRequest("A long one.", noise_clip(1.0), options=_greedy(900), streaming=True,
+                                request_id="long-1")
+        handle = engine.submit(long_req, callback=callback)
+        with pytest.raises(ValueError, match="already running"):
+            engine.submit(SparkRequest("dup", noise_clip(1.0), request_id="long-1"))
+        for _ in range(2000):  # wait for the first chunk (50 tokens), then cancel mid-generation
+            if events:
+                break
+            threading.Event().wait(0.01)
+        assert events and engine.cancel("long-1")
+        assert done.wait(60)
+        assert isinstance(events[-1], SparkCancelled) and handle.cancelled
+        assert not engine.cancel("long-1")  # already gone
+        # the engine goes on serving
+        r = engine.submit(SparkRequest("After.", noise_clip(1.0), options=_greedy(10))).result(timeout=60)
+        assert len(r.wav) == 10 * SAMPLES_PER_TOKEN
+        with pytest.raises(ValueError, match="temperature"):
+            engine.submit(SparkRequest("x", noise_clip(1.0), options=SparkOptions(temperature=99)))
+        # a request whose reference is unusable fails alone, with the message
+        with pytest.raises(ValueError, match="at least"):
+            engine.submit(SparkRequest("x", np.zeros(10, np.float32))).result(timeout=60)
+    finally:
+        engine.close()

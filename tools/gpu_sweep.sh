@@ -1,0 +1,157 @@
+#!/usr/bin/env bash
+# F5 speed sweep (issue 5): one command on the GPU machine, about 6-8 minutes on an H100.
+#
+#   bash tools/gpu_sweep.sh           # GPU machine, repo copy as cwd; results land in $OUT
+#   bash tools/gpu_sweep.sh --tiny    # CPU dry run: tiny checkpoints, few requests (tests the plumbing)
+#
+# Stages (each with its own time limit; a failed stage is logged and the sweep goes on):
+#   0. install the carried wheels (.whl/*.whl) into this interpreter, so the Triton stub sees them
+#   a. full-size random-weight checkpoints (F5TTS_v1_Base, 2545-line vocab, full Vocos), real layout
+#   b. micro-benchmarks: DiT step eager vs fast (graph, compile), whole sample at 16/32 NFE, b1/b8
+#   c. the fast server (STUDIO_F5_FAST unset = compile + graphs): start-up time, then
+#      `python -m studio bench` offline c=1,2,4,8 and streaming c=1,2,4,8 (16 NFE, 16 requests),
+#      offline 32 NFE c=1,8, offline cold prompt cache c=1
+#   d. the eager server (STUDIO_F5_FAST=0): start-up, offline 16 NFE c=1,8
+#   e. summary: $OUT/summary.md (tables for BENCHMARKS.md + target checks), $OUT/summary.json,
+#      $OUT/results.tgz (every JSON, log and plot), $OUT/sweep.log
+# Environment: OUT (default ./sweep-out), SWEEP_WORK (scratch, default /tmp/f5-sweep),
+# SWEEP_BUDGET_S (skip optional stages once this much wall time is spent; default 500), PYTHON.
+set -uo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+TINY=0
+[[ "${1:-}" == "--tiny" ]] && TINY=1
+OUT=${OUT:-$ROOT/sweep-out}
+WORK=${SWEEP_WORK:-/tmp/f5-sweep}
+RES=$WORK/results
+CK=$WORK/ckpt
+PY=${PYTHON:-python3}
+BUDGET=${SWEEP_BUDGET_S:-500}
+HTTP_PORT=${SWEEP_HTTP_PORT:-18000}
+GRPC_PORT=${SWEEP_GRPC_PORT:-18001}
+mkdir -p "$OUT" "$RES"
+export STUDIO_DATA_DIR=$WORK/data HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+unset STUDIO_F5_FAST
+LOG=$OUT/sweep.log
+: >"$LOG"
+T0=$SECONDS
+SERVE_PID=""
+
+say() { printf '== [%4ds] %s\n' $((SECONDS - T0)) "$*" | tee -a "$LOG"; }
+
+# run LIMIT_S NAME CMD...: output to $RES/NAME.log, its tail to the sweep log; never stops the sweep
+run() {
+  local limit=$1 name=$2
+  shift 2
+  say "$name: $*"
+  timeout --kill-after=20 "$limit" "$@" >"$RES/$name.log" 2>&1
+  local rc=$?
+  tail -n 15 "$RES/$name.log" | tee -a "$LOG"
+  if [[ $rc -ne 0 ]]; then say "$name FAILED (exit $rc)"; fi
+  return 0
+}
+
+# time_left NEED_S: true while NEED_S more seconds fit in the budget
+time_left() { (( SECONDS - T0 + $1 <= BUDGET )); }
+
+stop_server() {
+  if [[ -n "$SERVE_PID" ]] && kill -0 "$SERVE_PID" 2>/dev/null; then
+    say "stopping server (pid $SERVE_PID)"
+    kill -TERM "$SERVE_PID"
+    for _ in $(seq 60); do kill -0 "$SERVE_PID" 2>/dev/null || break; sleep 1; done
+    kill -0 "$SERVE_PID" 2>/dev/null && kill -KILL "$SERVE_PID"
+  fi
+  SERVE_PID=""
+}
+trap stop_server EXIT
+
+# start_server LABEL FAST_VALUE: the F5 models only; waits for readiness (start-up time in startup_LABEL.json)
+start_server() {
+  local label=$1 fast=$2 ready=$RES/startup_$1.json
+  rm -f "$ready"
+  say "server '$label' starting (STUDIO_F5_FAST=${fast:-<unset>})"
+  if [[ -n "$fast" ]]; then export STUDIO_F5_FAST=$fast; else unset STUDIO_F5_FAST; fi
+  $PY tools/gpu_serve.py --checkpoints "$CK" --data-dir "$STUDIO_DATA_DIR" --http-port "$HTTP_PORT" \
+    --grpc-port "$GRPC_PORT" --ready-file "$ready" --label "$label" \
+    --log-copy "$RES/tritonserver_$label.log" >"$RES/serve_$label.log" 2>&1 &
+  SERVE_PID=$!
+  unset STUDIO_F5_FAST
+  for _ in $(seq 600); do
+    [[ -f "$ready" ]] && break
+    kill -0 "$SERVE_PID" 2>/dev/null || break
+    sleep 0.5
+  done
+  tail -n 5 "$RES/serve_$label.log" | tee -a "$LOG"
+  if [[ -f "$ready" ]] && grep -q '"ok": true' "$ready"; then
+    say "server '$label' ready: $(grep -o '"startup_s": [0-9.]*' "$ready")"
+    return 0
+  fi
+  say "server '$label' did not start"
+  stop_server
+  return 1
+}
+
+bench() { # bench NAME LIMIT_S ARGS...: python -m studio bench against the running server
+  local name=$1 limit=$2
+  shift 2
+  run "$limit" "$name" $PY -m studio bench --model f5 --triton-url "127.0.0.1:$GRPC_PORT" --out "$RES" "$@"
+}
+
+if [[ $TINY == 1 ]]; then
+  REQ=4; LEVELS=1,2; LEVELS_SHORT=1,2; MICRO=(--tiny --device cpu --dtype float32 --frames 200 --modes eager,compile)
+  MAKE=(--tiny)
+else
+  REQ=16; LEVELS=1,2,4,8; LEVELS_SHORT=1,8; MICRO=(); MAKE=()
+fi
+
+# -- 0. environment ---------------------------------------------------------------------------------
+say "sweep start (tiny=$TINY) in $ROOT; results in $RES; OUT=$OUT"
+if [[ $TINY == 0 ]] && compgen -G ".whl/*.whl" >/dev/null; then
+  run 120 install_wheels $PY -m pip install -q --no-index --no-deps .whl/*.whl
+fi
+if command -v nvidia-smi >/dev/null; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader | head -1 >"$RES/gpu.txt"
+else
+  echo "CPU only ($(nproc) cores)" >"$RES/gpu.txt"
+fi
+$PY - >>"$LOG" 2>&1 <<'EOF'
+import sys, torch
+print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.cuda.is_available())
+try:
+    from tts.f5.text import text_to_units
+    text_to_units("Hello world.")
+    print("English text front end: ok")
+except Exception as exc:  # the GPU machine has no jieba
+    print(f"WARNING: the F5 text front end fails on English text here ({type(exc).__name__}: {exc}); "
+          f"the Triton stages will fail")
+EOF
+tail -n 2 "$LOG"
+
+# -- a. checkpoints -----------------------------------------------------------------------------------
+run 180 make_checkpoints $PY tools/gpu_make_checkpoints.py "$CK" "${MAKE[@]}"
+
+# -- b. micro-benchmarks ------------------------------------------------------------------------------
+run 300 micro $PY tools/gpu_f5_bench.py --checkpoints "$CK" --out "$RES" "${MICRO[@]}"
+
+# -- c. the fast server -----------------------------------------------------------------------------
+if start_server fast ""; then
+  bench bench_fast_offline 180 --mode offline --concurrency "$LEVELS" --requests "$REQ" --nfe 16 --label fast
+  time_left 60 && bench bench_fast_stream 180 --mode streaming --concurrency "$LEVELS" --requests "$REQ" --nfe 16 --label fast
+  time_left 90 && bench bench_fast_nfe32 120 --mode offline --concurrency "$LEVELS_SHORT" --requests "$REQ" --nfe 32 --label fast_nfe32
+  time_left 90 && bench bench_fast_cold 60 --mode offline --concurrency 1 --requests 8 --nfe 16 --cold-cache --label fast_cold
+  stop_server
+fi
+
+# -- d. the eager server (the CPU code path on CUDA) ---------------------------------------------------
+if time_left 100 && start_server eager 0; then
+  bench bench_eager_offline 120 --mode offline --concurrency "$LEVELS_SHORT" --requests 8 --nfe 16 --label eager
+  stop_server
+else
+  say "eager comparison skipped or failed (budget ${BUDGET}s, spent $((SECONDS - T0))s)"
+fi
+
+# -- e. summary -------------------------------------------------------------------------------------
+$PY tools/gpu_summary.py "$RES" --out "$OUT" >"$RES/summary.log" 2>&1 || say "summary FAILED: $(tail -n 5 "$RES/summary.log")"
+tar czf "$OUT/results.tgz" -C "$WORK" results 2>>"$LOG"
+say "done in $((SECONDS - T0)) s; $OUT holds summary.md, summary.json, results.tgz, sweep.log"
+cat "$OUT/summary.md" 2>/dev/null
