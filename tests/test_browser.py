@@ -98,6 +98,20 @@ class StudioPage:
     def radio(self, elem: str, value: str) -> None:
         self.page.locator(f"#{elem} input[value='{value}']").check()
 
+    def set_nfe(self, steps: int) -> None:
+        """F5's NFE slider (in the Advanced accordion), as a person would set it."""
+        if not self.page.locator("#clone-nfe").is_visible():
+            self.page.locator("#clone-advanced").click()
+        box = self.page.locator("#clone-nfe input[type=number]")
+        box.wait_for(state="visible", timeout=10_000)
+        for _ in range(20):  # Gradio mounts an accordion's children as it opens: retry until it sticks
+            box.fill(str(steps))
+            box.press("Tab")  # Gradio's number box commits on blur
+            time.sleep(0.2)
+            if self.page.locator("#clone-nfe input[type=range]").input_value() == str(steps):
+                return
+        raise AssertionError("the NFE slider did not take the value")
+
     def metric(self, key: str, name: str) -> str:
         cell = self.page.locator(f"#{key}-metrics [data-metric='{name}']")
         return cell.inner_text() if cell.count() else ""
@@ -390,7 +404,7 @@ def real_url(tmp_path_factory):
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise AssertionError("app.py did not serve its page:\n" + (data / "app.log").read_text()[-3000:])
                 time.sleep(0.5)
-        yield url
+        yield url, data
     finally:
         proc.send_signal(signal.SIGTERM)  # app.py stops its tritonserver on SIGTERM
         try:
@@ -405,10 +419,17 @@ def real_url(tmp_path_factory):
 def real(browser, tmp_path, real_url):
     context = browser.new_context(viewport={"width": 1400, "height": 1000})
     page = StudioPage(context.new_page(), tmp_path)
-    page.open(real_url, ready_timeout_s=REAL_START_TIMEOUT_S)
+    page.data_dir = real_url[1]
+    page.open(real_url[0], ready_timeout_s=REAL_START_TIMEOUT_S)
     yield page
     print(f"\nscreenshots: {tmp_path}")
     context.close()
+
+
+def real_history(real) -> list[dict]:
+    from studio.history import HistoryStore
+
+    return HistoryStore(real.data_dir).records()
 
 
 def test_real_page_comes_up_with_demo_banner(real):
@@ -426,11 +447,13 @@ def test_real_clone(real, model, mode):
     real.radio("clone-model", model)
     real.radio("clone-mode", mode)
     if model == "f5":
-        real.page.locator("#clone-advanced").click()
-        real.page.locator("#clone-nfe input[type=number]").fill("4")  # demo weights: quality is moot, time is not
-        real.page.locator("#clone-nfe input[type=number]").press("Enter")
+        real.set_nfe(4)  # demo weights: quality is moot, time is not
     result = real.generate("clone", timeout_s=REAL_GENERATION_TIMEOUT_S)
     assert_played(result, f"real {model} {mode}")
+    last = real_history(real)[0]
+    assert (last["model"], last["mode"], last["status"]) == (model, mode, "ok")
+    if model == "f5":
+        assert last["params"]["nfe_steps"] == 4
     assert "DEMO" in result["demo_weights"]
     assert real.result_duration("clone") > 0.1
     real.shot(f"real-{model}-{mode}")
@@ -448,12 +471,14 @@ def test_real_stop_cancels(real):
     real.fill("clone-ref-text", PROMPT_EN_TEXT)
     real.fill("clone-text", " ".join(["This is a long text that keeps the model busy for a while."] * 12))
     real.radio("clone-mode", "streaming")
+    real.set_nfe(4)
     real.page.locator("#clone-generate").click()
     real.page.wait_for_function("() => { const s = window.studioPlayer.stats('clone'); return s && s.chunks >= 1; }",
                                 timeout=REAL_GENERATION_TIMEOUT_S * 1000)
     real.page.locator("#clone-stop").click()
     real.page.wait_for_selector("#clone-metrics [data-status='cancelled']", timeout=60_000)
     assert real.player("clone")["state"] == "stopped"
+    assert real_history(real)[0]["status"] == "cancelled"
 
 
 def test_real_voice_history_server(real):
@@ -472,6 +497,7 @@ def test_real_voice_history_server(real):
                                 arg=PROMPT_EN_TEXT, timeout=20_000)
     real.fill("clone-text", "A saved voice, reused.")
     real.radio("clone-mode", "offline")
+    real.set_nfe(4)
     assert_played(real.generate("clone", timeout_s=REAL_GENERATION_TIMEOUT_S), "real saved voice")
     real.tab("History")
     real.page.locator("#history-table [data-testid='cell-0-1']").click()

@@ -389,3 +389,29 @@ def test_vocode_batch_on_cuda(tmp_path):
     for m, wav in zip(mels, F.vocode_batch(vocos, mels)):
         solo = vocos.decode(m[None])[0]
         assert float((wav - solo).norm() / solo.norm()) <= 1e-4
+
+
+# -- a drop-in for the pipeline's sampler ----------------------------------------------------------
+
+def test_fast_sample_is_a_drop_in_for_the_pipeline(tmp_path, monkeypatch):
+    """The pipeline's own batch (chunks of mixed lengths, its noise and padding) through
+    FastSampler.sample gives the audio of the plain path (vocode_batch is checked above)."""
+    import numpy as np
+
+    from tests.conftest import speech_like
+    from tts.demo_weights import DEMO_F5_NAME, write_f5
+    from tts.f5 import pipeline as P
+
+    write_f5(tmp_path)
+    d = tmp_path / DEMO_F5_NAME
+    pipe = P.F5Pipeline(next(d.glob("*.safetensors")), d / "vocab.txt", tmp_path / "vocos-mel-24khz", DEMO_F5_NAME)
+    req = pipe.make_request(speech_like(2.5, 24000), "The quiet harbour wakes up slowly.",
+                            "Short one. Then a much longer second sentence follows, with a clause or two in it.",
+                            P.F5Options(nfe_steps=6, seed=3))
+    assert len(req.jobs) >= 2 and len({j.total_frames for j in req.jobs}) >= 2
+    plain = pipe.synthesize(req.jobs)
+    fs = F.FastSampler(pipe.dit, small_options(length_buckets=(256, 512, 1024)))
+    monkeypatch.setattr(P, "sample", fs.sample)
+    fast = pipe.synthesize(req.jobs)
+    for a, b in zip(plain, fast):
+        assert a.shape == b.shape and np.abs(a - b).max() <= SAME_AUDIO

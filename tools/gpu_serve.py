@@ -30,6 +30,27 @@ FAST_LOG_TAG = "[f5-fast]"
 ENGINE_LOG_TAG = "[f5_engine]"
 
 
+def find_wheel_without_importing_it() -> str | None:
+    """studio.server imports `pytriton` only to find the wheel's folder, but the package's __init__
+    imports its client stack (gevent, zmq, opentelemetry, ...), which a machine given the wheel with
+    --no-deps may lack. Then register a bare module at the wheel's path so the server finds its
+    files; nothing of pytriton's own code is needed. Returns a note when the workaround was used."""
+    import importlib.util
+    import types
+
+    try:
+        import pytriton  # noqa: F401
+        return None
+    except ImportError as exc:
+        spec = importlib.util.find_spec("pytriton")
+        if spec is None or not spec.origin:
+            return None
+        module = types.ModuleType("pytriton")
+        module.__file__ = spec.origin
+        sys.modules["pytriton"] = module
+        return f"`import pytriton` failed ({exc}); found the wheel at {Path(spec.origin).parent} without importing it"
+
+
 def warmup_stats(lines: list[str]) -> list[dict]:
     """The JSON stats of every "[f5-fast] warmup done: {...}" line (one per engine instance)."""
     from tts.f5.fast import WARMUP_LOG_PREFIX
@@ -63,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=600)
     args = p.parse_args(argv)
 
+    wheel_note = find_wheel_without_importing_it()
+    if wheel_note:
+        print(f"note: {wheel_note}", file=sys.stderr, flush=True)
     from studio.server import ServerStartError, TritonServer
 
     os.environ.setdefault("STUDIO_DATA_DIR", str(args.data_dir))  # the engine's compile cache goes under it
@@ -72,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     server = TritonServer(args.data_dir, http_port=args.http_port, grpc_port=args.grpc_port,
                           checkpoints=args.checkpoints, no_download=True, instances=args.instances,
                           families=["f5"])
-    info = {"label": args.label, "fast_env": os.environ.get("STUDIO_F5_FAST"), "grpc_url": server.grpc_url}
+    info = {"label": args.label, "fast_env": os.environ.get("STUDIO_F5_FAST"), "grpc_url": server.grpc_url,
+            "wheel_note": wheel_note}
     try:
         server.start(timeout_s=args.timeout)
     except ServerStartError as exc:

@@ -104,6 +104,20 @@ def bench_section(benches: dict[str, dict]) -> list[str]:
     return lines + [""]
 
 
+def spark_section(s: dict) -> list[str]:
+    lines = [f"### Spark LLM decode step ({s.get('device_name', s.get('device'))}, {s.get('dtype')}, "
+             f"{s.get('parameters_m')} M parameters, {s.get('keys')} keys per row)", "",
+             "| rows | eager ms | CUDA graph ms | tokens/s per stream (graph) | rel err |", "|---|---|---|---|---|"]
+    for rows in (1, 4, 8, 16):
+        g = s.get(f"fast_step_ms_r{rows}")
+        if g:
+            lines.append(f"| {rows} | {fmt(s.get(f'eager_step_ms_r{rows}'))} | {fmt(g)} | {fmt(1000 / g, 1)} | "
+                         f"{fmt(s.get(f'fast_vs_eager_rel_err_r{rows}'), 6)} |")
+    w = s.get("warmup") or {}
+    lines.append(f"- warm-up: {', '.join(f'{k} {v}' for k, v in w.items())}")
+    return lines + [""]
+
+
 def rtf_at(benches: dict, label: str, mode: str, concurrency: int):
     for b in benches.values():
         if b.get("label") == label and b.get("mode") == mode:
@@ -151,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
         lines += bench_section(benches)
         if any(r.get("demo_weights") for b in benches.values() for r in b.get("rows", [])):
             lines += ["Note: the server ran on DEMO weights (tiny model): these figures are not the real model's.", ""]
+    spark = load(res / "spark_step.json")
+    if spark:
+        lines += spark_section(spark)
     verdicts = checks(benches, starts)
     lines += ["### Targets (issue 5)", ""] + [f"- {c['result']}: {c['check']} (measured: {c['value']})" for c in verdicts]
     text = "\n".join(lines) + "\n"

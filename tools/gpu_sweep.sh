@@ -12,6 +12,7 @@
 #      `python -m studio bench` offline c=1,2,4,8 and streaming c=1,2,4,8 (16 NFE, 16 requests),
 #      offline 32 NFE c=1,8, offline cold prompt cache c=1
 #   d. the eager server (STUDIO_F5_FAST=0): start-up, offline 16 NFE c=1,8
+#   f. (if time is left) the Spark LLM decode step, eager vs CUDA graphs (tools/gpu_spark_step_bench.py)
 #   e. summary: $OUT/summary.md (tables for BENCHMARKS.md + target checks), $OUT/summary.json,
 #      $OUT/results.tgz (every JSON, log and plot), $OUT/sweep.log
 # Environment: OUT (default ./sweep-out), SWEEP_WORK (scratch, default /tmp/f5-sweep),
@@ -91,6 +92,12 @@ start_server() {
   return 1
 }
 
+# snapshot: summary + tarball of everything so far, so a sweep cut off by a time limit still returns results
+snapshot() {
+  $PY tools/gpu_summary.py "$RES" --out "$OUT" >"$RES/summary.log" 2>&1 || say "summary FAILED: $(tail -n 5 "$RES/summary.log")"
+  tar czf "$OUT/results.tgz" -C "$WORK" results 2>>"$LOG"
+}
+
 bench() { # bench NAME LIMIT_S ARGS...: python -m studio bench against the running server
   local name=$1 limit=$2
   shift 2
@@ -124,14 +131,36 @@ try:
 except Exception as exc:  # the GPU machine has no jieba
     print(f"WARNING: the F5 text front end fails on English text here ({type(exc).__name__}: {exc}); "
           f"the Triton stages will fail")
+# The wheel's Python backend stub needs this interpreter's libpython (studio/server.py puts sysconfig's
+# LIBDIR on LD_LIBRARY_PATH): list what the dynamic linker cannot find.
+import importlib.util, os, subprocess, sysconfig
+from pathlib import Path
+spec = importlib.util.find_spec("pytriton")
+if spec is None:
+    print("WARNING: the nvidia-pytriton wheel is not installed")
+else:
+    root = Path(spec.origin).parent / "tritonserver"
+    ver = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = root / "python_backend_stubs" / ver / "triton_python_backend_stub"
+    env = dict(os.environ, LD_LIBRARY_PATH=os.pathsep.join(
+        [str(root.parent.parent / "nvidia_pytriton.libs"), sysconfig.get_config_var("LIBDIR") or "",
+         os.environ.get("LD_LIBRARY_PATH", "")]))
+    for exe in (root / "bin" / "tritonserver", stub):
+        try:
+            out = subprocess.run(["ldd", str(exe)], capture_output=True, text=True, env=env, timeout=20).stdout
+            missing = [ln.strip() for ln in out.splitlines() if "not found" in ln]
+            print(f"{exe.name}: " + ("missing " + "; ".join(missing) if missing else "all shared libraries found"))
+        except (OSError, subprocess.SubprocessError) as exc:
+            print(f"{exe.name}: ldd failed ({exc})")
 EOF
-tail -n 2 "$LOG"
+tail -n 4 "$LOG"
 
 # -- a. checkpoints -----------------------------------------------------------------------------------
 run 180 make_checkpoints $PY tools/gpu_make_checkpoints.py "$CK" "${MAKE[@]}"
 
 # -- b. micro-benchmarks ------------------------------------------------------------------------------
 run 300 micro $PY tools/gpu_f5_bench.py --checkpoints "$CK" --out "$RES" "${MICRO[@]}"
+snapshot
 
 # -- c. the fast server -----------------------------------------------------------------------------
 if start_server fast ""; then
@@ -141,6 +170,7 @@ if start_server fast ""; then
   time_left 90 && bench bench_fast_cold 60 --mode offline --concurrency 1 --requests 8 --nfe 16 --cold-cache --label fast_cold
   stop_server
 fi
+snapshot
 
 # -- d. the eager server (the CPU code path on CUDA) ---------------------------------------------------
 if time_left 100 && start_server eager 0; then
@@ -150,8 +180,13 @@ else
   say "eager comparison skipped or failed (budget ${BUDGET}s, spent $((SECONDS - T0))s)"
 fi
 
+# -- f. Spark decode step (optional): eager forward_step vs CUDA graphs, random 0.5 B LLM ------------
+if time_left 60; then
+  if [[ $TINY == 1 ]]; then SPARK=(--tiny --device cpu --dtype float32); else SPARK=(); fi
+  run 120 spark_step $PY tools/gpu_spark_step_bench.py --out "$RES" "${SPARK[@]}"
+fi
+
 # -- e. summary -------------------------------------------------------------------------------------
-$PY tools/gpu_summary.py "$RES" --out "$OUT" >"$RES/summary.log" 2>&1 || say "summary FAILED: $(tail -n 5 "$RES/summary.log")"
-tar czf "$OUT/results.tgz" -C "$WORK" results 2>>"$LOG"
+snapshot
 say "done in $((SECONDS - T0)) s; $OUT holds summary.md, summary.json, results.tgz, sweep.log"
 cat "$OUT/summary.md" 2>/dev/null

@@ -287,7 +287,8 @@ def write_llm(folder: Path, gen: torch.Generator, arch: dict = DEMO_LLM, vocab_s
     offset = state["model.layers.0.self_attn.o_proj.weight"] @ value_bias.view(cfg.num_key_value_heads, -1) \
         .repeat_interleave(n_rep, dim=0).reshape(-1)
     semantic = [added[prompts.semantic_token(i)] for i in range(SEMANTIC_CODEBOOK)]
-    state["model.embed_tokens.weight"][semantic] += offset / offset.norm()
+    # the direction keeps its weight relative to the rows (norm ~ std * sqrt(hidden)) at any width
+    state["model.embed_tokens.weight"][semantic] += offset / offset.norm() * math.sqrt(cfg.hidden_size / 32)
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     cfg.to_json_file(str(folder / "config.json"))
 

@@ -17,8 +17,8 @@ from tts.spark.config import SAMPLE_RATE, SparkTopConfig
 
 #: References are cut to this many seconds (1500 semantic tokens in the prompt).
 MAX_REFERENCE_S = 30.0
-#: Shorter clips are refused: wav2vec2's first conv alone needs 400 samples; 0.1 s gives a few tokens.
-MIN_REFERENCE_S = 0.1
+#: Shorter clips are refused, as for F5: half a second is too little voice to clone (25 semantic tokens).
+MIN_REFERENCE_S = 0.5
 #: Loudness target of the normalisation: the 90th-99th percentile of |x| is brought to this level.
 VOLUME_TARGET = 0.2
 #: Clips whose peak is below this are first scaled so the peak reaches it.
@@ -85,8 +85,8 @@ def prepare_clip(wav, top: SparkTopConfig, volume_normalize_clip: bool | None = 
         raise ValueError("the reference audio contains NaN or infinite samples")
     seconds = len(wav) / SAMPLE_RATE
     if seconds < MIN_REFERENCE_S:
-        raise ValueError(f"the reference audio is {seconds:.3f} s long; Spark-TTS needs at least "
-                         f"{MIN_REFERENCE_S} s (16 kHz samples) of the voice to clone")
+        raise ValueError(f"the reference audio is {seconds:.2f} s long; Spark-TTS needs at least "
+                         f"{MIN_REFERENCE_S} s of the voice to clone")
     notes = []
     max_samples = int(MAX_REFERENCE_S * SAMPLE_RATE)
     if len(wav) > max_samples:
