@@ -36,6 +36,8 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--http-port", type=int, default=None)
     g.add_argument("--grpc-port", type=int, default=None)
     g.add_argument("--instances", type=int, default=None, help="front-end instances per model (concurrency served)")
+    g.add_argument("--engine-per-gpu", type=int, default=None,
+                   help="engine instances per GPU (each holds its own weights; default 1)")
 
 
 def make_server(args, families: list[str] | None = None):
@@ -44,7 +46,8 @@ def make_server(args, families: list[str] | None = None):
     return TritonServer(args.data_dir or default_data_dir(), http_port=args.http_port, grpc_port=args.grpc_port,
                         gpus=args.gpus, demo_weights=args.demo_weights,
                         checkpoints=args.checkpoints or default_checkpoints_dir(), no_download=args.no_download,
-                        f5_model=args.f5_model, instances=args.instances, families=families)
+                        f5_model=args.f5_model, instances=args.instances, families=families,
+                        engine_per_gpu=getattr(args, "engine_per_gpu", None))
 
 
 def cmd_serve(args) -> int:

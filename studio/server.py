@@ -127,7 +127,7 @@ class TritonServer:
     def __init__(self, data_dir: Path | None = None, *, http_port: int | None = None, grpc_port: int | None = None,
                  gpus: list[int] | None = None, demo_weights: bool = False, checkpoints: Path | None = None,
                  no_download: bool = False, f5_model: str = "F5TTS_v1_Base", instances: int | None = None,
-                 families: list[str] | None = None, log=None):
+                 families: list[str] | None = None, engine_per_gpu: int | None = None, log=None):
         self.data_dir = Path(data_dir or default_data_dir()).expanduser()
         self.http_port, self.grpc_port = http_port, grpc_port
         self.gpus = visible_gpus() if gpus is None else list(gpus)
@@ -135,6 +135,8 @@ class TritonServer:
         self.f5_model = f5_model
         self.front_instances = instances or int(os.environ.get("STUDIO_FRONT_INSTANCES", DEFAULT_FRONT_INSTANCES))
         self.families = families or available_families()
+        #: engine instances per GPU (weights are loaded once per instance); 1 unless measured otherwise
+        self.engine_per_gpu = engine_per_gpu or int(os.environ.get("STUDIO_ENGINE_PER_GPU", 1))
         self._log_fn = log or (lambda msg: print(f"[studio] {msg}", file=sys.stderr, flush=True))
         self._proc: subprocess.Popen | None = None
         self._state, self._message = "stopped", ""
@@ -242,7 +244,8 @@ class TritonServer:
             shutil.rmtree(stale, ignore_errors=True)
         self.run_dir = runs / f"run-{os.getpid()}-{int(time.time() * 1000)}"
         self.models = render_model_repository(self.run_dir / "models", self._weights, gpus=self.gpus,
-                                              front_instances=self.front_instances)
+                                              front_instances=self.front_instances,
+                                              engine_per_gpu=self.engine_per_gpu)
 
     def _backend_dir(self, wheel_root: Path | None) -> Path | None:
         """The wheel ships stubs per Python version; the backend folder needs this interpreter's."""
