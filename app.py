@@ -28,6 +28,7 @@ Generations at once: STUDIO_CONCURRENCY (default 4); further requests wait in Gr
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -43,8 +44,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from studio.cli import add_server_args
 
     p = argparse.ArgumentParser(description="Voice Studio: voice cloning with F5-TTS and Spark-TTS on Triton.")
-    p.add_argument("--host", default="127.0.0.1", help="address to serve the page on (0.0.0.0: every interface)")
-    p.add_argument("--port", type=int, default=7860)
+    # Hosts such as Hugging Face Spaces say where to listen through Gradio's own variables.
+    p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+                   help="address to serve the page on (0.0.0.0: every interface; default $GRADIO_SERVER_NAME "
+                        "or 127.0.0.1)")
+    p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
+                   help="default $GRADIO_SERVER_PORT or 7860")
     p.add_argument("--share", action="store_true", help="also open a temporary public gradio.live link")
     p.add_argument("--root-path", default=None, help="URL prefix when served behind a reverse proxy, e.g. /studio")
     add_server_args(p)
@@ -72,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     runtime.start(options_from(args))  # in the background: the page is up before the server
     signal.signal(signal.SIGTERM, _terminate)
     try:
-        demo.launch(server_name=args.host, server_port=args.port, share=args.share, root_path=args.root_path,
-                    show_error=True, **launch_kwargs(runtime))
+        demo.launch(server_name=args.host, server_port=args.port, share=True if args.share else None,
+                    root_path=args.root_path, show_error=True, **launch_kwargs(runtime))
     except KeyboardInterrupt:
         pass
     finally:

@@ -12,6 +12,7 @@ models load, so the server runs in its own process group and the whole group is 
 from __future__ import annotations
 
 import atexit
+import importlib.util
 import os
 import shutil
 import signal
@@ -57,12 +58,12 @@ def find_tritonserver() -> tuple[Path, Path | None, Path | None]:
     on_path = shutil.which("tritonserver")
     if on_path:
         return Path(on_path), None, None
-    try:
-        import pytriton  # noqa: F401 - only to find the wheel's files
-    except ImportError as exc:
+    # find_spec, not import: importing pytriton pulls in gevent, zmq and more that only its own API needs
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.origin:
         raise ServerStartError("no `tritonserver` on PATH and the nvidia-pytriton wheel is not installed "
-                               "(pip install nvidia-pytriton==0.7.0)") from exc
-    root = Path(pytriton.__file__).parent / "tritonserver"
+                               "(pip install nvidia-pytriton==0.7.0)")
+    root = Path(spec.origin).parent / "tritonserver"
     return root / "bin" / "tritonserver", root, root.parent.parent / "nvidia_pytriton.libs"
 
 
@@ -98,6 +99,9 @@ def render_model_repository(dest: Path, families: dict[str, FamilyWeights], *, g
         "front_instances": str(front_instances),
         "engine_instance_group": engine_instance_group(gpus, engine_per_gpu),
         "runtime": runtime,
+        # GPU engines batch what is already queued (1 ms); on the CPU, wait a little longer for
+        # concurrent requests to arrive through their front ends
+        "engine_queue_delay_us": "1000" if gpus else "10000",
     }
     for fam, weights in families.items():
         values[f"{fam}_demo_weights"] = "true" if weights.demo else "false"
@@ -277,6 +281,7 @@ class TritonServer:
         libdirs.append(sysconfig.get_config_var("LIBDIR") or "")
         env["LD_LIBRARY_PATH"] = os.pathsep.join([d for d in libdirs if d] + [env.get("LD_LIBRARY_PATH", "")])
         env["PYTHONUNBUFFERED"] = "1"
+        env["STUDIO_DATA_DIR"] = str(self.data_dir)  # the engines' compile caches live under it
         if self.gpus:
             env.setdefault("CUDA_VISIBLE_DEVICES", env.get("CUDA_VISIBLE_DEVICES", ""))
             if not env["CUDA_VISIBLE_DEVICES"]:

@@ -123,6 +123,9 @@ def user_error(message: str, title: str = "Cannot do that") -> gr.Error:
 
 
 class Handlers:
+    """Every event handler of the page: plain functions of their inputs over one StudioRuntime.
+    Problems the user can fix become `gr.Error` messages; nothing here holds per-user state."""
+
     def __init__(self, rt: StudioRuntime, autostart: bool):
         self.rt = rt
         self.autostart = autostart
@@ -561,23 +564,12 @@ def build_demo(rt: StudioRuntime, *, autostart: bool = True) -> gr.Blocks:
 
         gen_inputs = [ref_audio, ref_text, text, model, mode, nfe, cfg, sway, speed, temperature, top_k, top_p,
                       max_tokens, seed, out.fmt, voice_pick, job]
-        gen_kw = dict(concurrency_limit=GENERATE_CONCURRENCY, concurrency_id="generate")
-        gen.click(h.clone, inputs=gen_inputs, outputs=out.outputs, js=begin_js("clone", len(gen_inputs) - 1),
-                  api_name="clone", **gen_kw).then(None, js=fill_js("clone")).then(
-            h.picture, inputs=[out.record], outputs=[out.picture], **quiet).then(h.history_view, outputs=hist_outs,
-                                                                                 **quiet)
-        stop.click(h.stop, inputs=[job], outputs=None, js=stop_js("clone"), concurrency_limit=None,
-                   api_visibility="private")
+        wire_generation(h, "clone", gen, stop, h.clone, gen_inputs, out, job, hist_outs, "clone")
         out.fmt.change(h.reformat, inputs=[out.record, out.fmt], outputs=[out.download], **quiet)
 
         d_inputs = [d_text, d_gender, d_pitch, d_speed, d_mode, d_temperature, d_top_k, d_top_p, d_max_tokens,
                     d_seed, d_out.fmt, d_job]
-        d_gen.click(h.design, inputs=d_inputs, outputs=d_out.outputs, js=begin_js("design", len(d_inputs) - 1),
-                    api_name="create_voice", **gen_kw).then(None, js=fill_js("design")).then(
-            h.picture, inputs=[d_out.record], outputs=[d_out.picture], **quiet).then(h.history_view, outputs=hist_outs,
-                                                                                     **quiet)
-        d_stop.click(h.stop, inputs=[d_job], outputs=None, js=stop_js("design"), concurrency_limit=None,
-                     api_visibility="private")
+        wire_generation(h, "design", d_gen, d_stop, h.design, d_inputs, d_out, d_job, hist_outs, "create_voice")
         d_out.fmt.change(h.reformat, inputs=[d_out.record, d_out.fmt], outputs=[d_out.download], **quiet)
 
         v_save.click(h.save_voice, inputs=[v_name, v_audio, v_text], outputs=voice_outs, **light)
@@ -599,6 +591,20 @@ def build_demo(rt: StudioRuntime, *, autostart: bool = True) -> gr.Blocks:
         demo.queue(default_concurrency_limit=LIGHT_CONCURRENCY, max_size=MAX_QUEUE)
     h.demo = demo
     return demo
+
+
+def wire_generation(h: Handlers, key: str, generate: gr.Button, stop: gr.Button, fn, inputs: list, out: OutputPanel,
+                    job: gr.Textbox, hist_outs: list, api_name: str) -> None:
+    """Generate -> (the browser's player starts listening first) handler -> metrics/audio; then the
+    player fills in its first-sound figure, the picture is drawn, and the History tab refreshes.
+    Stop tells the player to go quiet and the handler's job to cancel."""
+    quiet = dict(concurrency_limit=LIGHT_CONCURRENCY, api_visibility="private", show_progress="hidden")
+    generate.click(fn, inputs=inputs, outputs=out.outputs, js=begin_js(key, len(inputs) - 1), api_name=api_name,
+                   show_progress_on=[out.metrics], concurrency_limit=GENERATE_CONCURRENCY, concurrency_id="generate"
+                   ).then(None, js=fill_js(key)
+                          ).then(h.picture, inputs=[out.record], outputs=[out.picture], **quiet
+                                 ).then(h.history_view, outputs=hist_outs, **quiet)
+    stop.click(h.stop, inputs=[job], outputs=None, js=stop_js(key), concurrency_limit=None, api_visibility="private")
 
 
 def launch_kwargs(rt: StudioRuntime) -> dict:

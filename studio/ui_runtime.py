@@ -83,12 +83,6 @@ class StudioRuntime:
         self.history = HistoryStore(self.options.data_dir)
 
     # -- lifecycle ----------------------------------------------------------------------------
-    def configure(self, options: RuntimeOptions) -> None:
-        if self._started:
-            raise RuntimeError("configure the studio before it starts")
-        self.options = options
-        self._stores()
-
     @property
     def started(self) -> bool:
         return self._started

@@ -104,7 +104,8 @@ def metrics_html(metrics: dict, *, seed, demo: bool | None, mode: str, status: s
         ("audio_s", "Audio length", _fmt(metrics.get("audio_s"), " s", 2)),
         ("rtf", "Real-time factor (latency / audio)", _fmt(metrics.get("rtf"), "", 3)),
         ("compute_ms", "Server compute time", _fmt(metrics.get("compute_ms"), " ms", 1)),
-        ("first_sound_ms", "First chunk arrival to first sound (browser)", _fmt(metrics.get("first_sound_ms"), " ms", 1)),
+        ("first_sound_ms", "First chunk arrival to first sound (browser)",
+         _fmt(metrics.get("first_sound_ms"), " ms", 1)),
         ("first_audio_ms", "Click to first chunk arrival (browser)", _fmt(metrics.get("first_audio_ms"), " ms", 0)),
         ("chunks", "Chunks received", _fmt(metrics.get("chunks"))),
         ("seed", "Seed used", _fmt(seed)),
@@ -113,8 +114,10 @@ def metrics_html(metrics: dict, *, seed, demo: bool | None, mode: str, status: s
     if "tokens" in metrics:
         rows.append(("tokens", "Spark tokens generated", _fmt(metrics.get("tokens"))))
     if "decode_tokens_per_s" in metrics:
-        rows.append(("decode_tokens_per_s", "Spark decode speed", _fmt(metrics.get("decode_tokens_per_s"), " tok/s", 1)))
-    head = {"ok": "", "cancelled": "<p><b>Stopped.</b> The audio below is what arrived before the stop.</p>"}.get(status, "")
+        rows.append(("decode_tokens_per_s", "Spark decode speed",
+                     _fmt(metrics.get("decode_tokens_per_s"), " tok/s", 1)))
+    head = ("<p><b>Stopped.</b> The audio below is what arrived before the stop.</p>"
+            if status == "cancelled" else "")
     body = "".join(f'<tr><th style="text-align:left;font-weight:normal;padding:2px 12px 2px 0">{esc(label)}</th>'
                    f'<td data-metric="{key}" style="font-variant-numeric:tabular-nums">{value}</td></tr>'
                    for key, label, value in rows)
@@ -163,10 +166,14 @@ def stats_rows(stats: dict) -> list[list]:
     return sorted(rows, key=lambda r: r[0])
 
 
+def _weights_word(demo: bool | None) -> str:
+    return "DEMO (noise)" if demo else ("real" if demo is False else "?")
+
+
 def server_md(st: dict) -> str:
     fams = "\n".join(f"| {f['label']} | {'yes' if f['served'] else 'no'} | {_mark(f['offline'])} | "
-                     f"{_mark(f['streaming'])} | {'DEMO (noise)' if f['demo'] else ('real' if f['demo'] is False else '?')} "
-                     f"| {f['licence']} |" for f in st["families"].values())
+                     f"{_mark(f['streaming'])} | {_weights_word(f['demo'])} | {f['licence']} |"
+                     for f in st["families"].values())
     kind = "external (--triton-url)" if st["external"] else "embedded (started by this studio)"
     return (f"**State:** {st['state']} — {st['message']}\n\n"
             f"**Triton address (gRPC):** `{st['url'] or 'not yet assigned'}` · **server:** {kind} · "

@@ -54,8 +54,9 @@ class FakeClient:
     def synthesize(self, model, text, ref_audio, ref_text, stream=False, params=None, on_chunk=None, cancel=None):
         from studio.client import SAMPLE_RATES, GenerationCancelled, SynthesisError, SynthResult
 
-        self.calls.append(dict(model=model, text=text, ref_text=ref_text, stream=stream, params=dict(params or {}),
-                               ref=None if ref_audio is None else ref_audio.size))
+        call = dict(model=model, text=text, ref_text=ref_text, stream=stream, params=dict(params or {}),
+                    ref=None if ref_audio is None else ref_audio.size, start=time.monotonic(), end=None)
+        self.calls.append(call)
         if "FAIL" in text:
             raise SynthesisError("the model refused this text (FAIL)")
         sr = SAMPLE_RATES[model]
@@ -77,6 +78,7 @@ class FakeClient:
                 on_chunk(part, {"sample_rate": sr, "chunk_index": i, "final": i == n_parts - 1})
         audio = np.concatenate(parts)
         latency = time.perf_counter() - t0
+        call["end"] = time.monotonic()
         info = {"sample_rate": sr, "seed": seed, "demo_weights": self.demo, "compute_ms": 12.5, "final": True,
                 "chunk_index": n_parts - 1, "chunks": n_parts, "overlap_samples": 0}
         if model == "spark":
@@ -463,7 +465,8 @@ def test_importing_app_starts_nothing():
     code = ("import app, gradio; assert isinstance(app.demo, gradio.Blocks); assert not app.runtime.started; "
             "assert app.runtime.server is None; a = app.parse_args(['--port', '9', '--demo-weights', '--triton-url', "
             "'h:1', '--root-path', '/s', '--share', '--gpus', '0,1']); "
-            "o = app.options_from(a); assert o.triton_url == 'h:1' and o.demo_weights and o.gpus == [0, 1]; print('ok')")
+            "o = app.options_from(a); assert o.triton_url == 'h:1' and o.demo_weights and o.gpus == [0, 1]; "
+            "print('ok')")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           cwd=Path(__file__).resolve().parent.parent)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]

@@ -1,17 +1,21 @@
-"""Micro-benchmark of the Spark LLM decode step: eager `forward_step` vs `GraphedDecodeStep` (CUDA graphs).
+"""Micro-benchmark of the Spark LLM decode step: `DecodeBatch.step()` eager vs with CUDA graphs.
 
     python tools/gpu_spark_step_bench.py --out RESULTS [--device cuda] [--tiny]
 
 The Spark-TTS-0.5B LLM's architecture (Qwen2.5-0.5B: 24 layers, hidden 896, 14 heads, 2 KV heads,
-vocabulary 166000 with Spark's tokens) with random weights, built in place (no checkpoint needed),
-a static KV cache of 16 slots x 2048 positions filled with random keys. Times one decode step at
-1, 8 and 16 running rows with 1000 keys each: eager, then replayed from the graphs; also the graph
-warm-up. Writes RESULTS/spark_step.json and prints a table. Decode tokens/s per stream = 1000 / ms.
+vocabulary 166000 with Spark's tokens) with random weights, built in place (no checkpoint needed).
+For 1, 8 and 16 running sequences with ~1000-token prompts, times one `DecodeBatch.step()` (the
+decode forward, sampling with the default top-k / top-p, the host round trip: what the engine's loop
+pays per token) in a batch built with `cuda_graphs=False` and one with `cuda_graphs=True` (the
+graphs are captured when the batch is built: that time is reported too). End tokens are masked
+(min_new_tokens) since random weights would emit them at random. Writes RESULTS/spark_step.json.
+Decode tokens/s per stream = 1000 / step ms.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import statistics
 import sys
@@ -22,8 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from tts.spark.fast_step import GraphedDecodeStep, StepOptions  # noqa: E402
-from tts.spark.llm import forward_step, new_cache  # noqa: E402
+from tts.spark.decode import DecodeBatch, SamplingParams, Sequence  # noqa: E402
 
 #: Qwen2.5-0.5B as Spark-TTS-0.5B's LLM/config.json has it (vocabulary grown by Spark's tokens).
 SPARK_LLM = dict(vocab_size=166000, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
@@ -31,21 +34,59 @@ SPARK_LLM = dict(vocab_size=166000, hidden_size=896, intermediate_size=4864, num
                  rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)
 TINY_LLM = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True)
+NEVER_END = 10 ** 6  # min_new_tokens = max_new_tokens: the end token is ignored
 
 
-def time_ms(fn, device, iters=30, warmup=3) -> float:
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(batch: DecodeBatch, device, iters: int, warmup: int = 3) -> float:
+    """Median ms of batch.step() (it returns tokens to the host, so each step ends synchronized)."""
     for _ in range(warmup):
-        fn()
+        batch.step()
     times = []
     for _ in range(iters):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync(device)
         t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        batch.step()
         times.append((time.perf_counter() - t0) * 1000)
     return round(statistics.median(times), 4)
+
+
+def bench_batch(model, graphs: bool, slots: int, seq_len: int, prompt_len: int, rows_list, iters: int, device,
+                out: dict) -> None:
+    name = "graph" if graphs else "eager"
+    kwargs = {}
+    if "cuda_graphs" in inspect.signature(DecodeBatch.__init__).parameters:
+        kwargs["cuda_graphs"] = graphs
+    elif graphs:
+        out["graph_error"] = "DecodeBatch has no cuda_graphs parameter in this checkout"
+        return
+    t0 = time.perf_counter()
+    batch = DecodeBatch(model, slots, seq_len, **kwargs)
+    sync(device)
+    out[f"{name}_batch_build_s"] = round(time.perf_counter() - t0, 2)
+    gen = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size
+    params = SamplingParams(max_new_tokens=NEVER_END, min_new_tokens=NEVER_END)
+    for rows in rows_list:
+        seqs = []
+        t0 = time.perf_counter()
+        for i in range(rows):
+            prompt = torch.randint(0, vocab, (prompt_len,), generator=gen).tolist()
+            seq = Sequence(prompt, params, end_ids=(vocab - 1,), seed=i)
+            batch.add(seq)
+            seqs.append(seq)
+        sync(device)
+        out[f"{name}_prefill_ms_each_r{rows}"] = round((time.perf_counter() - t0) * 1000 / rows, 2)
+        out[f"{name}_step_ms_r{rows}"] = time_steps(batch, device, iters)
+        for seq in seqs:
+            batch.drop(seq)
+    del batch
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,49 +94,39 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--tiny", action="store_true", help="tiny model on the CPU, bucketed path without graphs")
+    p.add_argument("--tiny", action="store_true", help="tiny model, short prompts (CPU dry run, eager only)")
     args = p.parse_args(argv)
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    slots, seq_len, keys = (16, 2048, 1000) if not args.tiny else (4, 512, 100)
+    slots, seq_len, prompt_len, iters = (16, 2048, 1000, 30) if not args.tiny else (4, 256, 50, 5)
+    rows_list = [r for r in (1, 8, 16) if r <= slots] or [slots]
     torch.manual_seed(0)
     with torch.device(device):
         model = Qwen2ForCausalLM(Qwen2Config(**(TINY_LLM if args.tiny else SPARK_LLM)))
     model = model.to(dtype).eval().requires_grad_(False)
-    cache = new_cache(model, slots, seq_len)
-    with torch.no_grad():
-        cache.k.normal_(0, 1)
-        cache.v.normal_(0, 1)
-    out = {"torch": torch.__version__, "device": str(device), "dtype": args.dtype, "keys": keys, "slots": slots,
-           "parameters_m": round(sum(x.numel() for x in model.parameters()) / 1e6, 1)}
+    out = {"torch": torch.__version__, "device": str(device), "dtype": args.dtype, "keys": prompt_len,
+           "slots": slots, "parameters_m": round(sum(x.numel() for x in model.parameters()) / 1e6, 1)}
     if device.type == "cuda":
         out["device_name"] = torch.cuda.get_device_name(device)
-    mode = "eager" if device.type != "cuda" else "graph"
-    step = GraphedDecodeStep(model, cache, StepOptions(mode=mode))
-    t0 = time.perf_counter()
     with torch.inference_mode():
-        out["warmup"] = step.warmup()
-    out["warmup_wall_s"] = round(time.perf_counter() - t0, 2)
-    with torch.inference_mode():
-        for rows in (1, 8, 16):
-            rows = min(rows, slots)
-            tokens = torch.randint(0, model.config.vocab_size, (rows,))
-            positions = torch.full((rows,), keys - 1)
-            out[f"eager_step_ms_r{rows}"] = time_ms(lambda: forward_step(model, cache, tokens, positions, keys), device)
-            out[f"fast_step_ms_r{rows}"] = time_ms(lambda: step(model, cache, tokens, positions, keys), device)
-            ref = forward_step(model, cache, tokens, positions, keys)
-            fast = step(model, cache, tokens, positions, keys)
-            out[f"fast_vs_eager_rel_err_r{rows}"] = round(float((fast - ref).norm() / ref.norm()), 6)
+        bench_batch(model, False, slots, seq_len, prompt_len, rows_list, iters, device, out)
+        if device.type == "cuda":
+            try:
+                bench_batch(model, True, slots, seq_len, prompt_len, rows_list, iters, device, out)
+            except Exception as exc:  # noqa: BLE001 - recorded in the results
+                out["graph_error"] = f"{type(exc).__name__}: {str(exc)[:1000]}"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "spark_step.json").write_text(json.dumps(out, indent=2))
-    print(f"\nSpark LLM decode step ({out.get('device_name', device)}, {args.dtype}, {keys} keys)")
-    print("rows | eager ms | graph ms | tokens/s per stream (graph) | rel err")
-    for rows in sorted({min(r, slots) for r in (1, 8, 16)}):
-        g = out[f"fast_step_ms_r{rows}"]
-        print(f"{rows} | {out[f'eager_step_ms_r{rows}']} | {g} | {round(1000 / g, 1)} | "
-              f"{out[f'fast_vs_eager_rel_err_r{rows}']}")
-    print(f"warm-up: {out['warmup']}")
+    print(f"\nSpark LLM DecodeBatch.step ({out.get('device_name', device)}, {args.dtype}, ~{prompt_len} keys)")
+    print("rows | eager ms | graph ms | tokens/s per stream (graph, else eager)")
+    for rows in rows_list:
+        e, g = out.get(f"eager_step_ms_r{rows}"), out.get(f"graph_step_ms_r{rows}")
+        best = g or e
+        print(f"{rows} | {e} | {g} | {round(1000 / best, 1) if best else ''}")
+    for key in ("graph_batch_build_s", "graph_error"):
+        if key in out:
+            print(f"{key}: {out[key]}")
     return 0
 
 

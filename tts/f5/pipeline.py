@@ -28,6 +28,7 @@ from tts.f5 import reference as ref_mod
 from tts.f5 import text as text_mod
 from tts.f5.checkpoint import load_dit
 from tts.f5.config import load_config
+from tts.f5.fast import FastSampler, fast_options_from_env, vocode_batch
 from tts.f5.sampler import make_noise, sample
 from tts.f5.vocos import Vocos
 
@@ -184,8 +185,15 @@ class F5Pipeline:
         self.config = load_config(model_name, Path(checkpoint).parent, len(self.vocab))
         self.dit = load_dit(Path(checkpoint), self.config, self.device, dtype)
         self.vocos = Vocos.from_dir(Path(vocos_dir), device=self.device, dtype=torch.float32)
+        # The CUDA fast path (bucketed CUDA graphs over the same ODE step); STUDIO_F5_FAST=0 turns it off.
+        fast = fast_options_from_env(max_batch)
+        self.fast = FastSampler(self.dit, fast) if self.device.type == "cuda" and fast.mode != "off" else None
         self._cache: OrderedDict[str, PreparedReference] = OrderedDict()
         self._cache_lock = threading.Lock()
+
+    def warmup(self) -> dict:
+        """Compile and capture everything the fast path needs (at start-up, never on a request)."""
+        return self.fast.warmup() if self.fast is not None else {}
 
     # -- requests -------------------------------------------------------------------------------
     def prepare_reference(self, wav: np.ndarray, use_cache: bool = True) -> tuple[PreparedReference, bool]:
@@ -204,7 +212,7 @@ class F5Pipeline:
         with torch.inference_mode():
             audio = torch.from_numpy(np.ascontiguousarray(norm_wav, dtype=np.float32))[None].to(self.device)
             mel = mel_mod.log_mel_spectrogram(audio)[0].transpose(0, 1).contiguous()  # [T, 100]
-        prepared = PreparedReference(mel=mel.to(self.dtype), wav_len=len(norm_wav), rms=float(rms), clipped=clipped)
+        prepared = PreparedReference(mel=mel.float(), wav_len=len(norm_wav), rms=float(rms), clipped=clipped)
         with self._cache_lock:
             self._cache[key] = prepared
             while len(self._cache) > PROMPT_CACHE_SIZE:
@@ -250,23 +258,26 @@ class F5Pipeline:
     def _synthesize_batch(self, jobs: list[ChunkJob]) -> list[np.ndarray]:
         dev, n_mels = self.device, self.config.mel_dim
         batch, frames = len(jobs), max(j.total_frames for j in jobs)
-        cond = torch.zeros(batch, frames, n_mels, device=dev, dtype=self.dtype)
-        noise = torch.zeros(batch, frames, n_mels, device=dev, dtype=self.dtype)
+        # The ODE state stays float32 whatever the weights' dtype (bf16 noise would be rounded).
+        cond = torch.zeros(batch, frames, n_mels, device=dev, dtype=torch.float32)
+        noise = torch.zeros(batch, frames, n_mels, device=dev, dtype=torch.float32)
         max_ids = max(len(j.text_ids) for j in jobs)
         text_ids = torch.full((batch, max_ids), -1, dtype=torch.long)
         for i, j in enumerate(jobs):
             cond[i, : j.ref.mel.shape[0]] = j.ref.mel
-            noise[i, : j.total_frames] = make_noise(j.seed, j.total_frames, n_mels, dev, self.dtype)
+            noise[i, : j.total_frames] = make_noise(j.seed, j.total_frames, n_mels, dev, torch.float32)
             text_ids[i, : len(j.text_ids)] = torch.tensor(j.text_ids, dtype=torch.long)
         ref_lens = torch.tensor([j.ref.mel.shape[0] for j in jobs], device=dev)
         total_lens = torch.tensor([j.total_frames for j in jobs], device=dev)
         o = jobs[0].options
-        mel = sample(self.dit, cond, text_ids.to(dev), ref_lens, total_lens, noise, o.nfe_steps, o.cfg_strength,
-                     o.sway_coef)
+        run = self.fast.sample if self.fast is not None else sample
+        mel = run(self.dit, cond, text_ids.to(dev), ref_lens, total_lens, noise, o.nfe_steps, o.cfg_strength,
+                  o.sway_coef)
+        gens = [mel[i, j.ref.frames: j.total_frames].float().transpose(0, 1) for i, j in enumerate(jobs)]  # [100, T]
+        # Vocos per item on the CPU (exact); batched with per-item masks on CUDA (equal within 1e-4)
+        wavs = vocode_batch(self.vocos, gens) if self.fast is not None else [self.vocos.decode(g[None])[0] for g in gens]
         waves = []
-        for i, j in enumerate(jobs):
-            gen = mel[i, j.ref.frames: j.total_frames].float().transpose(0, 1)[None]  # [1, 100, T_gen]
-            wav = self.vocos.decode(gen)[0]
+        for j, wav in zip(jobs, wavs):
             if j.ref.rms < ref_mod.TARGET_RMS:
                 wav = wav * (j.ref.rms / ref_mod.TARGET_RMS)
             waves.append(wav.float().cpu().numpy().astype(np.float32))

@@ -75,6 +75,36 @@ def _segmenter():
     return _jieba
 
 
+# jieba's segmentation of text without Chinese characters, reproduced so that English needs no
+# dictionary load: runs of [A-Za-z0-9+#&._%-] go to its HMM pass, which splits them into
+# number/word tokens ("3.5", "50%", "off") and the runs between them ("..."); outside those runs
+# whitespace characters and every other character stand alone.
+_JIEBA_BLOCK = re.compile(r"([a-zA-Z0-9+#&._%\-]+)")
+_JIEBA_HMM_WORD = re.compile(r"([a-zA-Z0-9]+(?:\.\d+)?%?)")
+_JIEBA_SPACE = re.compile(r"(\r\n|\s)")
+
+
+def _segment_non_cjk(text: str) -> list[str]:
+    words: list[str] = []
+    for block in _JIEBA_BLOCK.split(text):
+        if not block:
+            continue
+        if _JIEBA_BLOCK.fullmatch(block):
+            words.extend([block] if len(block) == 1 else [p for p in _JIEBA_HMM_WORD.split(block) if p])
+            continue
+        for piece in _JIEBA_SPACE.split(block):
+            if piece:
+                words.extend([piece] if _JIEBA_SPACE.fullmatch(piece) else list(piece))
+    return words
+
+
+def _segment(text: str) -> list[str]:
+    """Words as jieba cuts them; jieba itself is loaded only for text with Chinese characters."""
+    if any(_is_chinese(ch) for ch in text):
+        return list(_segmenter().cut(text))
+    return _segment_non_cjk(text)
+
+
 def _pinyin(text: str) -> list[str]:
     from pypinyin import Style, lazy_pinyin
 
@@ -99,7 +129,7 @@ def text_to_units(text: str) -> list[str]:
     kept, Chinese as " " + syllable, anything else kept.
     """
     units: list[str] = []
-    for word in _segmenter().cut(text.translate(_OOV_TRANSLATION)):
+    for word in _segment(text.translate(_OOV_TRANSLATION)):
         n_bytes = _utf8_len(word)
         if n_bytes == len(word):  # pure ASCII
             if units and n_bytes > 1 and units[-1] not in _NO_SPACE_AFTER:

@@ -113,13 +113,63 @@ def sample_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
     return out
 
 
-class DecodeBatch:
-    """Running sequences over one static KV cache (not thread-safe: one driver thread)."""
+#: Key lengths a graphed decode step is captured for (and the cache length): the smallest that
+#: covers every running position is replayed. Each holds its own [max_batch, vocab] logits buffer.
+GRAPH_LENGTHS = (256, 512, 1024, 2048, 4096, 8192)
 
-    def __init__(self, model, max_batch: int, max_seq_len: int):
+
+class GraphedStep:
+    """`forward_step` over all `rows` slots and `length` keys, captured once in a CUDA graph.
+
+    Eager decoding of the 0.5B LLM is bound by kernel launches (~900 per step); a replay launches
+    them at once. Rows of free slots carry a dummy token (their writes land in free slots only).
+    """
+
+    def __init__(self, model, cache: StaticKVCache, rows: int, length: int, pool=None):
+        dev = cache.k.device
+        self.rows, self.length = rows, length
+        self.tokens = torch.zeros(rows, dtype=torch.long, device=dev)
+        # Warm-up runs really execute: aim their cache writes at the last position, which no
+        # running sequence reads before rewriting it (sequences stop before feeding past it).
+        self.positions = torch.full((rows,), cache.max_seq_len - 1, dtype=torch.long, device=dev)
+        stream = torch.cuda.Stream(dev)
+        stream.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                forward_step(model, cache, self.tokens, self.positions, length)
+        torch.cuda.current_stream(dev).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.logits = forward_step(model, cache, self.tokens, self.positions, length)
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        self.tokens.copy_(tokens, non_blocking=True)
+        self.positions.copy_(positions, non_blocking=True)
+        self.graph.replay()
+        return self.logits
+
+
+class DecodeBatch:
+    """Running sequences over one static KV cache (not thread-safe: one driver thread).
+
+    On CUDA (unless `cuda_graphs=False`) every step replays a captured graph over all slots with a
+    bucketed key length (`GRAPH_LENGTHS`); elsewhere it runs eagerly over slots 0..highest running
+    with the exact length.
+    """
+
+    def __init__(self, model, max_batch: int, max_seq_len: int, cuda_graphs: bool | None = None):
         self.model = model
         self.cache: StaticKVCache = new_cache(model, max_batch, max_seq_len)
         self.slots: list[Sequence | None] = [None] * max_batch
+        on_cuda = self.cache.k.device.type == "cuda"
+        self.graphs: dict[int, GraphedStep] = {}
+        if on_cuda if cuda_graphs is None else cuda_graphs:
+            if not on_cuda:
+                raise ValueError("cuda_graphs=True needs the model on a CUDA device")
+            pool = torch.cuda.graph_pool_handle()
+            lengths = sorted({min(n, max_seq_len) for n in GRAPH_LENGTHS} | {max_seq_len})
+            with torch.no_grad():
+                self.graphs = {n: GraphedStep(model, self.cache, max_batch, n, pool) for n in lengths}
 
     @property
     def max_batch(self) -> int:
@@ -167,14 +217,18 @@ class DecodeBatch:
         running = self.running
         if not running:
             return []
-        rows = max(s.slot for s in running) + 1
+        rows = self.max_batch if self.graphs else max(s.slot for s in running) + 1
         tokens = torch.zeros(rows, dtype=torch.long)
         positions = torch.zeros(rows, dtype=torch.long)
         for s in running:
             tokens[s.slot] = s.generated[-1]
             positions[s.slot] = s.position
         length = int(positions.max()) + 1
-        logits = forward_step(self.model, self.cache, tokens, positions, length)
+        if self.graphs:
+            graph = self.graphs[min(n for n in self.graphs if n >= length)]
+            logits = graph(tokens, positions)
+        else:
+            logits = forward_step(self.model, self.cache, tokens, positions, length)
         active = [s.slot for s in running]
         toks = self._accept_rows(running, logits[active])
         return list(zip(running, toks))

@@ -82,6 +82,27 @@ def _qkv(attn, x: torch.Tensor, head_dim: int):
     return q, k, v
 
 
+def _sdpa_backends():
+    """Prefill attention backends: cuDNN's plans are rebuilt for every new length (tens of ms each)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One query per row over its slot's keys: q [R, H, 1, D], keys/values [R, KV, L, D], mask [R, L] (bool).
+
+    Plain matmuls (grouped-query heads folded into the batch), softmax in float32 as transformers'
+    eager attention does; no backend choice, and capturable in a CUDA graph.
+    """
+    r, h, _, d = q.shape
+    kv = keys.shape[1]
+    scores = torch.matmul(q.view(r, kv, h // kv, d), keys.transpose(-1, -2)) * d ** -0.5  # [R, KV, rep, L]
+    scores = scores.masked_fill(~mask.view(r, 1, 1, -1), float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    return torch.matmul(probs, values).view(r, h, 1, d)
+
+
 def _layers(model, h: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
     """Run all decoder layers; `attend(layer_index, q, k, v) -> [B, H, T, D]` owns cache writes and masks."""
     cos, sin = model.model.rotary_emb(h, positions)
@@ -115,7 +136,8 @@ def forward_prefill(model, cache: StaticKVCache, slot: int, ids: torch.Tensor, s
         mask = torch.arange(start + t, device=device).view(1, -1) <= positions.view(-1, 1)
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
 
-    h = _layers(model, h, positions, attend)
+    with _sdpa_backends():
+        h = _layers(model, h, positions, attend)
     return model.lm_head(h[:, -1]).float()[0]
 
 
@@ -124,18 +146,20 @@ def forward_step(model, cache: StaticKVCache, tokens: torch.Tensor, positions: t
                  length: int) -> torch.Tensor:
     """One token per slot 0..R-1 (R = len(tokens)) at `positions`; keys 0..length-1 are read.
 
-    tokens, positions [R] (int64) -> logits [R, V] (float32). `length` must exceed every position.
+    tokens, positions [R] (int64) -> logits [R, V] (float32). `length` must exceed every position
+    that is read (a row whose position is >= length writes its key and attends to keys 0..length-1).
+    No host synchronisation: on CUDA it can be captured in a graph (`tts.spark.decode.GraphedStep`).
     """
     device = cache.k.device
     rows = tokens.shape[0]
     tokens, positions = tokens.to(device), positions.to(device)
     h = model.model.embed_tokens(tokens.view(rows, 1))
-    mask = (torch.arange(length, device=device).view(1, -1) <= positions.view(-1, 1)).view(rows, 1, 1, length)
+    mask = torch.arange(length, device=device).view(1, -1) <= positions.view(-1, 1)  # [R, L]
 
     def attend(i, q, k, v):
         cache.write_step(i, rows, positions, k, v)
         keys, values = cache.view(i, rows, length)
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+        return decode_attention(q, keys, values, mask)
 
     h = _layers(model, h, positions.view(rows, 1), attend)
     return model.lm_head(h[:, 0]).float()

@@ -82,7 +82,7 @@ class SparkPipeline:
     def __init__(self, model_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                  demo_weights: bool = False, max_batch_size: int = DEFAULT_MAX_BATCH,
                  max_seq_len: int = DEFAULT_MAX_SEQ_LEN, prompt_cache_size: int = PROMPT_CACHE_SIZE,
-                 max_segment_weight: int = MAX_SEGMENT_WEIGHT):
+                 max_segment_weight: int = MAX_SEGMENT_WEIGHT, cuda_graphs: bool | None = None):
         self.device = torch.device(device)
         self.config = load_spark_config(model_dir)
         self.model_dir = self.config.model_dir
@@ -100,6 +100,8 @@ class SparkPipeline:
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self.max_segment_weight = max_segment_weight
         self.prompt_cache = PromptCache(prompt_cache_size)
+        self.cuda_graphs = cuda_graphs  # None: on when the device is CUDA
+        self._solo_batch = None
 
     @property
     def hop(self) -> int:
@@ -140,6 +142,12 @@ class SparkPipeline:
         return RequestState(request, rid, seed, segments, self.tokenizer, self.hop, reference, notes,
                             self.demo_weights, started)
 
+    def new_batch(self, max_batch: int, max_seq_len: int):
+        """A DecodeBatch on this pipeline's LLM (CUDA graphs on CUDA unless `cuda_graphs=False`)."""
+        from tts.spark.decode import DecodeBatch
+
+        return DecodeBatch(self.llm, max_batch, max_seq_len, self.cuda_graphs)
+
     # ---- vocoder ---------------------------------------------------------------------------------------------
     def vocode(self, global_tokens, semantic_tokens) -> np.ndarray:
         """32 global + N semantic tokens -> float32 [N * 320] at 16 kHz."""
@@ -156,17 +164,24 @@ class SparkPipeline:
 
         out: list[SparkChunk] = []
         errors: list[BaseException] = []
-        sched = Scheduler(self, 1, self.max_seq_len, lambda st, c: out.append(c), lambda st, e: errors.append(e))
+        if self._solo_batch is None:  # kept: on CUDA its graphs are captured once
+            self._solo_batch = self.new_batch(1, self.max_seq_len)
+        sched = Scheduler(self, 1, self.max_seq_len, lambda st, c: out.append(c), lambda st, e: errors.append(e),
+                          batch=self._solo_batch)
         state = self.prepare(request)
-        sched.admit(state)
-        while True:
-            while out:
-                yield out.pop(0)
-            if errors:
-                raise errors[0]
-            if not sched.busy:
-                return
-            sched.step()
+        try:
+            sched.admit(state)
+            while True:
+                while out:
+                    yield out.pop(0)
+                if errors:
+                    raise errors[0]
+                if not sched.busy:
+                    return
+                sched.step()
+        finally:  # an abandoned stream must leave the reused batch idle
+            for seq in sched.batch.running:
+                sched.batch.drop(seq)
 
     def synthesize(self, request: SparkRequest) -> SparkResult:
         """Run one request alone; its chunks joined with `tts.audio.join_chunks`."""

@@ -22,9 +22,12 @@ Fail = Callable[[RequestState, BaseException], None]
 
 
 class Scheduler:
-    def __init__(self, pipeline, max_batch: int, max_seq_len: int, emit: Emit, fail: Fail):
+    def __init__(self, pipeline, max_batch: int, max_seq_len: int, emit: Emit, fail: Fail,
+                 batch: DecodeBatch | None = None):
         self.pipeline = pipeline
-        self.batch = DecodeBatch(pipeline.llm, max_batch, max_seq_len)
+        self.batch = batch or pipeline.new_batch(max_batch, max_seq_len)
+        if self.batch.running:
+            raise ValueError("the scheduler needs an idle DecodeBatch")
         self.emit, self.fail = emit, fail
         self.states: dict[str, RequestState] = {}
         self._seq_of: dict[str, Sequence] = {}

@@ -2,6 +2,7 @@
 
 import json
 import sys
+import time
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -29,8 +30,13 @@ class TritonPythonModel:
         kind, device_id = args.get("model_instance_kind", "CPU"), args.get("model_instance_device_id", "0")
         device = f"cuda:{device_id}" if kind == "GPU" and torch.cuda.is_available() else "cpu"
         self.demo = params.get("demo_weights") == "true"
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
         self.pipeline = F5Pipeline(params["checkpoint"], params["vocab"], params["vocos_dir"],
-                                   params.get("model_name", "F5TTS_v1_Base"), device=device)
+                                   params.get("model_name", "F5TTS_v1_Base"), device=device, dtype=dtype)
+        started = time.perf_counter()
+        stats = self.pipeline.warmup()  # compile + CUDA graph capture before Triton reports ready
+        if stats:
+            print(f"[f5_engine] warmup {time.perf_counter() - started:.1f} s: {stats}", flush=True)
         label = "DEMO WEIGHTS (random: output is noise)" if self.demo else params["checkpoint"]
         print(f"[f5_engine] ready on {device}: {label}", flush=True)
 
