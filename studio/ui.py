@@ -295,8 +295,8 @@ class Handlers:
 
     def voice_views(self, selected: str | None = None):
         voices = self.rt.voices.list()
-        rows = [[v.name, "sample (read-only)" if v.read_only else "saved", v.seconds, v.transcript, v.created or ""]
-                for v in voices]
+        rows = [[v.name, "sample (read-only)" if v.read_only else "saved", v.seconds, v.transcript,
+                 (v.created or "").replace("T", " ").rstrip("Z")] for v in voices]
         choices = [(v.label, v.key) for v in voices]
         keys = {k for _, k in choices}
         return (rows, gr.Dropdown(choices=choices, value=selected if selected in keys else None),

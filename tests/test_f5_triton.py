@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 
 import numpy as np
@@ -148,3 +149,21 @@ def test_cli_synth_with_embedded_server(tmp_path):
     assert "DEMO WEIGHTS" in proc.stdout and "RTF" in proc.stdout and "seed 5" in proc.stdout
     audio, sr = sf.read(out)
     assert sr == F5_SAMPLE_RATE and audio.size > 1000
+
+
+def test_cancelled_stream_stops_the_engine(client, triton_server):
+    """Stop after the first chunk: the engine drops the request's remaining chunks (server side too)."""
+    from studio.client import GenerationCancelled
+
+    cancel = threading.Event()
+    text = " ".join([LONG_TEXT] * 3)
+    with pytest.raises(GenerationCancelled):
+        client.synthesize("f5", text, REF, REF_TEXT, stream=True, params={"nfe_steps": 8, "seed": 1},
+                          on_chunk=lambda samples, info: cancel.set(), cancel=cancel)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if any("cancelled: its remaining chunks were dropped" in line for line in triton_server.log_tail(400)):
+            break
+        time.sleep(0.2)
+    assert any("cancelled: its remaining chunks were dropped" in line for line in triton_server.log_tail(400))
+    assert synth(client, "Still serving.", seed=2).audio.size > 0

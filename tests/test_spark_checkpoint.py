@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_spark_fixtures import spark_dir  # noqa: F401 - fixture
+from tests.test_spark_fixtures import spark_dir, spark_one_thread  # noqa: F401 - fixtures
 from tts.spark.bicodec import BiCodec, check_state_dict, load_bicodec
 from tts.spark.config import (GLOBAL_TOKENS, SAMPLES_PER_TOKEN, TOKENS_PER_SECOND, BiCodecConfig, load_spark_config)
+
+pytestmark = pytest.mark.usefixtures("spark_one_thread")
 
 MANIFEST = Path(__file__).parent / "data" / "spark_manifest.json"
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.test_spark_fixtures import spark_dir  # noqa: F401 - fixture
+from tests.test_spark_fixtures import spark_dir, spark_one_thread  # noqa: F401 - fixtures
 from tts.spark.decode import DecodeBatch, SamplingParams, Sequence, generate, sample_tokens
 from tts.spark.llm import forward_prefill, forward_step, load_llm, new_cache
+
+pytestmark = pytest.mark.usefixtures("spark_one_thread")
 
 LOGIT_TOL = 1e-4
 END = (3,)

@@ -44,6 +44,18 @@ def noise_clip(seconds: float, seed: int = 0) -> np.ndarray:
     return (0.2 * voiced + 0.02 * rng.standard_normal(t.size)).astype(np.float32)
 
 
+@pytest.fixture()
+def spark_one_thread():
+    """One intra-op thread while a Spark test runs: the tiny models' ops are far too small to split,
+    and on a busy 2-core machine two spinning threads made decoding several times slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def spark_dir() -> Path:
     return demo_checkpoint()

@@ -9,12 +9,15 @@ import pytest
 import torch
 from torch import nn
 
+from tests.test_spark_fixtures import spark_one_thread  # noqa: F401 - fixture
 from tts.spark.config import MelParams, SpeakerEncoderConfig, WaveGeneratorConfig
 from tts.spark.layers import WNConv1d, WNConvTranspose1d, fold_weight_norm
 from tts.spark.mel import MelSpectrogram, hz_to_mel, mel_filterbank, mel_to_hz
 from tts.spark.quantizers import FactorizedVQ, ResidualFSQ
 from tts.spark.speaker import SpeakerEncoder
 from tts.spark.wave_generator import WaveGenerator
+
+pytestmark = pytest.mark.usefixtures("spark_one_thread")
 
 # librosa.filters.mel(sr=16000, n_fft=1024, n_mels=128, fmin=10, fmax=8000, htk=False, norm="slaney")
 # (the same construction as torchaudio's melscale_fbanks with norm/mel_scale "slaney"), per filter:

@@ -7,9 +7,11 @@ import threading
 import numpy as np
 import pytest
 
-from tests.test_spark_fixtures import noise_clip, spark_dir, spark_pipeline  # noqa: F401 - fixtures
+from tests.test_spark_fixtures import noise_clip, spark_dir, spark_pipeline, spark_one_thread  # noqa: F401 - fixtures
 from tts.spark.config import GLOBAL_TOKENS, SAMPLES_PER_TOKEN
 from tts.spark.request import SparkOptions, SparkRequest
+
+pytestmark = pytest.mark.usefixtures("spark_one_thread")
 
 GREEDY = dict(top_k=1, seed=0)
 

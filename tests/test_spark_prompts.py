@@ -5,9 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.test_spark_fixtures import spark_dir  # noqa: F401 - fixture
+from tests.test_spark_fixtures import spark_dir, spark_one_thread  # noqa: F401 - fixtures
 from tts.spark import prompts
 from tts.spark.tokenizer import SparkTokenizer
+
+pytestmark = pytest.mark.usefixtures("spark_one_thread")
 
 # Written out by hand from upstream's code: the pieces joined with "" in this order.
 CLONE_WITH_TEXT = ("<|task_tts|><|start_content|>This is the reference.Say this now.<|end_content|>"

@@ -102,13 +102,66 @@ def _cancelled(request) -> bool:
     return bool(check()) if check else False
 
 
-def offline_front(pb_utils, request, engine: str, input_names: list[str], join, extra: list | None = None):
+class CancelWatch:
+    """Polls `request.is_cancelled()` in the background while a BLS call runs, and calls `on_cancel`
+    once as soon as the client goes away (rather than when the engine's next response arrives)."""
+
+    POLL_S = 0.02
+
+    def __init__(self, request, on_cancel):
+        import threading
+
+        self.request, self.on_cancel = request, on_cancel
+        self.fired = False
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True) if on_cancel else None
+
+    def __enter__(self):
+        if self._thread:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._done.set()
+        if self._thread:
+            self._thread.join(timeout=1)
+
+    def _run(self):
+        while not self._done.wait(self.POLL_S):
+            if _cancelled(self.request):
+                self.fired = True
+                try:
+                    self.on_cancel()
+                except Exception as exc:  # noqa: BLE001 - best effort; the stream ends anyway
+                    print(f"[front] cancel failed: {exc}", flush=True)
+                return
+
+
+def cancel_dir(args: dict):
+    """A folder shared by a model repository's models, for cancel markers (`<repo>/../cancel`)."""
+    from pathlib import Path
+
+    folder = Path(args["model_repository"]).resolve().parent.parent / "cancel"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def key_tensor(pb_utils, name: str, key: str):
+    return pb_utils.Tensor(name, np.array([[key.encode()]], dtype=np.object_))
+
+
+def offline_front(pb_utils, request, engine: str, input_names: list[str], join, extra: list | None = None,
+                  on_cancel=None):
     """Call a decoupled engine through BLS, join its chunk responses, return one response."""
     inputs = forward_inputs(pb_utils, request, input_names) + (extra or [])
     inputs.append(pb_utils.Tensor("streaming", np.array([[False]], dtype=bool)))
     bls = pb_utils.InferenceRequest(model_name=engine, inputs=inputs, requested_output_names=["waveform", "info"])
     chunks, overlaps, info = [], [], None
-    for response in bls.exec(decoupled=True):
+    with CancelWatch(request, on_cancel) as watch:
+        responses = list(bls.exec(decoupled=True))
+    if watch.fired:
+        return error_response(pb_utils, "cancelled by the client")
+    for response in responses:
         if response.has_error():
             return error_response(pb_utils, response.error().message())
         wav, chunk_info = response_audio(pb_utils, response)
@@ -136,18 +189,20 @@ def stream_front(pb_utils, request, engine: str, input_names: list[str], extra: 
     inputs.append(pb_utils.Tensor("streaming", np.array([[True]], dtype=bool)))
     bls = pb_utils.InferenceRequest(model_name=engine, inputs=inputs, requested_output_names=["waveform", "info"])
     try:
-        for response in bls.exec(decoupled=True):
-            if _cancelled(request):
-                if on_cancel:
-                    on_cancel()
-                break
-            if response.has_error():
-                sender.send(error_response(pb_utils, response.error().message()), flags=final)
-                return
-            wav, info = response_audio(pb_utils, response)
-            if wav is not None:
-                sender.send(audio_response(pb_utils, wav, info))
+        with CancelWatch(request, on_cancel) as watch:
+            for response in bls.exec(decoupled=True):
+                if watch.fired or _cancelled(request):
+                    break
+                if response.has_error():
+                    sender.send(error_response(pb_utils, response.error().message()), flags=final)
+                    return
+                wav, info = response_audio(pb_utils, response)
+                if wav is not None:
+                    sender.send(audio_response(pb_utils, wav, info))
     except Exception as exc:  # noqa: BLE001 - one bad request must not take the instance down
         sender.send(error_response(pb_utils, f"streaming failed: {exc}"), flags=final)
         return
-    sender.send(flags=final)
+    try:
+        sender.send(flags=final)
+    except Exception:  # noqa: BLE001 - the client may already be gone (cancelled)
+        pass

@@ -296,39 +296,53 @@ def chunk_info(req: F5Request, job: ChunkJob, compute_ms: float, demo_weights: b
 
 
 def serve(pipeline: F5Pipeline, requests: list[tuple[object, F5Request, bool]], emit: Emit,
-          demo_weights: bool) -> None:
-    """Run one engine batch: streaming requests' first chunks alone first, then every other chunk.
+          demo_weights: bool, cancelled: Callable[[object], bool] = lambda key: False) -> list:
+    """Run one engine batch in waves; returns the keys of requests cancelled part-way.
 
-    `requests` holds (key, request, streaming). `emit(key, chunk_index, audio, info)` is called per
-    chunk in order of each request's chunks. compute_ms accumulates the wall time of the batches a
-    request's chunks ran in.
+    `requests` holds (key, request, streaming). Wave 0: streaming requests' first chunks, alone, so
+    streaming answers fast. Wave 1: every chunk of the offline requests (one batch, as DESIGN.md
+    says) with the streaming requests' second chunks. Wave k: streaming chunk k. Between waves a
+    request for which `cancelled(key)` is true is dropped. `emit(key, chunk_index, audio, info)` is
+    called per chunk, in each request's chunk order; compute_ms accumulates the wall time of the
+    waves a request's chunks ran in.
     """
     spent = {id(req): 0.0 for _, req, _ in requests}
-    waves: dict[tuple[int, int], np.ndarray] = {}
+    waves_out: dict[tuple[int, int], np.ndarray] = {}
     sent = {id(req): 0 for _, req, _ in requests}
-
-    def run(jobs_of: list[tuple[F5Request, ChunkJob]]):
-        if not jobs_of:
-            return
-        t0 = time.perf_counter()
-        outs = pipeline.synthesize([job for _, job in jobs_of])
-        ms = (time.perf_counter() - t0) * 1000
-        for (req, job), wav in zip(jobs_of, outs):
-            waves[(id(req), job.index)] = wav
-        for req in {id(r): r for r, _ in jobs_of}.values():
-            spent[id(req)] += ms
-        flush()
+    dropped: list = []
 
     def flush():
         for key, req, _ in requests:
-            while sent[id(req)] < len(req.jobs) and (id(req), sent[id(req)]) in waves:
+            while sent[id(req)] < len(req.jobs) and (id(req), sent[id(req)]) in waves_out:
                 job = req.jobs[sent[id(req)]]
-                emit(key, job.index, waves.pop((id(req), job.index)),
+                emit(key, job.index, waves_out.pop((id(req), job.index)),
                      chunk_info(req, job, spent[id(req)], demo_weights))
                 sent[id(req)] += 1
 
-    run([(req, req.jobs[0]) for _, req, streaming in requests if streaming])
-    run([(req, job) for _, req, streaming in requests for job in req.jobs if not (streaming and job.index == 0)])
+    longest = max((len(req.jobs) for _, req, streaming in requests if streaming), default=0)
+    for wave in range(max(longest, 2)):
+        batch = []
+        for key, req, streaming in requests:
+            if key in dropped or sent[id(req)] >= len(req.jobs):
+                continue
+            if cancelled(key):
+                dropped.append(key)
+                continue
+            if streaming:
+                batch += [(req, req.jobs[wave])] if wave < len(req.jobs) else []
+            elif wave == 1:
+                batch += [(req, job) for job in req.jobs]
+        if not batch:
+            continue
+        t0 = time.perf_counter()
+        outs = pipeline.synthesize([job for _, job in batch])
+        ms = (time.perf_counter() - t0) * 1000
+        for (req, job), wav in zip(batch, outs):
+            waves_out[(id(req), job.index)] = wav
+        for req in {id(r): r for r, _ in batch}.values():
+            spent[id(req)] += ms
+        flush()
+    return dropped
 
 
 def synthesize_offline(pipeline: F5Pipeline, request: F5Request) -> tuple[np.ndarray, dict]:

@@ -139,7 +139,8 @@ class GraphedStep:
                 forward_step(model, cache, self.tokens, self.positions, length)
         torch.cuda.current_stream(dev).wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
+        # thread-local capture: the engine's preparation thread may use the GPU meanwhile
+        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
             self.logits = forward_step(model, cache, self.tokens, self.positions, length)
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,7 @@ class TritonPythonModel:
         from triton_models import shared
 
         self.shared, self.F5Options, self.serve = shared, F5Options, serve
+        self.cancel_dir = shared.cancel_dir(args)  # front ends drop a marker named by the request key
         kind, device_id = args.get("model_instance_kind", "CPU"), args.get("model_instance_device_id", "0")
         device = f"cuda:{device_id}" if kind == "GPU" and torch.cuda.is_available() else "cpu"
         self.demo = params.get("demo_weights") == "true"
@@ -55,12 +56,13 @@ class TritonPythonModel:
 
     def execute(self, requests):
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-        work, senders = [], {}
+        work, senders, keys = [], {}, {}
         for i, request in enumerate(requests):
             sender = request.get_response_sender()
             try:
                 work.append((i, self._parse(request), bool(self.shared.get_scalar(pb_utils, request, "streaming", False))))
                 senders[i] = sender
+                keys[i] = self.shared.get_scalar(pb_utils, request, "request_key", "") or ""
             except ValueError as exc:
                 sender.send(self.shared.error_response(pb_utils, str(exc)), flags=final)
 
@@ -69,9 +71,15 @@ class TritonPythonModel:
             if info["final"]:
                 senders[key].send(flags=final)
 
+        def cancelled(key) -> bool:
+            marker = self.cancel_dir / keys[key] if keys.get(key) else None
+            return bool(marker) and marker.exists()
+
         if work:
             try:
-                self.serve(self.pipeline, work, emit, self.demo)
+                for key in self.serve(self.pipeline, work, emit, self.demo, cancelled):
+                    print(f"[f5_engine] request {keys.get(key)} cancelled: its remaining chunks were dropped", flush=True)
+                    senders[key].send(flags=final)
             except Exception as exc:  # keep the instance alive; tell every waiting request why
                 msg = f"F5 synthesis failed: {type(exc).__name__}: {exc}"
                 print(f"[f5_engine] {msg}", flush=True)
@@ -80,4 +88,7 @@ class TritonPythonModel:
                         sender.send(self.shared.error_response(pb_utils, msg), flags=final)
                     except Exception:  # noqa: BLE001 - already finished
                         pass
+        for key in keys.values():
+            if key:
+                (self.cancel_dir / key).unlink(missing_ok=True)
         return None

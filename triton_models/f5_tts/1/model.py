@@ -2,6 +2,7 @@
 
 import json
 import sys
+import uuid
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -23,10 +24,19 @@ class TritonPythonModel:
         from triton_models.shared import model_params
 
         self.engine = model_params(args)["params"].get("engine", "f5_engine")
+        from triton_models.shared import cancel_dir
+
+        self.cancel_dir = cancel_dir(args)  # the engine checks it for markers between batches
         from triton_models import shared
         from tts.audio import join_chunks
 
         self.shared, self.join = shared, join_chunks
 
     def execute(self, requests):
-        return [self.shared.offline_front(pb_utils, r, self.engine, INPUTS, self.join) for r in requests]
+        out = []
+        for r in requests:
+            key = uuid.uuid4().hex
+            out.append(self.shared.offline_front(
+                pb_utils, r, self.engine, INPUTS, self.join, extra=[self.shared.key_tensor(pb_utils, "request_key", key)],
+                on_cancel=lambda k=key: (self.cancel_dir / k).touch()))
+        return out

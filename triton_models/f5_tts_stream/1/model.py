@@ -2,6 +2,7 @@
 
 import json
 import sys
+import uuid
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -23,11 +24,17 @@ class TritonPythonModel:
         from triton_models.shared import model_params
 
         self.engine = model_params(args)["params"].get("engine", "f5_engine")
+        from triton_models.shared import cancel_dir
+
+        self.cancel_dir = cancel_dir(args)  # the engine checks it for markers between batches
         from triton_models import shared
 
         self.shared = shared
 
     def execute(self, requests):
         for request in requests:
-            self.shared.stream_front(pb_utils, request, self.engine, INPUTS)
+            key = uuid.uuid4().hex
+            self.shared.stream_front(pb_utils, request, self.engine, INPUTS,
+                                     extra=[self.shared.key_tensor(pb_utils, "request_key", key)],
+                                     on_cancel=lambda k=key: (self.cancel_dir / k).touch())
         return None
