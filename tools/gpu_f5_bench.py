@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="F5 step / sampler micro-benchmarks")
     p.add_argument("--checkpoints", type=Path, required=True, help="folder with F5TTS_v1_Base/ and vocos-mel-24khz/")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--device", default="cuda")
+    p.add_argument("--device", default="cuda:0")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     p.add_argument("--frames", type=int, default=938, help="frames per item (938 = 10 s: 3 s prompt + 7 s)")
     p.add_argument("--modes", default="graph,compile", help="fast modes to measure (graph, compile, eager)")

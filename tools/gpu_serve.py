@@ -31,24 +31,8 @@ ENGINE_LOG_TAG = "[f5_engine]"
 
 
 def find_wheel_without_importing_it() -> str | None:
-    """studio.server imports `pytriton` only to find the wheel's folder, but the package's __init__
-    imports its client stack (gevent, zmq, opentelemetry, ...), which a machine given the wheel with
-    --no-deps may lack. Then register a bare module at the wheel's path so the server finds its
-    files; nothing of pytriton's own code is needed. Returns a note when the workaround was used."""
-    import importlib.util
-    import types
-
-    try:
-        import pytriton  # noqa: F401
-        return None
-    except ImportError as exc:
-        spec = importlib.util.find_spec("pytriton")
-        if spec is None or not spec.origin:
-            return None
-        module = types.ModuleType("pytriton")
-        module.__file__ = spec.origin
-        sys.modules["pytriton"] = module
-        return f"`import pytriton` failed ({exc}); found the wheel at {Path(spec.origin).parent} without importing it"
+    """Kept for the sweep's log line; no workaround is needed any more."""
+    return None  # studio.server now finds the wheel with importlib.util.find_spec, importing nothing
 
 
 def warmup_stats(lines: list[str]) -> list[dict]:

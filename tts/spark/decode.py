@@ -17,7 +17,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from tts.spark.kv_cache import StaticKVCache
@@ -267,7 +266,3 @@ def generate(model, prompt_ids: list[int], params: SamplingParams, end_ids: tupl
     while not seq.finished:
         batch.step()
     return seq
-
-
-def as_numpy(tokens) -> np.ndarray:
-    return np.asarray(tokens, dtype=np.int64)

@@ -96,6 +96,8 @@ class SparkHandle:
         """Wait for every chunk and join them (`tts.audio.join_chunks`)."""
         from tts.audio import join_chunks
 
+        if self._callback is not None:
+            raise RuntimeError("this request delivers its chunks to a callback")
         deadline = None if timeout is None else time.monotonic() + timeout
         chunks = []
         while True:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from tts.spark.audio_tokenizer import SparkAudioTokenizer
-from tts.spark.config import SAMPLES_PER_TOKEN, load_spark_config
+from tts.spark.config import load_spark_config
 from tts.spark.llm import load_llm
 from tts.spark.reference import as_mono
 from tts.spark.request import SparkChunk, SparkRequest, SparkResult
@@ -191,8 +191,3 @@ class SparkPipeline:
         info.update(overlap_samples=0, chunk_index=len(chunks) - 1, final=True, chunks=len(chunks),
                     audio_s=round(len(wav) / self.config.top.sample_rate, 3))
         return SparkResult(wav, info, chunks)
-
-
-def expected_samples(semantic_tokens: int) -> int:
-    """Joined audio length for a number of semantic tokens."""
-    return semantic_tokens * SAMPLES_PER_TOKEN

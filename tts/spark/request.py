@@ -12,7 +12,6 @@ from tts.spark.prompts import check_voice
 
 # Accepted option ranges; outside them a request is refused with a message naming the option.
 TEMPERATURE_RANGE = (0.0, 5.0)
-TOP_P_RANGE = (0.0, 1.0)
 MAX_NEW_TOKENS_RANGE = (1, 8192)
 
 
