@@ -116,6 +116,12 @@ say "sweep start (tiny=$TINY) in $ROOT; results in $RES; OUT=$OUT"
 if [[ $TINY == 0 ]] && compgen -G ".whl/*.whl" >/dev/null; then
   run 120 install_wheels $PY -m pip install -q --no-index --no-deps .whl/*.whl
 fi
+# The nvidia-pytriton wheel travels repacked as .tar.xz (only the 3.12 stub; xz keeps the carried
+# tree under the 64 MiB limit next to numpy 1.26, which the 2.51 Python backend stub needs:
+# with numpy 2 its BYTES tensors break).
+if [[ $TINY == 0 ]] && [[ -f .whl/pytriton312.tar.xz ]]; then
+  run 120 install_pytriton $PY -c "import site, tarfile; tarfile.open('.whl/pytriton312.tar.xz').extractall(site.getsitepackages()[0])"
+fi
 if command -v nvidia-smi >/dev/null; then
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader | head -1 >"$RES/gpu.txt"
 else

@@ -78,12 +78,16 @@ def error_response(pb_utils, message: str):
 
 
 def forward_inputs(pb_utils, request, names: list[str]) -> list:
-    """The request's present inputs among `names`, re-wrapped for a BLS request."""
+    """The request's present inputs among `names`, passed on to a BLS request as they are.
+
+    (Not re-wrapped through numpy: with numpy 2 the 2.51 stub mis-serialises a BYTES tensor built
+    from `as_numpy()` of another BYTES tensor.)
+    """
     out = []
     for name in names:
         tensor = pb_utils.get_input_tensor_by_name(request, name)
         if tensor is not None:
-            out.append(pb_utils.Tensor(name, tensor.as_numpy()))
+            out.append(tensor)
     return out
 
 
