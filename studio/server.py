@@ -276,7 +276,10 @@ class TritonServer:
         self.grpc_port = self.grpc_port or free_port()
         metrics_port = free_port()
         env = dict(os.environ)
-        env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+        # The stub runs the interpreter first on PATH; STUDIO_STUB_PYTHON_BIN can name another
+        # environment's bin/ (same Python version), e.g. one whose numpy suits the 2.51 stub.
+        stub_bin = os.environ.get("STUDIO_STUB_PYTHON_BIN") or os.path.dirname(sys.executable)
+        env["PATH"] = stub_bin + os.pathsep + env.get("PATH", "")
         libdirs = [str(libs)] if libs else []
         libdirs.append(sysconfig.get_config_var("LIBDIR") or "")
         env["LD_LIBRARY_PATH"] = os.pathsep.join([d for d in libdirs if d] + [env.get("LD_LIBRARY_PATH", "")])

@@ -114,7 +114,20 @@ fi
 # -- 0. environment ---------------------------------------------------------------------------------
 say "sweep start (tiny=$TINY) in $ROOT; results in $RES; OUT=$OUT"
 if [[ $TINY == 0 ]] && compgen -G ".whl/*.whl" >/dev/null; then
-  run 120 install_wheels $PY -m pip install -q --no-index --no-deps .whl/*.whl
+  run 120 install_wheels $PY -m pip install -q --no-index --no-deps $(ls .whl/*.whl | grep -v /numpy-)
+  # The 2.51 Python backend stub breaks BYTES tensors under numpy 2, while the image's scipy and
+  # transformers need numpy 2: the stub gets its own environment, numpy 1.26 first, the rest of
+  # the image's packages after it (a .pth file); the server puts its bin/ first on the stub's PATH.
+  if compgen -G ".whl/numpy-1.*.whl" >/dev/null; then
+    STUB_ENV=/tmp/stub-env
+    SITE=$($PY -c "import site; print(site.getsitepackages()[0])")
+    VER=$($PY -c "import sys; print(f'{sys.version_info[0]}.{sys.version_info[1]}')")
+    $PY -m venv --without-pip "$STUB_ENV"
+    run 120 install_stub_numpy $PY -m pip install -q --no-index --no-deps --target "$STUB_ENV/lib/python$VER/site-packages" .whl/numpy-1.*.whl
+    echo "$SITE" >"$STUB_ENV/lib/python$VER/site-packages/zz_image_packages.pth"
+    export STUDIO_STUB_PYTHON_BIN=$STUB_ENV/bin
+    "$STUB_ENV/bin/python" -c "import numpy, torch; print('stub env: numpy', numpy.__version__, 'torch', torch.__version__)" | tee -a "$LOG"
+  fi
 fi
 # The nvidia-pytriton wheel travels repacked as .tar.xz (only the 3.12 stub; xz keeps the carried
 # tree under the 64 MiB limit next to numpy 1.26, which the 2.51 Python backend stub needs:
