@@ -504,8 +504,11 @@ def test_real_voice_history_server(real):
     real.set_nfe(4)
     assert_played(real.generate("clone", timeout_s=REAL_GENERATION_TIMEOUT_S), "real saved voice")
     real.tab("History")
+    # the table refreshes after the generation is recorded: wait for this row before opening it
+    real.wait_text("#history-table", "A saved voice", 30)
     real.page.locator("#history-table [data-testid='cell-0-1']").click()
-    real.page.wait_for_selector("#history-audio a[data-testid='download-link']", state="attached", timeout=20_000)
+    real.page.wait_for_function("() => (document.querySelector('#history-detail')?.innerText || '')"
+                                ".includes('Real voice')", timeout=20_000)
     assert "Real voice" in real.page.locator("#history-detail").inner_text()
     real.shot("real-history")
     real.tab("Server")

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Spark end-to-end sweep on the GPU machine: the same environment set-up as gpu_sweep.sh, then
+# tools/gpu_spark_sweep.py. Usage (repo copy as cwd, .whl carried): bash tools/gpu_spark_sweep.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-./sweep-out}
+PY=${PYTHON:-python3}
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+$PY -m pip install -q --no-index --no-deps $(ls .whl/*.whl | grep -v /numpy-)
+$PY -c "import site, tarfile; tarfile.open('.whl/pytriton312.tar.xz').extractall(site.getsitepackages()[0])"
+SITE=$($PY -c "import site; print(site.getsitepackages()[0])")
+VER=$($PY -c "import sys; print(f'{sys.version_info[0]}.{sys.version_info[1]}')")
+$PY -m venv --without-pip /tmp/stub-env
+$PY -m pip install -q --no-index --no-deps --target /tmp/stub-env/lib/python$VER/site-packages .whl/numpy-1.*.whl
+echo "$SITE" >/tmp/stub-env/lib/python$VER/site-packages/zz_image_packages.pth
+export STUDIO_STUB_PYTHON_BIN=/tmp/stub-env/bin
+$PY tools/gpu_spark_sweep.py --out "$OUT" "$@"
