@@ -39,7 +39,11 @@ def main() -> int:
 
     server = TritonServer(args.work / "data", checkpoints=ck, no_download=True, families=["spark"], instances=16)
     t0 = time.perf_counter()
-    server.start(timeout_s=400)
+    try:
+        server.start(timeout_s=400)
+    except Exception:
+        (args.out / "spark_tritonserver.log").write_text("\n".join(server.log_tail(3000)))
+        raise
     startup = time.perf_counter() - t0
     print(f"server ready in {startup:.1f} s", flush=True)
     runs = [("offline", "1,4,16", 16), ("streaming", "1,8", 16)]

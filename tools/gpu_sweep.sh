@@ -124,7 +124,12 @@ if [[ $TINY == 0 ]] && compgen -G ".whl/*.whl" >/dev/null; then
     VER=$($PY -c "import sys; print(f'{sys.version_info[0]}.{sys.version_info[1]}')")
     $PY -m venv --without-pip "$STUB_ENV"
     run 120 install_stub_numpy $PY -m pip install -q --no-index --no-deps --target "$STUB_ENV/lib/python$VER/site-packages" .whl/numpy-1.*.whl
-    echo "$SITE" >"$STUB_ENV/lib/python$VER/site-packages/zz_image_packages.pth"
+    # the image's packages, linked one by one, except numpy (1.26 above) and what is built against
+    # numpy 2 and optional for us (scipy, scikit-learn): transformers then skips them
+    for entry in "$SITE"/*; do
+      case "$(basename "$entry")" in numpy*|scipy*|sklearn*|scikit_learn*) continue ;; esac
+      [[ -e "$STUB_ENV/lib/python$VER/site-packages/$(basename "$entry")" ]] || ln -s "$entry" "$STUB_ENV/lib/python$VER/site-packages/"
+    done
     export STUDIO_STUB_PYTHON_BIN=$STUB_ENV/bin
     "$STUB_ENV/bin/python" -c "import numpy, torch; print('stub env: numpy', numpy.__version__, 'torch', torch.__version__)" | tee -a "$LOG"
   fi
