@@ -11,6 +11,14 @@ import json
 import numpy as np
 
 
+#: Inputs a front end passes on to its engine (DESIGN.md's Triton contract).
+F5_INPUTS = ["reference_wav", "reference_wav_len", "reference_text", "target_text", "nfe_steps", "cfg_strength",
+             "sway_coef", "speed", "use_prompt_cache", "seed"]
+SPARK_INPUTS = ["reference_wav", "reference_wav_len", "reference_text", "target_text", "temperature", "top_p",
+                "top_k", "max_new_tokens", "min_new_tokens", "use_prompt_cache", "seed", "gender", "pitch_level",
+                "speed_level"]
+
+
 def model_params(args: dict) -> dict:
     """The model config from `initialize` args and its string parameters."""
     config = json.loads(args["model_config"])
@@ -148,6 +156,14 @@ def cancel_dir(args: dict):
     folder = Path(args["model_repository"]).resolve().parent.parent / "cancel"
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+def cancel_via_bls(pb_utils, engine: str, key: str) -> None:
+    """Ask an engine to drop request `key` from its running batch (a request carrying only `cancel_key`)."""
+    request = pb_utils.InferenceRequest(model_name=engine, inputs=[key_tensor(pb_utils, "cancel_key", key)],
+                                        requested_output_names=["waveform", "info"])
+    for _ in request.exec(decoupled=True):
+        pass
 
 
 def key_tensor(pb_utils, name: str, key: str):

@@ -4,7 +4,6 @@ import json
 import sys
 import uuid
 
-import numpy as np
 import triton_python_backend_utils as pb_utils
 
 
@@ -13,9 +12,6 @@ def _use_project(args) -> None:
     root = json.loads(args["model_config"])["parameters"]["project_root"]["string_value"]
     if root not in sys.path:
         sys.path.insert(0, root)
-
-INPUTS = ["reference_wav", "reference_wav_len", "reference_text", "target_text", "nfe_steps", "cfg_strength",
-          "sway_coef", "speed", "use_prompt_cache", "seed"]
 
 
 class TritonPythonModel:
@@ -36,7 +32,7 @@ class TritonPythonModel:
         out = []
         for r in requests:
             key = uuid.uuid4().hex
-            out.append(self.shared.offline_front(
-                pb_utils, r, self.engine, INPUTS, self.join, extra=[self.shared.key_tensor(pb_utils, "request_key", key)],
-                on_cancel=lambda k=key: (self.cancel_dir / k).touch()))
+            extra = [self.shared.key_tensor(pb_utils, "request_key", key)]
+            out.append(self.shared.offline_front(pb_utils, r, self.engine, self.shared.F5_INPUTS, self.join, extra=extra,
+                                                 on_cancel=lambda k=key: (self.cancel_dir / k).touch()))
         return out

@@ -4,7 +4,6 @@ import json
 import sys
 import uuid
 
-import numpy as np
 import triton_python_backend_utils as pb_utils
 
 
@@ -13,14 +12,6 @@ def _use_project(args) -> None:
     root = json.loads(args["model_config"])["parameters"]["project_root"]["string_value"]
     if root not in sys.path:
         sys.path.insert(0, root)
-
-
-INPUTS = ["reference_wav", "reference_wav_len", "reference_text", "target_text", "temperature", "top_p", "top_k",
-          "max_new_tokens", "min_new_tokens", "use_prompt_cache", "seed", "gender", "pitch_level", "speed_level"]
-
-
-def _key_tensor(name: str, key: str):
-    return pb_utils.Tensor(name, np.array([[key.encode()]], dtype=np.object_))
 
 
 class TritonPythonModel:
@@ -33,5 +24,11 @@ class TritonPythonModel:
         self.shared, self.join = shared, join_chunks
 
     def execute(self, requests):
-        return [self.shared.offline_front(pb_utils, r, self.engine, INPUTS, self.join,
-                                          extra=[_key_tensor("request_key", uuid.uuid4().hex)]) for r in requests]
+        out = []
+        for r in requests:
+            key = uuid.uuid4().hex
+            extra = [self.shared.key_tensor(pb_utils, "request_key", key)]
+            out.append(self.shared.offline_front(
+                pb_utils, r, self.engine, self.shared.SPARK_INPUTS, self.join, extra=extra,
+                on_cancel=lambda k=key: self.shared.cancel_via_bls(pb_utils, self.engine, k)))
+        return out
