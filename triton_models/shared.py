@@ -176,9 +176,8 @@ def offline_front(pb_utils, request, engine: str, input_names: list[str], join, 
     inputs = forward_inputs(pb_utils, request, input_names) + (extra or [])
     inputs.append(pb_utils.Tensor("streaming", np.array([[False]], dtype=bool)))
     bls = pb_utils.InferenceRequest(model_name=engine, inputs=inputs, requested_output_names=["waveform", "info"])
-    # No cancel watch here: polling `is_cancelled()` of a non-decoupled request from a second thread
-    # during the BLS call made front stubs unhealthy under load on the H100 (tritonserver 2.51).
-    # Offline cancellation is client-side; `on_cancel` is kept for the day the backend allows it.
+    # Offline requests are cancelled on the client side only (the client stops waiting); `on_cancel`
+    # is accepted so a cancel watch like stream_front's can be added once it is proven under load.
     chunks, overlaps, info = [], [], None
     for response in bls.exec(decoupled=True):
         if response.has_error():
