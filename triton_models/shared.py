@@ -170,9 +170,26 @@ def key_tensor(pb_utils, name: str, key: str):
     return pb_utils.Tensor(name, np.array([[key.encode()]], dtype=np.object_))
 
 
+def send_final(pb_utils, request, response) -> None:
+    """Answer a non-decoupled request through its response sender (`execute` then returns None).
+
+    Measured with the wheel's tritonserver 2.51: a response returned from `execute` reached the
+    gRPC client ~27 ms after `execute` ended, whatever its size; the same response sent through the
+    sender arrived ~1-3 ms after. Clients see no difference (one response, then the end)."""
+    request.get_response_sender().send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+
 def offline_front(pb_utils, request, engine: str, input_names: list[str], join, extra: list | None = None,
                   on_cancel=None):
-    """Call a decoupled engine through BLS, join its chunk responses, return one response."""
+    """Call a decoupled engine through BLS, join its chunk responses, return one response (an error
+    response when anything fails: the caller sends it through the request's sender)."""
+    try:
+        return _offline_front(pb_utils, request, engine, input_names, join, extra)
+    except Exception as exc:  # noqa: BLE001 - one bad request must not take the instance down
+        return error_response(pb_utils, f"{engine} request failed: {exc}")
+
+
+def _offline_front(pb_utils, request, engine, input_names, join, extra):
     inputs = forward_inputs(pb_utils, request, input_names) + (extra or [])
     inputs.append(pb_utils.Tensor("streaming", np.array([[False]], dtype=bool)))
     bls = pb_utils.InferenceRequest(model_name=engine, inputs=inputs, requested_output_names=["waveform", "info"])
