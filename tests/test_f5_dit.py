@@ -203,3 +203,42 @@ def test_full_size_dit_builds_on_meta():
         model = DiT(MODEL_CONFIGS["F5TTS_v1_Base"])
     n = sum(p.numel() for p in model.parameters())
     assert 330e6 < n < 345e6  # about 337 M (UPSTREAM.md)
+
+
+def test_fused_qkv_gives_the_same_velocity_and_state_dict():
+    cfg = F5Config(dim=64, depth=2, heads=4, dim_head=16, text_dim=32, conv_layers=1, text_num_embeds=60)
+    torch.manual_seed(3)
+    plain = DiT(cfg).eval()
+    fused = DiT(cfg).eval()
+    fused.load_state_dict(plain.state_dict())
+    before = {k: v.clone() for k, v in fused.state_dict().items()}
+    fused.fuse_qkv().fuse_qkv()  # idempotent
+    after = fused.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    g = torch.Generator().manual_seed(0)
+    x, cond = torch.randn(2, 30, 100, generator=g), torch.randn(2, 30, 100, generator=g)
+    ids = torch.randint(0, 60, (2, 12), generator=g)
+    lens = torch.tensor([30, 22])
+    mask = torch.arange(30)[None, :] < lens[:, None]
+    with torch.no_grad():
+        tc, tu = plain.embed_text(ids, lens)
+        ref = plain(x, cond, tc, tu, torch.tensor([0.3, 0.3]), mask)
+        out = fused(x, cond, tc, tu, torch.tensor([0.3, 0.3]), mask)
+    assert torch.allclose(out[0], ref[0], atol=1e-5) and torch.allclose(out[1], ref[1], atol=1e-5)
+    assert fused.transformer_blocks[0].attn.to_k.weight.data_ptr() != plain.transformer_blocks[0].attn.to_k.weight.data_ptr()
+
+
+def test_grouped_conv_as_matmul_equals_the_convolution():
+    torch.manual_seed(0)
+    from tts.f5.dit import ConvPositionEmbedding, grouped_conv_as_matmul
+
+    cpe = ConvPositionEmbedding(64)
+    x = torch.randn(3, 50, 64)
+    for conv in (cpe.conv1d[0], cpe.conv1d[2]):
+        ref = conv(x.transpose(1, 2)).transpose(1, 2)
+        assert torch.allclose(grouped_conv_as_matmul(x, conv), ref, atol=1e-5)
+    mask = torch.arange(50)[None, :] < torch.tensor([50, 31, 7])[:, None]
+    ref = cpe(x, mask)
+    cpe.as_matmul = True
+    out = cpe(x, mask)
+    assert torch.allclose(out, ref, atol=1e-5) and not out[1, 31:].any()

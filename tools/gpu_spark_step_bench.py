@@ -1,4 +1,4 @@
-"""Micro-benchmark of the Spark LLM decode step: `DecodeBatch.step()` eager vs with CUDA graphs.
+"""Micro-benchmark of the Spark LLM decode step: `DecodeBatch.step()` eager, fused step in CUDA graphs, compiled fused step in CUDA graphs.
 
     python tools/gpu_spark_step_bench.py --out RESULTS [--device cuda] [--tiny]
 
@@ -15,18 +15,19 @@ Decode tokens/s per stream = 1000 / step ms.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
+import os
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from tts.spark.decode import DecodeBatch, SamplingParams, Sequence  # noqa: E402
+from tts.spark.decode import FAST_ENV, DecodeBatch, SamplingParams, Sequence  # noqa: E402
 
 #: Qwen2.5-0.5B as Spark-TTS-0.5B's LLM/config.json has it (vocabulary grown by Spark's tokens).
 SPARK_LLM = dict(vocab_size=166000, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
@@ -55,19 +56,16 @@ def time_steps(batch: DecodeBatch, device, iters: int, warmup: int = 3) -> float
     return round(statistics.median(times), 4)
 
 
-def bench_batch(model, graphs: bool, slots: int, seq_len: int, prompt_len: int, rows_list, iters: int, device,
+def bench_batch(model, name: str, slots: int, seq_len: int, prompt_len: int, rows_list, iters: int, device,
                 out: dict) -> None:
-    name = "graph" if graphs else "eager"
-    kwargs = {}
-    if "cuda_graphs" in inspect.signature(DecodeBatch.__init__).parameters:
-        kwargs["cuda_graphs"] = graphs
-    elif graphs:
-        out["graph_error"] = "DecodeBatch has no cuda_graphs parameter in this checkout"
-        return
+    """name: eager (STUDIO_SPARK_FAST=0), graph (fused step in CUDA graphs), compile (compiled + graphs)."""
+    os.environ[FAST_ENV] = {"eager": "0"}.get(name, name)
     t0 = time.perf_counter()
-    batch = DecodeBatch(model, slots, seq_len, **kwargs)
+    batch = DecodeBatch(model, slots, seq_len)
     sync(device)
     out[f"{name}_batch_build_s"] = round(time.perf_counter() - t0, 2)
+    if batch.stats:
+        out[f"{name}_stats"] = batch.stats
     gen = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
     params = SamplingParams(max_new_tokens=NEVER_END, min_new_tokens=NEVER_END)
@@ -87,6 +85,11 @@ def bench_batch(model, graphs: bool, slots: int, seq_len: int, prompt_len: int, 
     del batch
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def save(folder: Path, out: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "spark_step.json").write_text(json.dumps(out, indent=2))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,21 +113,23 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         out["device_name"] = torch.cuda.get_device_name(device)
     with torch.inference_mode():
-        bench_batch(model, False, slots, seq_len, prompt_len, rows_list, iters, device, out)
-        if device.type == "cuda":
+        bench_batch(model, "eager", slots, seq_len, prompt_len, rows_list, iters, device, out)
+        save(args.out, out)
+        for name in (("graph", "compile") if device.type == "cuda" else ()):
             try:
-                bench_batch(model, True, slots, seq_len, prompt_len, rows_list, iters, device, out)
+                bench_batch(model, name, slots, seq_len, prompt_len, rows_list, iters, device, out)
             except Exception as exc:  # noqa: BLE001 - recorded in the results
-                out["graph_error"] = f"{type(exc).__name__}: {str(exc)[:1000]}"
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "spark_step.json").write_text(json.dumps(out, indent=2))
+                out[f"{name}_error"] = f"{type(exc).__name__}: {str(exc)[:1000]}"
+                traceback.print_exc()
+            save(args.out, out)  # a run cut off by a time limit keeps what it measured
+    save(args.out, out)
     print(f"\nSpark LLM DecodeBatch.step ({out.get('device_name', device)}, {args.dtype}, ~{prompt_len} keys)")
-    print("rows | eager ms | graph ms | tokens/s per stream (graph, else eager)")
+    print("rows | eager ms | fused graph ms | compiled graph ms | tokens/s per stream (best)")
     for rows in rows_list:
-        e, g = out.get(f"eager_step_ms_r{rows}"), out.get(f"graph_step_ms_r{rows}")
-        best = g or e
-        print(f"{rows} | {e} | {g} | {round(1000 / best, 1) if best else ''}")
-    for key in ("graph_batch_build_s", "graph_error"):
+        e, g, c = (out.get(f"{n}_step_ms_r{rows}") for n in ("eager", "graph", "compile"))
+        best = min(x for x in (e, g, c) if x) if any((e, g, c)) else None
+        print(f"{rows} | {e} | {g} | {c} | {round(1000 / best, 1) if best else ''}")
+    for key in ("graph_batch_build_s", "compile_batch_build_s", "graph_error", "compile_error"):
         if key in out:
             print(f"{key}: {out[key]}")
     return 0

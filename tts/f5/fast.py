@@ -12,8 +12,9 @@ runs; what changes is where it is called (gpt-fast / nano-vllm style):
   the buffers and replays the graph `nfe` times. The step's flow time and width come from a
   device table, so the loop never waits on the host.
 * mode "compile" first compiles each DiT block (regional compilation: one block's code serves all
-  `depth` blocks) with dynamic batch and frame sizes, so one compile covers every bucket; the
-  graphs then capture the compiled kernels. Inductor's on-disk caches live under the data
+  `depth` blocks) and the convolutional position embedding (as matrix products, see
+  `tts.f5.dit.grouped_conv_as_matmul`) with dynamic batch and frame sizes, so one compile covers
+  every bucket; the graphs then capture the compiled kernels. Inductor's on-disk caches live under the data
   directory, so a restart recompiles nothing.
 * everything is compiled and captured by `warmup()` when the server starts; a request never pays
   for it. A shape larger than the largest bucket runs the plain eager sampler (correct, slower).
@@ -246,7 +247,7 @@ class FastSampler:
     def __init__(self, dit: DiT, options: FastOptions = FastOptions(), log: Callable[[str], None] | None = None):
         if options.mode == "off":
             raise ValueError("FastSampler with mode 'off': use tts.f5.sampler.sample instead")
-        self.dit = dit
+        self.dit = dit.fuse_qkv()  # one q/k/v product per block (same values; weights become views)
         self.options = options
         self.device = next(dit.parameters()).device
         self.mode = options.mode
@@ -414,6 +415,10 @@ class FastSampler:
             kwargs["mode"] = self.options.compile_mode
         for block in self.dit.transformer_blocks:
             block.compile(**kwargs)
+        # the position convolutions as products, fused by inductor (see ConvPositionEmbedding.as_matmul)
+        cpe = self.dit.input_embed.conv_pos_embed
+        cpe.as_matmul = True
+        cpe.compile(**kwargs)
         self._compiled = True
         for i, (b, t) in enumerate(self._prime_shapes()):
             v = self.buffers.views(b, t)
@@ -424,8 +429,10 @@ class FastSampler:
             torch.cuda.synchronize(self.device)
 
     def _uncompile_blocks(self) -> None:
-        for block in self.dit.transformer_blocks:
-            block._compiled_call_impl = None  # what nn.Module.compile() set: back to the plain call
+        cpe = self.dit.input_embed.conv_pos_embed
+        cpe.as_matmul = False
+        for module in [*self.dit.transformer_blocks, cpe]:
+            module._compiled_call_impl = None  # what nn.Module.compile() set: back to the plain call
         self._compiled = False
 
     def _capture_all(self, buckets: list[tuple[int, int]]) -> None:

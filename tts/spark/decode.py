@@ -14,11 +14,14 @@ the device. End tokens are masked out until `min_new_tokens` tokens exist.
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from dataclasses import dataclass, field
 
 import torch
 
+from tts.spark import fast_step as FS
 from tts.spark.kv_cache import StaticKVCache
 from tts.spark.llm import forward_prefill, forward_step, new_cache
 
@@ -71,105 +74,114 @@ class Sequence:
         return list(self.generated)
 
 
-def sample_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-    """logits [R, V] (float32) -> one token per row, using each sequence's params and generator."""
-    logits = logits.clone()
+def _row_inputs(seqs: list[Sequence | None], ints, floats) -> None:
+    """Fill one step's per-row inputs (numpy views [R, N_INT] int64, [R, N_FLOAT] float32) for the
+    sequences in their rows (None = a free row: greedy on a dummy token at position 0). Draws each
+    sampled row's uniform number from its sequence's generator (one per row per step, in row order)."""
+    ints[:] = 0
+    floats[:] = (1.0, 1.0, 1.0, 0.0, 1.0)
     for r, s in enumerate(seqs):
-        if s.end_ids and len(s.generated) < s.params.min_new_tokens:
-            logits[r, list(s.end_ids)] = float("-inf")
-    out = [0] * len(seqs)
-    sampled = [r for r, s in enumerate(seqs) if not s.params.greedy]
-    greedy = [r for r, s in enumerate(seqs) if s.params.greedy]
-    if greedy:  # one device sync for all greedy rows
-        picks = logits[torch.tensor(greedy, device=logits.device)].argmax(dim=-1).tolist()
-        for r, tok in zip(greedy, picks):
-            out[r] = int(tok)
-    if not sampled:
-        return out
-    rows = torch.tensor(sampled, device=logits.device)
-    x = logits[rows] / torch.tensor([seqs[r].params.temperature for r in sampled],
-                                    device=logits.device).view(-1, 1)
-    vals, idx = torch.sort(x, dim=-1, descending=True)
-    vocab = x.shape[-1]
-    ks = torch.tensor([seqs[r].params.top_k if seqs[r].params.top_k > 0 else vocab for r in sampled],
-                      device=logits.device).clamp(max=vocab)
-    kth = vals.gather(1, (ks - 1).view(-1, 1))
-    vals = vals.masked_fill(vals < kth, float("-inf"))  # ties with the k-th value are kept, as transformers does
-    ps = torch.tensor([seqs[r].params.top_p for r in sampled], device=logits.device, dtype=vals.dtype).view(-1, 1)
-    probs = torch.softmax(vals, dim=-1)
-    before = torch.cumsum(probs, dim=-1) - probs  # mass of strictly more likely tokens
-    drop = (before >= ps) & (ps < 1.0)
-    drop[:, 0] = False
-    vals = vals.masked_fill(drop, float("-inf"))
-    probs = torch.softmax(vals, dim=-1)
-    u = torch.stack([torch.rand((), generator=seqs[r].generator) for r in sampled]).to(probs.device)
-    cdf = torch.cumsum(probs, dim=-1)
-    pick = torch.searchsorted(cdf, (u * cdf[:, -1]).view(-1, 1).to(cdf.dtype), right=True).clamp(max=vocab - 1)
-    pick = torch.minimum(pick, (probs > 0).sum(dim=-1, keepdim=True) - 1)  # never land on a dropped token
-    chosen = idx.gather(1, pick).view(-1).tolist()
-    for r, tok in zip(sampled, chosen):
-        out[r] = int(tok)
-    return out
+        if s is None:
+            continue
+        p = s.params
+        ints[r, FS.TOKEN] = s.generated[-1] if s.generated else 0
+        ints[r, FS.POSITION] = max(s.position, 0)
+        ends = list(s.end_ids)[:FS.MAX_END_IDS]
+        if ends:
+            ints[r, FS.END0: FS.END0 + FS.MAX_END_IDS] = (ends * FS.MAX_END_IDS)[:FS.MAX_END_IDS]
+            if len(s.generated) < p.min_new_tokens:
+                ints[r, FS.END0 + FS.MAX_END_IDS: FS.END0 + 2 * FS.MAX_END_IDS] = 1
+        if p.greedy:
+            continue
+        u = torch.rand((), generator=s.generator).item()
+        floats[r] = (p.temperature, float(p.top_k) if p.top_k > 0 else FS.NO_TOP_K, p.top_p, u, 0.0)
+
+
+def sample_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+    """logits [R, V] (float32) -> one token per row, using each sequence's params and generator.
+
+    The whole vocabulary is sorted (the graphed step's candidate cut gives the same tokens; rows
+    where it could not are redrawn here)."""
+    if any(len(s.end_ids) > FS.MAX_END_IDS for s in seqs):  # the row inputs hold a few; ban them all here
+        logits = logits.clone()
+        for r, s in enumerate(seqs):
+            if s.end_ids and len(s.generated) < s.params.min_new_tokens:
+                logits[r, list(s.end_ids)] = float("-inf")
+    ints = torch.zeros(len(seqs), FS.N_INT, dtype=torch.long)
+    floats = torch.zeros(len(seqs), FS.N_FLOAT, dtype=torch.float32)
+    _row_inputs(list(seqs), ints.numpy(), floats.numpy())
+    dev = logits.device
+    _, out = FS.sample_rows(logits, ints.to(dev), floats.to(dev), logits.shape[-1])
+    return [int(t) for t in out[0].tolist()]
 
 
 #: Key lengths a graphed decode step is captured for (and the cache length): the smallest that
-#: covers every running position is replayed. Each holds its own [max_batch, vocab] logits buffer.
+#: covers every running position is replayed.
 GRAPH_LENGTHS = (256, 512, 1024, 2048, 4096, 8192)
+#: Row counts a graphed step is captured for (and max_batch): the smallest that covers the highest
+#: running slot is replayed (a graph over all slots costs a lone sequence the other rows' work).
+GRAPH_ROWS = (1, 2, 4, 8, 16, 32, 64)
+FAST_ENV = "STUDIO_SPARK_FAST"  # "0"/"off": eager steps; "graph": fused step in graphs; else compiled + graphs
 
 
-class GraphedStep:
-    """`forward_step` over all `rows` slots and `length` keys, captured once in a CUDA graph.
+def _log(msg: str) -> None:
+    print(f"[spark-fast] {msg}", file=sys.stderr, flush=True)
 
-    Eager decoding of the 0.5B LLM is bound by kernel launches (~900 per step); a replay launches
-    them at once. Rows of free slots carry a dummy token (their writes land in free slots only).
-    """
 
-    def __init__(self, model, cache: StaticKVCache, rows: int, length: int, pool=None):
-        dev = cache.k.device
-        self.rows, self.length = rows, length
-        self.tokens = torch.zeros(rows, dtype=torch.long, device=dev)
-        # Warm-up runs really execute: aim their cache writes at the last position, which no
-        # running sequence reads before rewriting it (sequences stop before feeding past it).
-        self.positions = torch.full((rows,), cache.max_seq_len - 1, dtype=torch.long, device=dev)
-        stream = torch.cuda.Stream(dev)
-        stream.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                forward_step(model, cache, self.tokens, self.positions, length)
-        torch.cuda.current_stream(dev).wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        # thread-local capture: the engine's preparation thread may use the GPU meanwhile
-        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
-            self.logits = forward_step(model, cache, self.tokens, self.positions, length)
+def graph_buckets(sizes: tuple[int, ...], limit: int) -> list[int]:
+    """The sizes below `limit`, and `limit` itself: the buckets captured for a dimension of at most `limit`."""
+    return sorted({min(n, limit) for n in sizes} | {limit})
 
-    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        self.tokens.copy_(tokens, non_blocking=True)
-        self.positions.copy_(positions, non_blocking=True)
-        self.graph.replay()
-        return self.logits
+
+def pick_bucket(buckets, need: int) -> int:
+    """The smallest bucket >= need (the last bucket is the dimension's limit, so one always exists)."""
+    return min(b for b in buckets if b >= need)
+
+
+def fast_mode_from_env() -> str:
+    raw = os.environ.get(FAST_ENV, "").strip().lower()
+    if raw in ("0", "off", "false", "no", "eager"):
+        return "off"
+    if raw in ("graph",):
+        return "graph"
+    if raw in ("", "1", "on", "true", "yes", "compile", "auto"):
+        return "compile"
+    raise ValueError(f"{FAST_ENV}={raw!r} is not understood; use 0 (eager), graph or compile")
 
 
 class DecodeBatch:
     """Running sequences over one static KV cache (not thread-safe: one driver thread).
 
-    On CUDA (unless `cuda_graphs=False`) every step replays a captured graph over all slots with a
-    bucketed key length (`GRAPH_LENGTHS`); elsewhere it runs eagerly over slots 0..highest running
-    with the exact length.
+    On CUDA (unless `cuda_graphs=False` or STUDIO_SPARK_FAST=0) every step replays the fused step
+    of `tts.spark.fast_step` captured for a bucketed row count (`GRAPH_ROWS`, covering the highest
+    running slot) and key length (`GRAPH_LENGTHS`); elsewhere it runs `forward_step` eagerly over
+    slots 0..highest running with the exact length and samples with `sample_tokens`.
     """
 
-    def __init__(self, model, max_batch: int, max_seq_len: int, cuda_graphs: bool | None = None):
+    def __init__(self, model, max_batch: int, max_seq_len: int, cuda_graphs: bool | None = None,
+                 fused: bool = False, log=None):
+        """cuda_graphs: None = the fast path on CUDA as STUDIO_SPARK_FAST says (default compile +
+        graphs), True = required, False = eager `forward_step`. fused=True on a CPU model runs the
+        fused step without graphs (tests compare it with the eager step)."""
         self.model = model
         self.cache: StaticKVCache = new_cache(model, max_batch, max_seq_len)
         self.slots: list[Sequence | None] = [None] * max_batch
         on_cuda = self.cache.k.device.type == "cuda"
-        self.graphs: dict[int, GraphedStep] = {}
-        if on_cuda if cuda_graphs is None else cuda_graphs:
-            if not on_cuda:
-                raise ValueError("cuda_graphs=True needs the model on a CUDA device")
-            pool = torch.cuda.graph_pool_handle()
-            lengths = sorted({min(n, max_seq_len) for n in GRAPH_LENGTHS} | {max_seq_len})
-            with torch.no_grad():
-                self.graphs = {n: GraphedStep(model, self.cache, max_batch, n, pool) for n in lengths}
+        self.steps: dict = {}  # (rows, length) -> FS.FastStep (or FS.EagerFusedStep on the CPU)
+        self.stats: dict = {}
+        mode = fast_mode_from_env() if cuda_graphs is None else ("compile" if cuda_graphs else "off")
+        if cuda_graphs and not on_cuda:
+            raise ValueError("cuda_graphs=True needs the model on a CUDA device")
+        if (on_cuda and mode != "off") or fused:
+            self.steps, self.stats = FS.build_steps(model, self.cache, graph_buckets(GRAPH_ROWS, max_batch),
+                                                    graph_buckets(GRAPH_LENGTHS, max_seq_len),
+                                                    compile_=mode == "compile", log=log or _log)
+        self._row_buckets = sorted({r for r, _ in self.steps})
+        self._len_buckets = sorted({n for _, n in self.steps})
+
+    @property
+    def graphs(self) -> dict:
+        return self.steps
 
     @property
     def max_batch(self) -> int:
@@ -191,6 +203,8 @@ class DecodeBatch:
         """Prefill `seq` into the lowest free slot and sample its first token; returns that token."""
         if not seq.prompt_ids:
             raise ValueError("empty prompt")
+        if self.steps and len(seq.end_ids) > FS.MAX_END_IDS:
+            raise ValueError(f"at most {FS.MAX_END_IDS} end token ids per sequence")
         if len(seq.prompt_ids) + 1 > self.max_seq_len:
             raise ValueError(f"the prompt has {len(seq.prompt_ids)} tokens but the decoder's KV cache holds "
                              f"{self.max_seq_len}; use a shorter reference clip or text")
@@ -202,7 +216,9 @@ class DecodeBatch:
         logits = forward_prefill(self.model, self.cache, slot, torch.tensor(seq.prompt_ids, dtype=torch.long))
         seq.slot = slot
         self.slots[slot] = seq
-        tok = self._accept(seq, logits.view(1, -1))[0]
+        logits = logits.view(1, -1)
+        tok = sample_tokens(logits, [seq])[0]
+        self._accept(seq, tok, logits[0])
         seq.prefill_s = time.perf_counter() - t0
         return tok
 
@@ -217,38 +233,53 @@ class DecodeBatch:
         running = self.running
         if not running:
             return []
-        rows = self.max_batch if self.graphs else max(s.slot for s in running) + 1
-        tokens = torch.zeros(rows, dtype=torch.long)
-        positions = torch.zeros(rows, dtype=torch.long)
+        top = max(s.slot for s in running) + 1
+        if self.steps:
+            return self._fast_step(running, top)
+        tokens = torch.zeros(top, dtype=torch.long)
+        positions = torch.zeros(top, dtype=torch.long)
         for s in running:
             tokens[s.slot] = s.generated[-1]
             positions[s.slot] = s.position
         length = int(positions.max()) + 1
-        if self.graphs:
-            graph = self.graphs[min(n for n in self.graphs if n >= length)]
-            logits = graph(tokens, positions)
-        else:
-            logits = forward_step(self.model, self.cache, tokens, positions, length)
-        active = [s.slot for s in running]
-        toks = self._accept_rows(running, logits[active])
+        logits = forward_step(self.model, self.cache, tokens, positions, length)
+        rows = logits[[s.slot for s in running]]
+        toks = sample_tokens(rows, running)
+        for s, tok, row in zip(running, toks, rows):
+            self._accept(s, tok, row)
         return list(zip(running, toks))
 
-    def _accept(self, seq: Sequence, logits: torch.Tensor) -> list[int]:
-        return self._accept_rows([seq], logits)
+    def _fast_step(self, running: list[Sequence], top: int) -> list[tuple[Sequence, int]]:
+        rows = pick_bucket(self._row_buckets, top)
+        length = pick_bucket(self._len_buckets, max(s.position for s in running) + 1)
+        step = self.steps[rows, length]
+        by_row: list[Sequence | None] = [None] * rows
+        for s in running:
+            by_row[s.slot] = s
+        _row_inputs(by_row, step.host_ints.numpy(), step.host_floats.numpy())
+        toks, redo = step()
+        if any(redo):  # ties at the candidate cut, or top_k beyond it: the whole vocabulary, same draws
+            idx = torch.tensor([r for r, f in enumerate(redo) if f], device=step.logits.device)
+            exact, _ = FS.draw(step.logits[idx], step.floats[idx], step.logits.shape[-1])
+            for r, tok in zip(idx.tolist(), exact.tolist()):
+                toks[r] = tok
+        out = []
+        for s in running:
+            tok = int(toks[s.slot])
+            self._accept(s, tok, step.logits[s.slot] if s.keep_logits else None)
+            out.append((s, tok))
+        return out
 
-    def _accept_rows(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
-        toks = sample_tokens(logits, seqs)
-        for s, tok, row in zip(seqs, toks, logits):
-            if s.keep_logits:
-                s.logits.append(row.detach().cpu())
-            s.generated.append(tok)
-            if tok in s.end_ids and len(s.generated) > s.params.min_new_tokens:
-                self._finish(s, "end")
-            elif len(s.generated) >= s.params.max_new_tokens:
-                self._finish(s, "length")
-            elif s.position >= self.max_seq_len:  # the next feed would not fit in the cache
-                self._finish(s, "cache")
-        return toks
+    def _accept(self, s: Sequence, tok: int, row: torch.Tensor | None) -> None:
+        if s.keep_logits and row is not None:
+            s.logits.append(row.detach().float().cpu())
+        s.generated.append(tok)
+        if tok in s.end_ids and len(s.generated) > s.params.min_new_tokens:
+            self._finish(s, "end")
+        elif len(s.generated) >= s.params.max_new_tokens:
+            self._finish(s, "length")
+        elif s.position >= self.max_seq_len:  # the next feed would not fit in the cache
+            self._finish(s, "cache")
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.finished, seq.finish_reason = True, reason

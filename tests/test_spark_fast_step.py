@@ -1,0 +1,131 @@
+"""tts/spark/fast_step.py: the fused decode step and device sampling equal the eager step and the
+whole-vocabulary sampler (CPU, float32, tiny Qwen2 in the published layout)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.test_spark_fixtures import spark_dir, spark_one_thread  # noqa: F401 - fixtures
+from tts.spark import fast_step as FS
+from tts.spark.decode import (GRAPH_LENGTHS, GRAPH_ROWS, DecodeBatch, SamplingParams, Sequence, _row_inputs,
+                              graph_buckets, pick_bucket, sample_tokens)
+from tts.spark.llm import forward_prefill, forward_step, load_llm, new_cache
+
+pytestmark = pytest.mark.usefixtures("spark_one_thread")
+END = (7,)
+
+
+@pytest.fixture(scope="module")
+def llm(spark_dir):
+    return load_llm(spark_dir / "LLM")
+
+
+def _prompt(seed: int, n: int) -> list[int]:
+    return torch.randint(300, 12000, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _rows(seed: int) -> list[Sequence]:
+    configs = [(50, 0.8, 0.95, 0), (1, 0.8, 0.95, 0), (2, 1.3, 1.0, 3), (400, 1.0, 0.5, 0), (0, 1.0, 0.9, 0),
+               (20, 0.0, 0.9, 0), (30, 0.7, 0.3, 5)]
+    seqs = []
+    for r, (k, t, p, mn) in enumerate(configs):
+        s = Sequence([1], SamplingParams(temperature=t, top_k=k, top_p=p, min_new_tokens=mn), END, seed=seed * 10 + r)
+        s.generated = [5]
+        seqs.append(s)
+    return seqs
+
+
+def _inputs(seqs):
+    ints = torch.zeros(len(seqs), FS.N_INT, dtype=torch.long)
+    floats = torch.zeros(len(seqs), FS.N_FLOAT)
+    _row_inputs(seqs, ints.numpy(), floats.numpy())
+    return ints, floats
+
+
+def test_candidate_cut_matches_the_whole_vocabulary():
+    for seed in range(20):
+        g = torch.Generator().manual_seed(seed)
+        seqs = _rows(seed)
+        logits = torch.randn(len(seqs), 3000, generator=g) * 3
+        if seed % 2:
+            logits = torch.randint(0, 4, logits.shape, generator=g).float()  # ~750 ties at each value
+        ints, floats = _inputs(seqs)
+        banned, out = FS.sample_rows(logits, ints, floats, FS.N_CAND)
+        toks, redo = out.tolist()
+        idx = torch.tensor([r for r, f in enumerate(redo) if f], dtype=torch.long)
+        if len(idx):
+            exact, _ = FS.draw(banned[idx], floats[idx], banned.shape[-1])
+            for r, t in zip(idx.tolist(), exact.tolist()):
+                toks[r] = t
+        _, whole = FS.sample_rows(logits, ints, floats, logits.shape[-1])
+        assert toks == whole[0].tolist()
+        assert redo[4] == 1 and redo[1] == 0  # top_k off always redraws; greedy never
+        assert all(t != END[0] for t in (toks[2], toks[6]))  # end token banned before min_new_tokens
+
+
+def test_greedy_rows_and_masked_end_rows():
+    logits = torch.tensor([[0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 9.0]] * 2)
+    seqs = [Sequence([1], SamplingParams(top_k=1, min_new_tokens=2), END, seed=0),  # end token masked
+            Sequence([1], SamplingParams(top_k=1), END, seed=0)]
+    assert sample_tokens(logits, seqs) == [1, 7]
+
+
+def test_graph_buckets_cover_every_row_count_and_length():
+    rows = graph_buckets(GRAPH_ROWS, 12)
+    assert rows == [1, 2, 4, 8, 12]
+    assert [pick_bucket(rows, n) for n in (1, 3, 8, 9, 12)] == [1, 4, 8, 12, 12]
+    assert graph_buckets(GRAPH_LENGTHS, 3000)[-1] == 3000 and graph_buckets(GRAPH_ROWS, 1) == [1]
+
+
+def test_fused_forward_equals_forward_step_and_writes_the_same_cache(llm):
+    ref_cache, cache = new_cache(llm, 3, 64), new_cache(llm, 3, 64)
+    decoder = FS.FusedDecoder(llm, 64)  # makes the modules' weights views of the fused ones
+    ids = torch.tensor(_prompt(0, 40))
+    for c in (ref_cache, cache):
+        forward_prefill(llm, c, 1, ids[:30])
+        forward_prefill(llm, c, 0, ids[5:12])
+    for t in range(30, 40):  # slot 1 at position t, slot 0 at 7 + (t - 30), slot 2 free (dummy at 0)
+        tokens = torch.tensor([int(ids[t - 20]), int(ids[t]), 0])
+        positions = torch.tensor([7 + t - 30, t, 0])
+        ref = forward_step(llm, ref_cache, tokens, positions, t + 1)
+        logits, k_new, v_new = decoder(cache.k, cache.v, tokens, positions, 48)  # a longer bucket
+        FS.write_new_kv(cache, positions, k_new, v_new)
+        assert torch.allclose(logits[:2], ref[:2], atol=1e-4)
+        assert torch.allclose(cache.k[:, :2, :, : t + 1], ref_cache.k[:, :2, :, : t + 1], atol=1e-5)
+        assert torch.allclose(cache.v[:, :2, :, : t + 1], ref_cache.v[:, :2, :, : t + 1], atol=1e-5)
+
+
+def test_fused_decode_batch_gives_the_eager_tokens_with_joins_and_leaves(llm):
+    def run(fused: bool) -> list[list[int]]:
+        batch = DecodeBatch(llm, 4, 96, cuda_graphs=False, fused=fused)
+        assert bool(batch.steps) == fused
+        params = [SamplingParams(max_new_tokens=12), SamplingParams(top_k=1, max_new_tokens=6),
+                  SamplingParams(top_k=0, top_p=0.8, max_new_tokens=9), SamplingParams(temperature=1.2, max_new_tokens=7)]
+        seqs = [Sequence(_prompt(10 + i, 8 + 3 * i), p, END, seed=i) for i, p in enumerate(params)]
+        batch.add(seqs[0])
+        batch.add(seqs[1])
+        for n in range(30):
+            if n == 3:
+                batch.add(seqs[2])
+            if n == 8:  # seqs[1] has left: the late one takes its slot
+                batch.add(seqs[3])
+            batch.step()
+        assert all(s.finished for s in seqs)
+        return [s.generated for s in seqs]
+
+    assert run(True) == run(False)
+
+
+def test_the_fused_forward_compiles_as_one_graph_with_dynamic_sizes(llm):
+    decoder = FS.FusedDecoder(llm, 64)
+    compiled, stats = FS.compile_decoder(decoder, backend="eager")
+    cache = new_cache(llm, 4, 64)
+    torch._dynamo.reset()
+    for rows, length in ((1, 16), (3, 32), (4, 48)):  # fullgraph: a graph break raises
+        tokens = torch.arange(rows) + 300
+        positions = torch.arange(rows) + 5
+        out = compiled(cache.k, cache.v, tokens, positions, length)
+        ref = decoder(cache.k, cache.v, tokens, positions, length)
+        assert torch.allclose(out[0], ref[0], atol=1e-5)
+    assert stats["compiled"]

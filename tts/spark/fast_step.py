@@ -1,0 +1,373 @@
+"""The Spark LLM decode step on CUDA: fused weights, one compiled forward, sampling on the device,
+one CUDA graph per (rows, key length) bucket.
+
+Same math as `tts.spark.llm.forward_step` followed by `tts.spark.decode.sample_tokens`; what changes
+is how it is launched (gpt-fast / nano-vllm style):
+
+* q/k/v projections are one matrix product, gate/up another (`fuse_llm`: the transformers modules'
+  weights become views of the fused tensors, so prefill keeps using them and no memory is added);
+* the forward over all layers never writes the KV cache: each layer attends to the cached keys
+  (positions < its own) plus its new key, and the new keys and values of every layer are written
+  with one indexed copy afterwards. The forward is then a pure function, compiled once with
+  dynamic rows and key length (`torch.compile`, fusing norms, RoPE, residuals and the MLP gate);
+* sampling (end-token bans, greedy, temperature / top-k / top-p over the best `N_CAND` logits) runs
+  on the device inside the same graph; the host draws each row's uniform number from the
+  sequence's own generator before the step and reads back one [2, rows] tensor after it;
+* each (rows, key length) bucket is captured once at start-up; a step copies two small host
+  buffers in, replays, and reads the tokens back (one synchronisation per step).
+
+Rows that need more than the candidate cut (top_k off or above `N_CAND - TIE_MARGIN`, or logits
+tied at the cut) are redrawn over the whole vocabulary on the host's request, with the same draw.
+
+Shapes: R rows (slots 0..R-1), L key length (bucket), V vocabulary, D hidden, Dh head width.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tts.spark.kv_cache import StaticKVCache
+from tts.spark.llm import llm_shape
+
+#: Candidates sampled from on the device: default top_k (50) plus a margin for ties at the k-th value.
+N_CAND = 64
+#: End-token ids per row the graph can ban (Spark uses one or two).
+MAX_END_IDS = 4
+#: Columns of the float input: temperature (1 for greedy rows), top_k (as float), top_p, the
+#: row's uniform draw, greedy flag.
+TEMP, TOP_K, TOP_P, UNIFORM, GREEDY = range(5)
+N_FLOAT = 5
+#: Columns of the int input: token, position, then MAX_END_IDS end ids, then MAX_END_IDS ban flags.
+TOKEN, POSITION, END0 = 0, 1, 2
+N_INT = 2 + 2 * MAX_END_IDS
+
+
+# -- fused weights -------------------------------------------------------------------------------
+
+def _fuse(mods: list[nn.Linear], bias: bool) -> tuple[Tensor, Tensor | None]:
+    """Concatenate Linear weights (and biases) along the output dim; the modules then hold views."""
+    with torch.no_grad():
+        w = torch.cat([m.weight.detach() for m in mods], dim=0).contiguous()
+        b = torch.cat([m.bias.detach() for m in mods], dim=0).contiguous() if bias else None
+        start = 0
+        for m in mods:
+            n = m.weight.shape[0]
+            m.weight.data = w[start:start + n]
+            if bias:
+                m.bias.data = b[start:start + n]
+            start += n
+    return w, b
+
+
+class FusedLayer(nn.Module):
+    def __init__(self, layer):
+        super().__init__()
+        attn, mlp = layer.self_attn, layer.mlp
+        has_bias = attn.q_proj.bias is not None
+        wqkv, bqkv = _fuse([attn.q_proj, attn.k_proj, attn.v_proj], has_bias)
+        wgu, _ = _fuse([mlp.gate_proj, mlp.up_proj], False)
+        self.register_buffer("ln1", layer.input_layernorm.weight.detach(), persistent=False)
+        self.register_buffer("ln2", layer.post_attention_layernorm.weight.detach(), persistent=False)
+        self.register_buffer("wqkv", wqkv, persistent=False)
+        self.register_buffer("bqkv", bqkv, persistent=False)
+        self.register_buffer("wo", attn.o_proj.weight.detach(), persistent=False)
+        self.register_buffer("wgu", wgu, persistent=False)
+        self.register_buffer("wd", mlp.down_proj.weight.detach(), persistent=False)
+
+
+def rms_norm(x: Tensor, w: Tensor, eps: float) -> Tensor:
+    """transformers' Qwen2RMSNorm: statistics in float32, scaled in the input dtype."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return w * xf.to(x.dtype)
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class FusedDecoder(nn.Module):
+    """The decode forward of a Qwen2 LM over a static cache, without writing it.
+
+    forward(keys, values, tokens [R], positions [R], length) -> (logits [R, V] float32,
+    k_new [layers, R, KV, Dh], v_new [layers, R, KV, Dh]). keys/values are the whole cache
+    [layers, B, KV, S, Dh]; row r attends to keys 0..positions[r]-1 of slot r (< length) and to its
+    own new key.
+    """
+
+    def __init__(self, model, max_seq_len: int):
+        super().__init__()
+        shape = llm_shape(model)
+        self.shape = shape
+        cfg = model.config
+        self.eps = float(cfg.rms_norm_eps)
+        act = getattr(cfg, "hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"the fused decode step supports hidden_act 'silu' only; got {act!r}")
+        self.layers = nn.ModuleList([FusedLayer(layer) for layer in model.model.layers])
+        p = model.lm_head.weight
+        self.register_buffer("embed", model.model.embed_tokens.weight.detach(), persistent=False)
+        self.register_buffer("norm", model.model.norm.weight.detach(), persistent=False)
+        self.register_buffer("lm_head", p.detach(), persistent=False)
+        # RoPE tables from the model's own rotary module (same values forward_step computes per call)
+        with torch.no_grad():
+            pos = torch.arange(max_seq_len, device=p.device).view(1, -1)
+            cos, sin = model.model.rotary_emb(torch.zeros(1, device=p.device, dtype=p.dtype), pos)
+        self.register_buffer("cos", cos[0].contiguous(), persistent=False)  # [S, Dh] model dtype
+        self.register_buffer("sin", sin[0].contiguous(), persistent=False)
+
+    def forward(self, keys: Tensor, values: Tensor, tokens: Tensor, positions: Tensor, length: int):
+        s = self.shape
+        rows = tokens.shape[0]
+        dh = s.head_dim
+        h = F.embedding(tokens, self.embed)  # [R, D]
+        cos = self.cos[positions].view(rows, 1, dh)
+        sin = self.sin[positions].view(rows, 1, dh)
+        cached = torch.arange(length, device=tokens.device).view(1, -1) < positions.view(-1, 1)  # [R, L]
+        cached = cached.view(rows, 1, 1, length)
+        k_out, v_out = [], []
+        for i, ly in enumerate(self.layers):
+            h, k, v = self.layer_fn(h, keys[i, :rows, :, :length], values[i, :rows, :, :length], cos, sin, cached,
+                                    ly.ln1, ly.wqkv, ly.bqkv, ly.wo, ly.ln2, ly.wgu, ly.wd, self.eps,
+                                    s.n_heads, s.n_kv_heads)
+            k_out.append(k)
+            v_out.append(v)
+        logits = F.linear(rms_norm(h, self.norm, self.eps), self.lm_head).float()
+        return logits, torch.stack(k_out), torch.stack(v_out)
+
+    layer_fn = staticmethod(lambda *a: decode_layer(*a))  # replaced by the compiled layer (compile_decoder)
+
+
+def decode_layer(h: Tensor, ks: Tensor, vs: Tensor, cos: Tensor, sin: Tensor, cached: Tensor, ln1: Tensor,
+                 wqkv: Tensor, bqkv: Tensor | None, wo: Tensor, ln2: Tensor, wgu: Tensor, wd: Tensor, eps: float,
+                 n_heads: int, n_kv: int) -> tuple[Tensor, Tensor, Tensor]:
+    """One decoder layer for one new token per row. h [R, D]; ks/vs [R, KV, L, Dh] cached keys and
+    values (only those with `cached` [R, 1, 1, L] true are read: positions before the row's own);
+    cos/sin [R, 1, Dh]. Returns (h [R, D], this token's k and v [R, KV, Dh]). A free function of
+    tensors, so one compiled graph serves every layer (regional compilation)."""
+    rows, dh = h.shape[0], ks.shape[-1]
+    rep = n_heads // n_kv
+    scale = dh ** -0.5
+    length = ks.shape[2]
+    qkv = F.linear(rms_norm(h, ln1, eps), wqkv, bqkv)
+    q = qkv[:, : n_heads * dh].view(rows, n_heads, dh)
+    k = qkv[:, n_heads * dh: (n_heads + n_kv) * dh].view(rows, n_kv, dh)
+    v = qkv[:, (n_heads + n_kv) * dh:].view(rows, n_kv, dh)
+    q = q * cos + _rotate_half(q) * sin
+    k = k * cos + _rotate_half(k) * sin
+    qg = q.view(rows, n_kv, rep, dh)
+    old = torch.matmul(qg, ks.transpose(-1, -2)) * scale  # [R, KV, rep, L]
+    old = old.masked_fill(~cached, float("-inf"))
+    new = (qg * k.view(rows, n_kv, 1, dh)).sum(-1, keepdim=True) * scale  # [R, KV, rep, 1]
+    probs = torch.softmax(torch.cat((old, new), dim=-1).float(), dim=-1).to(h.dtype)
+    out = torch.matmul(probs[..., :length], vs) + probs[..., length:] * v.view(rows, n_kv, 1, dh)
+    h = h + F.linear(out.reshape(rows, n_heads * dh), wo)
+    g, u = F.linear(rms_norm(h, ln2, eps), wgu).chunk(2, dim=-1)
+    h = h + F.linear(F.silu(g) * u, wd)
+    return h, k, v
+
+
+def write_new_kv(cache: StaticKVCache, positions: Tensor, k_new: Tensor, v_new: Tensor) -> None:
+    """k_new, v_new [layers, R, KV, Dh] -> slot r, position positions[r] of every layer (two kernels)."""
+    rows = positions.shape[0]
+    idx = torch.arange(rows, device=positions.device)
+    cache.k[:, idx, :, positions] = k_new.transpose(0, 1)
+    cache.v[:, idx, :, positions] = v_new.transpose(0, 1)
+
+
+# -- sampling on the device ---------------------------------------------------------------------
+
+def ban_ends(logits: Tensor, ints: Tensor) -> Tensor:
+    """Set each row's banned end ids to -inf (ints columns END0.. hold ids, then ban flags)."""
+    ids = ints[:, END0: END0 + MAX_END_IDS]
+    ban = ints[:, END0 + MAX_END_IDS: END0 + 2 * MAX_END_IDS] > 0
+    vals = torch.where(ban, float("-inf"), logits.gather(1, ids))
+    return logits.scatter(1, ids, vals)
+
+
+def draw(x: Tensor, prm: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """x [R, V] logits, prm [R, N_FLOAT] -> (tokens [R] int64, overflow [R] bool); no host sync.
+
+    Candidates in (value descending, index ascending) order, the order of a stable sort; keep the
+    top k (ties with the k-th value kept, as transformers keeps them), then the smallest prefix whose
+    probability reaches top_p; inverse-CDF draw with the row's uniform number. With n < V only the
+    best n candidates are considered: `overflow` marks rows whose last candidate ties their k-th
+    value (ties may have been cut; the caller redraws those over the whole vocabulary).
+    """
+    vocab = x.shape[-1]
+    x = x / prm[:, TEMP].view(-1, 1)
+    if n < vocab:
+        vals, idx = torch.topk(x, n, dim=-1)  # ties in no particular order: put them by index
+        idx, perm = torch.sort(idx, dim=-1)
+        vals, perm = torch.sort(vals.gather(1, perm), dim=-1, descending=True, stable=True)
+        idx = idx.gather(1, perm)
+    else:
+        vals, idx = torch.sort(x, dim=-1, descending=True, stable=True)
+    ks = prm[:, TOP_K].clamp(min=1, max=n).long().view(-1, 1)
+    kth = vals.gather(1, ks - 1)
+    overflow = (vals[:, -1:] == kth).view(-1) & (n < vocab)
+    vals = vals.masked_fill(vals < kth, float("-inf"))
+    ps = prm[:, TOP_P].view(-1, 1)
+    probs = torch.softmax(vals, dim=-1)
+    before = torch.cumsum(probs, dim=-1) - probs  # mass of strictly more likely tokens
+    drop = (before >= ps) & (ps < 1.0)
+    drop[:, 0] = False
+    probs = torch.softmax(vals.masked_fill(drop, float("-inf")), dim=-1)
+    cdf = torch.cumsum(probs, dim=-1)
+    u = prm[:, UNIFORM].view(-1, 1)
+    pick = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp(max=n - 1)
+    # never land on a dropped token; clamp at 0 for rows with nothing left (all banned: greedy rows
+    # whose result is replaced, and never an out-of-range index on the device)
+    pick = torch.minimum(pick, (probs > 0).sum(dim=-1, keepdim=True) - 1).clamp(min=0)
+    return idx.gather(1, pick).view(-1), overflow
+
+
+def sample_rows(logits: Tensor, ints: Tensor, prm: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """Banned logits [R, V] and [2, R] int64 (token, needs-the-whole-vocabulary flag) per row."""
+    logits = ban_ends(logits, ints)
+    greedy = logits.argmax(dim=-1)
+    tok, overflow = draw(logits, prm, min(n, logits.shape[-1]))
+    is_greedy = prm[:, GREEDY] > 0
+    tok = torch.where(is_greedy, greedy, tok)
+    redo = (overflow | (prm[:, TOP_K] > n - TIE_MARGIN)) & ~is_greedy
+    return logits, torch.stack((tok, redo.long()))
+
+
+#: Rows whose top_k is above N_CAND - TIE_MARGIN (or off) are redrawn over the whole vocabulary.
+TIE_MARGIN = 14
+#: top_k value standing for "off" in the float input (exact in float32, larger than any vocabulary).
+NO_TOP_K = float(2 ** 24)
+
+
+# -- the graphed step ---------------------------------------------------------------------------
+
+def fused_step(forward: Callable, cache: StaticKVCache, ints: Tensor, floats: Tensor, length: int,
+               n: int = N_CAND) -> tuple[Tensor, Tensor]:
+    """The whole step on device tensors: forward, KV write, sampling -> (banned logits [R, V], [2, R])."""
+    tokens, positions = ints[:, TOKEN], ints[:, POSITION]
+    logits, k_new, v_new = forward(cache.k, cache.v, tokens, positions, length)
+    write_new_kv(cache, positions, k_new, v_new)
+    return sample_rows(logits, ints, floats, n)
+
+
+class EagerFusedStep:
+    """`FastStep`'s interface without a graph (any device): tests the fused path on the CPU."""
+
+    def __init__(self, forward: Callable, cache: StaticKVCache, rows: int, length: int):
+        self.forward, self.cache, self.rows, self.length = forward, cache, rows, length
+        self.host_ints = torch.zeros(rows, N_INT, dtype=torch.long)
+        self.host_floats = torch.zeros(rows, N_FLOAT, dtype=torch.float32)
+        self.logits = self.floats = None
+
+    def __call__(self) -> tuple[list[int], list[int]]:
+        dev = self.cache.k.device
+        ints, self.floats = self.host_ints.to(dev), self.host_floats.to(dev)
+        self.logits, out = fused_step(self.forward, self.cache, ints, self.floats, self.length)
+        toks, redo = out.tolist()
+        return toks, redo
+
+
+class FastStep:
+    """One (rows, length) bucket: static inputs, the forward, the KV write and sampling in a CUDA graph."""
+
+    def __init__(self, forward: Callable, cache: StaticKVCache, rows: int, length: int, pool=None):
+        dev = cache.k.device
+        self.rows, self.length = rows, length
+        self.ints = torch.zeros(rows, N_INT, dtype=torch.long, device=dev)
+        # Warm-up runs really execute: aim their cache writes at the last position, which no
+        # running sequence reads before rewriting it (sequences stop before feeding past it).
+        self.ints[:, POSITION] = cache.max_seq_len - 1
+        self.floats = torch.ones(rows, N_FLOAT, dtype=torch.float32, device=dev)
+        self.host_ints = torch.zeros(rows, N_INT, dtype=torch.long).pin_memory()
+        self.host_floats = torch.zeros(rows, N_FLOAT, dtype=torch.float32).pin_memory()
+
+        def run():
+            return fused_step(forward, cache, self.ints, self.floats, length)
+
+        stream = torch.cuda.Stream(dev)
+        stream.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                run()
+        torch.cuda.current_stream(dev).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
+            self.logits, self.out = run()
+
+    def __call__(self) -> tuple[list[int], list[int]]:
+        """Replay with the host buffers' contents; returns (tokens, redo flags) per row (one sync)."""
+        self.ints.copy_(self.host_ints, non_blocking=True)
+        self.floats.copy_(self.host_floats, non_blocking=True)
+        self.graph.replay()
+        toks, redo = self.out.tolist()
+        return toks, redo
+
+
+def compile_decoder(decoder: FusedDecoder, log: Callable[[str], None] | None = None,
+                    backend: str = "inductor") -> tuple[Callable, dict]:
+    """Regional compilation: `decode_layer` through torch.compile (dynamic rows and length, one
+    graph without breaks), shared by all layers; the few ops around the layers stay eager (they
+    are captured in the CUDA graph all the same). Compiling the whole 24-layer forward at once
+    took minutes on an H100 (measured: not done after 150 s); one layer compiles in seconds.
+    Returns a forward callable; compilation happens at its first call (the first capture)."""
+    stats: dict = {}
+    try:
+        compiled = torch.compile(decode_layer, dynamic=True, fullgraph=True, backend=backend)
+        stats["compiled"] = True
+
+        def forward(*args):
+            decoder.layer_fn = compiled
+            try:
+                return decoder(*args)
+            finally:
+                decoder.layer_fn = FusedDecoder.layer_fn
+        return forward, stats
+    except Exception as exc:  # noqa: BLE001 - keep serving, uncompiled
+        stats["compile_error"] = f"{type(exc).__name__}: {exc}"[:500]
+        if log:
+            log(f"torch.compile of the decode step failed; eager fused step: {stats['compile_error']}")
+        return decoder, stats
+
+
+def build_steps(model, cache: StaticKVCache, row_buckets: list[int], length_buckets: list[int],
+                compile_: bool = True, log: Callable[[str], None] | None = None) -> tuple[dict, dict]:
+    """Fuse, compile and capture every bucket; returns ({(rows, length): FastStep}, stats).
+    On a CPU cache: the fused step uncompiled and without graphs (`EagerFusedStep`, for tests)."""
+    t0 = time.perf_counter()
+    decoder = getattr(model, "_fused_decoder", None)  # one per model: later batches share its weights
+    if decoder is None or decoder.cos.shape[0] < cache.max_seq_len:
+        decoder = FusedDecoder(model, cache.max_seq_len)
+        model._fused_decoder = decoder
+    if cache.k.device.type != "cuda":
+        steps = {(r, n): EagerFusedStep(decoder, cache, r, n) for r in row_buckets for n in length_buckets}
+        return steps, {"compiled": False, "graphs": 0}
+    forward, stats = compile_decoder(decoder, log) if compile_ else (decoder, {"compiled": False})
+    pool = torch.cuda.graph_pool_handle()
+    steps = {}
+    with torch.no_grad():
+        try:
+            for r in sorted(row_buckets, reverse=True):
+                for n in sorted(length_buckets, reverse=True):
+                    steps[r, n] = FastStep(forward, cache, r, n, pool)
+        except Exception as exc:  # noqa: BLE001 - compiled capture failed: capture the eager fused step
+            if forward is decoder:
+                raise
+            stats["compiled"] = False
+            stats["compile_error"] = f"{type(exc).__name__}: {exc}"[:500]
+            if log:
+                log(f"compiled decode step failed at capture; eager fused step: {stats['compile_error']}")
+            torch.cuda.synchronize(cache.k.device)
+            steps = {}
+            for r in sorted(row_buckets, reverse=True):
+                for n in sorted(length_buckets, reverse=True):
+                    steps[r, n] = FastStep(decoder, cache, r, n, pool)
+    stats.update(graphs=len(steps), build_s=round(time.perf_counter() - t0, 2))
+    if log:
+        log(f"decode steps ready: {stats}")
+    return steps, stats
