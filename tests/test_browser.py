@@ -346,8 +346,13 @@ def test_fake_voices_history_and_server_tabs(fake_app, studio):
     assert rt.history.records()[0]["voice"] == "Test Voice 1"
     # history: the row is there, and selecting it loads its audio
     studio.tab("History")
+    # the table refreshes after the generation is recorded (earlier tests' rows are there before it):
+    # wait for this row before opening it
+    studio.wait_text("#history-table", "Using a saved voice", 30)
     studio.page.locator("#history-table [data-testid='cell-0-1']").click()
     studio.page.wait_for_selector("#history-audio a[data-testid='download-link']", state="attached", timeout=20_000)
+    studio.page.wait_for_function("() => (document.querySelector('#history-detail')?.innerText || '')"
+                                  ".includes('Test Voice 1')", timeout=20_000)
     assert "Test Voice 1" in studio.page.locator("#history-detail").inner_text()
     assert studio.page.locator("#history-plot img").count() == 1
     studio.shot("history")

@@ -56,6 +56,28 @@ def time_steps(batch: DecodeBatch, device, iters: int, warmup: int = 3) -> float
     return round(statistics.median(times), 4)
 
 
+def profile_steps(batch: DecodeBatch, device, n: int = 20, top: int = 25) -> list[dict]:
+    """GPU kernels of `n` steps (graph replays included) by total time, with the step's wall time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sync(device)
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            batch.step()
+        sync(device)
+    wall = (time.perf_counter() - t0) * 1000 / n
+    events = [e for e in prof.key_averages() if getattr(e, "device_time_total", 0) > 0
+              and "cuda" in str(getattr(e, "device_type", "")).lower()]
+    total = sum(e.device_time_total for e in events)
+    rows = [{"wall_ms_per_step_profiled": round(wall, 3), "gpu_ms_per_step": round(total / 1000 / n, 3),
+             "kernel_launches_per_step": sum(e.count for e in events) / n}]
+    for e in sorted(events, key=lambda e: e.device_time_total, reverse=True)[:top]:
+        rows.append({"name": e.key[:120], "ms_per_step": round(e.device_time_total / 1000 / n, 4),
+                     "calls_per_step": e.count / n})
+    return rows
+
+
 def bench_batch(model, name: str, slots: int, seq_len: int, prompt_len: int, rows_list, iters: int, device,
                 out: dict) -> None:
     """name: eager (STUDIO_SPARK_FAST=0), graph (fused step in CUDA graphs), compile (compiled + graphs)."""
@@ -80,6 +102,8 @@ def bench_batch(model, name: str, slots: int, seq_len: int, prompt_len: int, row
         sync(device)
         out[f"{name}_prefill_ms_each_r{rows}"] = round((time.perf_counter() - t0) * 1000 / rows, 2)
         out[f"{name}_step_ms_r{rows}"] = time_steps(batch, device, iters)
+        if rows == 1 and device.type == "cuda" and name != "eager":
+            out[f"{name}_profile_r1"] = profile_steps(batch, device)
         for seq in seqs:
             batch.drop(seq)
     del batch

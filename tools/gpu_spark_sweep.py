@@ -1,17 +1,21 @@
 """Spark-TTS end to end through Triton on the GPU machine (issue 5), one command.
 
-    python tools/gpu_spark_sweep.py --out $OUT [--tokens 500]
+    python tools/gpu_spark_sweep.py --out $OUT [--tokens 500] [--offline 1,4,16] [--streaming 1,8]
+        [--requests 16] [--eager-requests 2] [--tiny]
 
 Writes a full-size random-weight Spark-TTS-0.5B folder in the published layout, starts the embedded
 Triton server with the Spark models only (start-up time recorded), and runs `python -m studio
 bench` offline and streaming with `--fixed-tokens` (random weights never emit the end token).
-All JSON lands in --out; a summary table is printed.
+Then (unless --eager-requests 0) the same server with the fast path off (STUDIO_SPARK_FAST=0, the
+eager decode step) for a short offline run at concurrency 1: the same-run eager comparison.
+All JSON lands in --out.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -25,6 +29,11 @@ def main() -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--work", type=Path, default=Path("/tmp/spark-sweep"))
     p.add_argument("--tokens", type=int, default=500)
+    p.add_argument("--offline", default="1,4,16", help="offline concurrency levels ('' = none)")
+    p.add_argument("--streaming", default="1,8", help="streaming concurrency levels ('' = none)")
+    p.add_argument("--requests", type=int, default=16)
+    p.add_argument("--eager-requests", type=int, default=2, help="requests of the eager run (0 = no eager run)")
+    p.add_argument("--tiny", action="store_true", help="CPU dry run: the tiny demo checkpoint")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     ck = args.work / "ckpt"
@@ -32,33 +41,65 @@ def main() -> int:
     if not (ck / "Spark-TTS-0.5B" / "config.yaml").is_file():
         from tts.spark.demo import FULL_SIZE, write_demo_checkpoint
 
-        write_demo_checkpoint(ck / "Spark-TTS-0.5B", seed=0, size=FULL_SIZE)
-    print(f"full-size random Spark checkpoint ready in {time.perf_counter() - t0:.1f} s", flush=True)
+        if args.tiny:
+            write_demo_checkpoint(ck / "Spark-TTS-0.5B", seed=0)
+        else:
+            write_demo_checkpoint(ck / "Spark-TTS-0.5B", seed=0, size=FULL_SIZE)
+    print(f"random Spark checkpoint ready in {time.perf_counter() - t0:.1f} s", flush=True)
+    runs = [("offline", args.offline, args.requests, "fast", None), ("streaming", args.streaming, args.requests,
+                                                                     "fast", None)]
+    fast = os.environ.get("STUDIO_SPARK_FAST")
+    startup = {}
+    for label, env_fast, todo in (("fast", fast, runs),
+                                  ("eager", "0", [("offline", "1", args.eager_requests, "eager", 1)])):
+        todo = [r for r in todo if r[1] and r[2] > 0]
+        if not todo:
+            continue
+        startup[label] = serve_and_bench(args, ck, label, env_fast, todo)
+        (args.out / "spark_startup.json").write_text(json.dumps({f"startup_s_{k}": v for k, v in startup.items()}
+                                                                | {"startup_s": startup.get("fast")}))
+    return 0
 
+
+def serve_and_bench(args, ck: Path, label: str, env_fast: str | None, runs: list) -> float | None:
+    """Start the Spark-only server with STUDIO_SPARK_FAST=env_fast, run the benches, stop it; start-up s."""
     from studio.server import TritonServer
 
-    server = TritonServer(args.work / "data", checkpoints=ck, no_download=True, families=["spark"], instances=16)
+    if env_fast is None:
+        os.environ.pop("STUDIO_SPARK_FAST", None)
+    else:
+        os.environ["STUDIO_SPARK_FAST"] = env_fast
+    server = TritonServer(args.work / f"data-{label}", checkpoints=ck, no_download=True, families=["spark"],
+                          instances=16)
     t0 = time.perf_counter()
     try:
         server.start(timeout_s=400)
-    except Exception:
-        (args.out / "spark_tritonserver.log").write_text("\n".join(server.log_tail(3000)))
-        raise
-    startup = time.perf_counter() - t0
-    print(f"server ready in {startup:.1f} s", flush=True)
-    runs = [("offline", "1,4,16", 16), ("streaming", "1,8", 16)]
-    try:
-        for mode, levels, n in runs:
-            cmd = [sys.executable, "-m", "studio", "bench", "--model", "spark", "--mode", mode, "--concurrency", levels,
-                   "--requests", str(n), "--warmup", "2", "--fixed-tokens", str(args.tokens), "--triton-url",
-                   server.grpc_url, "--out", str(args.out), "--label", f"random{args.tokens}"]
-            print(" ".join(cmd), flush=True)
-            subprocess.run(cmd, timeout=240)
-    finally:
-        (args.out / "spark_tritonserver.log").write_text("\n".join(server.log_tail(3000)))
+    except Exception as exc:  # noqa: BLE001 - recorded; the sweep goes on
+        (args.out / f"spark_tritonserver_{label}.log").write_text("\n".join(server.log_tail(3000)))
+        print(f"server '{label}' did not start: {exc}", flush=True)
         server.stop()
-    (args.out / "spark_startup.json").write_text(json.dumps({"startup_s": round(startup, 2)}))
-    return 0
+        return None
+    startup = round(time.perf_counter() - t0, 2)
+    print(f"server '{label}' ready in {startup:.1f} s", flush=True)
+    try:
+        for mode, levels, n, tag, warmup in runs:
+            cmd = [sys.executable, "-m", "studio", "bench", "--model", "spark", "--mode", mode, "--concurrency", levels,
+                   "--requests", str(n), "--warmup", str(2 if warmup is None else warmup), "--fixed-tokens",
+                   str(args.tokens), "--triton-url", server.grpc_url, "--out", str(args.out),
+                   "--label", f"{tag}{args.tokens}"]
+            print(" ".join(cmd), flush=True)
+            try:
+                subprocess.run(cmd, timeout=240)
+            except subprocess.TimeoutExpired:
+                print(f"bench {mode} {levels} ({label}) ran past 240 s", flush=True)
+    finally:
+        lines = server.log_tail(20000)
+        keep = [ln for ln in lines if any(w in ln.lower() for w in ("error", "unhealthy", "not healthy", "traceback",
+                                                                   "exception", "killed", "[spark-fast]"))]
+        (args.out / f"spark_server_{label}.txt").write_text("\n".join(keep[:400] + ["----- last lines -----"]
+                                                                      + lines[-150:]))
+        server.stop()
+    return startup
 
 
 if __name__ == "__main__":

@@ -16,7 +16,9 @@
 #   e. summary: $OUT/summary.md (tables for BENCHMARKS.md + target checks), $OUT/summary.json,
 #      $OUT/results.tgz (every JSON, log and plot), $OUT/sweep.log
 # Environment: OUT (default ./sweep-out), SWEEP_WORK (scratch, default /tmp/f5-sweep),
-# SWEEP_BUDGET_S (skip optional stages once this much wall time is spent; default 500), PYTHON.
+# SWEEP_BUDGET_S (skip optional stages once this much wall time is spent; default 500), PYTHON,
+# SWEEP_MICRO=0 (skip stage b), SWEEP_SPARK_STEP=0 (skip stage f), SWEEP_LEVELS (default 1,2,4,8),
+# SWEEP_REQUESTS (default 16).
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
@@ -108,7 +110,7 @@ if [[ $TINY == 1 ]]; then
   REQ=4; LEVELS=1,2; LEVELS_SHORT=1,2; MICRO=(--tiny --device cpu --dtype float32 --frames 200 --modes eager,compile)
   MAKE=(--tiny)
 else
-  REQ=16; LEVELS=1,2,4,8; LEVELS_SHORT=1,8; MICRO=(); MAKE=()
+  REQ=${SWEEP_REQUESTS:-16}; LEVELS=${SWEEP_LEVELS:-1,2,4,8}; LEVELS_SHORT=1,8; MICRO=(); MAKE=()
 fi
 
 # -- 0. environment ---------------------------------------------------------------------------------
@@ -183,7 +185,7 @@ tail -n 4 "$LOG"
 run 180 make_checkpoints $PY tools/gpu_make_checkpoints.py "$CK" "${MAKE[@]}"
 
 # -- b. micro-benchmarks ------------------------------------------------------------------------------
-run 300 micro $PY tools/gpu_f5_bench.py --checkpoints "$CK" --out "$RES" "${MICRO[@]}"
+[[ ${SWEEP_MICRO:-1} == 0 ]] || run 300 micro $PY tools/gpu_f5_bench.py --checkpoints "$CK" --out "$RES" "${MICRO[@]}"
 snapshot
 
 # -- c. the fast server -----------------------------------------------------------------------------
@@ -205,7 +207,7 @@ else
 fi
 
 # -- f. Spark decode step (optional): eager forward_step vs CUDA graphs, random 0.5 B LLM ------------
-if time_left 60; then
+if [[ ${SWEEP_SPARK_STEP:-1} != 0 ]] && time_left 60; then
   if [[ $TINY == 1 ]]; then SPARK=(--tiny --device cpu --dtype float32); else SPARK=(); fi
   run 120 spark_step $PY tools/gpu_spark_step_bench.py --out "$RES" "${SPARK[@]}"
 fi

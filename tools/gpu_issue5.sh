@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Issue 5's measurements on the GPU machine, in stages that fit one device call each.
+#
+#   bash tools/gpu_issue5.sh f5,spark-step   # F5 end to end (fast + eager server) and the Spark step bench
+#   bash tools/gpu_issue5.sh spark           # Spark end to end (fast + eager server)
+#   bash tools/gpu_issue5.sh all --tiny      # CPU dry run of every stage with tiny checkpoints
+#
+# Run from the repo copy with `.whl` carried (numpy 1.26, tritonclient, python-rapidjson, soundfile,
+# cffi, pycparser, pypinyin wheels for Python 3.12 and pytriton312.tar.xz, the nvidia-pytriton wheel
+# repacked with only the 3.12 stub). Everything lands in $OUT: issue5.tgz (every JSON, log and plot,
+# rewritten after each stage, so a call cut off by its limit still brings back what it measured),
+# f5_summary.md, and issue5.log. Stage limits keep the whole under a 600 s call.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+STAGES=${1:-all}
+TINY=${2:-}
+OUT=${OUT:-$ROOT/issue5-out}
+W=${ISSUE5_WORK:-/tmp/issue5}
+mkdir -p "$OUT" "$W/spark"
+PY=${PYTHON:-python3}
+LOG=$OUT/issue5.log
+T0=$SECONDS
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+say() { printf '== [%4ds] %s\n' $((SECONDS - T0)) "$*" | tee -a "$LOG"; }
+want() { [[ ",$STAGES," == *",$1,"* || $STAGES == all ]]; }
+pack() { tar czf "$OUT/issue5.tgz" -C "$(dirname "$W")" "$(basename "$W")" 2>>"$LOG"; }
+
+say "stages $STAGES ${TINY:+(tiny)}; $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | head -1)"
+
+if want f5; then
+  say "F5 sweep (tools/gpu_sweep.sh: fast server offline/streaming c=1,8, 32 NFE, cold prompt, eager server)"
+  OUT=$W/f5 SWEEP_WORK=$W/f5-work SWEEP_MICRO=0 SWEEP_SPARK_STEP=0 SWEEP_BUDGET_S=250 SWEEP_LEVELS=1,8 \
+    timeout --kill-after=15 290 bash tools/gpu_sweep.sh $TINY >"$W/f5.log" 2>&1
+  say "F5 sweep exit $?"
+  cp "$W/f5/summary.md" "$OUT/f5_summary.md" 2>/dev/null
+  grep -E "^== " "$W/f5.log" | tail -n 40 >>"$LOG"
+  rm -rf "$W/f5-work/ckpt" "$W/f5-work/data"  # checkpoints and caches: large, not results
+  pack
+fi
+
+# The Spark stages share the stub environment set up by gpu_spark_sweep.sh (idempotent).
+if want spark-step; then
+  say "Spark decode step bench (eager / fused graph / compiled graph, rows 1, 8, 16)"
+  if [[ -n $TINY ]]; then STEP=(--tiny --device cpu --dtype float32); else STEP=(); fi
+  timeout --kill-after=10 110 $PY tools/gpu_spark_step_bench.py --out "$W/spark" "${STEP[@]}" >"$W/spark_step.log" 2>&1
+  say "Spark step bench exit $?"
+  grep -v -i "warn\|^$" "$W/spark_step.log" | tail -n 12 | tee -a "$LOG"
+  pack
+fi
+
+if want spark; then
+  say "Spark end to end (offline c=1,16, streaming c=1,8, 500 fixed tokens; eager server offline c=1)"
+  if [[ -n $TINY ]]; then
+    timeout --kill-after=15 400 $PY tools/gpu_spark_sweep.py --out "$W/spark" --work "$W/spark-work" --tiny \
+      --tokens 20 --offline 1,2 --streaming 1 --requests 2 --eager-requests 1 >"$W/spark_sweep.log" 2>&1
+  else
+    OUT=$W/spark timeout --kill-after=15 $((570 - SECONDS + T0)) bash tools/gpu_spark_sweep.sh --work "$W/spark-work" \
+      --offline 1,16 --streaming 1,8 --requests 16 --eager-requests 1 >"$W/spark_sweep.log" 2>&1
+  fi
+  say "Spark sweep exit $?"
+  grep -v "^  \|^    \|^Traceback" "$W/spark_sweep.log" | tail -n 40 >>"$LOG"
+  rm -rf "$W/spark-work"
+  pack
+fi
+say "done"
