@@ -3,6 +3,7 @@
 #
 #   bash tools/gpu_issue5.sh f5,spark-step   # F5 end to end (fast + eager server) and the Spark step bench
 #   bash tools/gpu_issue5.sh spark           # Spark end to end (fast + eager server)
+#   bash tools/gpu_issue5.sh offline         # F5 offline (16 and 32 NFE) and Spark offline c=1,16 + streaming c=1,8
 #   bash tools/gpu_issue5.sh all --tiny      # CPU dry run of every stage with tiny checkpoints
 #
 # Run from the repo copy with `.whl` carried (numpy 1.26, tritonclient, python-rapidjson, soundfile,
@@ -36,6 +37,28 @@ if want f5; then
   cp "$W/f5/summary.md" "$OUT/f5_summary.md" 2>/dev/null
   grep -E "^== " "$W/f5.log" | tail -n 40 >>"$LOG"
   rm -rf "$W/f5-work/ckpt" "$W/f5-work/data"  # checkpoints and caches: large, not results
+  pack
+fi
+
+if want offline; then
+  say "F5 offline (fast server: 16 NFE c=1,8, 32 NFE c=1,8)"
+  OUT=$W/f5 SWEEP_WORK=$W/f5-work SWEEP_MICRO=0 SWEEP_SPARK_STEP=0 SWEEP_STREAM=0 SWEEP_COLD=0 SWEEP_EAGER=0 \
+    SWEEP_BUDGET_S=200 SWEEP_LEVELS=1,8 timeout --kill-after=15 200 bash tools/gpu_sweep.sh $TINY >"$W/f5.log" 2>&1
+  say "F5 offline exit $?"
+  cp "$W/f5/summary.md" "$OUT/f5_summary.md" 2>/dev/null
+  rm -rf "$W/f5-work/ckpt" "$W/f5-work/data"
+  pack
+  say "Spark offline c=1,16 and streaming c=1,8 (500 fixed tokens)"
+  if [[ -n $TINY ]]; then
+    timeout --kill-after=15 300 $PY tools/gpu_spark_sweep.py --out "$W/spark" --work "$W/spark-work" --tiny \
+      --tokens 20 --offline 1,2 --streaming 1 --requests 2 --eager-requests 0 >"$W/spark_sweep.log" 2>&1
+  else
+    OUT=$W/spark timeout --kill-after=15 $((385 - SECONDS + T0)) bash tools/gpu_spark_sweep.sh --work "$W/spark-work" \
+      --offline 1,16 --streaming 1,8 --requests 16 --eager-requests 0 >"$W/spark_sweep.log" 2>&1
+  fi
+  say "Spark exit $?"
+  grep -v "^  \|^    \|^Traceback" "$W/spark_sweep.log" | tail -n 40 >>"$LOG"
+  rm -rf "$W/spark-work"
   pack
 fi
 

@@ -18,7 +18,7 @@
 # Environment: OUT (default ./sweep-out), SWEEP_WORK (scratch, default /tmp/f5-sweep),
 # SWEEP_BUDGET_S (skip optional stages once this much wall time is spent; default 500), PYTHON,
 # SWEEP_MICRO=0 (skip stage b), SWEEP_SPARK_STEP=0 (skip stage f), SWEEP_LEVELS (default 1,2,4,8),
-# SWEEP_REQUESTS (default 16).
+# SWEEP_REQUESTS (default 16), SWEEP_STREAM=0 / SWEEP_COLD=0 / SWEEP_EAGER=0 (skip those runs).
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
@@ -191,15 +191,15 @@ snapshot
 # -- c. the fast server -----------------------------------------------------------------------------
 if start_server fast ""; then
   bench bench_fast_offline 180 --mode offline --concurrency "$LEVELS" --requests "$REQ" --nfe 16 --label fast
-  time_left 60 && bench bench_fast_stream 180 --mode streaming --concurrency "$LEVELS" --requests "$REQ" --nfe 16 --label fast
+  [[ ${SWEEP_STREAM:-1} != 0 ]] && time_left 60 && bench bench_fast_stream 180 --mode streaming --concurrency "$LEVELS" --requests "$REQ" --nfe 16 --label fast
   time_left 90 && bench bench_fast_nfe32 120 --mode offline --concurrency "$LEVELS_SHORT" --requests "$REQ" --nfe 32 --label fast_nfe32
-  time_left 90 && bench bench_fast_cold 60 --mode offline --concurrency 1 --requests 8 --nfe 16 --cold-cache --label fast_cold
+  [[ ${SWEEP_COLD:-1} != 0 ]] && time_left 90 && bench bench_fast_cold 60 --mode offline --concurrency 1 --requests 8 --nfe 16 --cold-cache --label fast_cold
   stop_server
 fi
 snapshot
 
 # -- d. the eager server (the CPU code path on CUDA) ---------------------------------------------------
-if time_left 100 && start_server eager 0; then
+if [[ ${SWEEP_EAGER:-1} != 0 ]] && time_left 100 && start_server eager 0; then
   bench bench_eager_offline 120 --mode offline --concurrency "$LEVELS_SHORT" --requests 8 --nfe 16 --label eager
   stop_server
 else

@@ -170,19 +170,17 @@ def key_tensor(pb_utils, name: str, key: str):
     return pb_utils.Tensor(name, np.array([[key.encode()]], dtype=np.object_))
 
 
-def send_final(pb_utils, request, response) -> None:
-    """Answer a non-decoupled request through its response sender (`execute` then returns None).
-
-    Measured with the wheel's tritonserver 2.51: a response returned from `execute` reached the
-    gRPC client ~27 ms after `execute` ended, whatever its size; the same response sent through the
-    sender arrived ~1-3 ms after. Clients see no difference (one response, then the end)."""
-    request.get_response_sender().send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-
-
 def offline_front(pb_utils, request, engine: str, input_names: list[str], join, extra: list | None = None,
                   on_cancel=None):
     """Call a decoupled engine through BLS, join its chunk responses, return one response (an error
-    response when anything fails: the caller sends it through the request's sender)."""
+    response when anything fails). `execute` returns these responses.
+
+    Not through the request's response sender: on the H200 (tritonserver 2.51 from the
+    nvidia-pytriton wheel, 2026-12-02) offline front stubs that answered through the sender and
+    returned None died ("Stub process 'f5_tts_0_9' is not healthy") on the first offline request
+    of a run, and one spark_tts stub at concurrency 16, while the decoupled streaming fronts served
+    every request. Returning the responses costs ~27 ms per request there (measured 2026-11-24) but
+    served every offline run on the H100."""
     try:
         return _offline_front(pb_utils, request, engine, input_names, join, extra)
     except Exception as exc:  # noqa: BLE001 - one bad request must not take the instance down
