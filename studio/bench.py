@@ -143,22 +143,34 @@ def run_level(url: str, args, items, prompts, concurrency: int) -> dict:
     clients = [StudioClient(url) for _ in range(concurrency)]
     try:
         def one(i: int):
+            """A result, or the exception of a failed request (counted, not fatal: the run goes on)."""
             item = items[i % len(items)]
             c = clients[i % concurrency]
-            return c.synthesize(args.model, item.target_text, prompts[item.prompt], item.reference_text,
-                                stream=stream, params=params)
+            try:
+                return c.synthesize(args.model, item.target_text, prompts[item.prompt], item.reference_text,
+                                    stream=stream, params=params)
+            except Exception as exc:  # noqa: BLE001 - reported in the row
+                return exc
 
         with ThreadPoolExecutor(concurrency) as pool:
-            list(pool.map(one, range(min(args.warmup, args.requests) if args.warmup else 0)))
+            warm = list(pool.map(one, range(min(args.warmup, args.requests) if args.warmup else 0)))
             before = _engine_stats(clients[0], ENGINE_MODEL[args.model])
             with GpuSampler() as gpus:
                 t0 = time.perf_counter()
-                results = list(pool.map(one, range(args.requests)))
+                outcomes = list(pool.map(one, range(args.requests)))
                 wall = time.perf_counter() - t0
             after = _engine_stats(clients[0], ENGINE_MODEL[args.model])
     finally:
         for c in clients:
             c.close()
+    errors = [o for o in warm + outcomes if isinstance(o, Exception)]
+    results = [o for o in outcomes if not isinstance(o, Exception)]
+    failed = {"failed": len(outcomes) - len(results), "warmup_failed": len(warm) - sum(
+        not isinstance(o, Exception) for o in warm),
+        "errors": sorted({f"{type(e).__name__}: {e}"[:300] for e in errors})[:5]}
+    if not results:
+        return {"concurrency": concurrency, "requests": 0, "rtf_aggregate": None, "latency_p50_s": None,
+                "demo_weights": False, **failed}
     lat = [r.latency_s for r in results]
     first = [r.first_chunk_s for r in results]
     audio = sum(r.audio_s for r in results)
@@ -170,7 +182,9 @@ def run_level(url: str, args, items, prompts, concurrency: int) -> dict:
            "first_chunk_p90_s": _pct(first, 90) if stream else None,
            "requests_per_s": round(len(results) / wall, 3), "audio_s_per_s": round(audio / wall, 3),
            "server_compute_ms_mean": round(float(np.mean([r.info.get("compute_ms", 0) for r in results])), 2),
-           "gpus": gpus.summary(), "demo_weights": any(r.demo_weights for r in results)}
+           "gpus": gpus.summary(), "demo_weights": any(r.demo_weights for r in results), **failed}
+    # With failures the wall time still counts the failed requests while the audio does not: the
+    # row's figures are then pessimistic and the row says how many failed.
     if before and after:
         n = max(after["inference_count"] - before["inference_count"], 1)
         row["engine_queue_ms_mean"] = round((after["queue_ns"] - before["queue_ns"]) / n / 1e6, 3)
@@ -192,6 +206,7 @@ def print_table(rows: list[dict], model: str, mode: str) -> None:
     cols += ["requests_per_s", "audio_s_per_s", "engine_compute_ms_mean", "engine_queue_ms_mean"]
     if model == "spark":
         cols.append("decode_tokens_per_s_per_stream")
+    cols.append("failed")
     print(" | ".join(cols))
     print(" | ".join("---" for _ in cols))
     for r in rows:
@@ -204,6 +219,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = [r for r in rows if r.get("rtf_aggregate") is not None]  # levels where every request failed
     conc = [r["concurrency"] for r in rows]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
     a.plot(conc, [r["rtf_aggregate"] for r in rows], "o-")
@@ -246,7 +262,10 @@ def main(args) -> int:
             row = run_level(url, args, items, prompts, level)
             rows.append(row)
             print(f"[bench] concurrency {level}: rtf_aggregate {row['rtf_aggregate']}, "
-                  f"latency p50 {row['latency_p50_s']} s", file=sys.stderr, flush=True)
+                  f"latency p50 {row['latency_p50_s']} s" + (f", {row['failed']} of {args.requests} requests FAILED"
+                                                             f" ({row['warmup_failed']} warm-up): {row['errors']}"
+                                                             if row["failed"] or row["warmup_failed"] else ""),
+                  file=sys.stderr, flush=True)
     finally:
         if server is not None:
             server.stop()
@@ -261,4 +280,8 @@ def main(args) -> int:
     if rows and rows[0]["demo_weights"]:
         print("note: DEMO WEIGHTS: these figures are for the tiny demo model, not the real one.")
     print(f"wrote {args.out / (stem + '.json')} and .png")
+    bad = sum(r["failed"] + r["warmup_failed"] for r in rows)
+    if bad:
+        print(f"error: {bad} request(s) failed; the rows say which levels", file=sys.stderr)
+        return 1
     return 0
