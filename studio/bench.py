@@ -182,7 +182,9 @@ def run_level(url: str, args, items, prompts, concurrency: int) -> dict:
            "first_chunk_p90_s": _pct(first, 90) if stream else None,
            "requests_per_s": round(len(results) / wall, 3), "audio_s_per_s": round(audio / wall, 3),
            "server_compute_ms_mean": round(float(np.mean([r.info.get("compute_ms", 0) for r in results])), 2),
-           "gpus": gpus.summary(), "demo_weights": any(r.demo_weights for r in results), **failed}
+           "gpus": gpus.summary(), "demo_weights": any(r.demo_weights for r in results),
+           # requests that met a dead front instance, which the client reloaded before sending again
+           "recovered": sum(bool(getattr(r, "recovered", False)) for r in results), **failed}
     # With failures the wall time still counts the failed requests while the audio does not: the
     # row's figures are then pessimistic and the row says how many failed.
     if before and after:
@@ -206,7 +208,7 @@ def print_table(rows: list[dict], model: str, mode: str) -> None:
     cols += ["requests_per_s", "audio_s_per_s", "engine_compute_ms_mean", "engine_queue_ms_mean"]
     if model == "spark":
         cols.append("decode_tokens_per_s_per_stream")
-    cols.append("failed")
+    cols += ["failed", "recovered"]
     print(" | ".join(cols))
     print(" | ".join("---" for _ in cols))
     for r in rows:

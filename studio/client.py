@@ -64,6 +64,23 @@ STREAM_ERROR_WAIT_S = 1.0
 CONTROL_TIMEOUT_S = 10.0
 
 
+#: Triton's answer when the stub process of a Python-backend instance is gone ("f5_tts_0_9":
+#: model f5_tts, group 0, instance 9). tritonserver 2.51 never restarts such a stub, so every request
+#: routed to that instance fails the same way until the model is reloaded.
+DEAD_STUB = re.compile(r"Stub process '(?P<model>\w+?)_\d+_\d+' is not healthy")
+#: Reloading a weightless front model (new stubs for all its instances) took ~1.6 s on the CPU.
+RELOAD_TIMEOUT_S = 120.0
+_reloads: dict[tuple[str, str], float] = {}  # (url, model) -> perf_counter when its last reload finished
+_reload_locks: dict[tuple[str, str], threading.Lock] = {}
+_reload_guard = threading.Lock()
+
+
+def dead_stub_model(message: str) -> str | None:
+    """The model whose instance's stub died, from a Triton error message (None: another error)."""
+    m = DEAD_STUB.search(message or "")
+    return m.group("model") if m else None
+
+
 class SynthesisError(RuntimeError):
     """The server refused or failed a generation; the message is the model's own, without gRPC noise."""
 
@@ -90,6 +107,7 @@ class SynthResult:
     chunk_arrivals_s: list[float] = field(default_factory=list)  # per audio response, from request sent
     seed: int | None = None  # the seed the server used (random when none was asked for)
     demo_weights: bool = False  # the server ran demo (random) weights: the audio is noise
+    recovered: bool = False  # sent twice: the first attempt met a dead front instance, which was reloaded
 
 
 # --- request building -------------------------------------------------------------------------------
@@ -348,10 +366,58 @@ class StudioClient:
         family = family_of(model)
         inputs = build_inputs(family, text, ref_audio, ref_text, params)
         name = triton_model_name(family, stream)
-        request_id = f"studio-{uuid.uuid4().hex[:16]}"
-        if stream:
-            return self._stream(family, name, inputs, request_id, on_chunk, cancel, timeout_s)
-        return self._offline(family, name, inputs, request_id, on_chunk, cancel, timeout_s)
+        delivered = []
+
+        def tracked(samples, info):
+            delivered.append(True)
+            if on_chunk is not None:
+                on_chunk(samples, info)
+
+        def attempt():
+            request_id = f"studio-{uuid.uuid4().hex[:16]}"
+            if stream:
+                return self._stream(family, name, inputs, request_id, tracked, cancel, timeout_s)
+            return self._offline(family, name, inputs, request_id, tracked, cancel, timeout_s)
+
+        started = time.perf_counter()
+        try:
+            return attempt()
+        except SynthesisError as exc:
+            # A front instance whose stub died answers every request routed to it with this error:
+            # reload that model (new stubs; the engines and their weights are untouched) and try once
+            # more, unless audio already reached the caller.
+            if dead_stub_model(str(exc)) != name or delivered:
+                raise
+            self.reload_model(name, failed_at=time.perf_counter(), cause=str(exc))
+            lost = time.perf_counter() - started
+        result = attempt()
+        result.info = dict(result.info, notes=list(result.info.get("notes", [])) + [
+            f"a {name} instance had died (its stub process was gone); the model was reloaded and the request "
+            f"sent again: {lost:.2f} s of this request's latency"])
+        result.latency_s += lost
+        result.first_chunk_s += lost
+        result.chunk_arrivals_s = [t + lost for t in result.chunk_arrivals_s]
+        result.rtf = result.latency_s / result.audio_s if result.audio_s else float("inf")
+        result.recovered = True
+        return result
+
+    def reload_model(self, name: str, failed_at: float | None = None, cause: str = "") -> None:
+        """Reload model `name` through Triton's repository API (the server runs in explicit model
+        control mode). Several clients meeting the same dead instance reload it once: a reload that
+        finished after `failed_at` (perf_counter of the failure) counts."""
+        key = (self.url, name)
+        with _reload_guard:
+            lock = _reload_locks.setdefault(key, threading.Lock())
+        with lock:
+            if failed_at is not None and _reloads.get(key, float("-inf")) > failed_at:
+                return
+            try:
+                self._client.load_model(name, client_timeout=RELOAD_TIMEOUT_S)
+            except InferenceServerException as exc:
+                raise SynthesisError(f"{clean_message(cause) or name + ' failed'}; reloading {name} to replace the "
+                                     f"dead instance failed too ({clean_message(exc.message())}): restart the "
+                                     f"server") from None
+            _reloads[key] = time.perf_counter()
 
     def _offline(self, family, name, inputs, request_id, on_chunk, cancel, timeout_s) -> SynthResult:
         answers: queue.SimpleQueue = queue.SimpleQueue()

@@ -294,7 +294,11 @@ class TritonServer:
                f"--http-port={self.http_port}", f"--grpc-port={self.grpc_port}", f"--metrics-port={metrics_port}",
                "--allow-metrics=false", "--log-verbose=0", "--exit-timeout-secs=10",
                "--backend-config=python,shm-default-byte-size=4194304",
-               "--backend-config=python,shm-growth-byte-size=4194304"]
+               "--backend-config=python,shm-growth-byte-size=4194304",
+               # explicit model control with every model loaded at start: the same models as the
+               # default mode, plus the repository API, so a front model whose instance's stub died
+               # (tritonserver 2.51 does not restart it) can be reloaded alone (studio.client)
+               "--model-control-mode=explicit", "--load-model=*"]
         if backends:
             cmd.append(f"--backend-directory={backends}")
         self._set("starting", f"starting tritonserver (gRPC {self.grpc_url}, HTTP {self.http_url})")

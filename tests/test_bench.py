@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ROW_KEYS = {"concurrency", "requests", "wall_s", "audio_s", "rtf_aggregate", "rtf_mean", "latency_p50_s",
             "latency_p90_s", "latency_p99_s", "first_chunk_p50_s", "first_chunk_p90_s", "requests_per_s",
             "audio_s_per_s", "server_compute_ms_mean", "gpus", "demo_weights", "failed", "warmup_failed", "errors",
-            "engine_queue_ms_mean", "engine_compute_ms_mean", "engine_executions"}
+            "engine_queue_ms_mean", "engine_compute_ms_mean", "engine_executions", "recovered"}
 
 
 def bench(triton_server, out: Path, *args: str, timeout: int = 400) -> subprocess.CompletedProcess:

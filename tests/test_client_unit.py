@@ -502,3 +502,59 @@ def test_unclosed_client_after_streams_exits_promptly(toy_server):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["2800", "4000"]
+
+
+@pytest.mark.parametrize("message, model", [
+    ("Stub process 'f5_tts_0_9' is not healthy.", "f5_tts"),
+    ("Stub process 'spark_tts_stream_0_12' is not healthy.", "spark_tts_stream"),
+    ("f5_engine request failed: Stub process 'f5_engine_0_0' is not healthy.", "f5_engine"),
+    ("the reference clip is too short", None),
+    ("", None),
+])
+def test_dead_stub_model(message, model):
+    from studio.client import dead_stub_model
+
+    assert dead_stub_model(message) == model
+
+
+class _CountingLoads:
+    def __init__(self, fail: bool = False):
+        self.loads, self.fail = [], fail
+
+    def load_model(self, name, client_timeout=None):
+        from tritonclient.utils import InferenceServerException
+
+        if self.fail:
+            raise InferenceServerException("explicit model load / unload is not allowed if polling is enabled")
+        time.sleep(0.05)
+        self.loads.append(name)
+
+
+def test_reload_model_once_for_clients_meeting_the_same_dead_instance():
+    """Failures seen before a reload finished share that reload; a later failure reloads again."""
+    c = StudioClient("127.0.0.1:1")  # never connects: only the repository call is exercised
+    try:
+        fake = _CountingLoads()
+        c._client = fake
+        failed_at = time.perf_counter()
+        threads = [threading.Thread(target=c.reload_model, args=("f5_tts", failed_at)) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert fake.loads == ["f5_tts"]
+        c.reload_model("f5_tts", failed_at=time.perf_counter())
+        assert fake.loads == ["f5_tts", "f5_tts"]
+    finally:
+        c.close()
+
+
+def test_reload_impossible_says_restart_the_server():
+    c = StudioClient("127.0.0.1:1")
+    try:
+        c._client = _CountingLoads(fail=True)
+        with pytest.raises(SynthesisError, match="restart the server") as err:
+            c.reload_model("spark_tts", cause="Stub process 'spark_tts_0_2' is not healthy.")
+        assert "spark_tts_0_2" in str(err.value) and "polling" in str(err.value)
+    finally:
+        c.close()

@@ -178,3 +178,55 @@ def test_cancelled_stream_stops_the_engine(client, triton_server):
         time.sleep(0.2)
     assert any("cancelled: its remaining chunks were dropped" in line for line in triton_server.log_tail(400))
     assert synth(client, "Still serving.", seed=2).audio.size > 0
+
+
+def _stub_pids(server, instance: str) -> list[int]:
+    """Python-backend stub processes of this server's `instance` (e.g. f5_tts_0_1)."""
+    import os
+
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            args = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if instance.encode() in args and any(str(server.run_dir).encode() in a for a in args):
+            pids.append(int(pid))
+    return pids
+
+
+@pytest.mark.slow
+def test_dead_front_instance_is_reloaded_and_the_request_served(client, triton_server):
+    """A front instance whose stub process died (seen on the H200) answers "Stub process ... is not
+    healthy" to every request routed to it; the client reloads that model alone and sends again."""
+    import os
+    import signal
+
+    pids = _stub_pids(triton_server, "f5_tts_0_1")
+    assert pids, "no stub process found for f5_tts_0_1"
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    time.sleep(0.5)
+    results = []
+    for _ in range(3):  # concurrent requests: each instance takes one, so the dead one gets one too
+        batch = [None] * 4
+
+        def go(i):
+            batch[i] = synth(client, "A dead instance must not fail this.", seed=i)
+
+        threads = [threading.Thread(target=go, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        results += batch
+        if any(r.recovered for r in results):
+            break
+    assert all(r is not None and r.audio.size > 0 for r in results)
+    recovered = [r for r in results if r.recovered]
+    assert recovered, "no request met the dead instance"
+    assert any("reloaded" in n for n in recovered[0].info["notes"])
+    assert recovered[0].latency_s > recovered[0].info["compute_ms"] / 1000
+    assert _stub_pids(triton_server, "f5_tts_0_1"), "the reload started no new stub"
+    # and the model serves plainly afterwards
+    assert not synth(client, "After the reload.", seed=1).recovered
