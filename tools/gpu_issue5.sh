@@ -27,6 +27,24 @@ say() { printf '== [%4ds] %s\n' $((SECONDS - T0)) "$*" | tee -a "$LOG"; }
 want() { [[ ",$STAGES," == *",$1,"* || $STAGES == all ]]; }
 pack() { tar czf "$OUT/issue5.tgz" -C "$(dirname "$W")" "$(basename "$W")" 2>>"$LOG"; }
 
+# spark_e2e EAGER_REQUESTS DEADLINE_S: Spark fast server offline c=1,16 and streaming c=1,8 (500 fixed
+# tokens), then EAGER_REQUESTS offline requests on an eager server (0 = none), ending by DEADLINE_S
+spark_e2e() {
+  local eager=$1 deadline=$2
+  if [[ -n $TINY ]]; then
+    timeout --kill-after=15 300 $PY tools/gpu_spark_sweep.py --out "$W/spark" --work "$W/spark-work" --tiny \
+      --tokens 20 --offline 1,2 --streaming 1 --requests 2 --eager-requests "$eager" >"$W/spark_sweep.log" 2>&1
+  else
+    OUT=$W/spark timeout --kill-after=15 $((deadline - SECONDS + T0)) bash tools/gpu_spark_sweep.sh \
+      --work "$W/spark-work" --offline 1,16 --streaming 1,8 --requests 16 --eager-requests "$eager" \
+      >"$W/spark_sweep.log" 2>&1
+  fi
+  say "Spark end to end exit $?"
+  grep -v "^  \|^    \|^Traceback" "$W/spark_sweep.log" | tail -n 40 >>"$LOG"
+  rm -rf "$W/spark-work"
+  pack
+}
+
 say "stages $STAGES ${TINY:+(tiny)}; $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | head -1)"
 
 if want f5; then
@@ -49,17 +67,7 @@ if want offline; then
   rm -rf "$W/f5-work/ckpt" "$W/f5-work/data"
   pack
   say "Spark offline c=1,16 and streaming c=1,8 (500 fixed tokens)"
-  if [[ -n $TINY ]]; then
-    timeout --kill-after=15 300 $PY tools/gpu_spark_sweep.py --out "$W/spark" --work "$W/spark-work" --tiny \
-      --tokens 20 --offline 1,2 --streaming 1 --requests 2 --eager-requests 0 >"$W/spark_sweep.log" 2>&1
-  else
-    OUT=$W/spark timeout --kill-after=15 $((385 - SECONDS + T0)) bash tools/gpu_spark_sweep.sh --work "$W/spark-work" \
-      --offline 1,16 --streaming 1,8 --requests 16 --eager-requests 0 >"$W/spark_sweep.log" 2>&1
-  fi
-  say "Spark exit $?"
-  grep -v "^  \|^    \|^Traceback" "$W/spark_sweep.log" | tail -n 40 >>"$LOG"
-  rm -rf "$W/spark-work"
-  pack
+  spark_e2e 0 385
 fi
 
 # The Spark stages share the stub environment set up by gpu_spark_sweep.sh (idempotent).
@@ -74,16 +82,6 @@ fi
 
 if want spark; then
   say "Spark end to end (offline c=1,16, streaming c=1,8, 500 fixed tokens; eager server offline c=1)"
-  if [[ -n $TINY ]]; then
-    timeout --kill-after=15 400 $PY tools/gpu_spark_sweep.py --out "$W/spark" --work "$W/spark-work" --tiny \
-      --tokens 20 --offline 1,2 --streaming 1 --requests 2 --eager-requests 1 >"$W/spark_sweep.log" 2>&1
-  else
-    OUT=$W/spark timeout --kill-after=15 $((570 - SECONDS + T0)) bash tools/gpu_spark_sweep.sh --work "$W/spark-work" \
-      --offline 1,16 --streaming 1,8 --requests 16 --eager-requests 1 >"$W/spark_sweep.log" 2>&1
-  fi
-  say "Spark sweep exit $?"
-  grep -v "^  \|^    \|^Traceback" "$W/spark_sweep.log" | tail -n 40 >>"$LOG"
-  rm -rf "$W/spark-work"
-  pack
+  spark_e2e 1 570
 fi
 say "done"

@@ -47,6 +47,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from tts.compile_cache import CACHE_SUBDIR, DATA_DIR_ENV, configure_compile_cache, default_cache_dir  # noqa: F401
 from tts.f5.dit import DiT
 from tts.f5.sampler import ode_step, timesteps
 from tts.f5.sampler import sample as eager_sample
@@ -69,9 +70,6 @@ DEFAULT_LENGTH_BUCKETS = tuple(range(128, 2048 + 1, 128)) + tuple(range(2048 + 2
 #: fusion change rounding (bf16 has an 8-bit mantissa, ~4e-3 per op) and a few ODE steps add up.
 SELF_CHECK_TOL = {torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 2e-2}
 SELF_CHECK_NFE = 4
-DATA_DIR_ENV = "STUDIO_DATA_DIR"
-DEFAULT_DATA_DIR = "~/.cache/voice-studio"  # same default as studio.config (tts never imports studio)
-CACHE_SUBDIR = "compile-cache"
 WARMUP_LOG_PREFIX = "warmup done:"  # followed by the stats as JSON (tools/gpu_summary.py reads the server log)
 
 
@@ -126,34 +124,6 @@ def bucket_for(n: int, buckets: tuple[int, ...]) -> int | None:
         if b >= n:
             return b
     return None
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR).expanduser() / CACHE_SUBDIR
-
-
-def configure_compile_cache(cache_dir: str | Path | None = None) -> Path:
-    """Point inductor's and Triton's on-disk caches under `cache_dir` (unless the environment already
-    names them) and switch on the FX-graph and AOTAutograd caches, so a restart reuses compiled code.
-    Must run before the first compile in the process."""
-    root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    root.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(root / "inductor"))
-    os.environ.setdefault("TRITON_CACHE_DIR", str(root / "triton"))
-    import torch._inductor.config as inductor_config
-
-    inductor_config.fx_graph_cache = True
-    try:
-        import torch._functorch.config as functorch_config
-
-        functorch_config.enable_autograd_cache = True
-    except (ImportError, AttributeError):  # older torch: the FX graph cache alone still helps
-        pass
-    if not os.path.basename(sys.executable or "").startswith("python"):
-        # Inductor's compile workers are `sys.executable` subprocesses; inside an embedding host whose
-        # executable is not Python, compile in-process instead (slower cold start, same code).
-        inductor_config.compile_threads = 1
-    return root
 
 
 @contextmanager

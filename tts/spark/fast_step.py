@@ -322,6 +322,9 @@ def compile_decoder(decoder: FusedDecoder, log: Callable[[str], None] | None = N
     Returns a forward callable; compilation happens at its first call (the first capture)."""
     stats: dict = {}
     try:
+        from tts.compile_cache import configure_compile_cache
+
+        stats["cache_dir"] = str(configure_compile_cache())  # a restart reuses this start's compiled code
         compiled = torch.compile(decode_layer, dynamic=True, fullgraph=True, backend=backend)
         stats["compiled"] = True
 
