@@ -198,7 +198,7 @@ class Handlers:
         audio_path = self.export(rec, "wav") if rec.get("audio") else None
         seed = rec.get("seed")
         html = metrics_html(outcome.metrics, seed=seed, demo=rec.get("demo_weights"), mode=rec["mode"],
-                            status=outcome.status, job=job.id)
+                            status=outcome.status, job=job.id, notes=(rec.get("info") or {}).get("notes"))
         return (audio_path, html, self.download_button(rec, fmt), rec["id"], seed)
 
     def picture(self, record_id):

@@ -92,11 +92,13 @@ def _fmt(value, unit: str = "", digits: int = 3) -> str:
     return f"{esc(value)}{unit}"
 
 
-def metrics_html(metrics: dict, *, seed, demo: bool | None, mode: str, status: str = "ok", job: str = "") -> str:
+def metrics_html(metrics: dict, *, seed, demo: bool | None, mode: str, status: str = "ok", job: str = "",
+                 notes: list[str] | None = None) -> str:
     """One generation's numbers; each value cell carries data-metric=NAME for tools and tests.
 
     `job` (the browser's stream id) lets the page's player fill in its first-sound figure when that
-    arrives after the handler answered."""
+    arrives after the handler answered. `notes`: the server's and client's remarks on this
+    generation (`info.notes`: a clipped prompt, a reloaded front instance, ...), listed below."""
     rows = [
         ("latency_s", "Latency (request to last audio)", _fmt(metrics.get("latency_s"), " s")),
         ("first_chunk_s", "First chunk latency" + (" (offline: whole answer)" if mode == "offline" else ""),
@@ -121,8 +123,10 @@ def metrics_html(metrics: dict, *, seed, demo: bool | None, mode: str, status: s
     body = "".join(f'<tr><th style="text-align:left;font-weight:normal;padding:2px 12px 2px 0">{esc(label)}</th>'
                    f'<td data-metric="{key}" style="font-variant-numeric:tabular-nums">{value}</td></tr>'
                    for key, label, value in rows)
+    remarks = "".join(f"<li>{esc(str(n))}</li>" for n in (notes or []) if str(n).strip())
+    tail = f'<ul class="studio-notes">{remarks}</ul>' if remarks else ""
     return (f'{head}<table class="studio-metrics" data-status="{esc(status)}" data-job="{esc(job)}">'
-            f'{body}</table>')
+            f'{body}</table>{tail}')
 
 
 HISTORY_HEADERS = ["Time (UTC)", "Model", "Mode", "Status", "Text", "Latency s", "First chunk s", "Audio s",

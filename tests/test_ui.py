@@ -387,6 +387,10 @@ def test_metrics_and_tables():
     for key, text in [("latency_s", "1.235 s"), ("rtf", "0.410"), ("seed", "11"), ("first_sound_ms", "25.0 ms"),
                       ("demo_weights", "DEMO"), ("decode_tokens_per_s", "75.0 tok/s")]:
         assert f'data-metric="{key}"' in html and text in html
+    assert "studio-notes" not in html
+    noted = metrics_html({"latency_s": 1.0}, seed=1, demo=False, mode="offline",
+                         notes=["the prompt was clipped at 11.8 s <a pause>", ""])
+    assert '<ul class="studio-notes"><li>the prompt was clipped at 11.8 s &lt;a pause&gt;</li></ul>' in noted
     rows = stats_rows(FakeClient().statistics())
     assert len(rows[0]) == len(STATS_HEADERS)
     assert rows[0][:4] == ["f5_tts", 4, 1, 3] and rows[0][4] == 0.5 and rows[0][5] == 10.2
