@@ -68,8 +68,11 @@ CONTROL_TIMEOUT_S = 10.0
 #: model f5_tts, group 0, instance 9). tritonserver 2.51 never restarts such a stub, so every request
 #: routed to that instance fails the same way until the model is reloaded.
 DEAD_STUB = re.compile(r"Stub process '(?P<model>\w+?)_\d+_\d+' is not healthy")
-#: Reloading a weightless front model (new stubs for all its instances) took ~1.6 s on the CPU.
-RELOAD_TIMEOUT_S = 120.0
+#: The engine model (weights, batching) behind each family's front models.
+ENGINE_MODELS = {"f5": "f5_engine", "spark": "spark_llm"}
+#: Reloading a weightless front model (new stubs for all its instances) took ~1.6 s on the CPU; an
+#: engine loads its weights and warms up again (58-110 s measured on the H200 at start-up).
+RELOAD_TIMEOUT_S = {"front": 120.0, "engine": 900.0}
 _reloads: dict[tuple[str, str], float] = {}  # (url, model) -> perf_counter when its last reload finished
 _reload_locks: dict[tuple[str, str], threading.Lock] = {}
 _reload_guard = threading.Lock()
@@ -383,16 +386,19 @@ class StudioClient:
         try:
             return attempt()
         except SynthesisError as exc:
-            # A front instance whose stub died answers every request routed to it with this error:
-            # reload that model (new stubs; the engines and their weights are untouched) and try once
-            # more, unless audio already reached the caller.
-            if dead_stub_model(str(exc)) != name or delivered:
+            # An instance whose stub died answers every request routed to it with this error (the
+            # front's own, or the engine's through BLS): reload that model alone (a front: new stubs,
+            # the engine untouched; the engine: its weights again) and try once more, unless audio
+            # already reached the caller.
+            dead = dead_stub_model(str(exc))
+            if dead not in (name, ENGINE_MODELS[family]) or delivered:
                 raise
-            self.reload_model(name, failed_at=time.perf_counter(), cause=str(exc))
+            self.reload_model(dead, failed_at=time.perf_counter(), cause=str(exc),
+                              timeout_s=RELOAD_TIMEOUT_S["engine" if dead == ENGINE_MODELS[family] else "front"])
             lost = time.perf_counter() - started
         result = attempt()
         result.info = dict(result.info, notes=list(result.info.get("notes", [])) + [
-            f"a {name} instance had died (its stub process was gone); the model was reloaded and the request "
+            f"a {dead} instance had died (its stub process was gone); the model was reloaded and the request "
             f"sent again: {lost:.2f} s of this request's latency"])
         result.latency_s += lost
         result.first_chunk_s += lost
@@ -401,7 +407,8 @@ class StudioClient:
         result.recovered = True
         return result
 
-    def reload_model(self, name: str, failed_at: float | None = None, cause: str = "") -> None:
+    def reload_model(self, name: str, failed_at: float | None = None, cause: str = "",
+                     timeout_s: float = RELOAD_TIMEOUT_S["front"]) -> None:
         """Reload model `name` through Triton's repository API (the server runs in explicit model
         control mode). Several clients meeting the same dead instance reload it once: a reload that
         finished after `failed_at` (perf_counter of the failure) counts."""
@@ -412,7 +419,7 @@ class StudioClient:
             if failed_at is not None and _reloads.get(key, float("-inf")) > failed_at:
                 return
             try:
-                self._client.load_model(name, client_timeout=RELOAD_TIMEOUT_S)
+                self._client.load_model(name, client_timeout=timeout_s)
             except InferenceServerException as exc:
                 raise SynthesisError(f"{clean_message(cause) or name + ' failed'}; reloading {name} to replace the "
                                      f"dead instance failed too ({clean_message(exc.message())}): restart the "

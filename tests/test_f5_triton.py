@@ -239,3 +239,22 @@ def test_dead_front_instance_is_reloaded_and_the_request_served(client, triton_s
     for t in threads:
         t.join()
     assert all(r is not None and not r.recovered for r in after)
+
+
+@pytest.mark.slow
+def test_dead_engine_is_reloaded_and_the_request_served(client, triton_server):
+    """The engine's stub dying fails every request through BLS; the client reloads the engine (its
+    weights again) and sends once more, and the front models keep serving."""
+    import os
+    import signal
+
+    pids = _stub_pids(triton_server, "f5_engine_0_0")
+    assert pids, "no stub process found for f5_engine_0_0"
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    time.sleep(0.5)
+    r = synth(client, "The engine came back.", seed=5)
+    assert r.recovered and r.audio.size > 0
+    assert any("f5_engine instance had died" in n for n in r.info["notes"])
+    solo = synth(client, "The engine came back.", seed=5)
+    assert not solo.recovered and np.abs(solo.audio - r.audio).max() <= 1e-4
