@@ -4,6 +4,7 @@
 #   bash tools/gpu_issue5.sh f5,spark-step   # F5 end to end (fast + eager server) and the Spark step bench
 #   bash tools/gpu_issue5.sh spark           # Spark end to end (fast + eager server)
 #   bash tools/gpu_issue5.sh offline         # F5 offline (16 and 32 NFE) and Spark offline c=1,16 + streaming c=1,8
+#   bash tools/gpu_issue5.sh f5-profile      # where one F5 ODE step's time goes (kernels, attention backends)
 #   bash tools/gpu_issue5.sh all --tiny      # CPU dry run of every stage with tiny checkpoints
 #
 # Run from the repo copy with `.whl` carried (numpy 1.26, tritonclient, python-rapidjson, soundfile,
@@ -68,6 +69,16 @@ if want offline; then
   pack
   say "Spark offline c=1,16 and streaming c=1,8 (500 fixed tokens)"
   spark_e2e 0 385
+fi
+
+if want f5-profile; then
+  say "F5 step profile (tools/gpu_f5_profile.py: buckets 2x768 (one request at c=1) and 8x1024)"
+  if [[ -n $TINY ]]; then PROF=(--tiny --device cpu --buckets 2x128); else PROF=(--buckets 2x768,8x1024); fi
+  mkdir -p "$W/f5-profile"
+  timeout --kill-after=10 150 $PY tools/gpu_f5_profile.py --out "$W/f5-profile" "${PROF[@]}" >"$W/f5_profile.log" 2>&1
+  say "F5 profile exit $?"
+  grep -v '^ \|^\[\|^{\|^}' "$W/f5_profile.log" | tail -n 12 | tee -a "$LOG"
+  pack
 fi
 
 # The Spark stages share the stub environment set up by gpu_spark_sweep.sh (idempotent).
