@@ -88,7 +88,7 @@ def startup_section(starts: dict[str, dict]) -> list[str]:
 
 def bench_section(benches: dict[str, dict]) -> list[str]:
     head = ["run", "mode", "NFE", "c", "rtf_aggregate", "latency p50 s", "p90 s", "first chunk p50 s",
-            "req/s", "engine compute ms", "engine queue ms", "GPU util %"]
+            "req/s", "engine compute ms", "engine queue ms", "GPU util %", "failed", "recovered"]
     lines = ["### End to end through Triton (`python -m studio bench`)", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, b in sorted(benches.items()):
@@ -100,7 +100,8 @@ def bench_section(benches: dict[str, dict]) -> list[str]:
                                             fmt(r.get("rtf_aggregate"), 4), fmt(r.get("latency_p50_s")),
                                             fmt(r.get("latency_p90_s")), fmt(r.get("first_chunk_p50_s")),
                                             fmt(r.get("requests_per_s"), 2), fmt(r.get("engine_compute_ms_mean"), 1),
-                                            fmt(r.get("engine_queue_ms_mean"), 1), util]) + " |")
+                                            fmt(r.get("engine_queue_ms_mean"), 1), util,
+                                            fmt(r.get("failed")), fmt(r.get("recovered"))]) + " |")
     return lines + [""]
 
 
