@@ -165,9 +165,8 @@ def run_level(url: str, args, items, prompts, concurrency: int) -> dict:
             c.close()
     errors = [o for o in warm + outcomes if isinstance(o, Exception)]
     results = [o for o in outcomes if not isinstance(o, Exception)]
-    failed = {"failed": len(outcomes) - len(results), "warmup_failed": len(warm) - sum(
-        not isinstance(o, Exception) for o in warm),
-        "errors": sorted({f"{type(e).__name__}: {e}"[:300] for e in errors})[:5]}
+    failed = {"failed": len(outcomes) - len(results), "warmup_failed": sum(isinstance(o, Exception) for o in warm),
+              "errors": sorted({f"{type(e).__name__}: {e}"[:300] for e in errors})[:5]}
     if not results:
         return {"concurrency": concurrency, "requests": 0, "rtf_aggregate": None, "latency_p50_s": None,
                 "demo_weights": False, **failed}
@@ -183,8 +182,8 @@ def run_level(url: str, args, items, prompts, concurrency: int) -> dict:
            "requests_per_s": round(len(results) / wall, 3), "audio_s_per_s": round(audio / wall, 3),
            "server_compute_ms_mean": round(float(np.mean([r.info.get("compute_ms", 0) for r in results])), 2),
            "gpus": gpus.summary(), "demo_weights": any(r.demo_weights for r in results),
-           # requests that met a dead front instance, which the client reloaded before sending again
-           "recovered": sum(bool(getattr(r, "recovered", False)) for r in results), **failed}
+           # requests that met a dead instance (front or engine), reloaded by the client before sending again
+           "recovered": sum(r.recovered for r in results), **failed}
     # With failures the wall time still counts the failed requests while the audio does not: the
     # row's figures are then pessimistic and the row says how many failed.
     if before and after:

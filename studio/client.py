@@ -110,7 +110,7 @@ class SynthResult:
     chunk_arrivals_s: list[float] = field(default_factory=list)  # per audio response, from request sent
     seed: int | None = None  # the seed the server used (random when none was asked for)
     demo_weights: bool = False  # the server ran demo (random) weights: the audio is noise
-    recovered: bool = False  # sent twice: the first attempt met a dead front instance, which was reloaded
+    recovered: bool = False  # sent twice: the first attempt met a dead instance (front or engine), then reloaded
 
 
 # --- request building -------------------------------------------------------------------------------

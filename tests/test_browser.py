@@ -367,7 +367,7 @@ def test_fake_two_users_generate_at_once(fake_app, browser, tmp_path):
     url, rt = fake_app
     # generations of ~3 s (3 chunks of 1 s): the second click lands well inside the first even on a
     # loaded machine, and a light event queued behind a generation would take longer than one
-    rt.fake.delay_s = 1.0
+    before, rt.fake.delay_s = rt.fake.delay_s, 1.0
     pages = []
     for i in range(3):
         ctx = browser.new_context(viewport={"width": 1400, "height": 1000})
@@ -393,7 +393,7 @@ def test_fake_two_users_generate_at_once(fake_app, browser, tmp_path):
         assert b["start"] < a["end"], "the two generations ran one after the other"
         assert light_s < 3 * rt.fake.delay_s, "a light event waited behind the generations"
     finally:
-        rt.fake.delay_s = 0.3
+        rt.fake.delay_s = before
         for ctx, _ in pages:
             ctx.close()
 

@@ -195,6 +195,21 @@ def _stub_pids(server, instance: str) -> list[int]:
     return pids
 
 
+def _synth_concurrently(client, n: int, text: str) -> list:
+    """`n` requests at once (seeds 0..n-1); a result per request, None where it raised."""
+    out = [None] * n
+
+    def one(i):
+        out[i] = synth(client, text, seed=i)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
 @pytest.mark.slow
 def test_dead_front_instance_is_reloaded_and_the_request_served(client, triton_server):
     """A front instance whose stub process died (seen on the H200) answers "Stub process ... is not
@@ -209,18 +224,8 @@ def test_dead_front_instance_is_reloaded_and_the_request_served(client, triton_s
     time.sleep(0.5)
     results = []
     for _ in range(3):  # concurrent requests: each instance takes one, so the dead one gets one too
-        batch = [None] * 4
-
-        def go(i):
-            batch[i] = synth(client, "A dead instance must not fail this.", seed=i)
-
-        threads = [threading.Thread(target=go, args=(i,)) for i in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        results += batch
-        if any(r.recovered for r in results):
+        results += _synth_concurrently(client, 4, "A dead instance must not fail this.")
+        if any(r is not None and r.recovered for r in results):
             break
     assert all(r is not None and r.audio.size > 0 for r in results)
     recovered = [r for r in results if r.recovered]
@@ -228,16 +233,7 @@ def test_dead_front_instance_is_reloaded_and_the_request_served(client, triton_s
     assert any("reloaded" in n for n in recovered[0].info["notes"])
     assert recovered[0].latency_s > recovered[0].info["compute_ms"] / 1000
     # and every instance serves plainly afterwards (more concurrent requests than instances)
-    after = [None] * 8
-
-    def again(i):
-        after[i] = synth(client, "After the reload.", seed=i)
-
-    threads = [threading.Thread(target=again, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    after = _synth_concurrently(client, 8, "After the reload.")
     assert all(r is not None and not r.recovered for r in after)
 
 

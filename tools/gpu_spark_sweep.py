@@ -46,8 +46,8 @@ def main() -> int:
         else:
             write_demo_checkpoint(ck / "Spark-TTS-0.5B", seed=0, size=FULL_SIZE)
     print(f"random Spark checkpoint ready in {time.perf_counter() - t0:.1f} s", flush=True)
-    runs = [("offline", args.offline, args.requests, "fast", None), ("streaming", args.streaming, args.requests,
-                                                                     "fast", None)]
+    runs = [("offline", args.offline, args.requests, "fast", 2), ("streaming", args.streaming, args.requests,
+                                                                  "fast", 2)]
     fast = os.environ.get("STUDIO_SPARK_FAST")
     startup = {}
     for label, env_fast, todo in (("fast", fast, runs),
@@ -84,7 +84,7 @@ def serve_and_bench(args, ck: Path, label: str, env_fast: str | None, runs: list
     try:
         for mode, levels, n, tag, warmup in runs:
             cmd = [sys.executable, "-m", "studio", "bench", "--model", "spark", "--mode", mode, "--concurrency", levels,
-                   "--requests", str(n), "--warmup", str(2 if warmup is None else warmup), "--fixed-tokens",
+                   "--requests", str(n), "--warmup", str(warmup), "--fixed-tokens",
                    str(args.tokens), "--triton-url", server.grpc_url, "--out", str(args.out),
                    "--label", f"{tag}{args.tokens}"]
             print(" ".join(cmd), flush=True)

@@ -175,12 +175,11 @@ def offline_front(pb_utils, request, engine: str, input_names: list[str], join, 
     """Call a decoupled engine through BLS, join its chunk responses, return one response (an error
     response when anything fails). `execute` returns these responses.
 
-    Not through the request's response sender: on the H200 (tritonserver 2.51 from the
-    nvidia-pytriton wheel, 2026-12-02) offline front stubs that answered through the sender and
-    returned None died ("Stub process 'f5_tts_0_9' is not healthy") on the first offline request
-    of a run, and one spark_tts stub at concurrency 16, while the decoupled streaming fronts served
-    every request. Returning the responses costs ~27 ms per request there (measured 2026-11-24) but
-    served every offline run on the H100."""
+    Returned rather than sent through the request's response sender (which answers ~27 ms sooner
+    on tritonserver 2.51, measured 2026-11-24): returning served every offline run on the H100 that
+    day. On the H200 (2026-12-02) offline front stubs died either way ("Stub process 'f5_tts_0_9'
+    is not healthy"), while the decoupled streaming fronts served every request; the cause is not
+    found, and the studio client reloads the model when it meets such an instance."""
     try:
         return _offline_front(pb_utils, request, engine, input_names, join, extra)
     except Exception as exc:  # noqa: BLE001 - one bad request must not take the instance down
