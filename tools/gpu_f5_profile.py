@@ -134,6 +134,52 @@ def conv_variants(dit, b: int, t: int, device, dtype) -> dict:
     return out
 
 
+def varlen_vs_sdpa(cfg: F5Config, lens: list[int], t: int, device, dtype) -> dict:
+    """Attention for one layer over sequences of `lens` frames (cond and uncond rows): padded to t
+    with SDPA and the key mask (what the DiT runs), and packed with flash varlen (no padding)."""
+    out: dict = {}
+    g = torch.Generator(device="cpu").manual_seed(0)
+    h, dh = cfg.heads, cfg.dim_head
+    n = sum(lens)
+    q, k, v = (torch.randn(n, h, dh, generator=g).to(device, dtype) for _ in range(3))
+    cu = torch.tensor([0] + list(__import__("itertools").accumulate(lens)), dtype=torch.int32, device=device)
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+        out["varlen_ms"] = cuda_ms(lambda: varlen_attn(q, k, v, cu, cu, max(lens), max(lens)), 20, device)
+    except Exception as exc:  # noqa: BLE001
+        out["varlen_ms"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+    try:
+        fa = torch.ops.aten._flash_attention_forward
+        out["aten_flash_varlen_ms"] = cuda_ms(lambda: fa(q, k, v, cu, cu, max(lens), max(lens), 0.0, False, False), 20, device)
+    except Exception as exc:  # noqa: BLE001
+        out["aten_flash_varlen_ms"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+    qp, kp, vp = (torch.randn(len(lens), h, t, dh, generator=g).to(device, dtype) for _ in range(3))
+    mask = (torch.arange(t)[None, :] < torch.tensor(lens)[:, None]).to(device)[:, None, None, :]
+    out["sdpa_masked_padded_ms"] = cuda_ms(lambda: F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask), 20, device)
+    return out
+
+
+def sample_and_vocos(dit, sampler, jobs: list[tuple[int, int]], device, dtype, vocos_dir) -> dict:
+    """One request's whole DiT work as the server runs it: FastSampler.sample on chunks of
+    (reference, total) frames at 16 NFE (text embedding, input copies, graph replays), and Vocos."""
+    cfg = dit.cfg
+    g = torch.Generator(device="cpu").manual_seed(0)
+    b, frames = len(jobs), max(tot for _, tot in jobs)
+    refs = torch.tensor([r for r, _ in jobs], device=device)
+    tots = torch.tensor([tot for _, tot in jobs], device=device)
+    cond = torch.randn(b, frames, cfg.mel_dim, generator=g).to(device)
+    noise = torch.randn(b, frames, cfg.mel_dim, generator=g).to(device)
+    ids = torch.randint(0, cfg.text_num_embeds, (b, 120), generator=g).to(device)
+    run = lambda: sampler.sample(dit, cond, ids, refs, tots, noise, 16, 2.0, -1.0)  # noqa: E731
+    out = {"jobs": jobs, "bucket": sampler.bucket(b, frames), "sample_16nfe_ms": cuda_ms(run, 5, device)}
+    if vocos_dir is not None:
+        from tts.f5.vocos import Vocos
+        vocos = Vocos.from_dir(vocos_dir, device=device)
+        mels = [torch.randn(100, tot - r, generator=g).to(device) for r, tot in jobs]
+        out["vocode_batch_ms"] = cuda_ms(lambda: FF.vocode_batch(vocos, mels), 5, device)
+    return out
+
+
 def profile_step(dit, sampler, b: int, t: int, device, top: int = 30) -> list[dict]:
     """The compiled (uncaptured) step under torch.profiler: kernels by total GPU time."""
     from torch.profiler import ProfilerActivity, profile
@@ -161,7 +207,9 @@ def profile_step(dit, sampler, b: int, t: int, device, top: int = 30) -> list[di
     for e in sorted(events, key=lambda e: getattr(e, attr), reverse=True)[:top]:
         rows.append({"name": e.key[:140], "ms_per_step": round(getattr(e, attr) / 1000 / 5, 4),
                      "calls_per_step": e.count / 5, "share": round(getattr(e, attr) / total, 4)})
-    return [{"total_ms_per_step": round(total / 1000 / 5, 3), "kernels": len(events)}] + rows
+    launches = sum(e.count for e in events) / 5
+    return [{"total_ms_per_step": round(total / 1000 / 5, 3), "kernels": len(events),
+             "launches_per_step": launches}] + rows
 
 
 def main(argv=None) -> int:
@@ -170,6 +218,9 @@ def main(argv=None) -> int:
     p.add_argument("--buckets", default="2x768,1x1024")
     p.add_argument("--device", default="cuda")
     p.add_argument("--tiny", action="store_true")
+    p.add_argument("--vocos", type=Path, default=None, help="a vocos-mel-24khz folder (times vocode_batch)")
+    p.add_argument("--requests", default="280:470|280:470,280:665|280:665",
+                   help="requests as ref:total frames per chunk, chunks by ',', requests by '|'")
     p.add_argument("--no-profile", action="store_true", help="skip the torch.profiler run")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -203,6 +254,17 @@ def main(argv=None) -> int:
             res["sdpa_one_layer_ms"] = sdpa_backends(cfg, b, t, device, dtype)
         out[key] = res
         print(key, json.dumps(res, indent=1)[:3000], flush=True)
+    for spec in args.requests.split("|"):
+        jobs = [tuple(int(x) for x in c.split(":")) for c in spec.split(",")]
+        key = "request_" + spec
+        try:
+            out[key] = sample_and_vocos(dit, sampler, jobs, device, dtype, args.vocos)
+            lens = [tot for _, tot in jobs] * 2
+            if device.type == "cuda":
+                out[key]["attention_one_layer"] = varlen_vs_sdpa(cfg, lens, out[key]["bucket"][1], device, dtype)
+        except Exception as exc:  # noqa: BLE001
+            out[key] = f"{type(exc).__name__}: {str(exc)[:300]}"
+        print(key, json.dumps(out[key]), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "f5_profile.json").write_text(json.dumps(out, indent=1))
     return 0

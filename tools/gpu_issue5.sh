@@ -72,12 +72,16 @@ if want offline; then
 fi
 
 if want f5-profile; then
-  say "F5 step profile (tools/gpu_f5_profile.py: buckets 2x768 (one request at c=1) and 8x1024)"
-  if [[ -n $TINY ]]; then PROF=(--tiny --device cpu --buckets 2x128); else PROF=(--buckets 2x768,8x1024); fi
+  say "F5 step profile (tools/gpu_f5_profile.py: buckets 1x512, 1x768, 2x768 (one request at c=1) and 8x1024; one request's sample + Vocos)"
   mkdir -p "$W/f5-profile"
-  timeout --kill-after=10 150 $PY tools/gpu_f5_profile.py --out "$W/f5-profile" "${PROF[@]}" >"$W/f5_profile.log" 2>&1
+  $PY tools/gpu_make_checkpoints.py "$W/f5-ck" $TINY >>"$LOG" 2>&1
+  if [[ -n $TINY ]]; then PROF=(--tiny --device cpu --buckets 1x128,2x128 --requests "20:60|20:60,20:90");
+  else PROF=(--buckets 1x512,1x768,2x768,8x1024); fi
+  PROF+=(--vocos "$W/f5-ck/vocos-mel-24khz")
+  timeout --kill-after=10 330 $PY tools/gpu_f5_profile.py --out "$W/f5-profile" "${PROF[@]}" >"$W/f5_profile.log" 2>&1
   say "F5 profile exit $?"
   grep -v '^ \|^\[\|^{\|^}' "$W/f5_profile.log" | tail -n 12 | tee -a "$LOG"
+  rm -rf "$W/f5-ck"
   pack
 fi
 
