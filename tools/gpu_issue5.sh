@@ -5,6 +5,7 @@
 #   bash tools/gpu_issue5.sh spark           # Spark end to end (fast + eager server)
 #   bash tools/gpu_issue5.sh offline         # F5 offline (16 and 32 NFE) and Spark offline c=1,16 + streaming c=1,8
 #   bash tools/gpu_issue5.sh f5-profile      # where one F5 ODE step's time goes (kernels, attention backends)
+#   bash tools/gpu_issue5.sh f5-request      # where one F5 request's engine time goes (pipeline phases)
 #   bash tools/gpu_issue5.sh all --tiny      # CPU dry run of every stage with tiny checkpoints
 #
 # Run from the repo copy with `.whl` carried (numpy 1.26, tritonclient, python-rapidjson, soundfile,
@@ -74,6 +75,7 @@ fi
 if want f5-profile; then
   say "F5 step profile (tools/gpu_f5_profile.py: buckets 1x512, 1x768, 2x768 (one request at c=1) and 8x1024; one request's sample + Vocos)"
   mkdir -p "$W/f5-profile"
+  [[ -n $TINY ]] || $PY -m pip install -q --no-index --no-deps .whl/pypinyin-*.whl >>"$LOG" 2>&1
   $PY tools/gpu_make_checkpoints.py "$W/f5-ck" $TINY >>"$LOG" 2>&1
   if [[ -n $TINY ]]; then PROF=(--tiny --device cpu --buckets 1x128,2x128 --requests "20:60|20:60,20:90");
   else PROF=(--buckets 1x512,1x768,2x768,8x1024); fi
@@ -81,6 +83,21 @@ if want f5-profile; then
   timeout --kill-after=10 330 $PY tools/gpu_f5_profile.py --out "$W/f5-profile" "${PROF[@]}" >"$W/f5_profile.log" 2>&1
   say "F5 profile exit $?"
   grep -v '^ \|^\[\|^{\|^}' "$W/f5_profile.log" | tail -n 12 | tee -a "$LOG"
+  rm -rf "$W/f5-ck"
+  pack
+fi
+
+if want f5-request; then
+  say "F5 request profile (tools/gpu_f5_request_profile.py: F5Pipeline.synthesize phase by phase, offline and chunk 0)"
+  [[ -n $TINY ]] || $PY -m pip install -q --no-index --no-deps .whl/pypinyin-*.whl >>"$LOG" 2>&1
+  mkdir -p "$W/f5-request"
+  $PY tools/gpu_make_checkpoints.py "$W/f5-ck" $TINY >>"$LOG" 2>&1
+  if [[ -n $TINY ]]; then RP=(--device cpu --requests 2 --iters 2); else RP=(); fi
+  timeout --kill-after=10 300 $PY tools/gpu_f5_request_profile.py --checkpoints "$W/f5-ck" --out "$W/f5-request" \
+    "${RP[@]}" >"$W/f5_request.log" 2>&1
+  say "F5 request profile exit $?"
+  grep -v 'USDT' "$W/f5_request.log" | tail -n 12 | tee -a "$LOG"
+  cp "$W/f5-request/f5_request_profile.json" "$OUT/" 2>/dev/null
   rm -rf "$W/f5-ck"
   pack
 fi

@@ -46,6 +46,7 @@ from typing import Callable
 
 import torch
 from torch import Tensor
+from torch.profiler import record_function
 
 from tts.compile_cache import CACHE_SUBDIR, DATA_DIR_ENV, configure_compile_cache, default_cache_dir  # noqa: F401
 from tts.f5.dit import DiT
@@ -299,11 +300,12 @@ class FastSampler:
             raise ValueError(f"nfe must be >= 1; got {nfe}")
         bb, tb = key
         v = self.buffers.views(bb, tb)
-        mask, ref_mask = self._load_inputs(v, b, frames, cond_mel, text_ids, ref_lens, total_lens, noise)
-        table = self._step_table(nfe, sway, use_epss)
-        self.buffers.cfg.fill_(float(cfg_strength))
+        with record_function("f5.load_inputs"):  # names for tools/gpu_f5_request_profile.py
+            mask, ref_mask = self._load_inputs(v, b, frames, cond_mel, text_ids, ref_lens, total_lens, noise)
+            table = self._step_table(nfe, sway, use_epss)
+            self.buffers.cfg.fill_(float(cfg_strength))
         graph = self._graphs.get(key)
-        with step_context():
+        with step_context(), record_function("f5.steps"):
             for i in range(nfe):
                 self.buffers.step.copy_(table[i])
                 if graph is not None:

@@ -21,6 +21,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from torch.profiler import record_function
 
 from tts.audio import F5_CROSSFADE_S, F5_SAMPLE_RATE, join_chunks
 from tts.f5 import mel as mel_mod
@@ -256,6 +257,27 @@ class F5Pipeline:
         return out  # type: ignore[return-value]
 
     def _synthesize_batch(self, jobs: list[ChunkJob]) -> list[np.ndarray]:
+        with record_function("f5.inputs"):
+            args = self._batch_inputs(jobs)
+        o = jobs[0].options
+        run = self.fast.sample if self.fast is not None else sample
+        with record_function("f5.sample"):
+            mel = run(self.dit, *args, o.nfe_steps, o.cfg_strength, o.sway_coef)
+        with record_function("f5.vocode"):
+            gens = [mel[i, j.ref.frames: j.total_frames].float().transpose(0, 1) for i, j in enumerate(jobs)]  # [100, T]
+            # Vocos per item on the CPU (exact); batched with per-item masks on CUDA (equal within 1e-4)
+            wavs = (vocode_batch(self.vocos, gens) if self.fast is not None
+                    else [self.vocos.decode(g[None])[0] for g in gens])
+        with record_function("f5.to_host"):
+            waves = []
+            for j, wav in zip(jobs, wavs):
+                if j.ref.rms < ref_mod.TARGET_RMS:
+                    wav = wav * (j.ref.rms / ref_mod.TARGET_RMS)
+                waves.append(wav.float().cpu().numpy().astype(np.float32))
+        return waves
+
+    def _batch_inputs(self, jobs: list[ChunkJob]) -> tuple:
+        """(cond, text_ids, ref_lens, total_lens, noise) for `sample`, on the pipeline's device."""
         dev, n_mels = self.device, self.config.mel_dim
         batch, frames = len(jobs), max(j.total_frames for j in jobs)
         # The ODE state stays float32 whatever the weights' dtype (bf16 noise would be rounded).
@@ -269,19 +291,7 @@ class F5Pipeline:
             text_ids[i, : len(j.text_ids)] = torch.tensor(j.text_ids, dtype=torch.long)
         ref_lens = torch.tensor([j.ref.mel.shape[0] for j in jobs], device=dev)
         total_lens = torch.tensor([j.total_frames for j in jobs], device=dev)
-        o = jobs[0].options
-        run = self.fast.sample if self.fast is not None else sample
-        mel = run(self.dit, cond, text_ids.to(dev), ref_lens, total_lens, noise, o.nfe_steps, o.cfg_strength,
-                  o.sway_coef)
-        gens = [mel[i, j.ref.frames: j.total_frames].float().transpose(0, 1) for i, j in enumerate(jobs)]  # [100, T]
-        # Vocos per item on the CPU (exact); batched with per-item masks on CUDA (equal within 1e-4)
-        wavs = vocode_batch(self.vocos, gens) if self.fast is not None else [self.vocos.decode(g[None])[0] for g in gens]
-        waves = []
-        for j, wav in zip(jobs, wavs):
-            if j.ref.rms < ref_mod.TARGET_RMS:
-                wav = wav * (j.ref.rms / ref_mod.TARGET_RMS)
-            waves.append(wav.float().cpu().numpy().astype(np.float32))
-        return waves
+        return cond, text_ids.to(dev), ref_lens, total_lens, noise
 
 
 Emit = Callable[[object, int, np.ndarray, dict], None]

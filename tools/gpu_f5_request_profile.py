@@ -1,0 +1,150 @@
+"""Where one F5 request's engine time goes: `F5Pipeline.synthesize` phase by phase, on the GPU.
+
+    python tools/gpu_f5_request_profile.py --checkpoints DIR --out RESULTS [--requests 4] [--device cuda]
+
+DIR holds the full-size random checkpoints of tools/gpu_make_checkpoints.py. Builds the pipeline
+the engine builds (fast path on, warm-up at start), takes the first `--requests` items of the
+benchmark workload with a warm prompt cache, and for each: the whole `synthesize` of its chunks
+as one batch (offline) and of chunk 0 alone (streaming's first wave), wall time with a device sync;
+then the same offline call under torch.profiler: host time and device time per named range
+(`record_function` labels in the pipeline), the top host ops, and the device's idle time inside
+the call. Writes RESULTS/f5_request_profile.json and the profiler's trace (gzipped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+import soundfile as sf  # noqa: E402
+from tts.f5.pipeline import F5Options, F5Pipeline  # noqa: E402
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def wall_ms(fn, device, iters: int) -> float:
+    times = []
+    for _ in range(iters):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append((time.perf_counter() - t0) * 1000)
+    return round(statistics.median(times), 2)
+
+
+def ranges(prof, device) -> dict:
+    """Host and device ms of each `f5.` record_function range, and of the whole call."""
+    out = {}
+    for e in prof.key_averages():
+        if e.key.startswith("f5."):
+            out[e.key] = {"host_ms": round(e.cpu_time_total / 1000, 3), "calls": e.count,
+                          "device_ms": round(getattr(e, "device_time_total", 0) / 1000, 3)}
+    return out
+
+
+def device_busy(prof) -> dict:
+    """Kernel time and the span from the first kernel's start to the last one's end (ms)."""
+    spans = [(e.time_range.start, e.time_range.end) for e in prof.events()
+             if getattr(e, "device_type", None) is not None and "cuda" in str(e.device_type).lower()
+             and e.time_range.end > e.time_range.start]
+    if not spans:
+        return {}
+    spans.sort()
+    busy, cur_s, cur_e = 0.0, *spans[0]
+    for s, e in spans[1:]:
+        if s > cur_e:
+            busy += cur_e - cur_s
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    busy += cur_e - cur_s
+    return {"kernels": len(spans), "busy_ms": round(busy / 1000, 3),
+            "span_ms": round((spans[-1][1] - spans[0][0]) / 1000, 3)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoints", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--requests", type=int, default=4)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--iters", type=int, default=5)
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    ck = args.checkpoints
+    model = ck / "F5TTS_v1_Base"
+    t0 = time.perf_counter()
+    pipe = F5Pipeline(next(model.glob("model_*.safetensors")), model / "vocab.txt", ck / "vocos-mel-24khz",
+                      device=str(device), dtype=dtype)
+    out: dict = {"torch": torch.__version__, "device": str(device), "dtype": str(dtype),
+                 "load_s": round(time.perf_counter() - t0, 2)}
+    if device.type == "cuda":
+        out["device_name"] = torch.cuda.get_device_name(device)
+    out["warmup"] = pipe.warmup()
+    items = [json.loads(line) for line in (ROOT / "samples" / "bench_workload.jsonl").read_text().splitlines()
+             if line.strip()][: args.requests]
+    opts = F5Options(nfe_steps=16, seed=7)
+    rows = []
+    for item in items:
+        wav, sr = sf.read(ROOT / "samples" / item["prompt"], dtype="float32")  # the workload's clips are 24 kHz
+        req = pipe.make_request(wav, item["reference_text"], item["target_text"], opts)
+        pipe.make_request(wav, item["reference_text"], item["target_text"], opts)  # warm prompt cache
+        jobs = req.jobs
+        frames = [(j.ref.frames, j.total_frames) for j in jobs]
+        audio_s = sum(j.total_frames - j.ref.frames for j in jobs) * 256 / 24000
+        row = {"id": item["id"], "chunks_ref_total_frames": frames, "audio_s": round(audio_s, 3),
+               "offline_ms": wall_ms(lambda: pipe.synthesize(jobs), device, args.iters),
+               "chunk0_ms": wall_ms(lambda: pipe.synthesize(jobs[:1]), device, args.iters)}
+        if len(jobs) > 1:
+            row["rest_ms"] = wall_ms(lambda: pipe.synthesize(jobs[1:]), device, args.iters)
+        row["offline_rtf"] = round(row["offline_ms"] / 1000 / audio_s, 5)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    out["requests"] = rows
+    from torch.profiler import ProfilerActivity, profile
+
+    wav, _ = sf.read(ROOT / "samples" / items[0]["prompt"], dtype="float32")
+    jobs = pipe.make_request(wav, items[0]["reference_text"], items[0]["target_text"], opts).jobs
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    for name, js in (("offline", jobs), ("chunk0", jobs[:1])):
+        pipe.synthesize(js)
+        sync(device)
+        with profile(activities=acts) as prof:
+            pipe.synthesize(js)
+            sync(device)
+        host = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:25]
+        out[f"profile_{name}"] = {
+            "ranges": ranges(prof, device), "device": device_busy(prof),
+            "top_host_ops": [{"name": e.key[:100], "self_host_ms": round(e.self_cpu_time_total / 1000, 3),
+                              "calls": e.count} for e in host]}
+        print(name, json.dumps(out[f"profile_{name}"]["ranges"]), json.dumps(out[f"profile_{name}"]["device"]),
+              flush=True)
+        trace = args.out / f"trace_{name}.json"
+        args.out.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(trace))
+        with open(trace, "rb") as src, gzip.open(str(trace) + ".gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        trace.unlink()
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "f5_request_profile.json").write_text(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
