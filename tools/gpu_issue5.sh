@@ -75,7 +75,7 @@ fi
 if want f5-profile; then
   say "F5 step profile (tools/gpu_f5_profile.py: buckets 1x512, 1x768, 2x768 (one request at c=1) and 8x1024; one request's sample + Vocos)"
   mkdir -p "$W/f5-profile"
-  [[ -n $TINY ]] || $PY -m pip install -q --no-index --no-deps .whl/pypinyin-*.whl >>"$LOG" 2>&1
+  [[ -n $TINY ]] || $PY -m pip install -q --no-index --no-deps $(ls .whl/*.whl | grep -v /numpy-) >>"$LOG" 2>&1
   $PY tools/gpu_make_checkpoints.py "$W/f5-ck" $TINY >>"$LOG" 2>&1
   if [[ -n $TINY ]]; then PROF=(--tiny --device cpu --buckets 1x128,2x128 --requests "20:60|20:60,20:90");
   else PROF=(--buckets 1x512,1x768,2x768,8x1024); fi
@@ -89,7 +89,7 @@ fi
 
 if want f5-request; then
   say "F5 request profile (tools/gpu_f5_request_profile.py: F5Pipeline.synthesize phase by phase, offline and chunk 0)"
-  [[ -n $TINY ]] || $PY -m pip install -q --no-index --no-deps .whl/pypinyin-*.whl >>"$LOG" 2>&1
+  [[ -n $TINY ]] || $PY -m pip install -q --no-index --no-deps $(ls .whl/*.whl | grep -v /numpy-) >>"$LOG" 2>&1
   mkdir -p "$W/f5-request"
   $PY tools/gpu_make_checkpoints.py "$W/f5-ck" $TINY >>"$LOG" 2>&1
   if [[ -n $TINY ]]; then RP=(--device cpu --requests 2 --iters 2); else RP=(); fi
