@@ -5,6 +5,7 @@
 #   bash tools/gpu_issue5.sh spark           # Spark end to end (fast + eager server)
 #   bash tools/gpu_issue5.sh offline         # F5 offline (16 and 32 NFE) and Spark offline c=1,16 + streaming c=1,8
 #   bash tools/gpu_issue5.sh f5-profile      # where one F5 ODE step's time goes (kernels, attention backends)
+#   bash tools/gpu_issue5.sh f5-quick        # F5 fast server only, offline + streaming c=1,8, with [timing] lines
 #   bash tools/gpu_issue5.sh f5-request      # where one F5 request's engine time goes (pipeline phases)
 #   bash tools/gpu_issue5.sh all --tiny      # CPU dry run of every stage with tiny checkpoints
 #
@@ -57,6 +58,18 @@ if want f5; then
   cp "$W/f5/summary.md" "$OUT/f5_summary.md" 2>/dev/null
   grep -E "^== " "$W/f5.log" | tail -n 40 >>"$LOG"
   rm -rf "$W/f5-work/ckpt" "$W/f5-work/data"  # checkpoints and caches: large, not results
+  pack
+fi
+
+if want f5-quick; then
+  say "F5 quick (fast server only: offline and streaming c=1,8 at 16 NFE; [timing] lines summarised)"
+  OUT=$W/f5 SWEEP_WORK=$W/f5-work SWEEP_MICRO=0 SWEEP_SPARK_STEP=0 SWEEP_COLD=0 SWEEP_EAGER=0 SWEEP_NFE32=0 \
+    SWEEP_BUDGET_S=200 SWEEP_LEVELS=1,8 timeout --kill-after=15 230 bash tools/gpu_sweep.sh $TINY >"$W/f5.log" 2>&1
+  say "F5 quick exit $?"
+  cp "$W/f5/summary.md" "$OUT/f5_summary.md" 2>/dev/null
+  grep -E "^== " "$W/f5.log" | tail -n 20 >>"$LOG"
+  cat "$W/f5-work/results/timing_fast.json" >>"$LOG" 2>/dev/null
+  rm -rf "$W/f5-work/ckpt" "$W/f5-work/data"
   pack
 fi
 

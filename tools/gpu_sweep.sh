@@ -33,7 +33,7 @@ BUDGET=${SWEEP_BUDGET_S:-500}
 HTTP_PORT=${SWEEP_HTTP_PORT:-18000}
 GRPC_PORT=${SWEEP_GRPC_PORT:-18001}
 mkdir -p "$OUT" "$RES"
-export STUDIO_DATA_DIR=$WORK/data HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+export STUDIO_DATA_DIR=$WORK/data HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 STUDIO_TIMING_LOG=1  # [timing] lines: tools/gpu_timing.py
 unset STUDIO_F5_FAST
 LOG=$OUT/sweep.log
 : >"$LOG"
@@ -96,6 +96,7 @@ start_server() {
 
 # snapshot: summary + tarball of everything so far, so a sweep cut off by a time limit still returns results
 snapshot() {
+  [[ -f "$RES/tritonserver_fast.log" ]] && $PY tools/gpu_timing.py "$RES/tritonserver_fast.log" --json "$RES/timing_fast.json" >/dev/null 2>&1
   $PY tools/gpu_summary.py "$RES" --out "$OUT" >"$RES/summary.log" 2>&1 || say "summary FAILED: $(tail -n 5 "$RES/summary.log")"
   tar czf "$OUT/results.tgz" -C "$WORK" results 2>>"$LOG"
 }
@@ -192,7 +193,7 @@ snapshot
 if start_server fast ""; then
   bench bench_fast_offline 180 --mode offline --concurrency "$LEVELS" --requests "$REQ" --nfe 16 --label fast
   [[ ${SWEEP_STREAM:-1} != 0 ]] && time_left 60 && bench bench_fast_stream 180 --mode streaming --concurrency "$LEVELS" --requests "$REQ" --nfe 16 --label fast
-  time_left 90 && bench bench_fast_nfe32 120 --mode offline --concurrency "$LEVELS_SHORT" --requests "$REQ" --nfe 32 --label fast_nfe32
+  [[ ${SWEEP_NFE32:-1} != 0 ]] && time_left 90 && bench bench_fast_nfe32 120 --mode offline --concurrency "$LEVELS_SHORT" --requests "$REQ" --nfe 32 --label fast_nfe32
   [[ ${SWEEP_COLD:-1} != 0 ]] && time_left 90 && bench bench_fast_cold 60 --mode offline --concurrency 1 --requests 8 --nfe 16 --cold-cache --label fast_cold
   stop_server
 fi

@@ -7,8 +7,23 @@ ignores PYTHONPATH). Importing `triton_python_backend_utils` works only inside a
 from __future__ import annotations
 
 import json
+import os
+import time
 
 import numpy as np
+
+#: `STUDIO_TIMING_LOG=1`: every front and engine request prints one `[timing] MODEL {json}` line
+#: (milliseconds) to the server log: where a request's time goes between the stubs (tools/gpu_timing.py).
+TIMING_LOG = os.environ.get("STUDIO_TIMING_LOG", "") == "1"
+
+
+def timing_log(model: str, **fields) -> None:
+    if TIMING_LOG:
+        print(f"[timing] {model} {json.dumps(fields)}", flush=True)
+
+
+def ms_since(t0: float) -> float:
+    return round((time.perf_counter() - t0) * 1000, 3)
 
 
 #: Inputs a front end passes on to its engine (DESIGN.md's Triton contract).
@@ -187,6 +202,8 @@ def offline_front(pb_utils, request, engine: str, input_names: list[str], join, 
 
 
 def _offline_front(pb_utils, request, engine, input_names, join, extra):
+    t0 = time.perf_counter()
+    arrivals = []
     inputs = forward_inputs(pb_utils, request, input_names) + (extra or [])
     inputs.append(pb_utils.Tensor("streaming", np.array([[False]], dtype=bool)))
     bls = pb_utils.InferenceRequest(model_name=engine, inputs=inputs, requested_output_names=["waveform", "info"])
@@ -194,6 +211,7 @@ def _offline_front(pb_utils, request, engine, input_names, join, extra):
     # is accepted so a cancel watch like stream_front's can be added once it is proven under load.
     chunks, overlaps, info = [], [], None
     for response in bls.exec(decoupled=True):
+        arrivals.append(ms_since(t0))
         if response.has_error():
             return error_response(pb_utils, response.error().message())
         wav, chunk_info = response_audio(pb_utils, response)
@@ -205,7 +223,9 @@ def _offline_front(pb_utils, request, engine, input_names, join, extra):
     if info is None:
         return error_response(pb_utils, f"{engine} returned no audio")
     info.update(overlap_samples=0, chunk_index=len(chunks) - 1, final=True)
-    return audio_response(pb_utils, join(chunks, overlaps), info)
+    out = audio_response(pb_utils, join(chunks, overlaps), info)
+    timing_log(f"{engine}:offline_front", arrivals=arrivals, total=ms_since(t0))
+    return out
 
 
 def stream_front(pb_utils, request, engine: str, input_names: list[str], extra: list | None = None,
@@ -220,9 +240,12 @@ def stream_front(pb_utils, request, engine: str, input_names: list[str], extra: 
     inputs = forward_inputs(pb_utils, request, input_names) + (extra or [])
     inputs.append(pb_utils.Tensor("streaming", np.array([[True]], dtype=bool)))
     bls = pb_utils.InferenceRequest(model_name=engine, inputs=inputs, requested_output_names=["waveform", "info"])
+    t0 = time.perf_counter()
+    arrivals, sends = [], []
     try:
         with CancelWatch(request, on_cancel) as watch:
             for response in bls.exec(decoupled=True):
+                arrivals.append(ms_since(t0))
                 if watch.fired or _cancelled(request):
                     break
                 if response.has_error():
@@ -230,7 +253,9 @@ def stream_front(pb_utils, request, engine: str, input_names: list[str], extra: 
                     return
                 wav, info = response_audio(pb_utils, response)
                 if wav is not None:
+                    t_send = time.perf_counter()
                     sender.send(audio_response(pb_utils, wav, info))
+                    sends.append(ms_since(t_send))
     except Exception as exc:  # noqa: BLE001 - one bad request must not take the instance down
         sender.send(error_response(pb_utils, f"streaming failed: {exc}"), flags=final)
         return
@@ -238,3 +263,4 @@ def stream_front(pb_utils, request, engine: str, input_names: list[str], extra: 
         sender.send(flags=final)
     except Exception:  # noqa: BLE001 - the client may already be gone (cancelled)
         pass
+    timing_log(f"{engine}:stream_front", arrivals=arrivals, sends=sends, total=ms_since(t0))

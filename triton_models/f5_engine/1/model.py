@@ -55,8 +55,10 @@ class TritonPythonModel:
                                           s.get_text(pb, request, "target_text"), options)
 
     def execute(self, requests):
+        t_start = time.perf_counter()
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         work, senders, keys = [], {}, {}
+        sends = []
         for i, request in enumerate(requests):
             sender = request.get_response_sender()
             try:
@@ -66,10 +68,14 @@ class TritonPythonModel:
             except ValueError as exc:
                 sender.send(self.shared.error_response(pb_utils, str(exc)), flags=final)
 
+        t_parsed = self.shared.ms_since(t_start)
+
         def emit(key, index, wav, info):
+            t0 = time.perf_counter()
             senders[key].send(self.shared.audio_response(pb_utils, wav, info))
             if info["final"]:
                 senders[key].send(flags=final)
+            sends.append((self.shared.ms_since(t_start), self.shared.ms_since(t0), info["compute_ms"]))
 
         def cancelled(key) -> bool:
             marker = self.cancel_dir / keys[key] if keys.get(key) else None
@@ -91,4 +97,7 @@ class TritonPythonModel:
         for key in keys.values():
             if key:
                 (self.cancel_dir / key).unlink(missing_ok=True)
+        # sends: (ms since execute began, ms the send took, the request's compute_ms so far)
+        self.shared.timing_log("f5_engine", requests=len(requests), parse=t_parsed, sends=sends,
+                               total=self.shared.ms_since(t_start))
         return None
