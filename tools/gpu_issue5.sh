@@ -49,6 +49,7 @@ spark_e2e() {
 }
 
 say "stages $STAGES ${TINY:+(tiny)}; $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | head -1)"
+say "/dev/shm: $(df -h /dev/shm 2>/dev/null | tail -n 1)"
 
 if want f5; then
   say "F5 sweep (tools/gpu_sweep.sh: fast server offline/streaming c=1,8, 32 NFE, cold prompt, eager server)"
@@ -63,9 +64,19 @@ fi
 
 if want f5-quick; then
   say "F5 quick (fast server only: offline and streaming c=1,8 at 16 NFE; [timing] lines summarised)"
-  OUT=$W/f5 SWEEP_WORK=$W/f5-work SWEEP_MICRO=0 SWEEP_SPARK_STEP=0 SWEEP_COLD=0 SWEEP_EAGER=0 SWEEP_NFE32=0 \
+  mkdir -p "$W/f5-work/results"
+  CLOCKS=""
+  if command -v nvidia-smi >/dev/null; then  # SM clock and power every 50 ms while the server runs
+    nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,utilization.gpu --format=csv -lms 50 \
+      >"$W/f5-work/results/gpu_clocks.csv" 2>/dev/null &
+    CLOCKS=$!
+  fi
+  STUDIO_PROFILE_DIR=$W/f5-work/results/profile STUDIO_PROFILE_SKIP=${PROFILE_SKIP:-10} \
+    OUT=$W/f5 SWEEP_WORK=$W/f5-work SWEEP_MICRO=0 SWEEP_SPARK_STEP=0 SWEEP_COLD=0 SWEEP_EAGER=0 SWEEP_NFE32=0 \
     SWEEP_BUDGET_S=200 SWEEP_LEVELS=1,8 timeout --kill-after=15 230 bash tools/gpu_sweep.sh $TINY >"$W/f5.log" 2>&1
   say "F5 quick exit $?"
+  [[ -n $CLOCKS ]] && kill "$CLOCKS" 2>/dev/null
+  grep -h "^\[profile\]\|\[profile\]" "$W/f5-work/results/tritonserver_fast.log" 2>/dev/null | head -n 5 >>"$LOG"
   cp "$W/f5/summary.md" "$OUT/f5_summary.md" 2>/dev/null
   grep -E "^== " "$W/f5.log" | tail -n 20 >>"$LOG"
   cat "$W/f5-work/results/timing_fast.json" >>"$LOG" 2>/dev/null

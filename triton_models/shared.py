@@ -26,6 +26,69 @@ def ms_since(t0: float) -> float:
     return round((time.perf_counter() - t0) * 1000, 3)
 
 
+class ExecuteProfile:
+    """`STUDIO_PROFILE_DIR=DIR`: torch.profiler over executes number `STUDIO_PROFILE_SKIP` (default 8)
+    to skip + `STUDIO_PROFILE_COUNT` (default 3) of one engine instance, written to DIR as a gzipped
+    chrome trace and a JSON summary (device busy time and span, named ranges). Off by default; the
+    engine imports torch anyway, this module does not."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.dir = os.environ.get("STUDIO_PROFILE_DIR", "")
+        self.skip = int(os.environ.get("STUDIO_PROFILE_SKIP", "8"))
+        self.count = int(os.environ.get("STUDIO_PROFILE_COUNT", "3"))
+        self.seen = 0
+        self._prof = None
+
+    def __enter__(self):
+        self.seen += 1
+        if self.dir and self.skip < self.seen <= self.skip + self.count:
+            from torch.profiler import ProfilerActivity, profile
+
+            self._prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            self._prof.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        prof, self._prof = self._prof, None
+        if prof is None:
+            return False
+        import gzip
+        from pathlib import Path
+
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        prof.__exit__(None, None, None)
+        out = Path(self.dir)
+        out.mkdir(parents=True, exist_ok=True)
+        stem = out / f"{self.name}_{os.getpid()}_{self.seen}"
+        spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                       if "cuda" in str(getattr(e, "device_type", "")).lower() and e.time_range.end > e.time_range.start)
+        busy, cur = 0.0, None
+        for s, e in spans:
+            if cur is None or s > cur[1]:
+                busy += (cur[1] - cur[0]) if cur else 0.0
+                cur = [s, e]
+            else:
+                cur[1] = max(cur[1], e)
+        busy += (cur[1] - cur[0]) if cur else 0.0
+        summary = {"kernels": len(spans), "device_busy_ms": round(busy / 1000, 3),
+                   "device_span_ms": round((spans[-1][1] - spans[0][0]) / 1000, 3) if spans else 0.0,
+                   "ranges": {e.key: {"host_ms": round(e.cpu_time_total / 1000, 3),
+                                      "device_ms": round(getattr(e, "device_time_total", 0) / 1000, 3)}
+                              for e in prof.key_averages() if e.key.startswith("f5.")}}
+        Path(f"{stem}.json").write_text(json.dumps(summary, indent=1))
+        trace = f"{stem}.trace.json"
+        prof.export_chrome_trace(trace)
+        with open(trace, "rb") as src, gzip.open(trace + ".gz", "wb") as dst:
+            dst.write(src.read())
+        os.unlink(trace)
+        print(f"[profile] {self.name} {json.dumps({k: v for k, v in summary.items() if k != 'ranges'})}", flush=True)
+        return False
+
+
 #: Inputs a front end passes on to its engine (DESIGN.md's Triton contract).
 F5_INPUTS = ["reference_wav", "reference_wav_len", "reference_text", "target_text", "nfe_steps", "cfg_strength",
              "sway_coef", "speed", "use_prompt_cache", "seed"]
@@ -185,16 +248,23 @@ def key_tensor(pb_utils, name: str, key: str):
     return pb_utils.Tensor(name, np.array([[key.encode()]], dtype=np.object_))
 
 
+def send_final(pb_utils, request, response) -> None:
+    """Answer a non-decoupled request through its response sender (`execute` then returns None).
+
+    Measured with the wheel's tritonserver 2.51: a response returned from `execute` reached the
+    gRPC client ~27 ms (H100, 2026-11-24) to ~45 ms (H200, 2026-12-02: front done at 125 ms, client
+    at 172 ms) after `execute` ended, whatever its size; sent through the sender it arrives ~1-3 ms
+    after. Clients see no difference (one response, then the end)."""
+    request.get_response_sender().send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+
 def offline_front(pb_utils, request, engine: str, input_names: list[str], join, extra: list | None = None,
                   on_cancel=None):
     """Call a decoupled engine through BLS, join its chunk responses, return one response (an error
-    response when anything fails). `execute` returns these responses.
+    response when anything fails); the caller answers with `send_final`.
 
-    Returned rather than sent through the request's response sender (which answers ~27 ms sooner
-    on tritonserver 2.51, measured 2026-11-24): returning served every offline run on the H100 that
-    day. On the H200 (2026-12-02) offline front stubs died either way ("Stub process 'f5_tts_0_9'
-    is not healthy"), while the decoupled streaming fronts served every request; the cause is not
-    found, and the studio client reloads the model when it meets such an instance."""
+    Front stubs died on the H200 (2026-12-02, "Stub process 'f5_tts_0_9' is not healthy") with
+    either way of answering; the studio client reloads a model when it meets such an instance."""
     try:
         return _offline_front(pb_utils, request, engine, input_names, join, extra)
     except Exception as exc:  # noqa: BLE001 - one bad request must not take the instance down

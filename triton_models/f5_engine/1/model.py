@@ -40,6 +40,7 @@ class TritonPythonModel:
             print(f"[f5_engine] warmup {time.perf_counter() - started:.1f} s: {stats}", flush=True)
         label = "DEMO WEIGHTS (random: output is noise)" if self.demo else params["checkpoint"]
         print(f"[f5_engine] ready on {device}: {label}", flush=True)
+        self.profile = shared.ExecuteProfile("f5_engine")  # STUDIO_PROFILE_DIR (off by default)
 
     def _parse(self, request):
         s, pb = self.shared, pb_utils
@@ -83,7 +84,9 @@ class TritonPythonModel:
 
         if work:
             try:
-                for key in self.serve(self.pipeline, work, emit, self.demo, cancelled):
+                with self.profile:
+                    dropped = self.serve(self.pipeline, work, emit, self.demo, cancelled)
+                for key in dropped:
                     print(f"[f5_engine] request {keys.get(key)} cancelled: its remaining chunks were dropped", flush=True)
                     senders[key].send(flags=final)
             except Exception as exc:  # keep the instance alive; tell every waiting request why
