@@ -269,6 +269,28 @@ class TritonServer:
             shutil.copy2(stub, dest / "triton_python_backend_stub")
         return dest.parent
 
+    def _libpython_dir(self) -> str:
+        """A folder holding only this interpreter's libpython (links), for the stub's LD_LIBRARY_PATH.
+
+        The wheel's stub links against libpython, which lives in sysconfig's LIBDIR. Putting LIBDIR
+        itself on LD_LIBRARY_PATH also puts every other library there ahead of the RUNPATHs torch's
+        own libraries are found by (LD_LIBRARY_PATH wins over RUNPATH); on the H200 image the
+        engines then ran masked attention on the slow memory-efficient kernel instead of cuDNN's
+        (2026-12-02: 48 ms of a 118 ms request). Only libpython goes on the path; LIBDIR itself only
+        when no libpython file is found there."""
+        libdir = sysconfig.get_config_var("LIBDIR") or ""
+        names = {sysconfig.get_config_var(k) for k in ("INSTSONAME", "LDLIBRARY")} - {None, ""}
+        found = [Path(libdir) / n for n in sorted(names) if n.startswith("libpython") and (Path(libdir) / n).exists()]
+        if not found:
+            return libdir
+        folder = self.run_dir / "libpython"
+        folder.mkdir(parents=True, exist_ok=True)
+        for src in found:
+            link = folder / src.name
+            if not link.exists():
+                link.symlink_to(src.resolve())
+        return str(folder)
+
     def _launch(self) -> None:
         binary, wheel_root, libs = find_tritonserver()
         backends = self._backend_dir(wheel_root)
@@ -281,7 +303,7 @@ class TritonServer:
         stub_bin = os.environ.get("STUDIO_STUB_PYTHON_BIN") or os.path.dirname(sys.executable)
         env["PATH"] = stub_bin + os.pathsep + env.get("PATH", "")
         libdirs = [str(libs)] if libs else []
-        libdirs.append(sysconfig.get_config_var("LIBDIR") or "")
+        libdirs.append(self._libpython_dir())
         env["LD_LIBRARY_PATH"] = os.pathsep.join([d for d in libdirs if d] + [env.get("LD_LIBRARY_PATH", "")])
         env["PYTHONUNBUFFERED"] = "1"
         env["STUDIO_DATA_DIR"] = str(self.data_dir)  # the engines' compile caches live under it

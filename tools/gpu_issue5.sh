@@ -50,6 +50,8 @@ spark_e2e() {
 
 say "stages $STAGES ${TINY:+(tiny)}; $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | head -1)"
 say "/dev/shm: $(df -h /dev/shm 2>/dev/null | tail -n 1)"
+LIBDIR=$($PY -c "import sysconfig; print(sysconfig.get_config_var('LIBDIR'))")
+say "python LIBDIR $LIBDIR; CUDA libraries in it: $(ls "$LIBDIR" 2>/dev/null | grep -i -E 'cudnn|cublas|cudart|nvrtc' | tr '\n' ' ')"
 
 if want f5; then
   say "F5 sweep (tools/gpu_sweep.sh: fast server offline/streaming c=1,8, 32 NFE, cold prompt, eager server)"

@@ -26,6 +26,17 @@ def ms_since(t0: float) -> float:
     return round((time.perf_counter() - t0) * 1000, 3)
 
 
+def loaded_libraries(prefixes=("libcudnn.", "libcudnn_graph", "libcublas.", "libcublasLt", "libcudart", "libnvrtc")) -> list[str]:
+    """Paths of the shared libraries this process has mapped whose names start with `prefixes`
+    (from /proc/self/maps; empty elsewhere): which cuDNN / cuBLAS an engine really loaded."""
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "/" in line}
+    except OSError:
+        return []
+    return sorted(p for p in paths if os.path.basename(p).startswith(prefixes))
+
+
 class ExecuteProfile:
     """`STUDIO_PROFILE_DIR=DIR`: torch.profiler over executes number `STUDIO_PROFILE_SKIP` (default 8)
     to skip + `STUDIO_PROFILE_COUNT` (default 3) of one engine instance, written to DIR as a gzipped

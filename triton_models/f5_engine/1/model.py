@@ -40,6 +40,9 @@ class TritonPythonModel:
             print(f"[f5_engine] warmup {time.perf_counter() - started:.1f} s: {stats}", flush=True)
         label = "DEMO WEIGHTS (random: output is noise)" if self.demo else params["checkpoint"]
         print(f"[f5_engine] ready on {device}: {label}", flush=True)
+        if device.startswith("cuda"):
+            print(f"[f5_engine] cuDNN {torch.backends.cudnn.version()}, libraries: "
+                  f"{shared.loaded_libraries()}", flush=True)
         self.profile = shared.ExecuteProfile("f5_engine")  # STUDIO_PROFILE_DIR (off by default)
 
     def _parse(self, request):
