@@ -63,10 +63,32 @@ def test_bucket_for():
 
 def test_default_length_buckets_cover_the_pipeline_range():
     b = F.DEFAULT_LENGTH_BUCKETS
-    assert b[0] == 128 and b[-1] == 4096 and list(b) == sorted(set(b))
+    assert b[0] == 128 and list(b) == sorted(set(b))
+    assert b[-1] >= 8 * (F.MAX_ITEM_FRAMES + F.ITEM_GAP) - F.ITEM_GAP  # 8 items of the largest size
     assert all(t % 128 == 0 for t in b)
-    # padding waste below 2048 frames is at most one 128-frame step
+    # rounding waste below 2048 frames is at most one 128-frame step, above at most 1/8
     assert max(nxt - cur for cur, nxt in zip(b, b[1:]) if nxt <= 2048) == 128
+    assert all((nxt - cur) / cur <= 1 / 8 for cur, nxt in zip(b, b[1:]) if cur >= 2048)
+
+
+def test_packed_layout():
+    """Items back to back with ITEM_GAP frames after each; per half: item, gap, ..., the last gap to
+    the half's end; unused item slots are empty sequences."""
+    assert F.ITEM_GAP >= 31 // 2  # the position convolution's half width (kernel 31)
+    assert F.packed_length([5, 3]) == 8 + 2 * F.ITEM_GAP
+    g = F.ITEM_GAP
+    assert F.packed_cu_seqlens([5, 3], 2, 40) == [0, 5, 5 + g, 8 + g, 40, 45, 45 + g, 48 + g, 80]
+    assert F.packed_cu_seqlens([5], 2, 40) == [0, 5, 5 + g, 5 + g, 40, 45, 45 + g, 45 + g, 80]
+
+
+def test_buckets_cover_every_batch_once():
+    fs_opts = small_options(length_buckets=(64, 128, 256, 384, 512))
+    fs = F.FastSampler.__new__(F.FastSampler)
+    fs.options = fs_opts
+    buckets = fs.buckets()
+    assert len(buckets) == len(set(buckets))
+    assert (1, 64) in buckets and (4, 512) in buckets
+    assert all(n >= b * (F.ITEM_GAP + 1) for b, n in buckets)
 
 
 def test_batch_buckets_for():
@@ -110,11 +132,12 @@ def test_graph_mode_needs_cuda(tmp_path):
 def test_static_views_share_one_storage(tmp_path):
     buf = F.StaticBuffers(4, 256, 100, 32, torch.float32, torch.device("cpu"))
     a, b = buf.views(1, 64), buf.views(4, 256)
-    for name in ("x", "cond", "text_cond", "text_uncond", "mask"):
+    for name in ("x", "cond", "text_cond", "text_uncond", "valid", "pos", "cu_seqlens"):
         va, vb = getattr(a, name), getattr(b, name)
         assert va.is_contiguous() and vb.is_contiguous()
         assert va.data_ptr() == vb.data_ptr()  # a graph's addresses are valid for every bucket
-    assert a.x.shape == (1, 64, 100) and b.text_cond.shape == (4, 256, 32) and b.mask.shape == (4, 256)
+    assert a.x.shape == (64, 100) and b.text_cond.shape == (256, 32) and b.valid.shape == (256,)
+    assert a.cu_seqlens.shape == (5,) and b.cu_seqlens.shape == (17,)
     with pytest.raises(ValueError, match="exceeds"):
         buf.views(8, 64)
 
@@ -137,7 +160,7 @@ def test_bucketed_path_equals_the_eager_sampler(tmp_path):
     with torch.inference_mode():
         ref = sample(dit, *args, 8, 2.0, -1.0)
         out = fs.sample(dit, *args, 8, 2.0, -1.0)
-    assert fs.bucket(3, 100) == (4, 128)
+    assert fs.bucket(3, F.packed_length([100, 70, 33])) == (4, 256)
     assert out.shape == ref.shape == (3, 100, 100) and out.dtype == torch.float32
     assert (out - ref).abs().max() <= SAME_AUDIO
     assert out[2, 33:].abs().max() == 0 and out[1, 70:].abs().max() == 0  # zeros past each length
@@ -150,7 +173,8 @@ def test_bucketed_item_equals_its_solo_run(tmp_path):
     cond, ids, refs, lens, noise = batch([120, 50], [40, 20])
     both = fs.sample(dit, cond, ids, refs, lens, noise, 6, 2.0, -1.0)
     solo = fs.sample(dit, cond[1:, :50], ids[1:], refs[1:], lens[1:], noise[1:, :50], 6, 2.0, -1.0)
-    assert fs.bucket(2, 120) == (2, 128) and fs.bucket(1, 50) == (1, 64)  # different buckets
+    assert fs.bucket(2, F.packed_length([120, 50])) == (2, 256)
+    assert fs.bucket(1, F.packed_length([50])) == (1, 128)  # different buckets
     assert (both[1, :50] - solo[0]).abs().max() <= SAME_AUDIO
 
 
@@ -163,7 +187,9 @@ def test_stale_buffer_contents_do_not_leak(tmp_path):
     buf = fs.buffers
     for t in (buf.x, buf.cond, buf.text_cond, buf.text_uncond, buf.step, buf.cfg):
         t.fill_(float("nan"))
-    buf.mask.fill_(True)
+    buf.valid.fill_(True)
+    buf.pos.fill_(7)
+    buf.cu_seqlens.fill_(3)
     again = fs.sample(dit, *args, 4, 2.0, -1.0)
     assert torch.isfinite(again).all()
     assert torch.equal(clean, again)
@@ -181,7 +207,7 @@ def test_shapes_beyond_the_buckets_run_the_eager_sampler(tmp_path):
     dit = tiny_dit(tmp_path)
     fs = F.FastSampler(dit, small_options(length_buckets=(64,)))
     args = batch([100], [20])
-    assert fs.bucket(1, 100) is None
+    assert fs.bucket(1, F.packed_length([100])) is None
     assert torch.equal(fs.sample(dit, *args, 3, 2.0, -1.0), sample(dit, *args, 3, 2.0, -1.0))
     other = tiny_dit(tmp_path / "other")  # a different DiT object is never run through the buffers
     args = batch([40], [10])
@@ -263,10 +289,10 @@ def test_graph_protocol_with_a_stand_in_for_cuda_graphs(tmp_path, monkeypatch):
     fs = F.FastSampler(dit, small_options(self_check=True))
     fs.use_graphs, fs.mode = True, "graph"
     stats = fs.warmup()
-    assert stats["graphs"] == 3 * 4 and "capture_errors" not in stats and fs.ready
+    assert stats["graphs"] == len(fs.buckets()) and "capture_errors" not in stats and fs.ready
     assert stats["self_check_rel_err"] <= 1e-5
     args = batch([100, 70, 33], [30, 20, 10])
-    graph = fs._graphs[(4, 128)]
+    graph = fs._graphs[(4, 256)]
     before = graph.replays
     out = fs.sample(dit, *args, 8, 2.0, -1.0)
     assert graph.replays - before == 8
@@ -353,7 +379,7 @@ def test_graph_path_equals_eager_fp32(tmp_path):
     dit = tiny_dit(tmp_path, depth=4, dtype=torch.float32, device="cuda")
     fs = F.FastSampler(dit, small_options(mode="graph", self_check=True))
     stats = fs.warmup()
-    assert fs.ready and stats["graphs"] == 3 * 4
+    assert fs.ready and stats["graphs"] == len(fs.buckets())
     args = batch([300, 200, 70], [90, 60, 20], device="cuda")
     out = fs.sample(dit, *args, 8, 2.0, -1.0)
     ref = sample(dit, *args, 8, 2.0, -1.0)
@@ -411,7 +437,7 @@ def test_fast_sample_is_a_drop_in_for_the_pipeline(tmp_path, monkeypatch):
                             P.F5Options(nfe_steps=6, seed=3))
     assert len(req.jobs) >= 2 and len({j.total_frames for j in req.jobs}) >= 2
     plain = pipe.synthesize(req.jobs)
-    fs = F.FastSampler(pipe.dit, small_options(length_buckets=(256, 512, 1024)))
+    fs = F.FastSampler(pipe.dit, small_options(length_buckets=(256, 512, 1024, 2048)))
     monkeypatch.setattr(P, "sample", fs.sample)
     fast = pipe.synthesize(req.jobs)
     for a, b in zip(plain, fast):

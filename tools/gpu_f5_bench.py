@@ -169,15 +169,17 @@ def bench_fast(mode: str, dit, args, device, out: dict, reference: dict) -> None
     """One fast mode: start-up, graph replay per step, whole samples, error against the eager sampler.
     Keys are prefixed `fast_<mode>_` (the plain sampler's are `eager_`)."""
     name = f"fast_{mode}"
-    lengths = tuple(sorted(set(F.DEFAULT_LENGTH_BUCKETS) | {args.frames}))
+    exact = F.packed_length([args.frames])  # one item of exactly --frames: a bucket of its own
+    lengths = tuple(sorted(set(F.DEFAULT_LENGTH_BUCKETS) | {exact}))
     opts = F.FastOptions(mode=mode, batch_buckets=F.DEFAULT_BATCH_BUCKETS, length_buckets=lengths,
                          compile_mode=args.compile_mode, self_check=True)
     if mode == "compile" and device.type == "cpu":
         opts = replace(opts, compile_backend="eager")  # the dry run checks the plumbing, not inductor
     fs = F.FastSampler(dit, opts, log=lambda m: print(f"[{mode}] {m}", file=sys.stderr, flush=True))
     # the exact frame count (the issue's figures) and the production bucket it rounds up to
-    prod = F.bucket_for(args.frames, F.DEFAULT_LENGTH_BUCKETS) or args.frames
-    buckets = sorted({(b, args.frames) for b in (1, 2) + tuple(args.batches)} | {(1, prod)})
+    prod = F.bucket_for(exact, F.DEFAULT_LENGTH_BUCKETS) or exact
+    buckets = sorted({(b, F.bucket_for(F.packed_length([args.frames] * b), lengths) or lengths[-1])
+                      for b in (1, 2) + tuple(args.batches)} | {(1, exact), (1, prod)})
     t0 = time.perf_counter()
     stats = fs.warmup(buckets=buckets)
     stats["wall_s"] = round(time.perf_counter() - t0, 2)
@@ -185,7 +187,7 @@ def bench_fast(mode: str, dit, args, device, out: dict, reference: dict) -> None
     if not fs.ready:
         print(f"[{mode}] fast path is off after warmup: {stats}", file=sys.stderr)
         return
-    key = fs.bucket(1, args.frames)
+    key = fs.bucket(1, exact)
     graph = fs._graphs.get(key)
     fs._fill_dummy(fs.buffers.views(*key))
     fs.buffers.step.copy_(torch.tensor([0.3, 0.0]))  # dt 0: repeated replays keep the state finite and real

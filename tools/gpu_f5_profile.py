@@ -3,7 +3,8 @@
     python tools/gpu_f5_profile.py --out RESULTS [--buckets 2x768,1x1024] [--tiny --device cpu]
 
 F5TTS_v1_Base's architecture with random weights (bf16 on CUDA). For each bucket (batch x frames):
-the step through the fast path as the server runs it (compiled blocks in a CUDA graph, `FastSampler`),
+the step through the fast path as the server runs it (compiled blocks in a CUDA graph, `FastSampler`;
+a bucket BxN is B items packed into N frames),
 timed with CUDA events; then the same step compiled but not captured, under torch.profiler, with
 the kernels that take the most GPU time. Also SDPA alone at one layer's shape, per backend, with
 the key mask the DiT uses (and flash without a mask, which the DiT cannot use, for scale).
@@ -171,7 +172,8 @@ def sample_and_vocos(dit, sampler, jobs: list[tuple[int, int]], device, dtype, v
     noise = torch.randn(b, frames, cfg.mel_dim, generator=g).to(device)
     ids = torch.randint(0, cfg.text_num_embeds, (b, 120), generator=g).to(device)
     run = lambda: sampler.sample(dit, cond, ids, refs, tots, noise, 16, 2.0, -1.0)  # noqa: E731
-    out = {"jobs": jobs, "bucket": sampler.bucket(b, frames), "sample_16nfe_ms": cuda_ms(run, 5, device)}
+    out = {"jobs": jobs, "bucket": sampler.bucket(b, FF.packed_length([tot for _, tot in jobs])),
+           "sample_16nfe_ms": cuda_ms(run, 5, device)}
     if vocos_dir is not None:
         from tts.f5.vocos import Vocos
         vocos = Vocos.from_dir(vocos_dir, device=device)
@@ -261,7 +263,7 @@ def main(argv=None) -> int:
             out[key] = sample_and_vocos(dit, sampler, jobs, device, dtype, args.vocos)
             lens = [tot for _, tot in jobs] * 2
             if device.type == "cuda":
-                out[key]["attention_one_layer"] = varlen_vs_sdpa(cfg, lens, out[key]["bucket"][1], device, dtype)
+                out[key]["attention_one_layer"] = varlen_vs_sdpa(cfg, lens, max(lens), device, dtype)
         except Exception as exc:  # noqa: BLE001
             out[key] = f"{type(exc).__name__}: {str(exc)[:300]}"
         print(key, json.dumps(out[key]), flush=True)

@@ -73,7 +73,7 @@ if want f5-quick; then
       >"$W/f5-work/results/gpu_clocks.csv" 2>/dev/null &
     CLOCKS=$!
   fi
-  STUDIO_PROFILE_DIR=$W/f5-work/results/profile STUDIO_PROFILE_SKIP=${PROFILE_SKIP:-10} \
+  STUDIO_PROFILE_DIR=$W/f5-work/results/profile STUDIO_PROFILE_SKIP=${PROFILE_SKIP:-100000} \
     OUT=$W/f5 SWEEP_WORK=$W/f5-work SWEEP_MICRO=0 SWEEP_SPARK_STEP=0 SWEEP_COLD=0 SWEEP_EAGER=0 SWEEP_NFE32=0 \
     SWEEP_BUDGET_S=200 SWEEP_LEVELS=1,8 timeout --kill-after=15 230 bash tools/gpu_sweep.sh $TINY >"$W/f5.log" 2>&1
   say "F5 quick exit $?"

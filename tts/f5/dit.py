@@ -241,6 +241,34 @@ class AdaLayerNormFinal(nn.Module):
         return F.layer_norm(x, x.shape[-1:], eps=NORM_EPS) * (1 + scale)[:, None] + shift[:, None]
 
 
+def _varlen_attn():
+    """torch's flash-attention over packed variable-length sequences, or None (older torch)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def packed_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
+    """Attention within each sequence of a packed token axis: q, k, v [N, H, Dh]; sequence i holds
+    tokens [cu_seqlens[i], cu_seqlens[i + 1]) (int32 [S + 1], cu_seqlens[-1] == N); every token
+    belongs to one sequence. -> [N, H, Dh].
+
+    On CUDA: flash attention's varlen kernel (no padding computed, no mask read). Elsewhere (and
+    on a torch without it): SDPA over the whole axis with a block-diagonal mask, the same result
+    (used by the CPU tests; N^2 memory)."""
+    varlen = _varlen_attn() if q.is_cuda else None
+    if varlen is not None:
+        return varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen)
+    n = q.shape[0]
+    seq = torch.searchsorted(cu_seqlens[1:].long(), torch.arange(n, device=q.device), right=True)
+    mask = seq[:, None] == seq[None, :]
+    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
+                                         v.transpose(0, 1)[None], attn_mask=mask[None, None])
+    return out[0].transpose(0, 1)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: F5Config):
         super().__init__()
@@ -284,8 +312,14 @@ class Attention(nn.Module):
             q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
         return tuple(y.view(b, t, self.heads, self.dim_head).transpose(1, 2) for y in (q, k, v))
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor) -> Tensor:
-        """x [B, T, D]; cos/sin [T, Dh]; key_mask [B, 1, 1, T] bool (True = attend) -> [B, T, D]."""
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor | None,
+                cu_seqlens: Tensor | None = None) -> Tensor:
+        """x [B, T, D]; cos/sin [T, Dh]; key_mask [B, 1, 1, T] bool (True = attend) -> [B, T, D].
+
+        Packed (`cu_seqlens` given, see `DiT.forward_packed`): x [1, N, D] holds several sequences
+        back to back, cos/sin [N, Dh] each token's own angles, key_mask unused."""
+        if cu_seqlens is not None:
+            return self._forward_packed(x, cos, sin, cu_seqlens)
         b, t, _ = x.shape
         q, k, v = self._project(x)
         if self.q_norm is not None:
@@ -293,6 +327,22 @@ class Attention(nn.Module):
         q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
         return self.to_out[0](out.transpose(1, 2).reshape(b, t, self.heads * self.dim_head))
+
+
+    def _forward_packed(self, x: Tensor, cos: Tensor, sin: Tensor, cu_seqlens: Tensor) -> Tensor:
+        n = x.shape[1]
+        if getattr(self, "qkv_weight", None) is not None:
+            qkv = F.linear(x[0], self.qkv_weight, self.qkv_bias)
+        else:
+            qkv = torch.cat((self.to_q(x[0]), self.to_k(x[0]), self.to_v(x[0])), dim=-1)
+        q, k, v = qkv.view(n, 3, self.heads, self.dim_head).unbind(1)  # each [N, H, Dh]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = cos[:, None], sin[:, None]  # [N, 1, Dh]: broadcast over heads
+        q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+        # a sequence never exceeds the half of the axis it lives in (conditional / unconditional)
+        out = packed_attention(q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens, n // 2)
+        return self.to_out[0](out.reshape(1, n, self.heads * self.dim_head))
 
 
 class FeedForward(nn.Module):
@@ -314,9 +364,10 @@ class DiTBlock(nn.Module):
         self.attn = Attention(cfg)
         self.ff = FeedForward(cfg.dim, cfg.ff_mult)
 
-    def forward(self, x: Tensor, t: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor | None,
+                cu_seqlens: Tensor | None = None) -> Tensor:
         norm, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.attn_norm(x, t)
-        x = x + gate_msa[:, None] * self.attn(norm, cos, sin, key_mask)
+        x = x + gate_msa[:, None] * self.attn(norm, cos, sin, key_mask, cu_seqlens)
         norm = F.layer_norm(x, x.shape[-1:], eps=NORM_EPS) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
         return x + gate_mlp[:, None] * self.ff(norm)
 
@@ -391,3 +442,30 @@ class DiT(nn.Module):
             h = block(h, temb, cos, sin, key_mask)
         out = self.proj_out(self.norm_out(h, temb))
         return out[:b], out[b:]
+
+    def forward_packed(self, x: Tensor, cond: Tensor, text_cond: Tensor, text_uncond: Tensor, time: Tensor,
+                       valid: Tensor, pos: Tensor, cu_seqlens: Tensor) -> tuple[Tensor, Tensor]:
+        """`forward` on packed items: every item's frames back to back on one token axis, no padding.
+
+        x, cond [N, mel]; text_cond / text_uncond [N, text_dim]; valid [N] bool (False between
+        items); pos [N] long: each token's frame index within its item; time: 0-d flow time (one
+        for all items); cu_seqlens int32 [S + 1] over the doubled axis (conditional half, then
+        unconditional half, 2N tokens; a gap between items is a sequence of its own). Items must
+        be at least CONV_POS_KERNEL // 2 invalid tokens apart, so the position convolution never
+        reaches across (`tts.f5.fast.ITEM_GAP`). Returns (pred_cond, pred_uncond) [N, mel] in the
+        weights' dtype; a token's values equal `forward`'s for its item and frame.
+        """
+        n = x.shape[0]
+        dt = self.dtype
+        temb = self.time_embed(time.reshape(1))  # [1, D]: every item is at the same flow time
+        mask2 = torch.cat((valid, valid))[None]
+        h = self.input_embed(torch.cat((x, x)).to(dt)[None], torch.cat((cond, torch.zeros_like(cond))).to(dt)[None],
+                             torch.cat((text_cond, text_uncond)).to(dt)[None], mask2)
+        # rotary angles per token from its frame index: the same float32 products as rope_cos_sin
+        angles = torch.cat((pos, pos)).float()[:, None] * rope_inv_freq(self.cfg.dim_head, x.device)
+        angles = angles.repeat_interleave(2, dim=-1)
+        cos, sin = angles.cos(), angles.sin()
+        for block in self.transformer_blocks:
+            h = block(h, temb, cos, sin, None, cu_seqlens)
+        out = self.proj_out(self.norm_out(h, temb))[0]
+        return out[:n], out[n:]

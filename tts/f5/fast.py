@@ -3,14 +3,17 @@
 Nothing here is a second model. The ODE step is `tts.f5.sampler.ode_step`, the function the CPU path
 runs; what changes is where it is called (gpt-fast / nano-vllm style):
 
-* shapes are rounded up to a bucket (batch in `batch_buckets`, frames in `length_buckets`), so a
-  few dozen fixed shapes cover every request. Padding never changes a real item's result: padded
-  frames are masked out of attention and zeroed around every convolution by the DiT itself, and
-  padded batch rows are separate items (DiT items never mix).
-* each bucket's step (DiT forward on the CFG 2B batch, guidance, Euler update into the state) reads
-  static buffers and is captured once in a CUDA graph at start-up; a request copies its inputs into
-  the buffers and replays the graph `nfe` times. The step's flow time and width come from a
-  device table, so the loop never waits on the host.
+* the items of a batch are packed back to back on one token axis (`DiT.forward_packed`), each
+  followed by ITEM_GAP empty frames, so no frame is computed for padding: a request's two chunks
+  (~470 and ~740 frames) cost 2 x 1,230 tokens per step instead of 4 x 768 padded. Attention runs
+  per item (flash attention's varlen kernel on CUDA), the position convolution sees zeros in the
+  gaps, so an item's result equals its solo run.
+* shapes are rounded up to a bucket (items in `batch_buckets`, packed frames in `length_buckets`),
+  so a hundred-odd fixed shapes cover every request; the tail past the last item is one more gap.
+* each bucket's step (DiT forward on the conditional and unconditional halves, guidance, Euler
+  update into the state) reads static buffers and is captured once in a CUDA graph at start-up; a
+  request copies its inputs into the buffers and replays the graph `nfe` times. The step's flow
+  time and width come from a device table, so the loop never waits on the host.
 * mode "compile" first compiles each DiT block (regional compilation: one block's code serves all
   `depth` blocks) and the convolutional position embedding (as matrix products, see
   `tts.f5.dit.grouped_conv_as_matmul`) with dynamic batch and frame sizes, so one compile covers
@@ -29,7 +32,7 @@ Modes (`STUDIO_F5_FAST`, see `fast_options_from_env`):
   "compile" DiT blocks torch.compile'd (default inductor mode), then captured in CUDA graphs
             (on a CPU DiT: compiled, no graphs; used by the tests with a cheap backend).
 
-Shapes: B batch, T mel frames (93.75 per second), C mel channels (100).
+Shapes: B batch, T mel frames (93.75 per second), C mel channels (100), N packed frames (items + gaps).
 """
 
 from __future__ import annotations
@@ -62,10 +65,19 @@ DEFAULT_MODE = "compile"
 
 #: Batch buckets: the pipeline batches at most 8 chunks (F5Pipeline max_batch).
 DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8)
-#: Frame buckets: every 128 frames (1.37 s) up to 2048 (21.8 s: a 12 s prompt plus a ~10 s chunk,
-#: the pipeline's budget), then every 256 up to 4096 (43.7 s). Padding costs at most 128 frames
-#: below 2048, i.e. under 14 % at the ~940 frames of a 3 s prompt + 7 s chunk.
-DEFAULT_LENGTH_BUCKETS = tuple(range(128, 2048 + 1, 128)) + tuple(range(2048 + 256, 4096 + 1, 256))
+#: Packed-frame buckets (all items of a batch plus their gaps): every 128 frames (1.37 s) up to 2048
+#: (one 12 s prompt plus a ~10 s chunk, the pipeline's budget for one item), then coarser steps
+#: up to 34816 (8 items of 4096 frames and their gaps; 4096 was the padded layout's per-item limit). Rounding
+#: costs at most 128 frames below 2048 (under 11 % at the ~1,230 of a request's two chunks), at
+#: most 1/8 above.
+DEFAULT_LENGTH_BUCKETS = (tuple(range(128, 2048 + 1, 128)) + tuple(range(2048 + 256, 4096 + 1, 256))
+                          + tuple(range(4096 + 512, 8192 + 1, 512)) + tuple(range(8192 + 1024, 16384 + 1, 1024))
+                          + tuple(range(16384 + 2048, 34816 + 1, 2048)))
+#: Frames a single item may have in a bucket's graph (buckets (b, n) with n > b * this are not captured).
+MAX_ITEM_FRAMES = 4096
+#: Empty frames after every packed item: at least the position convolution's half width
+#: (CONV_POS_KERNEL // 2 = 15), so no item's convolution reads another item's frames.
+ITEM_GAP = 16
 #: Relative L2 error (graph path vs the eager sampler, one small batch at start-up) above which the
 #: fast path disables itself. fp32: only summation order differs. bf16/fp16: kernel choice and
 #: fusion change rounding (bf16 has an 8-bit mantissa, ~4e-3 per op) and a few ODE steps add up.
@@ -151,13 +163,15 @@ def eager_stance():
 
 @dataclass
 class BucketViews:
-    """Contiguous [b, t, ...] views of the heads of the flat static buffers (one set serves every bucket)."""
+    """Contiguous views of the heads of the flat static buffers for one (items b, packed n) bucket."""
 
-    x: Tensor  # [b, t, C] float32 ODE state
-    cond: Tensor  # [b, t, C] float32 reference mel, zero past each reference
-    text_cond: Tensor  # [b, t, text_dim] DiT dtype
-    text_uncond: Tensor  # [b, t, text_dim]
-    mask: Tensor  # [b, t] bool, True on each item's frames
+    x: Tensor  # [n, C] float32 ODE state, items packed
+    cond: Tensor  # [n, C] float32 reference mel, zero past each reference and in the gaps
+    text_cond: Tensor  # [n, text_dim] DiT dtype
+    text_uncond: Tensor  # [n, text_dim]
+    valid: Tensor  # [n] bool, True on the items' frames
+    pos: Tensor  # [n] long, each frame's index within its item (0 in the gaps)
+    cu_seqlens: Tensor  # [4 b + 1] int32 over the doubled axis: per half, item then gap, b times
 
 
 class StaticBuffers:
@@ -167,27 +181,46 @@ class StaticBuffers:
     element, so all graphs share one set of buffers (they never run at the same time).
     """
 
-    def __init__(self, max_b: int, max_t: int, mel_dim: int, text_dim: int, text_dtype: torch.dtype,
+    def __init__(self, max_b: int, max_n: int, mel_dim: int, text_dim: int, text_dtype: torch.dtype,
                  device: torch.device):
-        n = max_b * max_t
-        self.max_b, self.max_t, self.mel_dim, self.text_dim = max_b, max_t, mel_dim, text_dim
-        self.x = torch.zeros(n * mel_dim, dtype=torch.float32, device=device)
-        self.cond = torch.zeros(n * mel_dim, dtype=torch.float32, device=device)
-        self.text_cond = torch.zeros(n * text_dim, dtype=text_dtype, device=device)
-        self.text_uncond = torch.zeros(n * text_dim, dtype=text_dtype, device=device)
-        self.mask = torch.zeros(n, dtype=torch.bool, device=device)
+        self.max_b, self.max_n, self.mel_dim, self.text_dim = max_b, max_n, mel_dim, text_dim
+        self.x = torch.zeros(max_n * mel_dim, dtype=torch.float32, device=device)
+        self.cond = torch.zeros(max_n * mel_dim, dtype=torch.float32, device=device)
+        self.text_cond = torch.zeros(max_n * text_dim, dtype=text_dtype, device=device)
+        self.text_uncond = torch.zeros(max_n * text_dim, dtype=text_dtype, device=device)
+        self.valid = torch.zeros(max_n, dtype=torch.bool, device=device)
+        self.pos = torch.zeros(max_n, dtype=torch.long, device=device)
+        self.cu_seqlens = torch.zeros(4 * max_b + 1, dtype=torch.int32, device=device)
         self.step = torch.zeros(2, dtype=torch.float32, device=device)  # (t0, dt) of the step to run
         self.cfg = torch.zeros((), dtype=torch.float32, device=device)  # guidance strength
 
-    def views(self, b: int, t: int) -> BucketViews:
-        if b > self.max_b or t > self.max_t:
-            raise ValueError(f"bucket ({b}, {t}) exceeds the static buffers ({self.max_b}, {self.max_t})")
-        n = b * t
-        return BucketViews(self.x[: n * self.mel_dim].view(b, t, self.mel_dim),
-                           self.cond[: n * self.mel_dim].view(b, t, self.mel_dim),
-                           self.text_cond[: n * self.text_dim].view(b, t, self.text_dim),
-                           self.text_uncond[: n * self.text_dim].view(b, t, self.text_dim),
-                           self.mask[:n].view(b, t))
+    def views(self, b: int, n: int) -> BucketViews:
+        if b > self.max_b or n > self.max_n:
+            raise ValueError(f"bucket ({b}, {n}) exceeds the static buffers ({self.max_b}, {self.max_n})")
+        return BucketViews(self.x[: n * self.mel_dim].view(n, self.mel_dim),
+                           self.cond[: n * self.mel_dim].view(n, self.mel_dim),
+                           self.text_cond[: n * self.text_dim].view(n, self.text_dim),
+                           self.text_uncond[: n * self.text_dim].view(n, self.text_dim),
+                           self.valid[:n], self.pos[:n], self.cu_seqlens[: 4 * b + 1])
+
+
+def packed_length(lens: list[int]) -> int:
+    """Packed frames of items of these lengths: each item, then ITEM_GAP empty frames."""
+    return sum(int(n) + ITEM_GAP for n in lens)
+
+
+def packed_cu_seqlens(lens: list[int], b: int, n: int) -> list[int]:
+    """Sequence boundaries [4 b + 1] over the doubled axis (2 n tokens) for items of `lens` packed
+    in an (b, n) bucket: per half, each item then its gap (the last gap runs to the half's end);
+    unused item slots are empty sequences."""
+    bounds, start = [0], 0
+    for half in range(2):
+        for i in range(b):
+            length = int(lens[i]) if i < len(lens) else 0
+            gap_end = (half + 1) * n if i == b - 1 else start + length + (ITEM_GAP if i < len(lens) else 0)
+            bounds += [start + length, gap_end]
+            start = gap_end
+    return bounds
 
 
 def static_step(dit: DiT, v: BucketViews, step: Tensor, cfg: Tensor) -> None:
@@ -195,8 +228,11 @@ def static_step(dit: DiT, v: BucketViews, step: Tensor, cfg: Tensor) -> None:
 
     `step` [2] float32 holds (t0, dt); `cfg` is a 0-d tensor so one graph serves every guidance
     strength (it is rounded to the DiT dtype inside the guidance product: 2.0, 1.5, 2.5 are exact).
+    The same arithmetic as `tts.f5.sampler.ode_step`; frames between items stay zero.
     """
-    v.x.copy_(ode_step(dit, v.x, step[0], step[1], v.cond, v.text_cond, v.text_uncond, v.mask, cfg))
+    pred, null = dit.forward_packed(v.x, v.cond, v.text_cond, v.text_uncond, step[0], v.valid, v.pos, v.cu_seqlens)
+    vel = (pred + (pred - null) * cfg).to(v.x.dtype)
+    v.x.copy_(torch.where(v.valid[:, None], v.x + step[1] * vel, 0.0))
 
 
 def step_table(nfe: int, sway: float | None, use_epss: bool, device: torch.device) -> Tensor:
@@ -239,13 +275,20 @@ class FastSampler:
         self.stats: dict = {"mode": self.mode}
 
     # -- public ---------------------------------------------------------------------------------
-    def bucket(self, batch: int, frames: int) -> tuple[int, int] | None:
-        """The (batch, frames) bucket a batch runs in, or None when it exceeds the largest."""
-        b, t = bucket_for(batch, self.options.batch_buckets), bucket_for(frames, self.options.length_buckets)
-        return None if b is None or t is None else (b, t)
+    def bucket(self, batch: int, packed: int) -> tuple[int, int] | None:
+        """The (items, packed frames) bucket a batch runs in (`packed_length` of its item lengths),
+        or None when it exceeds the largest."""
+        b, n = bucket_for(batch, self.options.batch_buckets), bucket_for(packed, self.options.length_buckets)
+        return None if b is None or n is None else (b, n)
 
     def buckets(self) -> list[tuple[int, int]]:
-        return [(b, t) for b in self.options.batch_buckets for t in self.options.length_buckets]
+        """Every (b, n) a batch can land in: n at least b small items, at most b items of
+        MAX_ITEM_FRAMES (the smallest n above that included)."""
+        out = []
+        for b in self.options.batch_buckets:
+            top = bucket_for(b * (MAX_ITEM_FRAMES + ITEM_GAP), self.options.length_buckets) or max(self.options.length_buckets)
+            out += [(b, n) for n in self.options.length_buckets if b * (ITEM_GAP + 1) <= n <= top]
+        return out
 
     @torch.no_grad()
     def warmup(self, buckets: list[tuple[int, int]] | None = None) -> dict:
@@ -288,7 +331,8 @@ class FastSampler:
                noise: Tensor, nfe: int, cfg_strength: float, sway: float | None, use_epss: bool = True) -> Tensor:
         """Same arguments, shapes and result as `tts.f5.sampler.sample` (float32 [B, T, mel])."""
         b, frames, mel_dim = noise.shape
-        key = self.bucket(b, frames)
+        lens = [int(n) for n in total_lens.tolist()]  # host values: the packing is planned on the host
+        key = self.bucket(b, packed_length(lens))
         if dit is not self.dit or key is None or not self.ready:
             with eager_stance():
                 return eager_sample(dit, cond_mel, text_ids, ref_lens, total_lens, noise, nfe, cfg_strength,
@@ -298,10 +342,9 @@ class FastSampler:
                              f"text_ids {tuple(text_ids.shape)}")
         if nfe < 1:
             raise ValueError(f"nfe must be >= 1; got {nfe}")
-        bb, tb = key
-        v = self.buffers.views(bb, tb)
+        v = self.buffers.views(*key)
         with record_function("f5.load_inputs"):  # names for tools/gpu_f5_request_profile.py
-            mask, ref_mask = self._load_inputs(v, b, frames, cond_mel, text_ids, ref_lens, total_lens, noise)
+            src, dst, ref_at = self._load_inputs(v, key[0], lens, cond_mel, text_ids, ref_lens, total_lens, noise)
             table = self._step_table(nfe, sway, use_epss)
             self.buffers.cfg.fill_(float(cfg_strength))
         graph = self._graphs.get(key)
@@ -312,40 +355,46 @@ class FastSampler:
                     graph.replay()
                 else:
                     static_step(self.dit, v, self.buffers.step, self.buffers.cfg)
-        out = torch.where(ref_mask[:b, :frames], v.cond[:b, :frames], v.x[:b, :frames])
-        return torch.where(mask[:b, :frames, None], out, 0.0)
+        out = torch.zeros(b * frames, mel_dim, dtype=torch.float32, device=self.device)
+        out[src] = torch.where(ref_at[:, None], v.cond[dst], v.x[dst])
+        return out.view(b, frames, mel_dim)
 
     # -- internals ------------------------------------------------------------------------------
-    def _load_inputs(self, v: BucketViews, b: int, frames: int, cond_mel: Tensor, text_ids: Tensor,
-                     ref_lens: Tensor, total_lens: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
-        """Copy one batch, padded to the bucket, into the static buffers (device work only, no sync).
+    def _load_inputs(self, v: BucketViews, bb: int, lens: list[int], cond_mel: Tensor, text_ids: Tensor,
+                     ref_lens: Tensor, total_lens: Tensor, noise: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Pack one batch into the static buffers: item i's frames at offset sum_{j<i} (L_j + ITEM_GAP).
 
-        Padded batch rows are one-frame items with no reference and no text: never an all-masked
-        attention row (which would be NaN), and never read back. Returns (mask [bb, tb],
-        ref_mask [bb, tb, 1]).
+        Returns (src, dst, ref_at): for every real frame, its index in the flat padded [B * T]
+        layout, its index on the packed axis, and whether it is a reference frame.
         """
-        bb, tb = v.mask.shape
         dev = self.device
-        lens = torch.ones(bb, dtype=torch.long, device=dev)
-        lens[:b] = total_lens.to(dev)
-        refs = torch.zeros(bb, dtype=torch.long, device=dev)
-        refs[:b] = ref_lens.to(dev)
-        ids = torch.full((bb, max(text_ids.shape[1], 1)), -1, dtype=torch.long, device=dev)
-        ids[:b, : text_ids.shape[1]] = text_ids.to(dev)
-        pos = torch.arange(tb, device=dev)[None, :]
-        mask = pos < lens[:, None]
-        ref_mask = (pos < refs[:, None])[..., None]
-        v.mask.copy_(mask)
+        b, frames = noise.shape[:2]
+        offsets = [0]
+        for n in lens[:-1]:
+            offsets.append(offsets[-1] + n + ITEM_GAP)
+        frame = torch.cat([torch.arange(n) for n in lens])
+        item = torch.cat([torch.full((n,), i) for i, n in enumerate(lens)])
+        start = torch.tensor(offsets)
+        src = (item * frames + frame).to(dev, non_blocking=True)
+        dst = (start[item] + frame).to(dev, non_blocking=True)
+        frame = frame.to(dev, non_blocking=True)
+        ref_at = frame < ref_lens.to(dev)[item.to(dev)]
+        n_bucket = v.valid.shape[0]
+        v.cu_seqlens.copy_(torch.tensor(packed_cu_seqlens(lens, bb, n_bucket), dtype=torch.int32))
+        v.valid.zero_()
+        v.valid[dst] = True
+        v.pos.zero_()
+        v.pos[dst] = frame
         v.x.zero_()
-        v.x[:b, :frames] = noise.to(dev)
-        v.x.masked_fill_(~mask[..., None], 0.0)
+        v.x[dst] = noise.reshape(b * frames, -1).to(dev)[src]
         v.cond.zero_()
-        v.cond[:b, :frames] = cond_mel.to(dev)
-        v.cond.masked_fill_(~ref_mask, 0.0)
-        text_cond, text_uncond = self.dit.embed_text(ids, lens, frames=tb)
-        v.text_cond.copy_(text_cond)
-        v.text_uncond.copy_(text_uncond)
-        return mask, ref_mask
+        v.cond[dst] = torch.where(ref_at[:, None], cond_mel.reshape(b * frames, -1).to(dev)[src], 0.0)
+        text_cond, text_uncond = self.dit.embed_text(text_ids.to(dev), total_lens.to(dev), frames=frames)
+        v.text_cond.zero_()
+        v.text_cond[dst] = text_cond.reshape(b * frames, -1)[src]
+        v.text_uncond.zero_()
+        v.text_uncond[dst] = text_uncond.reshape(b * frames, -1)[src]
+        return src, dst, ref_at
 
     def _step_table(self, nfe: int, sway: float | None, use_epss: bool) -> Tensor:
         key = (int(nfe), None if sway is None else float(sway), bool(use_epss))
@@ -355,24 +404,32 @@ class FastSampler:
         return table
 
     def _fill_dummy(self, v: BucketViews, seed: int = 0) -> None:
-        """Plausible (non-zero, finite) inputs for compiling and capturing; values do not matter."""
+        """Plausible (non-zero, finite) packed inputs for compiling and capturing; values do not matter."""
         gen = torch.Generator(device="cpu").manual_seed(seed)
-        b, t = v.mask.shape
-        v.x.copy_(torch.randn(b, t, v.x.shape[-1], generator=gen))
-        v.cond.copy_(torch.randn(b, t, v.cond.shape[-1], generator=gen))
-        v.text_cond.copy_(torch.randn(b, t, v.text_cond.shape[-1], generator=gen))
-        v.text_uncond.copy_(torch.randn(b, t, v.text_uncond.shape[-1], generator=gen))
-        lens = torch.randint(max(t // 2, 1), t + 1, (b,), generator=gen)
-        v.mask.copy_(torch.arange(t)[None, :] < lens[:, None])
+        n, b = v.valid.shape[0], (v.cu_seqlens.shape[0] - 1) // 4
+        per = max(n // b - ITEM_GAP, 1)
+        lens = [int(torch.randint(max(per // 2, 1), per + 1, (1,), generator=gen)) for _ in range(b)]
+        v.x.copy_(torch.randn(n, v.x.shape[-1], generator=gen))
+        v.cond.copy_(torch.randn(n, v.cond.shape[-1], generator=gen))
+        v.text_cond.copy_(torch.randn(n, v.text_cond.shape[-1], generator=gen))
+        v.text_uncond.copy_(torch.randn(n, v.text_uncond.shape[-1], generator=gen))
+        valid, pos, at = torch.zeros(n, dtype=torch.bool), torch.zeros(n, dtype=torch.long), 0
+        for length in lens:
+            valid[at: at + length] = True
+            pos[at: at + length] = torch.arange(length)
+            at += length + ITEM_GAP
+        v.valid.copy_(valid)
+        v.pos.copy_(pos)
+        v.cu_seqlens.copy_(torch.tensor(packed_cu_seqlens(lens, b, n), dtype=torch.int32))
         self.buffers.step.copy_(torch.tensor([0.25, 0.05]))
         self.buffers.cfg.fill_(2.0)
 
     def _prime_shapes(self) -> list[tuple[int, int]]:
-        """Two shapes that differ in batch and frames: the first compiles static, the second
+        """Two buckets that differ in items and packed frames: the first compiles static, the second
         recompiles with both dimensions dynamic (torch's automatic dynamic shapes), after which
         every bucket reuses that one graph. Chosen from the configured buckets, fixed (so the
-        on-disk cache keys repeat across start-ups), and with 2B != T (sizes that coincide would
-        be tied into one symbol)."""
+        on-disk cache keys repeat across start-ups), with sizes that never coincide (sizes that
+        coincide would be tied into one symbol)."""
         bs, ts = self.options.batch_buckets, self.options.length_buckets
         b0, b1 = bs[0], bs[1] if len(bs) > 1 else bs[0]
         t_pool = [t for t in ts if t >= 256] or list(ts)
@@ -441,19 +498,18 @@ class FastSampler:
         non-finite result) switches the fast path off rather than serve wrong audio."""
         dit, dev = self.dit, self.device
         cfg = dit.cfg
-        key = self.bucket(2, min(300, max(self.options.length_buckets)))
-        if key is None:
-            return
-        frames = min(300, max(self.options.length_buckets))
-        gen = torch.Generator(device="cpu").manual_seed(1234)
+        frames = min(300, max(max(self.options.length_buckets) // 2 - ITEM_GAP, 2))
         lens = torch.tensor([frames, max(frames * 2 // 3, 2)])
+        if self.bucket(2, packed_length(lens.tolist())) is None:
+            return
+        gen = torch.Generator(device="cpu").manual_seed(1234)
         refs = lens // 3
         noise = torch.randn(2, frames, cfg.mel_dim, generator=gen)
         noise[1, lens[1]:] = 0
         cond = torch.randn(2, frames, cfg.mel_dim, generator=gen)
         cond[(torch.arange(frames)[None, :] >= refs[:, None])] = 0
         ids = torch.randint(0, cfg.text_num_embeds, (2, 40), generator=gen)
-        args = (cond.to(dev), ids.to(dev), refs.to(dev), lens.to(dev), noise.to(dev), SELF_CHECK_NFE, 2.0, -1.0)
+        args = (cond.to(dev), ids.to(dev), refs, lens, noise.to(dev), SELF_CHECK_NFE, 2.0, -1.0)
         fast = self.sample(dit, *args)
         with eager_stance():
             ref = eager_sample(dit, *args)
@@ -507,6 +563,7 @@ def vocode_batch(vocos, mels: list[Tensor]) -> list[Tensor]:
     return [vocos.head.istft(spec[i: i + 1, :, : lens[i]])[0] for i in range(len(mels))]
 
 
-__all__ = ["FAST_ENV", "MODES", "FastOptions", "FastSampler", "StaticBuffers", "BucketViews", "bucket_for",
+__all__ = ["FAST_ENV", "ITEM_GAP", "MODES", "FastOptions", "FastSampler", "StaticBuffers", "BucketViews", "bucket_for",
+           "packed_cu_seqlens", "packed_length",
            "batch_buckets_for", "configure_compile_cache", "default_cache_dir", "eager_stance", "step_context",
            "fast_options_from_env", "static_step", "step_table", "vocode_batch"]

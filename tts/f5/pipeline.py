@@ -289,8 +289,9 @@ class F5Pipeline:
             cond[i, : j.ref.mel.shape[0]] = j.ref.mel
             noise[i, : j.total_frames] = make_noise(j.seed, j.total_frames, n_mels, dev, torch.float32)
             text_ids[i, : len(j.text_ids)] = torch.tensor(j.text_ids, dtype=torch.long)
-        ref_lens = torch.tensor([j.ref.mel.shape[0] for j in jobs], device=dev)
-        total_lens = torch.tensor([j.total_frames for j in jobs], device=dev)
+        # lengths stay on the host: the fast path plans its packing from them without a device sync
+        ref_lens = torch.tensor([j.ref.mel.shape[0] for j in jobs])
+        total_lens = torch.tensor([j.total_frames for j in jobs])
         return cond, text_ids.to(dev), ref_lens, total_lens, noise
 
 
