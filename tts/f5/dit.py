@@ -458,14 +458,26 @@ class DiT(nn.Module):
         n = x.shape[0]
         dt = self.dtype
         temb = self.time_embed(time.reshape(1))  # [1, D]: every item is at the same flow time
-        mask2 = torch.cat((valid, valid))[None]
-        h = self.input_embed(torch.cat((x, x)).to(dt)[None], torch.cat((cond, torch.zeros_like(cond))).to(dt)[None],
-                             torch.cat((text_cond, text_uncond)).to(dt)[None], mask2)
-        # rotary angles per token from its frame index: the same float32 products as rope_cos_sin
-        angles = torch.cat((pos, pos)).float()[:, None] * rope_inv_freq(self.cfg.dim_head, x.device)
-        angles = angles.repeat_interleave(2, dim=-1)
-        cos, sin = angles.cos(), angles.sin()
+        # One item per half (4 b + 1 == 5 boundaries): the two halves are two rows of the padded
+        # layout (the item first, its gap after), so attention runs as masked SDPA on [2, n] rows,
+        # which dispatches to cuDNN's fused kernel, measured faster than varlen flash at these
+        # sizes on the H200 (first chunk 48 vs 56 ms end to end at 16 NFE). Several items: packed.
+        rows = 2 if cu_seqlens.shape[0] == 5 else 1
+        shape = (rows, 2 * n // rows)
+        mask2 = torch.cat((valid, valid)).view(shape)
+        h = self.input_embed(torch.cat((x, x)).to(dt).view(*shape, -1),
+                             torch.cat((cond, torch.zeros_like(cond))).to(dt).view(*shape, -1),
+                             torch.cat((text_cond, text_uncond)).to(dt).view(*shape, -1), mask2)
+        if rows == 2:
+            cos, sin = rope_cos_sin(n, self.cfg.dim_head, x.device)  # frame index = position in the row
+            key_mask, packed = mask2[:, None, None, :], None
+        else:
+            # rotary angles per token from its frame index: the same float32 products as rope_cos_sin
+            angles = torch.cat((pos, pos)).float()[:, None] * rope_inv_freq(self.cfg.dim_head, x.device)
+            angles = angles.repeat_interleave(2, dim=-1)
+            cos, sin = angles.cos(), angles.sin()
+            key_mask, packed = None, cu_seqlens
         for block in self.transformer_blocks:
-            h = block(h, temb, cos, sin, None, cu_seqlens)
-        out = self.proj_out(self.norm_out(h, temb))[0]
+            h = block(h, temb, cos, sin, key_mask, packed)
+        out = self.proj_out(self.norm_out(h, temb)).reshape(2 * n, -1)
         return out[:n], out[n:]

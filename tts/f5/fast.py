@@ -425,16 +425,20 @@ class FastSampler:
         self.buffers.cfg.fill_(2.0)
 
     def _prime_shapes(self) -> list[tuple[int, int]]:
-        """Two buckets that differ in items and packed frames: the first compiles static, the second
-        recompiles with both dimensions dynamic (torch's automatic dynamic shapes), after which
-        every bucket reuses that one graph. Chosen from the configured buckets, fixed (so the
-        on-disk cache keys repeat across start-ups), with sizes that never coincide (sizes that
-        coincide would be tied into one symbol)."""
+        """Buckets that compile every variant of the blocks once: one-item buckets run the halves as
+        two padded rows (`DiT.forward_packed`), others packed; per variant two buckets that differ
+        in size, the first compiles static, the second recompiles dynamic (torch's automatic dynamic
+        shapes), after which every bucket of that variant reuses one graph. Fixed (so the on-disk
+        cache keys repeat across start-ups), with sizes that never coincide (sizes that coincide
+        would be tied into one symbol)."""
         bs, ts = self.options.batch_buckets, self.options.length_buckets
-        b0, b1 = bs[0], bs[1] if len(bs) > 1 else bs[0]
         t_pool = [t for t in ts if t >= 256] or list(ts)
         t0, t1 = t_pool[0], (t_pool[1] if len(t_pool) > 1 else t_pool[0])
-        return [(b0, t0), (b1, t1)]
+        shapes = [(1, t0), (1, t1)] if bs[0] == 1 else []
+        many = [b for b in bs if b > 1]
+        if many:
+            shapes += [(many[0], t0), (many[1] if len(many) > 1 else many[0], t1)]
+        return shapes
 
     def _compile_blocks(self) -> None:
         """Regional compilation: each DiT block's call goes through torch.compile (same code for all
