@@ -308,7 +308,7 @@ def test_regional_compile_traces_once_for_every_bucket(tmp_path):
 
     torch._dynamo.reset()
     dit = tiny_dit(tmp_path, depth=3)
-    fs = F.FastSampler(dit, small_options(mode="compile", compile_backend="eager",
+    fs = F.FastSampler(dit, small_options(mode="compile", compile_backend="eager", length_buckets=(64, 128, 256, 384, 768),
                                           cache_dir=str(tmp_path / "cache")))
     counters.clear()
     stats = fs.warmup()
@@ -319,6 +319,7 @@ def test_regional_compile_traces_once_for_every_bucket(tmp_path):
     assert counters["stats"]["unique_graphs"] == 7
     for lens, refs in (([100, 70, 33], [30, 20, 10]), ([60], [15]), ([300, 200], [90, 50]), ([350], [100])):
         args = batch(lens, refs)
+        assert fs.bucket(len(lens), F.packed_length(lens)) is not None  # the fast path serves it
         with torch.inference_mode():  # the pipeline's mode: must not trigger a recompile either
             out = fs.sample(dit, *args, 3, 2.0, -1.0)
         with F.eager_stance():
@@ -379,10 +380,12 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @cuda
 def test_graph_path_equals_eager_fp32(tmp_path):
     dit = tiny_dit(tmp_path, depth=4, dtype=torch.float32, device="cuda")
-    fs = F.FastSampler(dit, small_options(mode="graph", self_check=True))
+    fs = F.FastSampler(dit, small_options(mode="graph", self_check=True, length_buckets=(128, 256, 384, 768)))
     stats = fs.warmup()
     assert fs.ready and stats["graphs"] == len(fs.buckets())
     args = batch([300, 200, 70], [90, 60, 20], device="cuda")
+    assert fs.bucket(3, F.packed_length([300, 200, 70])) == (4, 768)  # packed, varlen attention
+    assert fs.bucket(1, F.packed_length([70])) == (1, 128)  # one item: two padded rows
     out = fs.sample(dit, *args, 8, 2.0, -1.0)
     ref = sample(dit, *args, 8, 2.0, -1.0)
     assert float((out - ref).norm() / ref.norm()) <= 1e-4
@@ -396,15 +399,19 @@ def test_graph_path_equals_eager_fp32(tmp_path):
 def test_graph_path_equals_eager_bf16(tmp_path, mode):
     dit = tiny_dit(tmp_path, depth=4, dtype=torch.bfloat16, device="cuda", dim=256, heads=4, dim_head=64,
                    text_dim=128)
-    fs = F.FastSampler(dit, small_options(mode=mode, self_check=True, cache_dir=str(tmp_path / "cache")))
+    fs = F.FastSampler(dit, small_options(mode=mode, self_check=True, cache_dir=str(tmp_path / "cache"),
+                                          length_buckets=(128, 256, 384, 768)))
     stats = fs.warmup()
     assert fs.ready and stats["mode"] == mode, stats
     args = batch([300, 200, 70], [90, 60, 20], device="cuda")
+    assert fs.bucket(3, F.packed_length([300, 200, 70])) is not None
     out = fs.sample(dit, *args, 8, 2.0, -1.0)
     with F.eager_stance():
         ref = sample(dit, *args, 8, 2.0, -1.0)
     assert torch.isfinite(out).all()
     assert float((out - ref).norm() / ref.norm()) <= 3e-2
+    solo = fs.sample(dit, *[a[2:] for a in args], 8, 2.0, -1.0)[0, :70]  # one item: the padded-rows path
+    assert float((solo - ref[2, :70]).norm() / ref[2, :70].norm()) <= 3e-2
 
 
 @pytest.mark.gpu

@@ -99,12 +99,12 @@ if want offline; then
 fi
 
 if want f5-profile; then
-  say "F5 step profile (tools/gpu_f5_profile.py: buckets 1x512, 1x768, 2x768 (one request at c=1) and 8x1024; one request's sample + Vocos)"
+  say "F5 step profile (tools/gpu_f5_profile.py: buckets (items x packed frames) 1x512, 1x768, 2x1280 (one request at c=1) and 8x5120; one request's sample + Vocos)"
   mkdir -p "$W/f5-profile"
   [[ -n $TINY ]] || $PY -m pip install -q --no-index --no-deps $(ls .whl/*.whl | grep -v /numpy-) >>"$LOG" 2>&1
   $PY tools/gpu_make_checkpoints.py "$W/f5-ck" $TINY >>"$LOG" 2>&1
-  if [[ -n $TINY ]]; then PROF=(--tiny --device cpu --buckets 1x128,2x128 --requests "20:60|20:60,20:90");
-  else PROF=(--buckets 1x512,1x768,2x768,8x1024); fi
+  if [[ -n $TINY ]]; then PROF=(--tiny --device cpu --buckets 1x128,2x256 --requests "20:60|20:60,20:90");
+  else PROF=(--buckets 1x512,1x768,2x1280,8x5120); fi
   PROF+=(--vocos "$W/f5-ck/vocos-mel-24khz")
   timeout --kill-after=10 330 $PY tools/gpu_f5_profile.py --out "$W/f5-profile" "${PROF[@]}" >"$W/f5_profile.log" 2>&1
   say "F5 profile exit $?"

@@ -65,6 +65,7 @@ stop_server() {
     kill -0 "$SERVE_PID" 2>/dev/null && kill -KILL "$SERVE_PID"
   fi
   SERVE_PID=""
+  if [[ -n "${WATCH_PID:-}" ]]; then kill "$WATCH_PID" 2>/dev/null; WATCH_PID=""; fi
 }
 trap stop_server EXIT
 
@@ -79,6 +80,8 @@ start_server() {
     --log-copy "$RES/tritonserver_$label.log" >"$RES/serve_$label.log" 2>&1 &
   SERVE_PID=$!
   unset STUDIO_F5_FAST
+  bash tools/stub_watch.sh "$RES/stubs_$label.log" &  # stub processes starting and exiting (dead instances)
+  WATCH_PID=$!
   for _ in $(seq 600); do
     [[ -f "$ready" ]] && break
     kill -0 "$SERVE_PID" 2>/dev/null || break
