@@ -308,8 +308,8 @@ def test_regional_compile_traces_once_for_every_bucket(tmp_path):
 
     torch._dynamo.reset()
     dit = tiny_dit(tmp_path, depth=3)
-    fs = F.FastSampler(dit, small_options(mode="compile", compile_backend="eager", length_buckets=(64, 128, 256, 384, 768),
-                                          cache_dir=str(tmp_path / "cache")))
+    fs = F.FastSampler(dit, small_options(mode="compile", compile_backend="eager",
+                                          length_buckets=(64, 128, 256, 384, 768), cache_dir=str(tmp_path / "cache")))
     counters.clear()
     stats = fs.warmup()
     assert stats["mode"] == "compile" and "compile_error" not in stats

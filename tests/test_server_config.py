@@ -71,3 +71,26 @@ def test_dead_server_is_restarted(triton_server):
 
     with StudioClient(triton_server.grpc_url) as c:  # the restarted server serves on the same ports
         assert c.server_ready()
+
+
+def test_stub_library_path_holds_only_libpython(tmp_path, monkeypatch):
+    """The stub's LD_LIBRARY_PATH gets a folder of links to libpython, never Python's whole LIBDIR
+    (a cuDNN there beat torch's own on the H200 image)."""
+    import sysconfig
+
+    from studio.server import TritonServer
+
+    libdir = tmp_path / "lib"
+    libdir.mkdir()
+    (libdir / "libpython3.99.so.1.0").write_bytes(b"")
+    (libdir / "libcudnn.so.9").write_bytes(b"")  # must not reach the stub
+    fake = {"LIBDIR": str(libdir), "INSTSONAME": "libpython3.99.so.1.0", "LDLIBRARY": "libpython3.99.so"}
+    monkeypatch.setattr(sysconfig, "get_config_var", lambda k: fake.get(k))
+    server = TritonServer(tmp_path / "data", gpus=[], demo_weights=True)
+    server.run_dir = tmp_path / "run"
+    folder = server._libpython_dir()
+    assert folder != str(libdir)
+    assert sorted(p.name for p in (tmp_path / "run" / "libpython").iterdir()) == ["libpython3.99.so.1.0"]
+    assert (tmp_path / "run" / "libpython" / "libpython3.99.so.1.0").resolve() == libdir / "libpython3.99.so.1.0"
+    fake["INSTSONAME"] = fake["LDLIBRARY"] = None  # no libpython found: LIBDIR as before
+    assert server._libpython_dir() == str(libdir)

@@ -26,7 +26,10 @@ def ms_since(t0: float) -> float:
     return round((time.perf_counter() - t0) * 1000, 3)
 
 
-def loaded_libraries(prefixes=("libcudnn.", "libcudnn_graph", "libcublas.", "libcublasLt", "libcudart", "libnvrtc")) -> list[str]:
+CUDA_LIBRARIES = ("libcudnn.", "libcudnn_graph", "libcublas.", "libcublasLt", "libcudart", "libnvrtc")
+
+
+def loaded_libraries(prefixes=CUDA_LIBRARIES) -> list[str]:
     """Paths of the shared libraries this process has mapped whose names start with `prefixes`
     (from /proc/self/maps; empty elsewhere): which cuDNN / cuBLAS an engine really loaded."""
     try:
@@ -76,7 +79,8 @@ class ExecuteProfile:
         out.mkdir(parents=True, exist_ok=True)
         stem = out / f"{self.name}_{os.getpid()}_{self.seen}"
         spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
-                       if "cuda" in str(getattr(e, "device_type", "")).lower() and e.time_range.end > e.time_range.start)
+                       if "cuda" in str(getattr(e, "device_type", "")).lower()
+                       and e.time_range.end > e.time_range.start)
         busy, cur = 0.0, None
         for s, e in spans:
             if cur is None or s > cur[1]:

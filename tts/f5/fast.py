@@ -1,13 +1,15 @@
 """The F5-TTS fast path on CUDA: bucketed shapes, one CUDA graph per bucket, optional torch.compile.
 
-Nothing here is a second model. The ODE step is `tts.f5.sampler.ode_step`, the function the CPU path
-runs; what changes is where it is called (gpt-fast / nano-vllm style):
+Nothing here is a second model. The ODE step (`static_step`) is the arithmetic of
+`tts.f5.sampler.ode_step`, the function the CPU path runs, on the same DiT weights; what changes is
+how a batch is laid out and where the step is called (gpt-fast / nano-vllm style):
 
 * the items of a batch are packed back to back on one token axis (`DiT.forward_packed`), each
   followed by ITEM_GAP empty frames, so no frame is computed for padding: a request's two chunks
-  (~470 and ~740 frames) cost 2 x 1,230 tokens per step instead of 4 x 768 padded. Attention runs
+  (~470 and ~740 frames) cost 2 x 1,280 tokens per step instead of 4 x 768 padded. Attention runs
   per item (flash attention's varlen kernel on CUDA), the position convolution sees zeros in the
-  gaps, so an item's result equals its solo run.
+  gaps, so an item's result equals its solo run. A one-item bucket runs its two CFG halves as two
+  padded rows instead (masked SDPA: cuDNN's kernel, faster there than varlen).
 * shapes are rounded up to a bucket (items in `batch_buckets`, packed frames in `length_buckets`),
   so a hundred-odd fixed shapes cover every request; the tail past the last item is one more gap.
 * each bucket's step (DiT forward on the conditional and unconditional halves, guidance, Euler
@@ -16,7 +18,7 @@ runs; what changes is where it is called (gpt-fast / nano-vllm style):
   time and width come from a device table, so the loop never waits on the host.
 * mode "compile" first compiles each DiT block (regional compilation: one block's code serves all
   `depth` blocks) and the convolutional position embedding (as matrix products, see
-  `tts.f5.dit.grouped_conv_as_matmul`) with dynamic batch and frame sizes, so one compile covers
+  `tts.f5.dit.grouped_conv_as_matmul`) with dynamic sizes, so a few compiles (`_prime_shapes`) cover
   every bucket; the graphs then capture the compiled kernels. Inductor's on-disk caches live under the data
   directory, so a restart recompiles nothing.
 * everything is compiled and captured by `warmup()` when the server starts; a request never pays
@@ -286,8 +288,9 @@ class FastSampler:
         MAX_ITEM_FRAMES (the smallest n above that included)."""
         out = []
         for b in self.options.batch_buckets:
-            top = bucket_for(b * (MAX_ITEM_FRAMES + ITEM_GAP), self.options.length_buckets) or max(self.options.length_buckets)
-            out += [(b, n) for n in self.options.length_buckets if b * (ITEM_GAP + 1) <= n <= top]
+            lengths = self.options.length_buckets
+            top = bucket_for(b * (MAX_ITEM_FRAMES + ITEM_GAP), lengths) or max(lengths)
+            out += [(b, n) for n in lengths if b * (ITEM_GAP + 1) <= n <= top]
         return out
 
     @torch.no_grad()
