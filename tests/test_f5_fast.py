@@ -195,6 +195,14 @@ def test_stale_buffer_contents_do_not_leak(tmp_path):
     assert torch.equal(clean, again)
 
 
+def test_lengths_beyond_the_batch_frames_are_refused(tmp_path):
+    dit = tiny_dit(tmp_path)
+    fs = F.FastSampler(dit, small_options())
+    cond, ids, refs, lens, noise = batch([60, 40], [20, 10])
+    with pytest.raises(ValueError, match="total_lens"):
+        fs.sample(dit, cond, ids, refs, torch.tensor([61, 40]), noise, 2, 2.0, -1.0)
+
+
 def test_guidance_strength_is_a_runtime_input(tmp_path):
     dit = tiny_dit(tmp_path)
     fs = F.FastSampler(dit, small_options())

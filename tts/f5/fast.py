@@ -345,6 +345,8 @@ class FastSampler:
                              f"text_ids {tuple(text_ids.shape)}")
         if nfe < 1:
             raise ValueError(f"nfe must be >= 1; got {nfe}")
+        if max(lens) > frames or min(lens) < 1:
+            raise ValueError(f"total_lens {lens} must lie in [1, {frames}] (the batch's frame count)")
         v = self.buffers.views(*key)
         with record_function("f5.load_inputs"):  # names for tools/gpu_f5_request_profile.py
             src, dst, ref_at = self._load_inputs(v, key[0], lens, cond_mel, text_ids, ref_lens, total_lens, noise)
