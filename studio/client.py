@@ -73,6 +73,8 @@ ENGINE_MODELS = {"f5": "f5_engine", "spark": "spark_llm"}
 #: Reloading a weightless front model (new stubs for all its instances) took ~1.6 s on the CPU; an
 #: engine loads its weights and warms up again (58-110 s measured on the H200 at start-up).
 RELOAD_TIMEOUT_S = {"front": 120.0, "engine": 900.0}
+#: Reloads one request may trigger before its error is passed on (each after a dead instance).
+RECOVERY_ATTEMPTS = 3
 _reloads: dict[tuple[str, str], float] = {}  # (url, model) -> perf_counter when its last reload finished
 _reload_locks: dict[tuple[str, str], threading.Lock] = {}
 _reload_guard = threading.Lock()
@@ -383,22 +385,30 @@ class StudioClient:
             return self._offline(family, name, inputs, request_id, tracked, cancel, timeout_s)
 
         started = time.perf_counter()
-        try:
-            return attempt()
-        except SynthesisError as exc:
-            # An instance whose stub died answers every request routed to it with this error (the
-            # front's own, or the engine's through BLS): reload that model alone (a front: new stubs,
-            # the engine untouched; the engine: its weights again) and try once more, unless audio
-            # already reached the caller.
-            dead = dead_stub_model(str(exc))
-            if dead not in (name, ENGINE_MODELS[family]) or delivered:
-                raise
-            self.reload_model(dead, failed_at=time.perf_counter(), cause=str(exc),
-                              timeout_s=RELOAD_TIMEOUT_S["engine" if dead == ENGINE_MODELS[family] else "front"])
-            lost = time.perf_counter() - started
-        result = attempt()
+        reloaded: list[str] = []
+        while True:
+            tried_at = time.perf_counter()
+            try:
+                result = attempt()
+                break
+            except SynthesisError as exc:
+                # An instance whose stub died answers every request routed to it with this error (the
+                # front's own, or the engine's through BLS): reload that model alone (a front: new
+                # stubs, the engine untouched; the engine: its weights again) and try again, unless
+                # audio already reached the caller. Several instances can die together (seen on the
+                # H200: a retry met a second dead front), hence up to RECOVERY_ATTEMPTS reloads.
+                dead = dead_stub_model(str(exc))
+                if dead not in (name, ENGINE_MODELS[family]) or delivered or len(reloaded) >= RECOVERY_ATTEMPTS:
+                    raise
+                self.reload_model(dead, failed_at=time.perf_counter(), cause=str(exc),
+                                  timeout_s=RELOAD_TIMEOUT_S["engine" if dead == ENGINE_MODELS[family] else "front"])
+                reloaded.append(dead)
+        if not reloaded:
+            return result
+        lost = tried_at - started  # the failed attempts and the reloads, before the one that served
+        what = " and ".join(f"a {m} instance" for m in reloaded)
         result.info = dict(result.info, notes=list(result.info.get("notes", [])) + [
-            f"a {dead} instance had died (its stub process was gone); the model was reloaded and the request "
+            f"{what} had died (its stub process was gone); the model was reloaded and the request "
             f"sent again: {lost:.2f} s of this request's latency"])
         result.latency_s += lost
         result.first_chunk_s += lost

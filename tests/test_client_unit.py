@@ -558,3 +558,53 @@ def test_reload_impossible_says_restart_the_server():
         assert "spark_tts_0_2" in str(err.value) and "polling" in str(err.value)
     finally:
         c.close()
+
+
+class _DyingFronts(StudioClient):
+    """A client whose offline call meets `deaths` dead front instances in a row, then is served."""
+
+    def __init__(self, deaths: list[str]):
+        super().__init__("127.0.0.1:1")
+        self.deaths = list(deaths)
+        self.calls = 0
+        self._client = _CountingLoads()
+
+    def _offline(self, family, name, inputs, request_id, on_chunk, cancel, timeout_s):
+        from studio.client import _result
+
+        self.calls += 1
+        if self.deaths:
+            raise SynthesisError(f"Stub process '{self.deaths.pop(0)}' is not healthy.")
+        time.sleep(0.01)
+        return _result(family, np.zeros(24000, np.float32), {"sample_rate": 24000, "compute_ms": 5.0}, 0.01, 0.01,
+                       [0.01])
+
+
+def test_several_dead_instances_in_a_row_are_each_reloaded():
+    """Several front instances can die together (H200): each failure reloads and retries, up to
+    RECOVERY_ATTEMPTS; the result counts the lost time and names the reloads."""
+    from studio.client import RECOVERY_ATTEMPTS
+
+    ref = np.zeros(24000, np.float32)
+    c = _DyingFronts(["f5_tts_0_10", "f5_tts_0_9"])
+    try:
+        r = c.synthesize("f5", "Hello there.", ref, "A reference.")
+        assert r.recovered and c.calls == 3 and c._client.loads == ["f5_tts", "f5_tts"]
+        assert r.latency_s >= 0.1  # two reloads of 0.05 s each (the fake's load time) are counted
+        assert any("f5_tts instance and a f5_tts instance had died" in n for n in r.info["notes"])
+    finally:
+        c.close()
+    c = _DyingFronts(["f5_tts_0_1"] * (RECOVERY_ATTEMPTS + 1))
+    try:
+        with pytest.raises(SynthesisError, match="f5_tts_0_1"):
+            c.synthesize("f5", "Hello there.", ref, "A reference.")
+        assert c.calls == RECOVERY_ATTEMPTS + 1 and len(c._client.loads) == RECOVERY_ATTEMPTS
+    finally:
+        c.close()
+    c = _DyingFronts(["spark_tts_0_1"])  # another model's instance: not this request's, passed on
+    try:
+        with pytest.raises(SynthesisError, match="spark_tts_0_1"):
+            c.synthesize("f5", "Hello there.", ref, "A reference.")
+        assert c._client.loads == []
+    finally:
+        c.close()
