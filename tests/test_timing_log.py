@@ -35,3 +35,20 @@ def test_summary_of_a_log(tmp_path):
     assert f["n"] == 3 and f["first_arrival_ms_p50"] == 91.0 and f["last_arrival_ms_p50"] == 92.0
     assert gpu_timing.main([str(log), "--json", str(tmp_path / "t.json")]) == 0
     assert json.loads((tmp_path / "t.json").read_text()) == res
+
+
+def test_profile_summary_counts_named_ranges():
+    """The summary the engine's STUDIO_PROFILE_DIR files and the request-profile tool share."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(2):
+            with record_function("f5.steps"):
+                torch.ones(64, 64) @ torch.ones(64, 64)
+        with record_function("other"):
+            torch.zeros(3)
+    s = shared.profile_summary(prof)
+    assert s["kernels"] == 0 and s["device_busy_ms"] == 0.0 and s["device_span_ms"] == 0.0  # CPU only
+    assert set(s["ranges"]) == {"f5.steps"} and s["ranges"]["f5.steps"]["calls"] == 2
+    assert s["ranges"]["f5.steps"]["host_ms"] > 0

@@ -7,8 +7,8 @@ the engine builds (fast path on, warm-up at start), takes the first `--requests`
 benchmark workload with a warm prompt cache, and for each: the whole `synthesize` of its chunks
 as one batch (offline) and of chunk 0 alone (streaming's first wave), wall time with a device sync;
 then the same offline call under torch.profiler: host time and device time per named range
-(`record_function` labels in the pipeline), the top host ops, and the device's idle time inside
-the call. Writes RESULTS/f5_request_profile.json and the profiler's trace (gzipped).
+(`record_function` labels in the pipeline), the top host ops, and the device's busy time and span
+inside the call (`triton_models.shared.profile_summary`). Writes RESULTS/f5_request_profile.json and the profiler's trace (gzipped).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import soundfile as sf  # noqa: E402
+from triton_models.shared import profile_summary  # noqa: E402
 from tts.f5.pipeline import F5Options, F5Pipeline  # noqa: E402
 
 
@@ -45,36 +46,6 @@ def wall_ms(fn, device, iters: int) -> float:
         sync(device)
         times.append((time.perf_counter() - t0) * 1000)
     return round(statistics.median(times), 2)
-
-
-def ranges(prof, device) -> dict:
-    """Host and device ms of each `f5.` record_function range, and of the whole call."""
-    out = {}
-    for e in prof.key_averages():
-        if e.key.startswith("f5."):
-            out[e.key] = {"host_ms": round(e.cpu_time_total / 1000, 3), "calls": e.count,
-                          "device_ms": round(getattr(e, "device_time_total", 0) / 1000, 3)}
-    return out
-
-
-def device_busy(prof) -> dict:
-    """Kernel time and the span from the first kernel's start to the last one's end (ms)."""
-    spans = [(e.time_range.start, e.time_range.end) for e in prof.events()
-             if getattr(e, "device_type", None) is not None and "cuda" in str(e.device_type).lower()
-             and e.time_range.end > e.time_range.start]
-    if not spans:
-        return {}
-    spans.sort()
-    busy, cur_s, cur_e = 0.0, *spans[0]
-    for s, e in spans[1:]:
-        if s > cur_e:
-            busy += cur_e - cur_s
-            cur_s, cur_e = s, e
-        else:
-            cur_e = max(cur_e, e)
-    busy += cur_e - cur_s
-    return {"kernels": len(spans), "busy_ms": round(busy / 1000, 3),
-            "span_ms": round((spans[-1][1] - spans[0][0]) / 1000, 3)}
 
 
 def main(argv=None) -> int:
@@ -129,12 +100,11 @@ def main(argv=None) -> int:
             pipe.synthesize(js)
             sync(device)
         host = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:25]
-        out[f"profile_{name}"] = {
-            "ranges": ranges(prof, device), "device": device_busy(prof),
-            "top_host_ops": [{"name": e.key[:100], "self_host_ms": round(e.self_cpu_time_total / 1000, 3),
-                              "calls": e.count} for e in host]}
-        print(name, json.dumps(out[f"profile_{name}"]["ranges"]), json.dumps(out[f"profile_{name}"]["device"]),
-              flush=True)
+        summary = profile_summary(prof)  # the same summary as the engine's STUDIO_PROFILE_DIR files
+        summary["top_host_ops"] = [{"name": e.key[:100], "self_host_ms": round(e.self_cpu_time_total / 1000, 3),
+                                    "calls": e.count} for e in host]
+        out[f"profile_{name}"] = summary
+        print(name, json.dumps({k: v for k, v in summary.items() if k != "top_host_ops"}), flush=True)
         trace = args.out / f"trace_{name}.json"
         args.out.mkdir(parents=True, exist_ok=True)
         prof.export_chrome_trace(str(trace))

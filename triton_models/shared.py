@@ -40,6 +40,28 @@ def loaded_libraries(prefixes=CUDA_LIBRARIES) -> list[str]:
     return sorted(p for p in paths if os.path.basename(p).startswith(prefixes))
 
 
+def profile_summary(prof, prefix: str = "f5.") -> dict:
+    """A finished torch.profiler run in numbers: device kernels, the time the device was busy (their
+    union) and the span from the first kernel's start to the last one's end (ms), and host / device
+    ms and calls of each `record_function` range whose name starts with `prefix`."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if "cuda" in str(getattr(e, "device_type", "")).lower()
+                   and e.time_range.end > e.time_range.start)
+    busy, cur = 0.0, None
+    for s, e in spans:
+        if cur is None or s > cur[1]:
+            busy += (cur[1] - cur[0]) if cur else 0.0
+            cur = [s, e]
+        else:
+            cur[1] = max(cur[1], e)
+    busy += (cur[1] - cur[0]) if cur else 0.0
+    return {"kernels": len(spans), "device_busy_ms": round(busy / 1000, 3),
+            "device_span_ms": round((spans[-1][1] - spans[0][0]) / 1000, 3) if spans else 0.0,
+            "ranges": {e.key: {"host_ms": round(e.cpu_time_total / 1000, 3), "calls": e.count,
+                               "device_ms": round(getattr(e, "device_time_total", 0) / 1000, 3)}
+                       for e in prof.key_averages() if e.key.startswith(prefix)}}
+
+
 class ExecuteProfile:
     """`STUDIO_PROFILE_DIR=DIR`: torch.profiler over executes number `STUDIO_PROFILE_SKIP` (default 8)
     to skip + `STUDIO_PROFILE_COUNT` (default 3) of one engine instance, written to DIR as a gzipped
@@ -78,22 +100,7 @@ class ExecuteProfile:
         out = Path(self.dir)
         out.mkdir(parents=True, exist_ok=True)
         stem = out / f"{self.name}_{os.getpid()}_{self.seen}"
-        spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
-                       if "cuda" in str(getattr(e, "device_type", "")).lower()
-                       and e.time_range.end > e.time_range.start)
-        busy, cur = 0.0, None
-        for s, e in spans:
-            if cur is None or s > cur[1]:
-                busy += (cur[1] - cur[0]) if cur else 0.0
-                cur = [s, e]
-            else:
-                cur[1] = max(cur[1], e)
-        busy += (cur[1] - cur[0]) if cur else 0.0
-        summary = {"kernels": len(spans), "device_busy_ms": round(busy / 1000, 3),
-                   "device_span_ms": round((spans[-1][1] - spans[0][0]) / 1000, 3) if spans else 0.0,
-                   "ranges": {e.key: {"host_ms": round(e.cpu_time_total / 1000, 3),
-                                      "device_ms": round(getattr(e, "device_time_total", 0) / 1000, 3)}
-                              for e in prof.key_averages() if e.key.startswith("f5.")}}
+        summary = profile_summary(prof)
         Path(f"{stem}.json").write_text(json.dumps(summary, indent=1))
         trace = f"{stem}.trace.json"
         prof.export_chrome_trace(trace)

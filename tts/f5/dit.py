@@ -331,11 +331,7 @@ class Attention(nn.Module):
 
     def _forward_packed(self, x: Tensor, cos: Tensor, sin: Tensor, cu_seqlens: Tensor) -> Tensor:
         n = x.shape[1]
-        if getattr(self, "qkv_weight", None) is not None:
-            qkv = F.linear(x[0], self.qkv_weight, self.qkv_bias)
-        else:
-            qkv = torch.cat((self.to_q(x[0]), self.to_k(x[0]), self.to_v(x[0])), dim=-1)
-        q, k, v = qkv.view(n, 3, self.heads, self.dim_head).unbind(1)  # each [N, H, Dh]
+        q, k, v = (y[0].transpose(0, 1) for y in self._project(x))  # each [N, H, Dh]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = cos[:, None], sin[:, None]  # [N, 1, Dh]: broadcast over heads

@@ -46,7 +46,6 @@ import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -55,7 +54,7 @@ from torch.profiler import record_function
 
 from tts.compile_cache import CACHE_SUBDIR, DATA_DIR_ENV, configure_compile_cache, default_cache_dir  # noqa: F401
 from tts.f5.dit import DiT
-from tts.f5.sampler import ode_step, timesteps
+from tts.f5.sampler import guided_euler, timesteps
 from tts.f5.sampler import sample as eager_sample
 
 FAST_ENV = "STUDIO_F5_FAST"
@@ -225,6 +224,16 @@ def packed_cu_seqlens(lens: list[int], b: int, n: int) -> list[int]:
     return bounds
 
 
+def packed_index(lens: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+    """(item, frame, dst) on the host, one entry per real frame of items of `lens`: its item, its
+    frame index within the item, its index on the packed axis (item i starts at
+    sum_{j<i} (L_j + ITEM_GAP))."""
+    starts = torch.tensor([0] + lens[:-1]).cumsum(0) + ITEM_GAP * torch.arange(len(lens))
+    frame = torch.cat([torch.arange(n) for n in lens])
+    item = torch.cat([torch.full((n,), i) for i, n in enumerate(lens)])
+    return item, frame, starts[item] + frame
+
+
 def static_step(dit: DiT, v: BucketViews, step: Tensor, cfg: Tensor) -> None:
     """One Euler step on a bucket's static buffers, in place: what each CUDA graph captures.
 
@@ -233,8 +242,7 @@ def static_step(dit: DiT, v: BucketViews, step: Tensor, cfg: Tensor) -> None:
     The same arithmetic as `tts.f5.sampler.ode_step`; frames between items stay zero.
     """
     pred, null = dit.forward_packed(v.x, v.cond, v.text_cond, v.text_uncond, step[0], v.valid, v.pos, v.cu_seqlens)
-    vel = (pred + (pred - null) * cfg).to(v.x.dtype)
-    v.x.copy_(torch.where(v.valid[:, None], v.x + step[1] * vel, 0.0))
+    v.x.copy_(torch.where(v.valid[:, None], guided_euler(v.x, pred, null, step[1], cfg), 0.0))
 
 
 def step_table(nfe: int, sway: float | None, use_epss: bool, device: torch.device) -> Tensor:
@@ -286,9 +294,8 @@ class FastSampler:
     def buckets(self) -> list[tuple[int, int]]:
         """Every (b, n) a batch can land in: n at least b small items, at most b items of
         MAX_ITEM_FRAMES (the smallest n above that included)."""
-        out = []
+        out, lengths = [], self.options.length_buckets
         for b in self.options.batch_buckets:
-            lengths = self.options.length_buckets
             top = bucket_for(b * (MAX_ITEM_FRAMES + ITEM_GAP), lengths) or max(lengths)
             out += [(b, n) for n in lengths if b * (ITEM_GAP + 1) <= n <= top]
         return out
@@ -374,16 +381,10 @@ class FastSampler:
         """
         dev = self.device
         b, frames = noise.shape[:2]
-        offsets = [0]
-        for n in lens[:-1]:
-            offsets.append(offsets[-1] + n + ITEM_GAP)
-        frame = torch.cat([torch.arange(n) for n in lens])
-        item = torch.cat([torch.full((n,), i) for i, n in enumerate(lens)])
-        start = torch.tensor(offsets)
-        src = (item * frames + frame).to(dev, non_blocking=True)
-        dst = (start[item] + frame).to(dev, non_blocking=True)
-        frame = frame.to(dev, non_blocking=True)
-        ref_at = frame < ref_lens.to(dev)[item.to(dev)]
+        item, frame, dst = packed_index(lens)
+        src = (item * frames + frame).to(dev)
+        ref_at = (frame < ref_lens.cpu()[item]).to(dev)
+        dst, frame = dst.to(dev), frame.to(dev)
         n_bucket = v.valid.shape[0]
         v.cu_seqlens.copy_(torch.tensor(packed_cu_seqlens(lens, bb, n_bucket), dtype=torch.int32))
         v.valid.zero_()
@@ -418,11 +419,9 @@ class FastSampler:
         v.cond.copy_(torch.randn(n, v.cond.shape[-1], generator=gen))
         v.text_cond.copy_(torch.randn(n, v.text_cond.shape[-1], generator=gen))
         v.text_uncond.copy_(torch.randn(n, v.text_uncond.shape[-1], generator=gen))
-        valid, pos, at = torch.zeros(n, dtype=torch.bool), torch.zeros(n, dtype=torch.long), 0
-        for length in lens:
-            valid[at: at + length] = True
-            pos[at: at + length] = torch.arange(length)
-            at += length + ITEM_GAP
+        _, frame, dst = packed_index(lens)
+        valid, pos = torch.zeros(n, dtype=torch.bool), torch.zeros(n, dtype=torch.long)
+        valid[dst], pos[dst] = True, frame
         v.valid.copy_(valid)
         v.pos.copy_(pos)
         v.cu_seqlens.copy_(torch.tensor(packed_cu_seqlens(lens, b, n), dtype=torch.int32))
@@ -579,6 +578,6 @@ def vocode_batch(vocos, mels: list[Tensor]) -> list[Tensor]:
 
 
 __all__ = ["FAST_ENV", "ITEM_GAP", "MODES", "FastOptions", "FastSampler", "StaticBuffers", "BucketViews", "bucket_for",
-           "packed_cu_seqlens", "packed_length",
+           "packed_cu_seqlens", "packed_index", "packed_length",
            "batch_buckets_for", "configure_compile_cache", "default_cache_dir", "eager_stance", "step_context",
            "fast_options_from_env", "static_step", "step_table", "vocode_batch"]

@@ -277,7 +277,8 @@ class F5Pipeline:
         return waves
 
     def _batch_inputs(self, jobs: list[ChunkJob]) -> tuple:
-        """(cond, text_ids, ref_lens, total_lens, noise) for `sample`, on the pipeline's device."""
+        """(cond, text_ids, ref_lens, total_lens, noise) for `sample`: tensors on the pipeline's
+        device, the two length vectors on the host."""
         dev, n_mels = self.device, self.config.mel_dim
         batch, frames = len(jobs), max(j.total_frames for j in jobs)
         # The ODE state stays float32 whatever the weights' dtype (bf16 noise would be rounded).

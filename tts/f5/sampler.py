@@ -64,12 +64,17 @@ def min_total_frames(text_len: int, ref_len: int) -> int:
     return max(int(text_len), int(ref_len)) + 1
 
 
+def guided_euler(x: Tensor, pred: Tensor, null: Tensor, dt: Tensor, cfg_strength) -> Tensor:
+    """x + dt * v with the classifier-free-guided velocity v = pred + (pred - null) * cfg, in x's dtype."""
+    v = (pred + (pred - null) * cfg_strength).to(x.dtype)
+    return x + dt * v
+
+
 def ode_step(dit: DiT, x: Tensor, t0: Tensor, dt: Tensor, cond: Tensor, text_cond: Tensor,
              text_uncond: Tensor, mask: Tensor, cfg_strength: float) -> Tensor:
     """One Euler step. x [B, T, mel] float32 state at time t0 (0-d tensor), dt 0-d -> state at t0 + dt."""
     pred, null = dit(x, cond, text_cond, text_uncond, t0.expand(x.shape[0]), mask)
-    v = (pred + (pred - null) * cfg_strength).to(x.dtype)
-    return x + dt * v
+    return guided_euler(x, pred, null, dt, cfg_strength)
 
 
 @torch.no_grad()
@@ -102,4 +107,4 @@ def sample(dit: DiT, cond_mel: Tensor, text_ids: Tensor, ref_lens: Tensor, total
     return torch.where(mask[..., None], out, 0.0)
 
 
-__all__ = ["EPSS_TIMESTEPS", "timesteps", "make_noise", "min_total_frames", "ode_step", "sample"]
+__all__ = ["EPSS_TIMESTEPS", "timesteps", "make_noise", "min_total_frames", "guided_euler", "ode_step", "sample"]
