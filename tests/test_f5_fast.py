@@ -185,7 +185,7 @@ def test_stale_buffer_contents_do_not_leak(tmp_path):
     args = batch([90, 60], [30, 20])
     clean = fs.sample(dit, *args, 4, 2.0, -1.0)
     buf = fs.buffers
-    for t in (buf.x, buf.cond, buf.text_cond, buf.text_uncond, buf.step, buf.cfg):
+    for t in (buf.x, buf.cond, buf.text_cond, buf.text_uncond, buf.step, buf.cfg, buf.mods):
         t.fill_(float("nan"))
     buf.valid.fill_(True)
     buf.pos.fill_(7)
@@ -193,6 +193,24 @@ def test_stale_buffer_contents_do_not_leak(tmp_path):
     again = fs.sample(dit, *args, 4, 2.0, -1.0)
     assert torch.isfinite(again).all()
     assert torch.equal(clean, again)
+
+
+def test_each_schedule_uses_its_own_time_modulations(tmp_path):
+    """The per-step modulations are precomputed per (nfe, sway) schedule: switching schedules on one
+    sampler (and back) must give the eager sampler's result each time, and they must be exactly the
+    time products the padded forward runs."""
+    dit = tiny_dit(tmp_path)
+    fs = F.FastSampler(dit, small_options())
+    args = batch([90, 60], [30, 20])
+    for nfe, sway in ((4, -1.0), (7, None), (4, 0.5), (4, -1.0)):
+        assert (fs.sample(dit, *args, nfe, 2.0, sway) - sample(dit, *args, nfe, 2.0, sway)).abs().max() <= SAME_AUDIO
+    t = torch.tensor(0.3)
+    temb = dit.time_embed(t.reshape(1))
+    mods = dit.modulations(t)
+    assert mods.shape == (dit.modulation_rows, dit.cfg.dim)
+    block = dit.transformer_blocks[1].attn_norm
+    assert torch.equal(mods[6:12], block.linear(torch.nn.functional.silu(temb)).view(6, -1))
+    assert torch.equal(mods[-2:], dit.norm_out.linear(torch.nn.functional.silu(temb)).view(2, -1))
 
 
 def test_lengths_beyond_the_batch_frames_are_refused(tmp_path):
@@ -278,11 +296,11 @@ def test_graph_protocol_with_a_stand_in_for_cuda_graphs(tmp_path, monkeypatch):
 
     real_step = F.static_step
 
-    def recording_step(dit, v, step, cfg):
+    def recording_step(dit, v, step, cfg, mods):
         if FakeGraph.capturing is not None:  # a capture records work, it does not run it
-            FakeGraph.capturing.step = lambda: real_step(dit, v, step, cfg)
+            FakeGraph.capturing.step = lambda: real_step(dit, v, step, cfg, mods)
             return
-        real_step(dit, v, step, cfg)
+        real_step(dit, v, step, cfg, mods)
 
     monkeypatch.setattr(F, "static_step", recording_step)
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)

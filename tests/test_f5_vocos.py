@@ -104,6 +104,28 @@ def test_decode_matches_explicit_math(tmp_path):
     torch.testing.assert_close(model.decode(mel), ref, atol=1e-5, rtol=1e-5)
 
 
+def test_batched_istft_equals_torch_istft_per_item():
+    """`centered_istft` with per-item frame counts: each item equals torch.istft of its own frames
+    (the reference vocoders use), and nothing past its length is non-zero."""
+    istft = V.CenteredISTFT(1024, 256)
+    gen = torch.Generator().manual_seed(0)
+    spec = torch.complex(torch.randn(3, 513, 40, generator=gen), torch.randn(3, 513, 40, generator=gen))
+    lens = torch.tensor([40, 17, 2])
+    out = istft(spec, lens)
+    assert out.shape == (3, 39 * 256)
+    for i, n in enumerate(lens.tolist()):
+        ref = torch.istft(spec[i:i + 1, :, :n], 1024, 256, 1024, torch.hann_window(1024), center=True)[0]
+        torch.testing.assert_close(out[i, : len(ref)], ref, atol=1e-6, rtol=1e-5)
+        assert out[i, len(ref):].abs().max() == 0 if len(ref) < out.shape[1] else True
+    torch.testing.assert_close(istft(spec), torch.istft(spec, 1024, 256, 1024, torch.hann_window(1024), center=True),
+                               atol=1e-6, rtol=1e-5)
+
+
+def test_istft_refuses_a_window_without_overlap():
+    with pytest.raises(ValueError, match="overlap-add has zeros"):
+        V.CenteredISTFT(64, 128)  # hop larger than the window: gaps between frames
+
+
 def test_loader_errors_are_clear(tmp_path):
     V.write_demo_vocos(tmp_path, seed=0)
     state = torch.load(tmp_path / "pytorch_model.bin", weights_only=True)

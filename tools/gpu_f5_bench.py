@@ -199,7 +199,7 @@ def bench_fast(mode: str, dit, args, device, out: dict, reference: dict) -> None
     else:
         v = fs.buffers.views(*key)
         out[f"{name}_step_ms"] = time_events(
-            lambda: F.static_step(dit, v, fs.buffers.step, fs.buffers.cfg), device, args.iters)
+            lambda: F.static_step(dit, v, fs.buffers.step, fs.buffers.cfg, fs.buffers.mods), device, args.iters)
     results = bench_sampler(name, fs.sample, dit, args, device, out, args.batches, args.nfe)
     for b, res in results.items():
         out[f"{name}_vs_eager_rel_err_b{b}_nfe{args.nfe[0]}"] = rel_err(res, reference[b])

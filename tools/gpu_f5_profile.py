@@ -188,7 +188,7 @@ def profile_step(dit, sampler, b: int, t: int, device, top: int = 30) -> list[di
 
     v = sampler.buffers.views(b, t)
     sampler._fill_dummy(v)
-    step = lambda: FF.static_step(dit, v, sampler.buffers.step, sampler.buffers.cfg)  # noqa: E731
+    step = lambda: FF.static_step(dit, v, sampler.buffers.step, sampler.buffers.cfg, sampler.buffers.mods)  # noqa: E731
     with FF.step_context():
         for _ in range(3):
             step()

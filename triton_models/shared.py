@@ -301,7 +301,7 @@ def _offline_front(pb_utils, request, engine, input_names, join, extra):
     bls = pb_utils.InferenceRequest(model_name=engine, inputs=inputs, requested_output_names=["waveform", "info"])
     # Offline requests are cancelled on the client side only (the client stops waiting); `on_cancel`
     # is accepted so a cancel watch like stream_front's can be added once it is proven under load.
-    chunks, overlaps, info = [], [], None
+    chunks, overlaps, info, whole = [], [], None, None
     for response in bls.exec(decoupled=True):
         arrivals.append(ms_since(t0))
         if response.has_error():
@@ -312,10 +312,15 @@ def _offline_front(pb_utils, request, engine, input_names, join, extra):
         chunks.append(wav)
         overlaps.append(int(chunk_info.get("overlap_samples", 0)))
         info = chunk_info
+        whole = response if chunk_info.get("final") and len(chunks) == 1 else None
     if info is None:
         return error_response(pb_utils, f"{engine} returned no audio")
-    info.update(overlap_samples=0, chunk_index=len(chunks) - 1, final=True)
-    out = audio_response(pb_utils, join(chunks, overlaps), info)
+    if whole is not None:  # the engine joined the request itself (F5): forward its tensors as they are
+        out = pb_utils.InferenceResponse(output_tensors=[pb_utils.get_output_tensor_by_name(whole, name)
+                                                         for name in ("waveform", "info")])
+    else:
+        info.update(overlap_samples=0, chunk_index=len(chunks) - 1, final=True)
+        out = audio_response(pb_utils, join(chunks, overlaps), info)
     timing_log(f"{engine}:offline_front", arrivals=arrivals, total=ms_since(t0))
     return out
 

@@ -225,8 +225,14 @@ class AdaLayerNorm(nn.Module):
         super().__init__()
         self.linear = nn.Linear(dim, dim * 6)
 
-    def forward(self, x: Tensor, emb: Tensor) -> tuple[Tensor, ...]:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.linear(F.silu(emb)).chunk(6, dim=1)
+    def modulation(self, emb: Tensor) -> Tensor:
+        """Time embedding [B, D] -> [6, B, D]: shift, scale, gate of attention, then of the MLP."""
+        return self.linear(F.silu(emb)).unflatten(1, (6, -1)).transpose(0, 1)
+
+    def forward(self, x: Tensor, emb: Tensor | None, mod: Tensor | None = None) -> tuple[Tensor, ...]:
+        """x [B, T, D]; emb [B, D], or `mod` [6, B or 1, D] precomputed by `modulation` (it depends
+        on the flow time only, so the fast path computes it once per step of its schedule)."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(emb) if mod is None else mod
         x = F.layer_norm(x, x.shape[-1:], eps=NORM_EPS) * (1 + scale_msa[:, None]) + shift_msa[:, None]
         return x, gate_msa, shift_mlp, scale_mlp, gate_mlp
 
@@ -236,8 +242,12 @@ class AdaLayerNormFinal(nn.Module):
         super().__init__()
         self.linear = nn.Linear(dim, dim * 2)
 
-    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
-        scale, shift = self.linear(F.silu(emb)).chunk(2, dim=1)  # upstream order: scale first
+    def modulation(self, emb: Tensor) -> Tensor:
+        """[B, D] -> [2, B, D]: scale, then shift (upstream's order)."""
+        return self.linear(F.silu(emb)).unflatten(1, (2, -1)).transpose(0, 1)
+
+    def forward(self, x: Tensor, emb: Tensor | None, mod: Tensor | None = None) -> Tensor:
+        scale, shift = self.modulation(emb) if mod is None else mod
         return F.layer_norm(x, x.shape[-1:], eps=NORM_EPS) * (1 + scale)[:, None] + shift[:, None]
 
 
@@ -360,9 +370,10 @@ class DiTBlock(nn.Module):
         self.attn = Attention(cfg)
         self.ff = FeedForward(cfg.dim, cfg.ff_mult)
 
-    def forward(self, x: Tensor, t: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor | None,
-                cu_seqlens: Tensor | None = None) -> Tensor:
-        norm, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.attn_norm(x, t)
+    def forward(self, x: Tensor, t: Tensor | None, cos: Tensor, sin: Tensor, key_mask: Tensor | None,
+                cu_seqlens: Tensor | None = None, mod: Tensor | None = None) -> Tensor:
+        """x [B, T, D]; t: time embedding [B, D], or None with `mod` [6, 1, D] (`AdaLayerNorm.modulation`)."""
+        norm, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.attn_norm(x, t, mod)
         x = x + gate_msa[:, None] * self.attn(norm, cos, sin, key_mask, cu_seqlens)
         norm = F.layer_norm(x, x.shape[-1:], eps=NORM_EPS) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
         return x + gate_mlp[:, None] * self.ff(norm)
@@ -439,8 +450,24 @@ class DiT(nn.Module):
         out = self.proj_out(self.norm_out(h, temb))
         return out[:b], out[b:]
 
+    @property
+    def modulation_rows(self) -> int:
+        """Rows of `modulations`: six per block (AdaLayerNorm), two for the output norm."""
+        return 6 * len(self.transformer_blocks) + 2
+
+    def modulations(self, time: Tensor) -> Tensor:
+        """Everything the network computes from the flow time alone, for one time (0-d):
+        [modulation_rows, D] in the weights' dtype: block i's six AdaLN rows at 6 i, the output
+        norm's two last. The same products `forward` computes per step (`AdaLayerNorm.modulation`
+        on the time embedding); `forward_packed` takes them precomputed, so a step runs none of the
+        2 + depth + 1 small time products."""
+        temb = self.time_embed(time.reshape(1))
+        rows = [block.attn_norm.modulation(temb)[:, 0] for block in self.transformer_blocks]
+        return torch.cat(rows + [self.norm_out.modulation(temb)[:, 0]])
+
     def forward_packed(self, x: Tensor, cond: Tensor, text_cond: Tensor, text_uncond: Tensor, time: Tensor,
-                       valid: Tensor, pos: Tensor, cu_seqlens: Tensor) -> tuple[Tensor, Tensor]:
+                       valid: Tensor, pos: Tensor, cu_seqlens: Tensor, mods: Tensor | None = None
+                       ) -> tuple[Tensor, Tensor]:
         """`forward` on packed items: every item's frames back to back on one token axis, no padding.
 
         x, cond [N, mel]; text_cond / text_uncond [N, text_dim]; valid [N] bool (False between
@@ -448,12 +475,14 @@ class DiT(nn.Module):
         for all items); cu_seqlens int32 [S + 1] over the doubled axis (conditional half, then
         unconditional half, 2N tokens; a gap between items is a sequence of its own). Items must
         be at least CONV_POS_KERNEL // 2 invalid tokens apart, so the position convolution never
-        reaches across (`tts.f5.fast.ITEM_GAP`). Returns (pred_cond, pred_uncond) [N, mel] in the
-        weights' dtype; a token's values equal `forward`'s for its item and frame.
+        reaches across (`tts.f5.fast.ITEM_GAP`). `mods`: `modulations(time)` when the caller has it
+        (then `time` is not read). Returns (pred_cond, pred_uncond) [N, mel] in the weights' dtype;
+        a token's values equal `forward`'s for its item and frame.
         """
         n = x.shape[0]
         dt = self.dtype
-        temb = self.time_embed(time.reshape(1))  # [1, D]: every item is at the same flow time
+        if mods is None:  # every item is at the same flow time: one row of modulations for all
+            mods = self.modulations(time)
         # One item per half (4 b + 1 == 5 boundaries): the two halves are two rows of the padded
         # layout (the item first, its gap after), so attention runs as masked SDPA on [2, n] rows,
         # which dispatches to cuDNN's fused kernel, measured faster than varlen flash at these
@@ -473,7 +502,7 @@ class DiT(nn.Module):
             angles = angles.repeat_interleave(2, dim=-1)
             cos, sin = angles.cos(), angles.sin()
             key_mask, packed = None, cu_seqlens
-        for block in self.transformer_blocks:
-            h = block(h, temb, cos, sin, key_mask, packed)
-        out = self.proj_out(self.norm_out(h, temb)).reshape(2 * n, -1)
+        for i, block in enumerate(self.transformer_blocks):
+            h = block(h, None, cos, sin, key_mask, packed, mods[6 * i: 6 * i + 6, None])
+        out = self.proj_out(self.norm_out(h, None, mods[-2:, None])).reshape(2 * n, -1)
         return out[:n], out[n:]

@@ -183,7 +183,7 @@ class StaticBuffers:
     """
 
     def __init__(self, max_b: int, max_n: int, mel_dim: int, text_dim: int, text_dtype: torch.dtype,
-                 device: torch.device):
+                 device: torch.device, mod_rows: int = 0, mod_dim: int = 0):
         self.max_b, self.max_n, self.mel_dim, self.text_dim = max_b, max_n, mel_dim, text_dim
         self.x = torch.zeros(max_n * mel_dim, dtype=torch.float32, device=device)
         self.cond = torch.zeros(max_n * mel_dim, dtype=torch.float32, device=device)
@@ -193,6 +193,7 @@ class StaticBuffers:
         self.pos = torch.zeros(max_n, dtype=torch.long, device=device)
         self.cu_seqlens = torch.zeros(4 * max_b + 1, dtype=torch.int32, device=device)
         self.step = torch.zeros(2, dtype=torch.float32, device=device)  # (t0, dt) of the step to run
+        self.mods = torch.zeros(mod_rows, mod_dim, dtype=text_dtype, device=device)  # DiT.modulations(t0)
         self.cfg = torch.zeros((), dtype=torch.float32, device=device)  # guidance strength
 
     def views(self, b: int, n: int) -> BucketViews:
@@ -234,14 +235,17 @@ def packed_index(lens: list[int]) -> tuple[Tensor, Tensor, Tensor]:
     return item, frame, starts[item] + frame
 
 
-def static_step(dit: DiT, v: BucketViews, step: Tensor, cfg: Tensor) -> None:
+def static_step(dit: DiT, v: BucketViews, step: Tensor, cfg: Tensor, mods: Tensor | None = None) -> None:
     """One Euler step on a bucket's static buffers, in place: what each CUDA graph captures.
 
     `step` [2] float32 holds (t0, dt); `cfg` is a 0-d tensor so one graph serves every guidance
-    strength (it is rounded to the DiT dtype inside the guidance product: 2.0, 1.5, 2.5 are exact).
-    The same arithmetic as `tts.f5.sampler.ode_step`; frames between items stay zero.
+    strength (it is rounded to the DiT dtype inside the guidance product: 2.0, 1.5, 2.5 are exact);
+    `mods` [DiT.modulation_rows, D]: `dit.modulations(t0)`, precomputed per schedule (`mod_table`;
+    None computes them in the step). The same arithmetic as `tts.f5.sampler.ode_step`; frames
+    between items stay zero.
     """
-    pred, null = dit.forward_packed(v.x, v.cond, v.text_cond, v.text_uncond, step[0], v.valid, v.pos, v.cu_seqlens)
+    pred, null = dit.forward_packed(v.x, v.cond, v.text_cond, v.text_uncond, step[0], v.valid, v.pos, v.cu_seqlens,
+                                    mods)
     v.x.copy_(torch.where(v.valid[:, None], guided_euler(v.x, pred, null, step[1], cfg), 0.0))
 
 
@@ -249,6 +253,13 @@ def step_table(nfe: int, sway: float | None, use_epss: bool, device: torch.devic
     """[nfe, 2] float32 on device: row i = (t[i], t[i+1] - t[i]), computed as `sample` computes them."""
     t = timesteps(nfe, sway, use_epss).to(device)
     return torch.stack((t[:-1], t[1:] - t[:-1]), dim=1).contiguous()
+
+
+@torch.no_grad()
+def mod_table(dit: DiT, table: Tensor) -> Tensor:
+    """[nfe, DiT.modulation_rows, D] in the DiT's dtype: `dit.modulations` at each step's flow time
+    (one time at a time, exactly the product a step would run), for `step_table`'s rows."""
+    return torch.stack([dit.modulations(t0) for t0 in table[:, 0]]).contiguous()
 
 
 # -- the sampler ----------------------------------------------------------------------------------
@@ -277,9 +288,9 @@ class FastSampler:
         cfg = dit.cfg
         with torch.inference_mode(False):  # normal tensors even if built under inference mode (see step_context)
             self.buffers = StaticBuffers(max(options.batch_buckets), max(options.length_buckets), cfg.mel_dim,
-                                         cfg.text_dim, dit.dtype, self.device)
+                                         cfg.text_dim, dit.dtype, self.device, dit.modulation_rows, cfg.dim)
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
-        self._tables: dict[tuple[int, float | None, bool], Tensor] = {}
+        self._tables: dict[tuple[int, float | None, bool], tuple[Tensor, Tensor]] = {}
         self._compiled = False
         self.ready = self.mode == "eager"  # the other modes become ready in warmup()
         self.stats: dict = {"mode": self.mode}
@@ -357,16 +368,18 @@ class FastSampler:
         v = self.buffers.views(*key)
         with record_function("f5.load_inputs"):  # names for tools/gpu_f5_request_profile.py
             src, dst, ref_at = self._load_inputs(v, key[0], lens, cond_mel, text_ids, ref_lens, total_lens, noise)
-            table = self._step_table(nfe, sway, use_epss)
+            table, mods = self._step_table(nfe, sway, use_epss)
             self.buffers.cfg.fill_(float(cfg_strength))
         graph = self._graphs.get(key)
+        buf = self.buffers
         with step_context(), record_function("f5.steps"):
             for i in range(nfe):
-                self.buffers.step.copy_(table[i])
+                buf.step.copy_(table[i])
+                buf.mods.copy_(mods[i])
                 if graph is not None:
                     graph.replay()
                 else:
-                    static_step(self.dit, v, self.buffers.step, self.buffers.cfg)
+                    static_step(self.dit, v, buf.step, buf.cfg, buf.mods)
         out = torch.zeros(b * frames, mel_dim, dtype=torch.float32, device=self.device)
         out[src] = torch.where(ref_at[:, None], v.cond[dst], v.x[dst])
         return out.view(b, frames, mel_dim)
@@ -402,12 +415,15 @@ class FastSampler:
         v.text_uncond[dst] = text_uncond.reshape(b * frames, -1)[src]
         return src, dst, ref_at
 
-    def _step_table(self, nfe: int, sway: float | None, use_epss: bool) -> Tensor:
+    def _step_table(self, nfe: int, sway: float | None, use_epss: bool) -> tuple[Tensor, Tensor]:
+        """(step_table, mod_table) of a schedule, made once per (nfe, sway, EPSS) and kept."""
         key = (int(nfe), None if sway is None else float(sway), bool(use_epss))
-        table = self._tables.get(key)
-        if table is None:
-            table = self._tables[key] = step_table(nfe, sway, use_epss, self.device)
-        return table
+        tables = self._tables.get(key)
+        if tables is None:
+            table = step_table(nfe, sway, use_epss, self.device)
+            with step_context():  # normal tensors (not inference tensors), like the static buffers
+                tables = self._tables[key] = (table, mod_table(self.dit, table))
+        return tables
 
     def _fill_dummy(self, v: BucketViews, seed: int = 0) -> None:
         """Plausible (non-zero, finite) packed inputs for compiling and capturing; values do not matter."""
@@ -427,6 +443,7 @@ class FastSampler:
         v.cu_seqlens.copy_(torch.tensor(packed_cu_seqlens(lens, b, n), dtype=torch.int32))
         self.buffers.step.copy_(torch.tensor([0.25, 0.05]))
         self.buffers.cfg.fill_(2.0)
+        self.buffers.mods.copy_(self.dit.modulations(self.buffers.step[0]))
 
     def _prime_shapes(self) -> list[tuple[int, int]]:
         """Buckets that compile every variant of the blocks once: one-item buckets run the halves as
@@ -461,7 +478,7 @@ class FastSampler:
             v = self.buffers.views(b, t)
             self._fill_dummy(v, seed=i)
             with step_context():
-                static_step(self.dit, v, self.buffers.step, self.buffers.cfg)
+                static_step(self.dit, v, self.buffers.step, self.buffers.cfg, self.buffers.mods)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
@@ -487,11 +504,11 @@ class FastSampler:
                 try:
                     side.wait_stream(torch.cuda.current_stream(dev))
                     with torch.cuda.stream(side):  # warm-up off the capture: lazy inits, autotuning, cuBLAS
-                        static_step(self.dit, v, self.buffers.step, self.buffers.cfg)
+                        static_step(self.dit, v, self.buffers.step, self.buffers.cfg, self.buffers.mods)
                     torch.cuda.current_stream(dev).wait_stream(side)
                     graph = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-                        static_step(self.dit, v, self.buffers.step, self.buffers.cfg)
+                        static_step(self.dit, v, self.buffers.step, self.buffers.cfg, self.buffers.mods)
                     self._graphs[(b, t)] = graph
                 except Exception as exc:  # noqa: BLE001 - keep the other buckets
                     errors[f"{b}x{t}"] = f"{type(exc).__name__}: {exc}"[:500]
@@ -546,7 +563,8 @@ def vocode_batch(vocos, mels: list[Tensor]) -> list[Tensor]:
     mels: each [mel_dim, T_i] (T_i >= 2). Returns float32 audio [(T_i - 1) * hop] per item on the
     vocoder's device. Only the depthwise convolutions mix frames, and a solo decode zero-pads each
     conv's input past T_i; so every conv input is zeroed past each item's length here, and the
-    inverse STFT runs per item on its own frames.
+    inverse STFT leaves each item's frames past T_i out of its audio and window envelope
+    (`tts.f5.vocos.centered_istft`).
     """
     if not mels:
         return []
@@ -574,10 +592,11 @@ def vocode_batch(vocos, mels: list[Tensor]) -> list[Tensor]:
             r = block.gamma * r
         h = h + r.transpose(1, 2)
     spec = vocos.head.spectrum(bb.final_layer_norm(h.transpose(1, 2)))  # [B, bins, T] complex64
-    return [vocos.head.istft(spec[i: i + 1, :, : lens[i]])[0] for i in range(len(mels))]
+    audio = vocos.head.istft(spec, lens_t)  # per item: its own frames and window envelope
+    return [audio[i, : (lens[i] - 1) * cfg.hop_length] for i in range(len(mels))]
 
 
 __all__ = ["FAST_ENV", "ITEM_GAP", "MODES", "FastOptions", "FastSampler", "StaticBuffers", "BucketViews", "bucket_for",
            "packed_cu_seqlens", "packed_index", "packed_length",
            "batch_buckets_for", "configure_compile_cache", "default_cache_dir", "eager_stance", "step_context",
-           "fast_options_from_env", "static_step", "step_table", "vocode_batch"]
+           "fast_options_from_env", "mod_table", "static_step", "step_table", "vocode_batch"]

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from tts.f5 import mel as mel_mod
@@ -148,8 +149,48 @@ class VocosBackbone(nn.Module):
         return self.final_layer_norm(x.transpose(1, 2))
 
 
+def overlap_add(frames: torch.Tensor, hop: int) -> torch.Tensor:
+    """frames [B, T, W] -> [B, (T - 1) * hop + W]: frame t added at sample t * hop (col2im, as torch.istft)."""
+    b, t, w = frames.shape
+    out = F.fold(frames.transpose(1, 2), output_size=(1, (t - 1) * hop + w), kernel_size=(1, w), stride=(1, hop))
+    return out.reshape(b, -1)
+
+
+def centered_istft(spec: torch.Tensor, n_fft: int, hop: int, window: torch.Tensor,
+                   lens: torch.Tensor | None = None) -> torch.Tensor:
+    """torch.istft(spec, n_fft, hop, n_fft, window, center=True) in the same steps (inverse real
+    FFT per frame, window, overlap-add, divide by the overlap-added squared window, drop n_fft // 2
+    at each end), for a batch whose items may have fewer frames than the batch.
+
+    spec: complex [B, n_fft // 2 + 1, T]; lens: [B] frames per item (None: all T), on spec's device.
+    Returns float32 [B, (T - 1) * hop]; item i's first (lens_i - 1) * hop samples equal its solo
+    inverse STFT (its frames past lens_i are zeroed and left out of its window envelope), the rest
+    are zero. Unlike torch.istft it never reads a value back to the host (torch.istft checks the
+    envelope's minimum on the host: a device sync per call); the envelope of a Hann window at a
+    quarter hop is bounded away from zero, which `CenteredISTFT` checks once when built.
+    """
+    b, _, t = spec.shape
+    frames = torch.fft.irfft(spec.transpose(1, 2), n=n_fft, dim=-1) * window  # [B, T, n_fft]
+    wsq = (window * window).expand(b, t, n_fft)
+    if lens is not None:
+        keep = (torch.arange(t, device=spec.device)[None, :] < lens[:, None])[..., None]  # [B, T, 1]
+        frames, wsq = frames * keep, wsq * keep
+    y, env = overlap_add(frames, hop), overlap_add(wsq, hop)
+    pad, n_out = n_fft // 2, (t - 1) * hop
+    y, env = y[:, pad: pad + n_out], env[:, pad: pad + n_out]
+    inside = env > ENVELOPE_FLOOR
+    if lens is not None:
+        inside = inside & (torch.arange(n_out, device=spec.device)[None, :] < ((lens - 1) * hop)[:, None])
+    return torch.where(inside, y / env.clamp_min(ENVELOPE_FLOOR), 0.0)
+
+
+#: torch.istft refuses a window whose overlap-added square falls below this inside the output.
+ENVELOPE_FLOOR = 1e-11
+
+
 class CenteredISTFT(nn.Module):
-    """Complex spectrum [B, n_fft // 2 + 1, T] -> audio [B, (T - 1) * hop] (torch.istft, center=True).
+    """Complex spectrum [B, n_fft // 2 + 1, T] -> audio [B, (T - 1) * hop] (torch.istft, center=True;
+    see `centered_istft`).
 
     The Hann window is a buffer named `window`, as in the checkpoint (`head.istft.window`).
     """
@@ -158,9 +199,16 @@ class CenteredISTFT(nn.Module):
         super().__init__()
         self.n_fft, self.hop_length = n_fft, hop_length
         self.register_buffer("window", torch.hann_window(n_fft))
+        # the envelope inside any output is the steady-state sum of squared shifted windows (and
+        # more at the ends): check once that it stays clear of zero for this window and hop
+        window = torch.hann_window(n_fft, device="cpu")  # on the CPU even when the module is built on "meta"
+        env = overlap_add((window ** 2).expand(1, 2 * n_fft // hop_length + 1, n_fft), hop_length)
+        inner = env[0, n_fft // 2: env.shape[1] - n_fft // 2]
+        if float(inner.min()) <= ENVELOPE_FLOOR:
+            raise ValueError(f"ISTFT with n_fft {n_fft} and hop {hop_length}: the window overlap-add has zeros")
 
-    def forward(self, spec: torch.Tensor) -> torch.Tensor:
-        return torch.istft(spec, self.n_fft, self.hop_length, self.n_fft, self.window.float(), center=True)
+    def forward(self, spec: torch.Tensor, lens: torch.Tensor | None = None) -> torch.Tensor:
+        return centered_istft(spec, self.n_fft, self.hop_length, self.window.float(), lens)
 
 
 class ISTFTHead(nn.Module):

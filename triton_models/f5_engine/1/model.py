@@ -23,10 +23,11 @@ class TritonPythonModel:
         params = model_params(args)["params"]
         import torch
 
+        from tts.audio import join_chunks
         from tts.f5.pipeline import F5Options, F5Pipeline, serve
         from triton_models import shared
 
-        self.shared, self.F5Options, self.serve = shared, F5Options, serve
+        self.shared, self.F5Options, self.serve, self.join = shared, F5Options, serve, join_chunks
         self.cancel_dir = shared.cancel_dir(args)  # front ends drop a marker named by the request key
         kind, device_id = args.get("model_instance_kind", "CPU"), args.get("model_instance_device_id", "0")
         device = f"cuda:{device_id}" if kind == "GPU" and torch.cuda.is_available() else "cpu"
@@ -63,10 +64,14 @@ class TritonPythonModel:
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         work, senders, keys = [], {}, {}
         sends = []
+        held: dict[int, tuple[list, list]] = {}  # offline requests: their chunks until the last one
         for i, request in enumerate(requests):
             sender = request.get_response_sender()
             try:
-                work.append((i, self._parse(request), bool(self.shared.get_scalar(pb_utils, request, "streaming", False))))
+                streaming = bool(self.shared.get_scalar(pb_utils, request, "streaming", False))
+                work.append((i, self._parse(request), streaming))
+                if not streaming:
+                    held[i] = ([], [])
                 senders[i] = sender
                 keys[i] = self.shared.get_scalar(pb_utils, request, "request_key", "") or ""
             except ValueError as exc:
@@ -76,9 +81,21 @@ class TritonPythonModel:
 
         def emit(key, index, wav, info):
             t0 = time.perf_counter()
-            senders[key].send(self.shared.audio_response(pb_utils, wav, info))
-            if info["final"]:
-                senders[key].send(flags=final)
+            if key in held:
+                # Offline: one response with the joined audio and the final flag together (the
+                # front forwards it as it is): one message through the stubs instead of a message
+                # per chunk plus an empty final one, and no join in the front.
+                chunks, overlaps = held[key]
+                chunks.append(wav)
+                overlaps.append(int(info["overlap_samples"]))
+                if not info["final"]:
+                    return
+                info = dict(info, overlap_samples=0)
+                senders[key].send(self.shared.audio_response(pb_utils, self.join(chunks, overlaps), info), flags=final)
+            else:
+                senders[key].send(self.shared.audio_response(pb_utils, wav, info))
+                if info["final"]:
+                    senders[key].send(flags=final)
             sends.append((self.shared.ms_since(t_start), self.shared.ms_since(t0), info["compute_ms"]))
 
         def cancelled(key) -> bool:
