@@ -126,6 +126,31 @@ def test_embed_text_per_item_equals_solo(dit):
         assert torch.all(tc[i, total:] == 0)
 
 
+def test_packed_text_embedding_equals_the_padded_one(dit):
+    """`DiT.embed_text_packed` on `pack_on_host`'s layout (items back to back, gaps between, the
+    text cut at each item's frames) gives `embed_text`'s rows for every item, zeros in the gaps
+    (v1: text positions kept; v0: all frames kept)."""
+    from tts.f5.fast import pack_on_host
+
+    items = _items(dit.cfg.mel_dim)
+    texts = [ids.tolist() for _, ids, _, _, _ in items]
+    lens = [total for *_, total, _ in items]
+    frames = max(lens)
+    padded = torch.full((len(items), max(len(t) for t in texts)), -1)
+    for i, t in enumerate(texts):
+        padded[i, : len(t)] = torch.tensor(t)
+    with torch.no_grad():
+        cond, uncond = dit.embed_text(padded, torch.tensor(lens), frames=frames)
+        host = pack_on_host(texts, [r for _, _, r, _, _ in items], lens, [torch.zeros(t, dit.cfg.mel_dim) for t in lens],
+                            4, 512, dit.cfg.text_mask_padding)
+        pc, pu = dit.embed_text_packed(host.ids, host.valid, host.keep, host.pos, host.seg, 4)
+    for i, (start, t) in enumerate(zip(host.starts, lens)):
+        assert (pc[start: start + t] - cond[i, :t]).abs().max() <= TOL
+        assert (pu[start: start + t] - uncond[i, :t]).abs().max() <= TOL
+    assert pc[~host.valid].abs().max() == 0 and pu[~host.valid].abs().max() == 0
+    assert host.ref.sum() == sum(r for _, _, r, _, _ in items) and host.cu_seqlens[-1] == 2 * 512
+
+
 def test_batch_independence(dit):
     """Each item of a mixed-length batch equals its solo run (upstream issues #1039 / #1179)."""
     items = _items(dit.cfg.mel_dim)

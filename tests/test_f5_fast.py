@@ -294,15 +294,16 @@ def test_graph_protocol_with_a_stand_in_for_cuda_graphs(tmp_path, monkeypatch):
     A stand-in graph re-runs the captured step on the live buffers, as a CUDA graph reads them."""
     from contextlib import nullcontext
 
-    real_step = F.static_step
+    def recording(real):
+        def run(*args):
+            if FakeGraph.capturing is not None:  # a capture records work, it does not run it
+                FakeGraph.capturing.step = lambda: real(*args)
+                return
+            real(*args)
+        return run
 
-    def recording_step(dit, v, step, cfg, mods):
-        if FakeGraph.capturing is not None:  # a capture records work, it does not run it
-            FakeGraph.capturing.step = lambda: real_step(dit, v, step, cfg, mods)
-            return
-        real_step(dit, v, step, cfg, mods)
-
-    monkeypatch.setattr(F, "static_step", recording_step)
+    monkeypatch.setattr(F, "static_step", recording(F.static_step))
+    monkeypatch.setattr(F, "static_prologue", recording(F.static_prologue))
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
     monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: type("S", (), {"wait_stream": lambda self, s: None})())
     monkeypatch.setattr(torch.cuda, "stream", lambda s: nullcontext())
@@ -318,10 +319,10 @@ def test_graph_protocol_with_a_stand_in_for_cuda_graphs(tmp_path, monkeypatch):
     assert stats["graphs"] == len(fs.buckets()) and "capture_errors" not in stats and fs.ready
     assert stats["self_check_rel_err"] <= 1e-5
     args = batch([100, 70, 33], [30, 20, 10])
-    graph = fs._graphs[(4, 256)]
-    before = graph.replays
+    graph, prologue = fs._graphs[(4, 256)], fs._prologues[(4, 256)]
+    before, before_prologue = graph.replays, prologue.replays
     out = fs.sample(dit, *args, 8, 2.0, -1.0)
-    assert graph.replays - before == 8
+    assert graph.replays - before == 8 and prologue.replays - before_prologue == 1
     assert (out - sample(dit, *args, 8, 2.0, -1.0)).abs().max() <= SAME_AUDIO
 
 
@@ -456,8 +457,9 @@ def test_vocode_batch_on_cuda(tmp_path):
 # -- a drop-in for the pipeline's sampler ----------------------------------------------------------
 
 def test_fast_sample_is_a_drop_in_for_the_pipeline(tmp_path, monkeypatch):
-    """The pipeline's own batch (chunks of mixed lengths, its noise and padding) through
-    FastSampler.sample gives the audio of the plain path (vocode_batch is checked above)."""
+    """The pipeline's own batch (chunks of mixed lengths, its noise and reference mels) through its
+    fast branch (host inputs into `FastSampler.sample_items`, then `vocode_batch`) gives the audio
+    of the plain path; so does the padded entry `FastSampler.sample` in the plain path's place."""
     import numpy as np
 
     from tests.conftest import speech_like
@@ -473,7 +475,11 @@ def test_fast_sample_is_a_drop_in_for_the_pipeline(tmp_path, monkeypatch):
     assert len(req.jobs) >= 2 and len({j.total_frames for j in req.jobs}) >= 2
     plain = pipe.synthesize(req.jobs)
     fs = F.FastSampler(pipe.dit, small_options(length_buckets=(256, 512, 1024, 2048)))
-    monkeypatch.setattr(P, "sample", fs.sample)
+    pipe.fast = fs
     fast = pipe.synthesize(req.jobs)
-    for a, b in zip(plain, fast):
-        assert a.shape == b.shape and np.abs(a - b).max() <= SAME_AUDIO
+    assert fs.bucket(len(req.jobs), F.packed_length([j.total_frames for j in req.jobs])) is not None
+    pipe.fast = None
+    monkeypatch.setattr(P, "sample", fs.sample)
+    padded = pipe.synthesize(req.jobs)
+    for a, b, c in zip(plain, fast, padded):
+        assert a.shape == b.shape == c.shape and np.abs(a - b).max() <= SAME_AUDIO and np.abs(a - c).max() <= SAME_AUDIO

@@ -69,6 +69,13 @@ def text_positions(frames: int, dim: int, device: torch.device | str) -> Tensor:
     return torch.cat((angles.cos(), angles.sin()), dim=-1)
 
 
+def text_positions_at(pos: Tensor, dim: int) -> Tensor:
+    """`text_positions` rows at the frame indices pos [N] (long) -> [N, dim] float32, the same products."""
+    freqs = 1.0 / (TEXT_POS_BASE ** (torch.arange(0, dim, 2, device=pos.device)[: dim // 2].float() / dim))
+    angles = pos.float()[:, None] * freqs[None, :]
+    return torch.cat((angles.cos(), angles.sin()), dim=-1)
+
+
 def time_sinusoid(time: Tensor, dim: int = TIME_FREQ_DIM) -> Tensor:
     """Flow time t [B] (0 = noise, 1 = data) -> [B, dim] float32: sin of all frequencies, then cos."""
     half = dim // 2
@@ -115,6 +122,16 @@ class GRN(nn.Module):
         nx = gx / (gx.mean(dim=-1, keepdim=True) + GRN_EPS)
         return self.gamma * (x * nx) + self.beta + x
 
+    def forward_packed(self, x: Tensor, members: Tensor, seg: Tensor) -> Tensor:
+        """Packed items: x [N, C]; members [S, N] float32, 1 where token n is a valid frame of item s;
+        seg [N] long, each token's item (S for tokens of none: a zero row). The per-item L2 norm
+        over time is a product with `members` (sums of squares in float32, as vector_norm
+        accumulates), so no token count or item length is read on the host."""
+        gx = (members @ x.float().square()).sqrt().to(x.dtype)  # [S, C]
+        nx = gx / (gx.mean(dim=-1, keepdim=True) + GRN_EPS)
+        nx = torch.cat((nx, torch.zeros_like(nx[:1])))[seg]  # [N, C]: each token's item statistic
+        return self.gamma[0] * (x * nx) + self.beta[0] + x
+
 
 class ConvNeXtV2Block(nn.Module):
     def __init__(self, dim: int, intermediate_dim: int):
@@ -130,6 +147,13 @@ class ConvNeXtV2Block(nn.Module):
         h = self.dwconv(x.transpose(1, 2)).transpose(1, 2)
         h = F.gelu(self.pwconv1(self.norm(h)))
         return x + self.pwconv2(self.grn(h, valid))
+
+    def forward_packed(self, x: Tensor, members: Tensor, seg: Tensor) -> Tensor:
+        """x [N, C] packed items, zero between them (at least TEXT_CONV_KERNEL // 2 tokens apart,
+        so the depthwise conv never reaches across); see `GRN.forward_packed`."""
+        h = self.dwconv(x.t()[None])[0].t()
+        h = F.gelu(self.pwconv1(self.norm(h)))
+        return x + self.pwconv2(self.grn.forward_packed(h, members, seg))
 
 
 class TextEmbedding(nn.Module):
@@ -154,6 +178,22 @@ class TextEmbedding(nn.Module):
         x = (x + pos).masked_fill(~keep3, 0.0)
         for block in self.text_blocks:
             x = block(x, valid3).masked_fill(~keep3, 0.0)
+        return x
+
+    def forward_packed(self, ids: Tensor, valid: Tensor, keep: Tensor, pos: Tensor, seg: Tensor,
+                       segments: int) -> Tensor:
+        """`forward` on packed items: ids, valid, keep [N] as in `forward` but on one token axis;
+        pos [N] long: each token's frame index within its item; seg [N] long: its item in
+        [0, segments), or `segments` between items. -> [N, text_dim]; a token's values equal
+        `forward`'s for its item and frame (items at least TEXT_CONV_KERNEL // 2 tokens apart)."""
+        valid1, keep1 = valid[:, None], keep[:, None]
+        x = self.text_embed(ids).masked_fill(~valid1, 0.0)
+        if self.text_blocks is None:
+            return x
+        x = (x + text_positions_at(pos, x.shape[-1]).to(x.dtype)).masked_fill(~keep1, 0.0)
+        members = ((seg[None, :] == torch.arange(segments, device=seg.device)[:, None]) & valid[None, :]).float()
+        for block in self.text_blocks:
+            x = block.forward_packed(x, members, seg).masked_fill(~keep1, 0.0)
         return x
 
 
@@ -426,6 +466,20 @@ class DiT(nn.Module):
         emb = self.text_embed(torch.cat((ids, torch.zeros_like(ids))), torch.cat((valid, valid)),
                               torch.cat((keep, keep)))
         return emb[:b], emb[b:]
+
+    def embed_text_packed(self, ids: Tensor, valid: Tensor, keep: Tensor, pos: Tensor, seg: Tensor,
+                          items: int) -> tuple[Tensor, Tensor]:
+        """`embed_text` for packed items (`forward_packed`'s layout), with the host's work done:
+        ids [N] long: each frame's shifted token id (text id + 1; 0 = filler past the text, between
+        items and past the last); valid [N] bool: the items' frames; keep [N] bool: the positions
+        `embed_text` keeps (its `keep`); pos [N] long: frame index within the item; seg [N] long:
+        item index, `items` between items. Returns (cond, uncond) [N, text_dim], as one doubled
+        batch (uncond: all filler, cond's masks), like `embed_text`."""
+        n = ids.shape[0]
+        emb = self.text_embed.forward_packed(
+            torch.cat((ids, torch.zeros_like(ids))), torch.cat((valid, valid)), torch.cat((keep, keep)),
+            torch.cat((pos, pos)), torch.cat((seg, torch.where(seg < items, seg + items, 2 * items))), 2 * items)
+        return emb[:n], emb[n:]
 
     def forward(self, x: Tensor, cond: Tensor, text_cond: Tensor, text_uncond: Tensor, time: Tensor,
                 mask: Tensor) -> tuple[Tensor, Tensor]:

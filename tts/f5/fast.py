@@ -173,6 +173,10 @@ class BucketViews:
     valid: Tensor  # [n] bool, True on the items' frames
     pos: Tensor  # [n] long, each frame's index within its item (0 in the gaps)
     cu_seqlens: Tensor  # [4 b + 1] int32 over the doubled axis: per half, item then gap, b times
+    ids: Tensor  # [n] long, each frame's shifted text id (0 = filler), `DiT.embed_text_packed`
+    keep: Tensor  # [n] bool, the positions the text embedding keeps
+    seg: Tensor  # [n] long, each frame's item (b in the gaps)
+    ref: Tensor  # [n] bool, True on the reference frames (the result keeps the reference mel there)
 
 
 class StaticBuffers:
@@ -192,6 +196,10 @@ class StaticBuffers:
         self.valid = torch.zeros(max_n, dtype=torch.bool, device=device)
         self.pos = torch.zeros(max_n, dtype=torch.long, device=device)
         self.cu_seqlens = torch.zeros(4 * max_b + 1, dtype=torch.int32, device=device)
+        self.ids = torch.zeros(max_n, dtype=torch.long, device=device)
+        self.keep = torch.zeros(max_n, dtype=torch.bool, device=device)
+        self.seg = torch.zeros(max_n, dtype=torch.long, device=device)
+        self.ref = torch.zeros(max_n, dtype=torch.bool, device=device)
         self.step = torch.zeros(2, dtype=torch.float32, device=device)  # (t0, dt) of the step to run
         self.mods = torch.zeros(mod_rows, mod_dim, dtype=text_dtype, device=device)  # DiT.modulations(t0)
         self.cfg = torch.zeros((), dtype=torch.float32, device=device)  # guidance strength
@@ -203,7 +211,8 @@ class StaticBuffers:
                            self.cond[: n * self.mel_dim].view(n, self.mel_dim),
                            self.text_cond[: n * self.text_dim].view(n, self.text_dim),
                            self.text_uncond[: n * self.text_dim].view(n, self.text_dim),
-                           self.valid[:n], self.pos[:n], self.cu_seqlens[: 4 * b + 1])
+                           self.valid[:n], self.pos[:n], self.cu_seqlens[: 4 * b + 1], self.ids[:n],
+                           self.keep[:n], self.seg[:n], self.ref[:n])
 
 
 def packed_length(lens: list[int]) -> int:
@@ -233,6 +242,61 @@ def packed_index(lens: list[int]) -> tuple[Tensor, Tensor, Tensor]:
     frame = torch.cat([torch.arange(n) for n in lens])
     item = torch.cat([torch.full((n,), i) for i, n in enumerate(lens)])
     return item, frame, starts[item] + frame
+
+
+@dataclass
+class HostPack:
+    """One batch packed on the host for an (b, n) bucket: what `FastSampler` copies into its static
+    buffers (pinned when the sampler is on CUDA, so the copies never wait for the stream)."""
+
+    x: Tensor  # [n, C] float32: each item's noise, zero elsewhere
+    ids: Tensor  # [n] long: text id + 1 on each item's first min(len(text), T_i) frames, 0 elsewhere
+    valid: Tensor  # [n] bool
+    keep: Tensor  # [n] bool
+    pos: Tensor  # [n] long
+    seg: Tensor  # [n] long: item index, b in the gaps
+    ref: Tensor  # [n] bool: reference frames
+    cu_seqlens: Tensor  # [4 b + 1] int32
+    starts: list[int]  # each item's first token
+
+
+def pack_on_host(text_ids: list[list[int]], ref_lens: list[int], total_lens: list[int], noises: list[Tensor],
+                 b: int, n: int, text_mask_padding: bool, pin: bool = False) -> HostPack:
+    """Lay items out as `DiT.forward_packed` / `DiT.embed_text_packed` read them: item i at
+    sum_{j<i} (T_j + ITEM_GAP). noises[i]: [>= T_i, C] on the host. The text is cut at the item's
+    frames and `keep` follows `DiT.embed_text` (the text's positions with text_mask_padding, else
+    all the item's frames)."""
+    mel_dim = noises[0].shape[-1]
+    x = torch.zeros(n, mel_dim, dtype=torch.float32, pin_memory=pin)
+    ids = torch.zeros(n, dtype=torch.long, pin_memory=pin)
+    valid = torch.zeros(n, dtype=torch.bool, pin_memory=pin)
+    pos = torch.zeros(n, dtype=torch.long, pin_memory=pin)
+    seg = torch.full((n,), b, dtype=torch.long, pin_memory=pin)
+    ref = torch.zeros(n, dtype=torch.bool, pin_memory=pin)
+    starts, start = [], 0
+    for i, (text, r, t) in enumerate(zip(text_ids, ref_lens, total_lens)):
+        k = min(len(text), t)
+        x[start: start + t] = noises[i][:t]
+        ids[start: start + k] = torch.as_tensor(list(text[:k]), dtype=torch.long) + 1
+        valid[start: start + t] = True
+        pos[start: start + t] = torch.arange(t)
+        seg[start: start + t] = i
+        ref[start: start + r] = True
+        starts.append(start)
+        start += t + ITEM_GAP
+    keep = ((ids != 0) & valid) if text_mask_padding else valid.clone()
+    cu = torch.tensor(packed_cu_seqlens(list(total_lens), b, n), dtype=torch.int32)
+    return HostPack(x, ids, valid, keep.pin_memory() if pin else keep, pos, seg, ref,
+                    cu.pin_memory() if pin else cu, starts)
+
+
+def static_prologue(dit: DiT, v: BucketViews) -> None:
+    """The text embedding of a bucket's packed items into its static buffers: what each bucket's
+    prologue graph captures (once per request, before the steps)."""
+    items = (v.cu_seqlens.shape[0] - 1) // 4
+    cond, uncond = dit.embed_text_packed(v.ids, v.valid, v.keep, v.pos, v.seg, items)
+    v.text_cond.copy_(cond)
+    v.text_uncond.copy_(uncond)
 
 
 def static_step(dit: DiT, v: BucketViews, step: Tensor, cfg: Tensor, mods: Tensor | None = None) -> None:
@@ -289,7 +353,8 @@ class FastSampler:
         with torch.inference_mode(False):  # normal tensors even if built under inference mode (see step_context)
             self.buffers = StaticBuffers(max(options.batch_buckets), max(options.length_buckets), cfg.mel_dim,
                                          cfg.text_dim, dit.dtype, self.device, dit.modulation_rows, cfg.dim)
-        self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # each bucket's step
+        self._prologues: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # each bucket's text embedding
         self._tables: dict[tuple[int, float | None, bool], tuple[Tensor, Tensor]] = {}
         self._compiled = False
         self.ready = self.mode == "eager"  # the other modes become ready in warmup()
@@ -350,29 +415,76 @@ class FastSampler:
     @torch.no_grad()
     def sample(self, dit: DiT, cond_mel: Tensor, text_ids: Tensor, ref_lens: Tensor, total_lens: Tensor,
                noise: Tensor, nfe: int, cfg_strength: float, sway: float | None, use_epss: bool = True) -> Tensor:
-        """Same arguments, shapes and result as `tts.f5.sampler.sample` (float32 [B, T, mel])."""
+        """Same arguments, shapes and result as `tts.f5.sampler.sample` (float32 [B, T, mel]).
+
+        The padded layout's entry (tests, the self-check, tools): it reads the batch back to the
+        host and runs `sample_items`; the pipeline calls `sample_items` with host inputs directly."""
         b, frames, mel_dim = noise.shape
-        lens = [int(n) for n in total_lens.tolist()]  # host values: the packing is planned on the host
-        key = self.bucket(b, packed_length(lens))
-        if dit is not self.dit or key is None or not self.ready:
+        lens = [int(n) for n in total_lens.tolist()]
+        if dit is not self.dit or self.bucket(b, packed_length(lens)) is None or not self.ready:
             with eager_stance():
                 return eager_sample(dit, cond_mel, text_ids, ref_lens, total_lens, noise, nfe, cfg_strength,
                                     sway, use_epss)
         if cond_mel.shape != noise.shape or text_ids.shape[0] != b:
             raise ValueError(f"batch shapes disagree: cond_mel {tuple(cond_mel.shape)}, noise {tuple(noise.shape)}, "
                              f"text_ids {tuple(text_ids.shape)}")
-        if nfe < 1:
-            raise ValueError(f"nfe must be >= 1; got {nfe}")
         if max(lens) > frames or min(lens) < 1:
             raise ValueError(f"total_lens {lens} must lie in [1, {frames}] (the batch's frame count)")
+        refs = [int(r) for r in ref_lens.tolist()]
+        ids = [[int(t) for t in row if t >= 0] for row in text_ids.cpu().tolist()]
+        noise_h, cond_h = noise.float().cpu(), cond_mel.float().cpu()
+        mels = self.sample_items(ids, [cond_h[i, :r] for i, r in enumerate(refs)], lens,
+                                 [noise_h[i] for i in range(b)], nfe, cfg_strength, sway, use_epss)
+        out = torch.zeros(b, frames, mel_dim, dtype=torch.float32, device=self.device)
+        for i, m in enumerate(mels):
+            out[i, : lens[i]] = m
+        return out
+
+    @torch.no_grad()
+    def sample_items(self, text_ids: list[list[int]], ref_mels: list[Tensor], total_lens: list[int],
+                     noises: list[Tensor], nfe: int, cfg_strength: float, sway: float | None,
+                     use_epss: bool = True) -> list[Tensor]:
+        """The batch as items: text_ids[i] token ids (reference + target text); ref_mels[i]
+        [R_i, mel] reference mel (any device); total_lens[i] frames (R_i < T_i); noises[i] [>= T_i,
+        mel] on the host (`make_noise`). Returns per item float32 [T_i, mel] on the sampler's
+        device: the reference mel, then the generated frames; equal to `sample`'s rows.
+
+        Per request the host packs the batch (`pack_on_host`), copies it into the static buffers
+        without waiting for the stream, replays the bucket's prologue graph (text embedding) and
+        its step graph `nfe` times; nothing reads back from the device."""
+        b = len(total_lens)
+        lens = [int(t) for t in total_lens]
+        refs = [int(m.shape[0]) for m in ref_mels]
+        if not (len(text_ids) == len(ref_mels) == len(noises) == b) or b == 0:
+            raise ValueError(f"sample_items needs one text, reference and noise per item; got {len(text_ids)}, "
+                             f"{len(ref_mels)}, {len(noises)} for {b} lengths")
+        if nfe < 1:
+            raise ValueError(f"nfe must be >= 1; got {nfe}")
+        if any(not 0 <= r < t for r, t in zip(refs, lens)) or any(nz.shape[0] < t for nz, t in zip(noises, lens)):
+            raise ValueError(f"total_lens {lens} must exceed the reference lengths {refs} and fit the noise "
+                             f"({[int(nz.shape[0]) for nz in noises]} frames)")
+        key = self.bucket(b, packed_length(lens))
+        if key is None or not self.ready:
+            return self._eager_items(text_ids, ref_mels, lens, noises, nfe, cfg_strength, sway, use_epss)
         v = self.buffers.views(*key)
         with record_function("f5.load_inputs"):  # names for tools/gpu_f5_request_profile.py
-            src, dst, ref_at = self._load_inputs(v, key[0], lens, cond_mel, text_ids, ref_lens, total_lens, noise)
+            host = pack_on_host(text_ids, refs, lens, noises, key[0], key[1], self.dit.cfg.text_mask_padding,
+                                pin=self.device.type == "cuda")
+            for dst, src in ((v.x, host.x), (v.ids, host.ids), (v.valid, host.valid), (v.keep, host.keep),
+                             (v.pos, host.pos), (v.seg, host.seg), (v.ref, host.ref), (v.cu_seqlens, host.cu_seqlens)):
+                dst.copy_(src, non_blocking=True)
+            v.cond.zero_()
+            for start, m in zip(host.starts, ref_mels):
+                v.cond[start: start + m.shape[0]].copy_(m, non_blocking=True)
             table, mods = self._step_table(nfe, sway, use_epss)
             self.buffers.cfg.fill_(float(cfg_strength))
-        graph = self._graphs.get(key)
         buf = self.buffers
+        graph, prologue = self._graphs.get(key), self._prologues.get(key)
         with step_context(), record_function("f5.steps"):
+            if prologue is not None:
+                prologue.replay()
+            else:
+                static_prologue(self.dit, v)
             for i in range(nfe):
                 buf.step.copy_(table[i])
                 buf.mods.copy_(mods[i])
@@ -380,40 +492,26 @@ class FastSampler:
                     graph.replay()
                 else:
                     static_step(self.dit, v, buf.step, buf.cfg, buf.mods)
-        out = torch.zeros(b * frames, mel_dim, dtype=torch.float32, device=self.device)
-        out[src] = torch.where(ref_at[:, None], v.cond[dst], v.x[dst])
-        return out.view(b, frames, mel_dim)
+            out = torch.where(v.ref[:, None], v.cond, v.x)  # a new tensor: the buffers are reused
+        return [out[start: start + t] for start, t in zip(host.starts, lens)]
 
     # -- internals ------------------------------------------------------------------------------
-    def _load_inputs(self, v: BucketViews, bb: int, lens: list[int], cond_mel: Tensor, text_ids: Tensor,
-                     ref_lens: Tensor, total_lens: Tensor, noise: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Pack one batch into the static buffers: item i's frames at offset sum_{j<i} (L_j + ITEM_GAP).
-
-        Returns (src, dst, ref_at): for every real frame, its index in the flat padded [B * T]
-        layout, its index on the packed axis, and whether it is a reference frame.
-        """
-        dev = self.device
-        b, frames = noise.shape[:2]
-        item, frame, dst = packed_index(lens)
-        src = (item * frames + frame).to(dev)
-        ref_at = (frame < ref_lens.cpu()[item]).to(dev)
-        dst, frame = dst.to(dev), frame.to(dev)
-        n_bucket = v.valid.shape[0]
-        v.cu_seqlens.copy_(torch.tensor(packed_cu_seqlens(lens, bb, n_bucket), dtype=torch.int32))
-        v.valid.zero_()
-        v.valid[dst] = True
-        v.pos.zero_()
-        v.pos[dst] = frame
-        v.x.zero_()
-        v.x[dst] = noise.reshape(b * frames, -1).to(dev)[src]
-        v.cond.zero_()
-        v.cond[dst] = torch.where(ref_at[:, None], cond_mel.reshape(b * frames, -1).to(dev)[src], 0.0)
-        text_cond, text_uncond = self.dit.embed_text(text_ids.to(dev), total_lens.to(dev), frames=frames)
-        v.text_cond.zero_()
-        v.text_cond[dst] = text_cond.reshape(b * frames, -1)[src]
-        v.text_uncond.zero_()
-        v.text_uncond[dst] = text_uncond.reshape(b * frames, -1)[src]
-        return src, dst, ref_at
+    def _eager_items(self, text_ids, ref_mels, lens, noises, nfe, cfg_strength, sway, use_epss) -> list[Tensor]:
+        """`sample_items` through the eager sampler (shapes beyond the buckets, fast path not ready)."""
+        dev, b, frames = self.device, len(lens), max(lens)
+        mel_dim = noises[0].shape[-1]
+        cond = torch.zeros(b, frames, mel_dim, dtype=torch.float32, device=dev)
+        noise = torch.zeros(b, frames, mel_dim, dtype=torch.float32, device=dev)
+        ids = torch.full((b, max(len(t) for t in text_ids) or 1), -1, dtype=torch.long)
+        for i, (m, t) in enumerate(zip(ref_mels, lens)):
+            cond[i, : m.shape[0]] = m.to(dev)
+            noise[i, :t] = noises[i][:t].to(dev)
+            ids[i, : len(text_ids[i])] = torch.as_tensor(list(text_ids[i]), dtype=torch.long)
+        refs = torch.tensor([int(m.shape[0]) for m in ref_mels])
+        with eager_stance():
+            out = eager_sample(self.dit, cond, ids.to(dev), refs, torch.tensor(lens), noise, nfe, cfg_strength,
+                               sway, use_epss)
+        return [out[i, :t] for i, t in enumerate(lens)]
 
     def _step_table(self, nfe: int, sway: float | None, use_epss: bool) -> tuple[Tensor, Tensor]:
         """(step_table, mod_table) of a schedule, made once per (nfe, sway, EPSS) and kept."""
@@ -435,12 +533,12 @@ class FastSampler:
         v.cond.copy_(torch.randn(n, v.cond.shape[-1], generator=gen))
         v.text_cond.copy_(torch.randn(n, v.text_cond.shape[-1], generator=gen))
         v.text_uncond.copy_(torch.randn(n, v.text_uncond.shape[-1], generator=gen))
-        _, frame, dst = packed_index(lens)
-        valid, pos = torch.zeros(n, dtype=torch.bool), torch.zeros(n, dtype=torch.long)
-        valid[dst], pos[dst] = True, frame
-        v.valid.copy_(valid)
-        v.pos.copy_(pos)
-        v.cu_seqlens.copy_(torch.tensor(packed_cu_seqlens(lens, b, n), dtype=torch.int32))
+        texts = [torch.randint(0, self.dit.cfg.text_num_embeds, (max(t // 2, 1),), generator=gen).tolist() for t in lens]
+        noises = [torch.randn(t, v.x.shape[-1], generator=gen) for t in lens]
+        host = pack_on_host(texts, [t // 3 for t in lens], lens, noises, b, n, self.dit.cfg.text_mask_padding)
+        for dst, src in ((v.ids, host.ids), (v.valid, host.valid), (v.keep, host.keep), (v.pos, host.pos),
+                         (v.seg, host.seg), (v.ref, host.ref), (v.cu_seqlens, host.cu_seqlens)):
+            dst.copy_(src)
         self.buffers.step.copy_(torch.tensor([0.25, 0.05]))
         self.buffers.cfg.fill_(2.0)
         self.buffers.mods.copy_(self.dit.modulations(self.buffers.step[0]))
@@ -490,9 +588,10 @@ class FastSampler:
         self._compiled = False
 
     def _capture_all(self, buckets: list[tuple[int, int]]) -> None:
-        """One graph per bucket, largest first, all in one memory pool (no tensor outlives a capture,
-        and graphs never run at once, so they can share it). A bucket whose capture fails is logged
-        and runs its step uncaptured (correct, slower)."""
+        """Two graphs per bucket (its step and its prologue, the text embedding), largest bucket
+        first, all in one memory pool (no tensor outlives a capture, and graphs never run at once,
+        so they can share it). A bucket whose capture fails is logged and runs uncaptured (correct,
+        slower)."""
         dev = self.device
         pool = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream(device=dev)
@@ -505,11 +604,14 @@ class FastSampler:
                     side.wait_stream(torch.cuda.current_stream(dev))
                     with torch.cuda.stream(side):  # warm-up off the capture: lazy inits, autotuning, cuBLAS
                         static_step(self.dit, v, self.buffers.step, self.buffers.cfg, self.buffers.mods)
+                        static_prologue(self.dit, v)
                     torch.cuda.current_stream(dev).wait_stream(side)
-                    graph = torch.cuda.CUDAGraph()
+                    graph, prologue = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
                     with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
                         static_step(self.dit, v, self.buffers.step, self.buffers.cfg, self.buffers.mods)
-                    self._graphs[(b, t)] = graph
+                    with torch.cuda.graph(prologue, pool=pool, capture_error_mode="thread_local"):
+                        static_prologue(self.dit, v)
+                    self._graphs[(b, t)], self._prologues[(b, t)] = graph, prologue
                 except Exception as exc:  # noqa: BLE001 - keep the other buckets
                     errors[f"{b}x{t}"] = f"{type(exc).__name__}: {exc}"[:500]
                     torch.cuda.synchronize(dev)
@@ -550,6 +652,7 @@ class FastSampler:
         if not math.isfinite(err) or err > tol:
             self.ready = False
             self._graphs.clear()
+            self._prologues.clear()
             stats["self_check_failed"] = f"relative error {err:.3g} > {tol} (fast path off; eager sampler serves)"
             self.log(f"SELF-CHECK FAILED: {stats['self_check_failed']}")
 
@@ -580,7 +683,10 @@ def vocode_batch(vocos, mels: list[Tensor]) -> list[Tensor]:
     x = torch.zeros(len(mels), cfg.input_channels, t_max, device=param.device, dtype=param.dtype)
     for i, m in enumerate(mels):
         x[i, :, : lens[i]] = m.to(device=param.device, dtype=param.dtype)
-    lens_t = torch.tensor(lens, device=param.device)
+    # lengths to the device without a stream sync (a pageable copy would wait for the DiT steps
+    # queued before it, and the vocoder's launches would then start on an idle GPU)
+    lens_host = torch.tensor(lens, pin_memory=param.is_cuda)
+    lens_t = lens_host.to(param.device, non_blocking=True)
     keep = (torch.arange(t_max, device=param.device)[None, :] < lens_t[:, None])[:, None, :]  # [B, 1, T]
     bb = vocos.backbone
     h = bb.embed(x)  # x is already zero past each length
