@@ -305,10 +305,11 @@ def packed_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_se
     tokens [cu_seqlens[i], cu_seqlens[i + 1]) (int32 [S + 1], cu_seqlens[-1] == N); every token
     belongs to one sequence. -> [N, H, Dh].
 
-    On CUDA: flash attention's varlen kernel (no padding computed, no mask read). Elsewhere (and
-    on a torch without it): SDPA over the whole axis with a block-diagonal mask, the same result
-    (used by the CPU tests; N^2 memory)."""
-    varlen = _varlen_attn() if q.is_cuda else None
+    On CUDA in fp16 / bf16: flash attention's varlen kernel (no padding computed, no mask read).
+    Elsewhere (CPU, fp32, a torch without it): SDPA over the whole axis with a block-diagonal mask,
+    the same result (used by the CPU tests; N^2 memory)."""
+    # flash attention runs fp16 / bf16 only; an fp32 DiT (tests, debugging) takes the masked path
+    varlen = _varlen_attn() if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) else None
     if varlen is not None:
         return varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen)
     n = q.shape[0]

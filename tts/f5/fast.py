@@ -48,6 +48,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.profiler import record_function
@@ -247,7 +248,7 @@ def packed_index(lens: list[int]) -> tuple[Tensor, Tensor, Tensor]:
 @dataclass
 class HostPack:
     """One batch packed on the host for an (b, n) bucket: what `FastSampler` copies into its static
-    buffers (pinned when the sampler is on CUDA, so the copies never wait for the stream)."""
+    buffers (views of a `HostStaging`, pinned when the sampler is on CUDA)."""
 
     x: Tensor  # [n, C] float32: each item's noise, zero elsewhere
     ids: Tensor  # [n] long: text id + 1 on each item's first min(len(text), T_i) frames, 0 elsewhere
@@ -260,34 +261,54 @@ class HostPack:
     starts: list[int]  # each item's first token
 
 
+class HostStaging:
+    """Host buffers a batch is packed into, allocated once at the largest bucket (pinned on CUDA, so
+    the copies to the device are asynchronous). Written through numpy views: in the Triton stub,
+    per-request pinned allocations (cudaHostAlloc, ~3 ms) and torch's CPU copies (thread-pool
+    start-up, ~6 ms) cost more than the whole batch's arithmetic (H200, 2026-12-02). `ready`, when
+    set, is the CUDA event after the last copies out of them; it is waited for before they are
+    written again."""
+
+    def __init__(self, max_b: int, max_n: int, mel_dim: int, pin: bool = False):
+        self.x = torch.zeros(max_n, mel_dim, dtype=torch.float32, pin_memory=pin)
+        self.ints = torch.zeros(3, max_n, dtype=torch.long, pin_memory=pin)  # ids, pos, seg
+        self.flags = torch.zeros(3, max_n, dtype=torch.bool, pin_memory=pin)  # valid, keep, ref
+        self.cu = torch.zeros(4 * max_b + 1, dtype=torch.int32, pin_memory=pin)
+        self.x_np, self.ints_np, self.flags_np, self.cu_np = (t.numpy() for t in (self.x, self.ints, self.flags, self.cu))
+        self.ready = None
+
+
 def pack_on_host(text_ids: list[list[int]], ref_lens: list[int], total_lens: list[int], noises: list[Tensor],
-                 b: int, n: int, text_mask_padding: bool, pin: bool = False) -> HostPack:
+                 b: int, n: int, text_mask_padding: bool, into: HostStaging | None = None) -> HostPack:
     """Lay items out as `DiT.forward_packed` / `DiT.embed_text_packed` read them: item i at
-    sum_{j<i} (T_j + ITEM_GAP). noises[i]: [>= T_i, C] on the host. The text is cut at the item's
-    frames and `keep` follows `DiT.embed_text` (the text's positions with text_mask_padding, else
-    all the item's frames)."""
-    mel_dim = noises[0].shape[-1]
-    x = torch.zeros(n, mel_dim, dtype=torch.float32, pin_memory=pin)
-    ids = torch.zeros(n, dtype=torch.long, pin_memory=pin)
-    valid = torch.zeros(n, dtype=torch.bool, pin_memory=pin)
-    pos = torch.zeros(n, dtype=torch.long, pin_memory=pin)
-    seg = torch.full((n,), b, dtype=torch.long, pin_memory=pin)
-    ref = torch.zeros(n, dtype=torch.bool, pin_memory=pin)
+    sum_{j<i} (T_j + ITEM_GAP). noises[i]: [>= T_i, C] float32 on the host. The text is cut at the
+    item's frames and `keep` follows `DiT.embed_text` (the text's positions with
+    text_mask_padding, else all the item's frames). Writes into `into` (default: fresh buffers)."""
+    st = into if into is not None else HostStaging(b, n, noises[0].shape[-1])
+    if st.ready is not None:
+        st.ready.synchronize()  # the previous batch's copies out of these buffers are done
+    x, (ids, pos, seg), (valid, keep, ref) = st.x_np[:n], st.ints_np[:, :n], st.flags_np[:, :n]
+    x.fill(0.0)
+    ids.fill(0)
+    pos.fill(0)
+    seg.fill(b)
+    valid.fill(False)
+    ref.fill(False)
     starts, start = [], 0
     for i, (text, r, t) in enumerate(zip(text_ids, ref_lens, total_lens)):
         k = min(len(text), t)
-        x[start: start + t] = noises[i][:t]
-        ids[start: start + k] = torch.as_tensor(list(text[:k]), dtype=torch.long) + 1
+        x[start: start + t] = noises[i][:t].numpy()
+        ids[start: start + k] = np.asarray(text[:k], dtype=np.int64) + 1
         valid[start: start + t] = True
-        pos[start: start + t] = torch.arange(t)
+        pos[start: start + t] = np.arange(t)
         seg[start: start + t] = i
         ref[start: start + r] = True
         starts.append(start)
         start += t + ITEM_GAP
-    keep = ((ids != 0) & valid) if text_mask_padding else valid.clone()
-    cu = torch.tensor(packed_cu_seqlens(list(total_lens), b, n), dtype=torch.int32)
-    return HostPack(x, ids, valid, keep.pin_memory() if pin else keep, pos, seg, ref,
-                    cu.pin_memory() if pin else cu, starts)
+    np.logical_and(ids != 0, valid, out=keep) if text_mask_padding else np.copyto(keep, valid)
+    st.cu_np[: 4 * b + 1] = packed_cu_seqlens(list(total_lens), b, n)
+    return HostPack(st.x[:n], st.ints[0, :n], st.flags[0, :n], st.flags[1, :n], st.ints[1, :n], st.ints[2, :n],
+                    st.flags[2, :n], st.cu[: 4 * b + 1], starts)
 
 
 def static_prologue(dit: DiT, v: BucketViews) -> None:
@@ -353,6 +374,8 @@ class FastSampler:
         with torch.inference_mode(False):  # normal tensors even if built under inference mode (see step_context)
             self.buffers = StaticBuffers(max(options.batch_buckets), max(options.length_buckets), cfg.mel_dim,
                                          cfg.text_dim, dit.dtype, self.device, dit.modulation_rows, cfg.dim)
+        self.staging = HostStaging(max(options.batch_buckets), max(options.length_buckets), cfg.mel_dim,
+                                   pin=self.device.type == "cuda")
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # each bucket's step
         self._prologues: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # each bucket's text embedding
         self._tables: dict[tuple[int, float | None, bool], tuple[Tensor, Tensor]] = {}
@@ -469,10 +492,13 @@ class FastSampler:
         v = self.buffers.views(*key)
         with record_function("f5.load_inputs"):  # names for tools/gpu_f5_request_profile.py
             host = pack_on_host(text_ids, refs, lens, noises, key[0], key[1], self.dit.cfg.text_mask_padding,
-                                pin=self.device.type == "cuda")
+                                into=self.staging)
             for dst, src in ((v.x, host.x), (v.ids, host.ids), (v.valid, host.valid), (v.keep, host.keep),
                              (v.pos, host.pos), (v.seg, host.seg), (v.ref, host.ref), (v.cu_seqlens, host.cu_seqlens)):
                 dst.copy_(src, non_blocking=True)
+            if self.device.type == "cuda":
+                self.staging.ready = torch.cuda.Event()
+                self.staging.ready.record()
             v.cond.zero_()
             for start, m in zip(host.starts, ref_mels):
                 v.cond[start: start + m.shape[0]].copy_(m, non_blocking=True)
@@ -683,10 +709,10 @@ def vocode_batch(vocos, mels: list[Tensor]) -> list[Tensor]:
     x = torch.zeros(len(mels), cfg.input_channels, t_max, device=param.device, dtype=param.dtype)
     for i, m in enumerate(mels):
         x[i, :, : lens[i]] = m.to(device=param.device, dtype=param.dtype)
-    # lengths to the device without a stream sync (a pageable copy would wait for the DiT steps
-    # queued before it, and the vocoder's launches would then start on an idle GPU)
-    lens_host = torch.tensor(lens, pin_memory=param.is_cuda)
-    lens_t = lens_host.to(param.device, non_blocking=True)
+    # lengths to the device without a stream sync: a blocking copy would wait for the DiT steps
+    # queued before it, and the vocoder's launches would then start on an idle GPU (a pageable
+    # non-blocking copy is staged by the driver at once, with no sync)
+    lens_t = torch.tensor(lens).to(param.device, non_blocking=True)
     keep = (torch.arange(t_max, device=param.device)[None, :] < lens_t[:, None])[:, None, :]  # [B, 1, T]
     bb = vocos.backbone
     h = bb.embed(x)  # x is already zero past each length
