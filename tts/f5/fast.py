@@ -235,16 +235,6 @@ def packed_cu_seqlens(lens: list[int], b: int, n: int) -> list[int]:
     return bounds
 
 
-def packed_index(lens: list[int]) -> tuple[Tensor, Tensor, Tensor]:
-    """(item, frame, dst) on the host, one entry per real frame of items of `lens`: its item, its
-    frame index within the item, its index on the packed axis (item i starts at
-    sum_{j<i} (L_j + ITEM_GAP))."""
-    starts = torch.tensor([0] + lens[:-1]).cumsum(0) + ITEM_GAP * torch.arange(len(lens))
-    frame = torch.cat([torch.arange(n) for n in lens])
-    item = torch.cat([torch.full((n,), i) for i, n in enumerate(lens)])
-    return item, frame, starts[item] + frame
-
-
 @dataclass
 class HostPack:
     """One batch packed on the host for an (b, n) bucket: what `FastSampler` copies into its static
@@ -259,6 +249,12 @@ class HostPack:
     ref: Tensor  # [n] bool: reference frames
     cu_seqlens: Tensor  # [4 b + 1] int32
     starts: list[int]  # each item's first token
+
+    def copy_into(self, v: "BucketViews", non_blocking: bool = False) -> None:
+        """Everything but the reference mel into a bucket's static buffers."""
+        for dst, src in ((v.x, self.x), (v.ids, self.ids), (v.valid, self.valid), (v.keep, self.keep),
+                         (v.pos, self.pos), (v.seg, self.seg), (v.ref, self.ref), (v.cu_seqlens, self.cu_seqlens)):
+            dst.copy_(src, non_blocking=non_blocking)
 
 
 class HostStaging:
@@ -493,9 +489,7 @@ class FastSampler:
         with record_function("f5.load_inputs"):  # names for tools/gpu_f5_request_profile.py
             host = pack_on_host(text_ids, refs, lens, noises, key[0], key[1], self.dit.cfg.text_mask_padding,
                                 into=self.staging)
-            for dst, src in ((v.x, host.x), (v.ids, host.ids), (v.valid, host.valid), (v.keep, host.keep),
-                             (v.pos, host.pos), (v.seg, host.seg), (v.ref, host.ref), (v.cu_seqlens, host.cu_seqlens)):
-                dst.copy_(src, non_blocking=True)
+            host.copy_into(v, non_blocking=True)
             if self.device.type == "cuda":
                 self.staging.ready = torch.cuda.Event()
                 self.staging.ready.record()
@@ -555,16 +549,13 @@ class FastSampler:
         n, b = v.valid.shape[0], (v.cu_seqlens.shape[0] - 1) // 4
         per = max(n // b - ITEM_GAP, 1)
         lens = [int(torch.randint(max(per // 2, 1), per + 1, (1,), generator=gen)) for _ in range(b)]
-        v.x.copy_(torch.randn(n, v.x.shape[-1], generator=gen))
         v.cond.copy_(torch.randn(n, v.cond.shape[-1], generator=gen))
         v.text_cond.copy_(torch.randn(n, v.text_cond.shape[-1], generator=gen))
         v.text_uncond.copy_(torch.randn(n, v.text_uncond.shape[-1], generator=gen))
         texts = [torch.randint(0, self.dit.cfg.text_num_embeds, (max(t // 2, 1),), generator=gen).tolist() for t in lens]
         noises = [torch.randn(t, v.x.shape[-1], generator=gen) for t in lens]
         host = pack_on_host(texts, [t // 3 for t in lens], lens, noises, b, n, self.dit.cfg.text_mask_padding)
-        for dst, src in ((v.ids, host.ids), (v.valid, host.valid), (v.keep, host.keep), (v.pos, host.pos),
-                         (v.seg, host.seg), (v.ref, host.ref), (v.cu_seqlens, host.cu_seqlens)):
-            dst.copy_(src)
+        host.copy_into(v)  # x: each item's noise, zero in the gaps, as a request lays it out
         self.buffers.step.copy_(torch.tensor([0.25, 0.05]))
         self.buffers.cfg.fill_(2.0)
         self.buffers.mods.copy_(self.dit.modulations(self.buffers.step[0]))
@@ -729,6 +720,6 @@ def vocode_batch(vocos, mels: list[Tensor]) -> list[Tensor]:
 
 
 __all__ = ["FAST_ENV", "ITEM_GAP", "MODES", "FastOptions", "FastSampler", "StaticBuffers", "BucketViews", "bucket_for",
-           "packed_cu_seqlens", "packed_index", "packed_length",
+           "packed_cu_seqlens", "packed_length",
            "batch_buckets_for", "configure_compile_cache", "default_cache_dir", "eager_stance", "step_context",
            "fast_options_from_env", "mod_table", "static_step", "step_table", "vocode_batch"]
