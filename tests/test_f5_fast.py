@@ -57,7 +57,7 @@ def test_bucket_for():
     assert F.bucket_for(3, (1, 2, 4, 8)) == 4
     assert F.bucket_for(8, (1, 2, 4, 8)) == 8
     assert F.bucket_for(9, (1, 2, 4, 8)) is None
-    assert F.bucket_for(938, F.DEFAULT_LENGTH_BUCKETS) == 1024
+    assert F.bucket_for(938, F.DEFAULT_LENGTH_BUCKETS) == 960
     assert F.bucket_for(2049, F.DEFAULT_LENGTH_BUCKETS) == 2304
 
 
@@ -65,9 +65,9 @@ def test_default_length_buckets_cover_the_pipeline_range():
     b = F.DEFAULT_LENGTH_BUCKETS
     assert b[0] == 128 and list(b) == sorted(set(b))
     assert b[-1] >= 8 * (F.MAX_ITEM_FRAMES + F.ITEM_GAP) - F.ITEM_GAP  # 8 items of the largest size
-    assert all(t % 128 == 0 for t in b)
-    # rounding waste below 2048 frames is at most one 128-frame step, above at most 1/8
-    assert max(nxt - cur for cur, nxt in zip(b, b[1:]) if nxt <= 2048) == 128
+    assert all(t % 64 == 0 for t in b)
+    # rounding waste below 2048 frames is at most one 64-frame step, above at most 1/8
+    assert max(nxt - cur for cur, nxt in zip(b, b[1:]) if nxt <= 2048) == 64
     assert all((nxt - cur) / cur <= 1 / 8 for cur, nxt in zip(b, b[1:]) if cur >= 2048)
 
 
@@ -119,6 +119,27 @@ def test_options_from_env(value, mode):
 def test_options_from_env_rejects_unknown_values():
     with pytest.raises(ValueError, match=F.FAST_ENV):
         F.fast_options_from_env(env={F.FAST_ENV: "fastest"})
+
+
+def test_fused_gelu_switch(tmp_path):
+    """STUDIO_F5_FUSED_GELU picks the feed-forward form the fast path sets on CUDA; on the CPU the
+    flag is ignored (ATen's CPU epilogue would apply the erf GELU, not upstream's tanh one)."""
+    assert F.fast_options_from_env(env={}).fused_gelu
+    assert not F.fast_options_from_env(env={F.FUSED_GELU_ENV: "0"}).fused_gelu
+    with pytest.raises(ValueError, match=F.FUSED_GELU_ENV):
+        F.fast_options_from_env(env={F.FUSED_GELU_ENV: "maybe"})
+    dit = tiny_dit(tmp_path)
+    x = torch.randn(2, 7, dit.cfg.dim)
+    ff = dit.transformer_blocks[0].ff
+    ref = ff(x)
+    dit.fuse_gelu()
+    assert all(b.ff.fused_gelu for b in dit.transformer_blocks)
+    with F.unfused_gelu(dit):
+        assert not any(b.ff.fused_gelu for b in dit.transformer_blocks)
+    assert all(b.ff.fused_gelu for b in dit.transformer_blocks)  # restored
+    torch.testing.assert_close(ff(x), ref, rtol=0, atol=0)  # CPU: the two-op form regardless
+    fs = F.FastSampler(dit.fuse_gelu(False), small_options())
+    assert not fs.stats["fused_gelu"] and not ff.fused_gelu  # no graphs on the CPU: nothing switched
 
 
 def test_graph_mode_needs_cuda(tmp_path):
@@ -413,8 +434,10 @@ def test_graph_path_equals_eager_fp32(tmp_path):
     args = batch([300, 200, 70], [90, 60, 20], device="cuda")
     assert fs.bucket(3, F.packed_length([300, 200, 70])) == (4, 768)  # packed, varlen attention
     assert fs.bucket(1, F.packed_length([70])) == (1, 128)  # one item: two padded rows
+    assert stats["fused_gelu"] and dit.transformer_blocks[0].ff.fused_gelu
     out = fs.sample(dit, *args, 8, 2.0, -1.0)
-    ref = sample(dit, *args, 8, 2.0, -1.0)
+    with F.unfused_gelu(dit):  # the reference: the plain feed-forward (bias + GELU as their own op)
+        ref = sample(dit, *args, 8, 2.0, -1.0)
     assert float((out - ref).norm() / ref.norm()) <= 1e-4
     solo = fs.sample(dit, *[a[2:] for a in args], 8, 2.0, -1.0)
     assert float((out[2] - solo[0]).norm() / solo[0].norm()) <= 1e-4
@@ -433,12 +456,32 @@ def test_graph_path_equals_eager_bf16(tmp_path, mode):
     args = batch([300, 200, 70], [90, 60, 20], device="cuda")
     assert fs.bucket(3, F.packed_length([300, 200, 70])) is not None
     out = fs.sample(dit, *args, 8, 2.0, -1.0)
-    with F.eager_stance():
+    with F.eager_stance(), F.unfused_gelu(dit):
         ref = sample(dit, *args, 8, 2.0, -1.0)
     assert torch.isfinite(out).all()
     assert float((out - ref).norm() / ref.norm()) <= 3e-2
     solo = fs.sample(dit, *[a[2:] for a in args], 8, 2.0, -1.0)[0, :70]  # one item: the padded-rows path
     assert float((solo - ref[2, :70]).norm() / ref[2, :70].norm()) <= 3e-2
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_gelu_feed_forward_equals_two_op_form(dtype):
+    """The epilogue form (cuBLASLt bias + tanh GELU) computes upstream's feed-forward: at the
+    full-size width and a request's row count (CFG halves of 2 x 1,280 packed frames)."""
+    from tts.f5.dit import FeedForward
+
+    torch.manual_seed(0)
+    ff = FeedForward(1024, 2).to("cuda", dtype)
+    x = torch.randn(2, 1280, 1024, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        ref = ff(x)
+        ff.fused_gelu = True
+        out = ff(x)
+    assert out.shape == ref.shape and out.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the hidden rounds once instead of twice
+    assert float((out.float() - ref.float()).norm() / ref.float().norm()) <= tol
 
 
 @pytest.mark.gpu

@@ -48,6 +48,33 @@ def wall_ms(fn, device, iters: int) -> float:
     return round(statistics.median(times), 2)
 
 
+def feed_forward_forms(dim: int, mult: int, rows: int, device, dtype, iters: int = 50) -> dict:
+    """Device time of one feed-forward in its two forms at a request's row count: the first
+    product then bias + GELU as their own kernel (`FeedForward.fused_gelu` False), and bias + GELU
+    in the product's epilogue (True). CUDA events around `iters` calls, after a warm-up."""
+    from tts.f5.dit import FeedForward
+
+    ff = FeedForward(dim, mult).to(device, dtype)
+    x = torch.randn(rows, dim, device=device, dtype=dtype)
+    out = {"rows": rows, "dim": dim, "inner": dim * mult}
+    for fused in (False, True):
+        ff.fused_gelu = fused
+        with torch.no_grad():
+            for _ in range(5):
+                ff(x)
+            if device.type != "cuda":
+                out[("fused" if fused else "two_op") + "_us"] = None  # no device timer
+                continue
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(iters):
+                ff(x)
+            end.record()
+            torch.cuda.synchronize(device)
+            out[("fused" if fused else "two_op") + "_us"] = round(start.elapsed_time(end) / iters * 1000, 2)
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoints", type=Path, required=True)
@@ -68,6 +95,10 @@ def main(argv=None) -> int:
     if device.type == "cuda":
         out["device_name"] = torch.cuda.get_device_name(device)
     out["warmup"] = pipe.warmup()
+    cfg = pipe.dit.cfg
+    out["feed_forward_forms"] = [feed_forward_forms(cfg.dim, cfg.ff_mult, rows, device, dtype)
+                                 for rows in (2 * 512, 2 * 1280, 8 * 2 * 640)]  # first chunk, c=1, c=8
+    print("feed_forward_forms", json.dumps(out["feed_forward_forms"]), flush=True)
     items = [json.loads(line) for line in (ROOT / "samples" / "bench_workload.jsonl").read_text().splitlines()
              if line.strip()][: args.requests]
     opts = F5Options(nfe_steps=16, seed=7)

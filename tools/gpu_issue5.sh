@@ -7,6 +7,7 @@
 #   bash tools/gpu_issue5.sh f5-profile      # where one F5 ODE step's time goes (kernels, attention backends)
 #   bash tools/gpu_issue5.sh f5-quick        # F5 fast server only, offline + streaming c=1,8, with [timing] lines
 #   bash tools/gpu_issue5.sh f5-request      # where one F5 request's engine time goes (pipeline phases)
+#   bash tools/gpu_issue5.sh gpu-tests       # the `-m gpu` tests (pytest carried in .whl/pytest)
 #   bash tools/gpu_issue5.sh all --tiny      # CPU dry run of every stage with tiny checkpoints
 #
 # Run from the repo copy with `.whl` carried (numpy 1.26, tritonclient, python-rapidjson, soundfile,
@@ -125,6 +126,18 @@ if want f5-request; then
   grep -v 'USDT' "$W/f5_request.log" | tail -n 12 | tee -a "$LOG"
   cp "$W/f5-request/f5_request_profile.json" "$OUT/" 2>/dev/null
   rm -rf "$W/f5-ck"
+  pack
+fi
+
+if want gpu-tests; then
+  say "GPU tests (python -m pytest -m gpu tests/test_f5_fast.py: graph/compiled path equals eager, fused GELU, batched Vocos)"
+  PT=$W/pytest-pkgs
+  $PY -m pip install -q --no-index --no-deps --target "$PT" .whl/pytest/*.whl >>"$LOG" 2>&1
+  [[ -n $TINY ]] || $PY -m pip install -q --no-index --no-deps $(ls .whl/*.whl | grep -v /numpy-) >>"$LOG" 2>&1
+  PYTHONPATH=$PT timeout --kill-after=10 240 $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_f5_fast.py \
+    >"$W/gpu_tests.log" 2>&1
+  say "GPU tests exit $?"
+  tail -n 15 "$W/gpu_tests.log" | tee -a "$LOG"
   pack
 fi
 

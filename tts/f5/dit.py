@@ -399,8 +399,18 @@ class FeedForward(nn.Module):
         # Indices match upstream: ff.0.0 Linear, ff.0.1 GELU(tanh), ff.1 Dropout (identity here), ff.2 Linear.
         self.ff = nn.Sequential(nn.Sequential(nn.Linear(dim, inner), nn.GELU(approximate="tanh")),
                                 nn.Identity(), nn.Linear(inner, dim))
+        # Set by the fast path on CUDA (`DiT.fuse_gelu`): bias and tanh GELU in the first product's
+        # epilogue (cuBLASLt), so the [rows, inner] hidden is written once instead of written, read
+        # and written again by a separate bias+GELU kernel. Only on CUDA: ATen's CPU kernel of the
+        # same op applies the exact (erf) GELU, not upstream's tanh one.
+        self.fused_gelu = False
 
     def forward(self, x: Tensor) -> Tensor:
+        """x [..., dim] -> [..., dim]."""
+        if self.fused_gelu and x.is_cuda:
+            up = self.ff[0][0]
+            hidden = torch._addmm_activation(up.bias, x.reshape(-1, x.shape[-1]), up.weight.t(), use_gelu=True)
+            return self.ff[2](hidden.view(*x.shape[:-1], hidden.shape[-1]))
         return self.ff(x)
 
 
@@ -443,6 +453,13 @@ class DiT(nn.Module):
         for block in self.transformer_blocks:
             if getattr(block.attn, "qkv_weight", None) is None:
                 block.attn.fuse_qkv()
+        return self
+
+    def fuse_gelu(self, on: bool = True) -> "DiT":
+        """Every block's feed-forward: bias + GELU in the matrix product's epilogue on CUDA
+        (`FeedForward.fused_gelu`; same function, rounding differs), or back to the two-op form."""
+        for block in self.transformer_blocks:
+            block.ff.fused_gelu = on
         return self
 
     def embed_text(self, text_ids: Tensor, seq_lens: Tensor, frames: int | None = None) -> tuple[Tensor, Tensor]:

@@ -59,6 +59,7 @@ from tts.f5.sampler import guided_euler, timesteps
 from tts.f5.sampler import sample as eager_sample
 
 FAST_ENV = "STUDIO_F5_FAST"
+FUSED_GELU_ENV = "STUDIO_F5_FUSED_GELU"  # 0: the feed-forward's GELU as its own kernel (for comparisons)
 MODES = ("off", "eager", "graph", "compile")
 #: Env values that switch the fast path off / pick the default mode.
 OFF_VALUES = ("0", "off", "false", "no")
@@ -67,12 +68,13 @@ DEFAULT_MODE = "compile"
 
 #: Batch buckets: the pipeline batches at most 8 chunks (F5Pipeline max_batch).
 DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8)
-#: Packed-frame buckets (all items of a batch plus their gaps): every 128 frames (1.37 s) up to 2048
+#: Packed-frame buckets (all items of a batch plus their gaps): every 64 frames (0.68 s) up to 2048
 #: (one 12 s prompt plus a ~10 s chunk, the pipeline's budget for one item), then coarser steps
-#: up to 34816 (8 items of 4096 frames and their gaps; 4096 was the padded layout's per-item limit). Rounding
-#: costs at most 128 frames below 2048 (under 11 % at the ~1,230 of a request's two chunks), at
-#: most 1/8 above.
-DEFAULT_LENGTH_BUCKETS = (tuple(range(128, 2048 + 1, 128)) + tuple(range(2048 + 256, 4096 + 1, 256))
+#: up to 34816 (8 items of 4096 frames and their gaps; 4096 was the padded layout's per-item limit).
+#: Rounding costs at most 64 frames below 2048 (the benchmark workload's requests pack to 1,167-1,373
+#: frames: 2.3 % of padding on average at 64-frame steps, 5.5 % at 128), at most 1/8 above. Each
+#: length below 2048 is one more graph per batch bucket at start-up (~0.1 s to capture; no compile).
+DEFAULT_LENGTH_BUCKETS = (tuple(range(128, 2048 + 1, 64)) + tuple(range(2048 + 256, 4096 + 1, 256))
                           + tuple(range(4096 + 512, 8192 + 1, 512)) + tuple(range(8192 + 1024, 16384 + 1, 1024))
                           + tuple(range(16384 + 2048, 34816 + 1, 2048)))
 #: Frames a single item may have in a bucket's graph (buckets (b, n) with n > b * this are not captured).
@@ -99,6 +101,7 @@ class FastOptions:
     compile_backend: str = "inductor"  # torch.compile backend ("eager"/"aot_eager" test the plumbing on CPU)
     compile_mode: str | None = None  # inductor mode: None (default) or "max-autotune-no-cudagraphs"
     self_check: bool = True  # compare one graph-path sample with the eager sampler at start-up
+    fused_gelu: bool = True  # on CUDA: feed-forward bias + GELU in the GEMM epilogue (`DiT.fuse_gelu`)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -122,6 +125,10 @@ def fast_options_from_env(max_batch: int = 8, env: dict | None = None, **overrid
         mode = raw
     else:
         raise ValueError(f"{FAST_ENV}={raw!r} is not understood; use 0 (off), eager, graph or compile")
+    gelu = env.get(FUSED_GELU_ENV, "").strip().lower()
+    if gelu not in OFF_VALUES + DEFAULT_VALUES:
+        raise ValueError(f"{FUSED_GELU_ENV}={gelu!r} is not understood; use 0 (off) or 1 (on, the default)")
+    overrides.setdefault("fused_gelu", gelu not in OFF_VALUES)
     return FastOptions(mode=mode, batch_buckets=batch_buckets_for(max_batch), **overrides)
 
 
@@ -159,6 +166,18 @@ def eager_stance():
         return
     with set_stance("force_eager"):
         yield
+
+
+@contextmanager
+def unfused_gelu(dit: DiT):
+    """The DiT's feed-forwards in their two-op form for the duration (self-check reference)."""
+    was = [block.ff.fused_gelu for block in dit.transformer_blocks]
+    dit.fuse_gelu(False)
+    try:
+        yield
+    finally:
+        for block, on in zip(dit.transformer_blocks, was):
+            block.ff.fused_gelu = on
 
 
 # -- static buffers -----------------------------------------------------------------------------
@@ -365,6 +384,8 @@ class FastSampler:
                              f"use mode 'eager' or {FAST_ENV}=0")
         # CUDA graphs on CUDA; "compile" on a CPU DiT compiles without graphs (tests the plumbing).
         self.use_graphs = self.device.type == "cuda" and self.mode in ("graph", "compile")
+        if self.use_graphs and options.fused_gelu:
+            dit.fuse_gelu()
         self.log = log or (lambda msg: print(f"[f5-fast] {msg}", file=sys.stderr, flush=True))
         cfg = dit.cfg
         with torch.inference_mode(False):  # normal tensors even if built under inference mode (see step_context)
@@ -377,7 +398,7 @@ class FastSampler:
         self._tables: dict[tuple[int, float | None, bool], tuple[Tensor, Tensor]] = {}
         self._compiled = False
         self.ready = self.mode == "eager"  # the other modes become ready in warmup()
-        self.stats: dict = {"mode": self.mode}
+        self.stats: dict = {"mode": self.mode, "fused_gelu": bool(self.use_graphs and options.fused_gelu)}
 
     # -- public ---------------------------------------------------------------------------------
     def bucket(self, batch: int, packed: int) -> tuple[int, int] | None:
@@ -659,7 +680,7 @@ class FastSampler:
         n1 = int(lens[1])
         solo = self.sample(dit, cond[1:, :n1].to(dev), ids[1:].to(dev), refs[1:], lens[1:], noise[1:, :n1].to(dev),
                            SELF_CHECK_NFE, 2.0, -1.0)
-        with eager_stance():
+        with eager_stance(), unfused_gelu(dit):  # the reference is the plain two-op feed-forward
             ref = eager_sample(dit, *args)
         fast = torch.cat((fast.flatten(), solo.flatten()))
         ref = torch.cat((ref.flatten(), ref[1, :n1].flatten()))
