@@ -300,18 +300,45 @@ def _varlen_attn():
     return varlen_attn
 
 
+#: Kernel for packed (variable-length) attention on CUDA in fp16 / bf16: "flash" (flash attention's
+#: varlen kernel through torch.nn.attention.varlen) or "cudnn" (cuDNN's fused attention on ragged
+#: sequences, the kernel SDPA uses for nested tensors). The fast path measures both at start-up and
+#: sets the faster (`tts.f5.fast.choose_packed_attention`); a module global, so torch.compile
+#: guards on it and the graphs capture the chosen kernel.
+PACKED_ATTENTION = {"backend": "flash"}
+PACKED_ATTENTION_BACKENDS = ("flash", "cudnn")
+
+
+@torch.library.custom_op("f5studio::cudnn_packed_attention", mutates_args=())
+def cudnn_packed_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
+    """cuDNN fused attention over packed sequences (q, k, v [N, H, Dh] fp16/bf16 on CUDA, cu_seqlens
+    int32 [S + 1]) -> [N, H, Dh]. An opaque op for torch.compile (its fake below gives the shape)."""
+    out = torch.ops.aten._cudnn_attention_forward(q, k, v, None, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                                                  False, 0.0, False, False)[0]
+    return out.view_as(q) if out.is_contiguous() else out.reshape(q.shape)
+
+
+@cudnn_packed_attention.register_fake
+def _(q, k, v, cu_seqlens, max_seqlen):
+    return torch.empty_like(q)
+
+
 def packed_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
     """Attention within each sequence of a packed token axis: q, k, v [N, H, Dh]; sequence i holds
     tokens [cu_seqlens[i], cu_seqlens[i + 1]) (int32 [S + 1], cu_seqlens[-1] == N); every token
-    belongs to one sequence. -> [N, H, Dh].
+    belongs to one sequence; max_seqlen bounds the longest. -> [N, H, Dh].
 
-    On CUDA in fp16 / bf16: flash attention's varlen kernel (no padding computed, no mask read).
-    Elsewhere (CPU, fp32, a torch without it): SDPA over the whole axis with a block-diagonal mask,
-    the same result (used by the CPU tests; N^2 memory)."""
-    # flash attention runs fp16 / bf16 only; an fp32 DiT (tests, debugging) takes the masked path
-    varlen = _varlen_attn() if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) else None
-    if varlen is not None:
-        return varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen)
+    On CUDA in fp16 / bf16: a varlen kernel, no padding computed and no mask read
+    (`PACKED_ATTENTION`: flash attention's or cuDNN's). Elsewhere (CPU, fp32, a torch without
+    them): SDPA over the whole axis with a block-diagonal mask, the same result (used by the CPU
+    tests; N^2 memory)."""
+    # the varlen kernels run fp16 / bf16 only; an fp32 DiT (tests, debugging) takes the masked path
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        if PACKED_ATTENTION["backend"] == "cudnn":
+            return cudnn_packed_attention(q, k, v, cu_seqlens, max_seqlen)
+        varlen = _varlen_attn()
+        if varlen is not None:
+            return varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen)
     n = q.shape[0]
     seq = torch.searchsorted(cu_seqlens[1:].long(), torch.arange(n, device=q.device), right=True)
     mask = seq[:, None] == seq[None, :]

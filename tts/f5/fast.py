@@ -54,12 +54,19 @@ from torch import Tensor
 from torch.profiler import record_function
 
 from tts.compile_cache import CACHE_SUBDIR, DATA_DIR_ENV, configure_compile_cache, default_cache_dir  # noqa: F401
-from tts.f5.dit import DiT
+from tts.f5.dit import PACKED_ATTENTION, PACKED_ATTENTION_BACKENDS, DiT, packed_attention
 from tts.f5.sampler import guided_euler, timesteps
 from tts.f5.sampler import sample as eager_sample
 
 FAST_ENV = "STUDIO_F5_FAST"
 FUSED_GELU_ENV = "STUDIO_F5_FUSED_GELU"  # 0: the feed-forward's GELU as its own kernel (for comparisons)
+ATTENTION_ENV = "STUDIO_F5_ATTENTION"  # packed attention kernel: auto (measured at start-up), flash, cudnn
+ATTENTION_CHOICES = ("auto",) + PACKED_ATTENTION_BACKENDS
+#: Items (frames) of the shapes `choose_packed_attention` times: a request's two chunks at
+#: concurrency 1 (the benchmark workload's typical 474 + 740) and eight first chunks.
+ATTENTION_PROBES = ((474, 740), (480,) * 8)
+#: Largest relative L2 difference accepted between the two kernels' outputs (bf16 rounding).
+ATTENTION_AGREE_TOL = 2e-2
 MODES = ("off", "eager", "graph", "compile")
 #: Env values that switch the fast path off / pick the default mode.
 OFF_VALUES = ("0", "off", "false", "no")
@@ -102,11 +109,15 @@ class FastOptions:
     compile_mode: str | None = None  # inductor mode: None (default) or "max-autotune-no-cudagraphs"
     self_check: bool = True  # compare one graph-path sample with the eager sampler at start-up
     fused_gelu: bool = True  # on CUDA: feed-forward bias + GELU in the GEMM epilogue (`DiT.fuse_gelu`)
+    attention: str = "auto"  # packed attention kernel on CUDA: "auto" (the faster, measured at start-up), "flash", "cudnn"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"fast-path mode must be one of {MODES}; got {self.mode!r} "
                              f"(set {FAST_ENV}=0|eager|graph|compile)")
+        if self.attention not in ATTENTION_CHOICES:
+            raise ValueError(f"attention must be one of {ATTENTION_CHOICES}; got {self.attention!r} "
+                             f"(set {ATTENTION_ENV}=auto|flash|cudnn)")
         for name, values in (("batch_buckets", self.batch_buckets), ("length_buckets", self.length_buckets)):
             if not values or any(int(v) < 1 for v in values) or list(values) != sorted(set(values)):
                 raise ValueError(f"{name} must be strictly increasing positive integers; got {values}")
@@ -129,6 +140,10 @@ def fast_options_from_env(max_batch: int = 8, env: dict | None = None, **overrid
     if gelu not in OFF_VALUES + DEFAULT_VALUES:
         raise ValueError(f"{FUSED_GELU_ENV}={gelu!r} is not understood; use 0 (off) or 1 (on, the default)")
     overrides.setdefault("fused_gelu", gelu not in OFF_VALUES)
+    attention = env.get(ATTENTION_ENV, "").strip().lower() or "auto"
+    if attention not in ATTENTION_CHOICES:
+        raise ValueError(f"{ATTENTION_ENV}={attention!r} is not understood; use auto, flash or cudnn")
+    overrides.setdefault("attention", attention)
     return FastOptions(mode=mode, batch_buckets=batch_buckets_for(max_batch), **overrides)
 
 
@@ -178,6 +193,60 @@ def unfused_gelu(dit: DiT):
     finally:
         for block, on in zip(dit.transformer_blocks, was):
             block.ff.fused_gelu = on
+
+
+def choose_packed_attention(heads: int, dim_head: int, dtype: torch.dtype, device: torch.device,
+                            choice: str = "auto", iters: int = 20) -> dict:
+    """Set `tts.f5.dit.PACKED_ATTENTION` for this process and say why.
+
+    choice "flash" / "cudnn" sets that kernel (cuDNN only if it runs and agrees with flash on a
+    probe); "auto" times both on the packed layouts of ATTENTION_PROBES (q, k, v [2 n, heads,
+    dim_head], CUDA events, the mean of `iters` calls after a warm-up) and keeps the
+    faster. Off CUDA or in fp32 nothing is chosen (the masked path serves). Returns stats:
+    {"chosen", "flash_us", "cudnn_us" (summed over the probes), "max_rel_diff", "error"}.
+    """
+    stats: dict = {"chosen": PACKED_ATTENTION["backend"]}
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return stats
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    probes = []
+    for lens in ATTENTION_PROBES:
+        n = packed_length(list(lens))
+        cu = torch.tensor(packed_cu_seqlens(list(lens), len(lens), n), dtype=torch.int32, device=device)
+        q, k, v = (torch.randn(2 * n, heads, dim_head, generator=gen).to(device, dtype) for _ in range(3))
+        probes.append((q, k, v, cu, n))
+    timings: dict[str, float] = {}
+    outs: dict[str, list[Tensor]] = {}
+    for backend in PACKED_ATTENTION_BACKENDS if choice == "auto" else ("flash", choice):
+        PACKED_ATTENTION["backend"] = backend
+        try:
+            outs[backend] = [packed_attention(q, k, v, cu, n) for q, k, v, cu, n in probes]
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            total = 0.0
+            for q, k, v, cu, n in probes:
+                start.record()
+                for _ in range(iters):
+                    packed_attention(q, k, v, cu, n)
+                end.record()
+                torch.cuda.synchronize(device)
+                total += start.elapsed_time(end) / iters * 1000
+            timings[backend] = total
+            stats[f"{backend}_us"] = round(total, 1)
+        except Exception as exc:  # noqa: BLE001 - a kernel this torch / cuDNN cannot run: not chosen
+            stats["error"] = f"{backend}: {type(exc).__name__}: {exc}"[:500]
+    if "cudnn" in outs and "flash" in outs:
+        diff = max(float((a.float() - b.float()).norm() / b.float().norm())
+                   for a, b in zip(outs["cudnn"], outs["flash"]))
+        stats["max_rel_diff"] = round(diff, 6)
+        if not math.isfinite(diff) or diff > ATTENTION_AGREE_TOL:
+            timings.pop("cudnn", None)
+            stats["error"] = f"cudnn disagrees with flash (relative difference {diff:.3g})"
+    if choice != "auto" and choice in timings:
+        chosen = choice
+    else:
+        chosen = min(timings, key=timings.get) if timings else "flash"
+    PACKED_ATTENTION["backend"] = stats["chosen"] = chosen
+    return stats
 
 
 # -- static buffers -----------------------------------------------------------------------------
@@ -429,6 +498,9 @@ class FastSampler:
         stats = self.stats
         stats.update(buckets=len(buckets), dtype=str(self.dit.dtype).replace("torch.", ""),
                      device=str(self.device))
+        if self.use_graphs:  # before compiling: the compiled blocks and the graphs take the chosen kernel
+            stats["attention"] = choose_packed_attention(self.dit.cfg.heads, self.dit.cfg.dim_head, self.dit.dtype,
+                                                         self.device, self.options.attention)
         if self.mode == "compile":
             stats["cache_dir"] = str(configure_compile_cache(self.options.cache_dir))
             t0 = time.perf_counter()
