@@ -264,6 +264,72 @@ def test_grouped_conv_as_matmul_equals_the_convolution():
         assert torch.allclose(grouped_conv_as_matmul(x, conv), ref, atol=1e-5)
     mask = torch.arange(50)[None, :] < torch.tensor([50, 31, 7])[:, None]
     ref = cpe(x, mask)
-    cpe.as_matmul = True
+    cpe.use_form("matmul")
+    assert cpe.form == "matmul"
     out = cpe(x, mask)
     assert torch.allclose(out, ref, atol=1e-5) and not out[1, 31:].any()
+    with pytest.raises(ValueError, match="form"):
+        cpe.use_form("fft")
+
+
+def test_conv_kernel_weight_layout():
+    """The Triton kernel reads w[g, j, c, o] = conv.weight[g * Og + o, c, j] (it runs on CUDA only;
+    its arithmetic against the convolution is a gpu test in tests/test_f5_fast.py)."""
+    from tts.f5 import conv_kernel
+    from tts.f5.dit import ConvPositionEmbedding
+
+    conv = ConvPositionEmbedding(64).conv1d[0]
+    w = conv_kernel.kernel_weights(conv)
+    g, k, cg, og = w.shape
+    assert (g, k, cg, og) == (conv.groups, 31, 64 // conv.groups, 64 // conv.groups) and w.is_contiguous()
+    for gi, j, c, o in [(0, 0, 0, 0), (1, 5, 2, 3), (g - 1, k - 1, cg - 1, og - 1)]:
+        assert w[gi, j, c, o] == conv.weight[gi * og + o, c, j]
+    if not torch.cuda.is_available():
+        assert not conv_kernel.available()
+
+
+_INTERPRETER_CHECK = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from tts.f5 import conv_kernel
+from tts.f5.dit import ConvPositionEmbedding
+
+torch.manual_seed(0)
+cpe = ConvPositionEmbedding(256)  # 16 groups of 16 channels: the smallest tile tl.dot takes
+worst = 0.0
+with torch.no_grad():
+    for shape in ((1, 150), (2, 70)):
+        x = torch.randn(*shape, 256)
+        for conv in (cpe.conv1d[0], cpe.conv1d[2]):
+            ref = conv(x.transpose(1, 2)).transpose(1, 2)
+            out = conv_kernel.grouped_conv(x, conv_kernel.kernel_weights(conv), conv.bias)
+            assert out.shape == ref.shape
+            worst = max(worst, float((out - ref).abs().max()))
+        mask = torch.arange(shape[1])[None, :] < torch.tensor([shape[1] - 20, 33][:shape[0]])[:, None]
+        ref = cpe(x, mask)
+        cpe.use_form("kernel")
+        out = cpe(x, mask)
+        cpe.use_form("conv")
+        assert not out[~mask].any()
+        worst = max(worst, float((out - ref).abs().max()))
+print(worst)
+"""
+
+
+def test_conv_kernel_arithmetic_under_the_triton_interpreter():
+    """The Triton position convolution equals nn.Conv1d, run by Triton's CPU interpreter where
+    Triton is installed (CUDA builds of torch bring it; the CPU CI does not install it, ~1 GB).
+    A child process: the interpreter must be chosen before Triton is first imported. The same
+    check on the GPU is tests/test_f5_fast.py::test_grouped_conv_kernel_equals_the_convolution."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    root = str(Path(__file__).resolve().parent.parent)
+    done = subprocess.run([sys.executable, "-c", _INTERPRETER_CHECK, root], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert float(done.stdout.strip().splitlines()[-1]) <= 1e-5

@@ -71,6 +71,26 @@ def test_default_length_buckets_cover_the_pipeline_range():
     assert all((nxt - cur) / cur <= 1 / 8 for cur, nxt in zip(b, b[1:]) if cur >= 2048)
 
 
+def test_large_batches_take_the_coarser_length_buckets():
+    """Batches of up to FINE_LENGTH_MAX_BATCH items round to 64-frame steps below 2048, larger ones
+    to 128-frame steps; both end at the same largest bucket, and every bucket a batch can land in
+    is one that warm-up captures."""
+    opts = F.fast_options_from_env(env={})
+    assert opts.lengths_for(2) == F.DEFAULT_LENGTH_BUCKETS
+    assert opts.lengths_for(4) == F.DEFAULT_LARGE_BATCH_LENGTH_BUCKETS
+    assert all(n % 128 == 0 for n in opts.lengths_for(8) if n < 2048)
+    assert max(opts.lengths_for(8)) == max(opts.lengths_for(1))
+    with pytest.raises(ValueError, match="must end where"):
+        F.FastOptions(length_buckets=(128, 256), large_batch_length_buckets=(128,))
+    assert F.FastOptions(length_buckets=(64, 128)).lengths_for(8) == (64, 128)  # no large-batch buckets: the same
+    fs = object.__new__(F.FastSampler)  # the bucket arithmetic reads the options only
+    fs.options = opts
+    captured = set(fs.buckets())
+    for items, packed in [(2, 1246), (3, 1246), (4, 1900), (8, 5000), (1, 479)]:
+        assert fs.bucket(items, packed) in captured
+    assert fs.bucket(2, 1246) == (2, 1280) and fs.bucket(1, 1190) == (1, 1216) and fs.bucket(3, 1190) == (4, 1280)
+
+
 def test_packed_layout():
     """Items back to back with ITEM_GAP frames after each; per half: item, gap, ..., the last gap to
     the half's end; unused item slots are empty sequences."""
@@ -134,9 +154,12 @@ def test_fused_gelu_switch(tmp_path):
     ref = ff(x)
     dit.fuse_gelu()
     assert all(b.ff.fused_gelu for b in dit.transformer_blocks)
-    with F.unfused_gelu(dit):
-        assert not any(b.ff.fused_gelu for b in dit.transformer_blocks)
-    assert all(b.ff.fused_gelu for b in dit.transformer_blocks)  # restored
+    cpe = dit.input_embed.conv_pos_embed
+    cpe.use_form("matmul")
+    with F.reference_forms(dit):
+        assert not any(b.ff.fused_gelu for b in dit.transformer_blocks) and cpe.form == "conv"
+    assert all(b.ff.fused_gelu for b in dit.transformer_blocks) and cpe.form == "matmul"  # restored
+    cpe.use_form("conv")
     torch.testing.assert_close(ff(x), ref, rtol=0, atol=0)  # CPU: the two-op form regardless
     fs = F.FastSampler(dit.fuse_gelu(False), small_options())
     assert not fs.stats["fused_gelu"] and not ff.fused_gelu  # no graphs on the CPU: nothing switched
@@ -153,6 +176,9 @@ def test_attention_choice_options_and_cpu():
         F.fast_options_from_env(env={F.ATTENTION_ENV: "fa3"})
     with pytest.raises(ValueError, match="attention"):
         F.FastOptions(attention="fa3")
+    assert F.fast_options_from_env(env={F.CONV_ENV: "matmul"}).conv == "matmul"
+    with pytest.raises(ValueError, match=F.CONV_ENV):
+        F.fast_options_from_env(env={F.CONV_ENV: "fft"})
     before = dict(D.PACKED_ATTENTION)
     assert F.choose_packed_attention(4, 16, torch.bfloat16, torch.device("cpu")) == {"chosen": before["backend"]}
     assert D.PACKED_ATTENTION == before
@@ -481,7 +507,7 @@ def test_graph_path_equals_eager_bf16(tmp_path, mode):
     args = batch([300, 200, 70], [90, 60, 20], device="cuda")
     assert fs.bucket(3, F.packed_length([300, 200, 70])) is not None
     out = fs.sample(dit, *args, 8, 2.0, -1.0)
-    with F.eager_stance(), F.unfused_gelu(dit):
+    with F.eager_stance(), F.reference_forms(dit):
         ref = sample(dit, *args, 8, 2.0, -1.0)
     assert torch.isfinite(out).all()
     assert float((out - ref).norm() / ref.norm()) <= 3e-2
@@ -541,6 +567,33 @@ def test_cudnn_packed_attention_equals_flash_and_per_sequence_sdpa():
         assert D.PACKED_ATTENTION["backend"] == stats["chosen"]
     finally:
         D.PACKED_ATTENTION.update(before)
+
+
+@pytest.mark.gpu
+@cuda
+def test_grouped_conv_kernel_equals_the_convolution():
+    """The Triton position convolution (`tts.f5.conv_kernel`) computes nn.Conv1d's grouped "same"
+    convolution, at the full-size width on the packed row of a request and on two padded rows."""
+    from tts.f5 import conv_kernel
+    from tts.f5.dit import ConvPositionEmbedding
+
+    assert conv_kernel.available()
+    torch.manual_seed(0)
+    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 1e-2)):
+        cpe = ConvPositionEmbedding(1024).to("cuda", dtype)
+        for shape in ((1, 2560), (2, 700)):
+            x = torch.randn(*shape, 1024, device="cuda", dtype=dtype)
+            for conv in (cpe.conv1d[0], cpe.conv1d[2]):
+                ref = conv(x.transpose(1, 2)).transpose(1, 2).float()
+                out = conv_kernel.grouped_conv(x, conv_kernel.kernel_weights(conv), conv.bias).float()
+                assert float((out - ref).norm() / ref.norm()) <= tol, (dtype, shape)
+            mask = torch.arange(shape[1], device="cuda")[None, :] < torch.tensor([shape[1] - 40, 300][:shape[0]],
+                                                                                  device="cuda")[:, None]
+            ref = cpe(x, mask).float()
+            cpe.use_form("kernel")
+            out = cpe(x, mask).float()
+            cpe.use_form("conv")
+            assert float((out - ref).norm() / ref.norm()) <= tol and not out[~mask].any()
 
 
 @pytest.mark.gpu

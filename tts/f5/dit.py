@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tts.f5 import conv_kernel
 from tts.f5.config import F5Config
 
 ROPE_BASE = 10000.0  # x_transformers RotaryEmbedding default base, as upstream builds it
@@ -226,19 +227,39 @@ class ConvPositionEmbedding(nn.Module):
             nn.Conv1d(dim, dim, CONV_POS_KERNEL, groups=CONV_POS_GROUPS, padding=pad), nn.Mish(),
         )
 
-    #: The fast path's compiled mode sets this: each grouped convolution as one batched matrix
-    #: product and a shifted sum (`grouped_conv_as_matmul`), which inductor fuses; cuDNN ran these
-    #: 16-group convolutions as 16 launches of a generic kernel (~1.25 ms of a ~5 ms step on an
-    #: H100 at 2 x 768 frames; the compiled product form: ~0.5 ms).
-    as_matmul = False
+    #: How the two grouped convolutions run (channels last), set by the fast path on CUDA:
+    #: "conv" nn.Conv1d (cuDNN: 16 launches of a generic kernel, ~1.25 ms of a ~5 ms step on an H100
+    #: at 2 x 768 frames); "matmul" one batched matrix product and a shifted sum per convolution
+    #: (`grouped_conv_as_matmul`, fused by inductor; ~0.5 ms there, but its 31-copy intermediate
+    #: costs ~90 us of memory traffic per convolution at 2 x 1,280 frames on an H200); "kernel" the
+    #: Triton kernel of `tts.f5.conv_kernel` (the taps accumulated in registers), with `kernel_w`
+    #: holding both convolutions' weights in its layout.
+    form = "conv"
+    FORMS = ("conv", "matmul", "kernel")
+
+    def use_form(self, form: str) -> None:
+        """Switch the convolution form (see `form`); "kernel" prepares its weight layout (call it
+        with the weights on their final device and dtype)."""
+        if form not in self.FORMS:
+            raise ValueError(f"convolution form must be one of {self.FORMS}; got {form!r}")
+        if form == "kernel":
+            self.kernel_w = [conv_kernel.kernel_weights(self.conv1d[0]), conv_kernel.kernel_weights(self.conv1d[2])]
+        self.form = form
+
+    def _grouped(self, i: int, h: Tensor) -> Tensor:
+        """Convolution i (0 or 1) on channels-last h [B, T, D], in the "matmul" or "kernel" form."""
+        conv = self.conv1d[2 * i]
+        if self.form == "kernel":
+            return conv_kernel.grouped_conv(h, self.kernel_w[i], conv.bias)
+        return grouped_conv_as_matmul(h, conv)
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         """x [B, T, D], mask [B, T] bool -> [B, T, D]; padded frames are zero before and after each conv."""
-        if self.as_matmul:
+        if self.form != "conv":
             m = ~mask[:, :, None]
             h = x.masked_fill(m, 0.0)
-            h = self.conv1d[1](grouped_conv_as_matmul(h, self.conv1d[0]).masked_fill(m, 0.0))
-            return self.conv1d[3](grouped_conv_as_matmul(h, self.conv1d[2]).masked_fill(m, 0.0))
+            h = self.conv1d[1](self._grouped(0, h).masked_fill(m, 0.0))
+            return self.conv1d[3](self._grouped(1, h).masked_fill(m, 0.0))
         m = ~mask[:, None, :]
         h = x.transpose(1, 2).masked_fill(m, 0.0)
         h = self.conv1d[1](self.conv1d[0](h).masked_fill(m, 0.0))

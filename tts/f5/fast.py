@@ -67,6 +67,10 @@ ATTENTION_CHOICES = ("auto",) + PACKED_ATTENTION_BACKENDS
 ATTENTION_PROBES = ((474, 740), (480,) * 8)
 #: Largest relative L2 difference accepted between the two kernels' outputs (bf16 rounding).
 ATTENTION_AGREE_TOL = 2e-2
+CONV_ENV = "STUDIO_F5_CONV"  # position convolutions: auto, kernel (Triton), matmul (product + shifted sum)
+CONV_CHOICES = ("auto", "kernel", "matmul")
+#: Frames of the packed row `choose_conv_form` checks the kernel on (a request's two chunks, CFG halves).
+CONV_PROBE_FRAMES = 2 * 1280
 MODES = ("off", "eager", "graph", "compile")
 #: Env values that switch the fast path off / pick the default mode.
 OFF_VALUES = ("0", "off", "false", "no")
@@ -84,6 +88,11 @@ DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8)
 DEFAULT_LENGTH_BUCKETS = (tuple(range(128, 2048 + 1, 64)) + tuple(range(2048 + 256, 4096 + 1, 256))
                           + tuple(range(4096 + 512, 8192 + 1, 512)) + tuple(range(8192 + 1024, 16384 + 1, 1024))
                           + tuple(range(16384 + 2048, 34816 + 1, 2048)))
+#: Batches of more items than this take the 128-frame steps below 2048 only
+#: (`FastOptions.large_batch_length_buckets`): their items rarely pack under 2048 frames, and the
+#: 64-frame steps there would add 32 buckets (64 graphs, ~5 s of start-up) for little.
+FINE_LENGTH_MAX_BATCH = 2
+DEFAULT_LARGE_BATCH_LENGTH_BUCKETS = tuple(n for n in DEFAULT_LENGTH_BUCKETS if n >= 2048 or n % 128 == 0)
 #: Frames a single item may have in a bucket's graph (buckets (b, n) with n > b * this are not captured).
 MAX_ITEM_FRAMES = 4096
 #: Empty frames after every packed item: at least the position convolution's half width
@@ -110,6 +119,10 @@ class FastOptions:
     self_check: bool = True  # compare one graph-path sample with the eager sampler at start-up
     fused_gelu: bool = True  # on CUDA: feed-forward bias + GELU in the GEMM epilogue (`DiT.fuse_gelu`)
     attention: str = "auto"  # packed attention kernel on CUDA: "auto" (the faster, measured at start-up), "flash", "cudnn"
+    conv: str = "auto"  # position convolutions on CUDA: "auto" (the Triton kernel if it runs and agrees), "kernel", "matmul"
+    #: length buckets of batches of more than FINE_LENGTH_MAX_BATCH items (None: `length_buckets`);
+    #: `fast_options_from_env` sets DEFAULT_LARGE_BATCH_LENGTH_BUCKETS. Same largest bucket.
+    large_batch_length_buckets: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -118,9 +131,21 @@ class FastOptions:
         if self.attention not in ATTENTION_CHOICES:
             raise ValueError(f"attention must be one of {ATTENTION_CHOICES}; got {self.attention!r} "
                              f"(set {ATTENTION_ENV}=auto|flash|cudnn)")
-        for name, values in (("batch_buckets", self.batch_buckets), ("length_buckets", self.length_buckets)):
+        if self.conv not in CONV_CHOICES:
+            raise ValueError(f"conv must be one of {CONV_CHOICES}; got {self.conv!r} (set {CONV_ENV}=auto|kernel|matmul)")
+        for name, values in (("batch_buckets", self.batch_buckets), ("length_buckets", self.length_buckets),
+                             ("large_batch_length_buckets", self.large_batch_length_buckets or (1,))):
             if not values or any(int(v) < 1 for v in values) or list(values) != sorted(set(values)):
                 raise ValueError(f"{name} must be strictly increasing positive integers; got {values}")
+        if self.large_batch_length_buckets and max(self.large_batch_length_buckets) != max(self.length_buckets):
+            raise ValueError("large_batch_length_buckets must end where length_buckets end "
+                             f"({max(self.length_buckets)}); got {max(self.large_batch_length_buckets)}")
+
+    def lengths_for(self, batch_bucket: int) -> tuple[int, ...]:
+        """The length buckets of batches of `batch_bucket` items."""
+        if batch_bucket > FINE_LENGTH_MAX_BATCH and self.large_batch_length_buckets:
+            return self.large_batch_length_buckets
+        return self.length_buckets
 
 
 def fast_options_from_env(max_batch: int = 8, env: dict | None = None, **overrides) -> FastOptions:
@@ -144,6 +169,11 @@ def fast_options_from_env(max_batch: int = 8, env: dict | None = None, **overrid
     if attention not in ATTENTION_CHOICES:
         raise ValueError(f"{ATTENTION_ENV}={attention!r} is not understood; use auto, flash or cudnn")
     overrides.setdefault("attention", attention)
+    conv = env.get(CONV_ENV, "").strip().lower() or "auto"
+    if conv not in CONV_CHOICES:
+        raise ValueError(f"{CONV_ENV}={conv!r} is not understood; use auto, kernel or matmul")
+    overrides.setdefault("conv", conv)
+    overrides.setdefault("large_batch_length_buckets", DEFAULT_LARGE_BATCH_LENGTH_BUCKETS)
     return FastOptions(mode=mode, batch_buckets=batch_buckets_for(max_batch), **overrides)
 
 
@@ -184,15 +214,20 @@ def eager_stance():
 
 
 @contextmanager
-def unfused_gelu(dit: DiT):
-    """The DiT's feed-forwards in their two-op form for the duration (self-check reference)."""
-    was = [block.ff.fused_gelu for block in dit.transformer_blocks]
+def reference_forms(dit: DiT):
+    """The DiT in its plain forms for the duration (the self-check's reference): feed-forwards
+    with bias + GELU as their own op, position convolutions through nn.Conv1d. Restores the
+    attributes as they were (the kernel-form weights stay the tensors the graphs captured)."""
+    cpe = dit.input_embed.conv_pos_embed
+    was = [block.ff.fused_gelu for block in dit.transformer_blocks], cpe.form
     dit.fuse_gelu(False)
+    cpe.form = "conv"
     try:
         yield
     finally:
-        for block, on in zip(dit.transformer_blocks, was):
+        for block, on in zip(dit.transformer_blocks, was[0]):
             block.ff.fused_gelu = on
+        cpe.form = was[1]
 
 
 def choose_packed_attention(heads: int, dim_head: int, dtype: torch.dtype, device: torch.device,
@@ -246,6 +281,53 @@ def choose_packed_attention(heads: int, dim_head: int, dtype: torch.dtype, devic
     else:
         chosen = min(timings, key=timings.get) if timings else "flash"
     PACKED_ATTENTION["backend"] = stats["chosen"] = chosen
+    return stats
+
+
+@torch.no_grad()
+def choose_conv_form(dit: DiT, choice: str = "auto", iters: int = 20) -> dict:
+    """Set the DiT's position-convolution form for the compiled fast path and say why.
+
+    "kernel" / "auto": the Triton kernel (`tts.f5.conv_kernel`) if it runs here and matches
+    nn.Conv1d on a probe row of CONV_PROBE_FRAMES frames (relative L2 within ATTENTION_AGREE_TOL);
+    otherwise, and for "matmul", the product form. Stats carry both convolutions' device time per
+    call in the kernel and in cuDNN's nn.Conv1d (CUDA events, mean of `iters`), for the record.
+    """
+    from tts.f5 import conv_kernel
+
+    cpe = dit.input_embed.conv_pos_embed
+    stats: dict = {}
+    chosen = "matmul"
+    if choice != "matmul":
+        try:
+            if not conv_kernel.available():
+                raise RuntimeError("Triton is not available")
+            gen = torch.Generator(device="cpu").manual_seed(0)
+            device = next(dit.parameters()).device
+            x = torch.randn(1, CONV_PROBE_FRAMES, dit.cfg.dim, generator=gen).to(device, dit.dtype)
+            convs = (cpe.conv1d[0], cpe.conv1d[2])
+            weights = [conv_kernel.kernel_weights(c) for c in convs]
+            runs = {"kernel": lambda: [conv_kernel.grouped_conv(x, w, c.bias) for w, c in zip(weights, convs)],
+                    "cudnn": lambda: [c(x.transpose(1, 2)).transpose(1, 2) for c in convs]}
+            outs = {name: run() for name, run in runs.items()}
+            diff = max(float((a.float() - b.float()).norm() / b.float().norm())
+                       for a, b in zip(outs["kernel"], outs["cudnn"]))
+            stats["max_rel_diff"] = round(diff, 6)
+            for name, run in runs.items():
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(iters):
+                    run()
+                end.record()
+                torch.cuda.synchronize(device)
+                stats[f"{name}_us"] = round(start.elapsed_time(end) / iters * 1000, 1)
+            if not math.isfinite(diff) or diff > ATTENTION_AGREE_TOL:
+                raise RuntimeError(f"the kernel disagrees with nn.Conv1d (relative difference {diff:.3g})")
+            chosen = "kernel"
+        except Exception as exc:  # noqa: BLE001 - no Triton, a failing or wrong kernel: the product form
+            stats["error"] = f"{type(exc).__name__}: {exc}"[:500]
+    cpe.use_form(chosen)
+    stats["chosen"] = chosen
     return stats
 
 
@@ -473,14 +555,16 @@ class FastSampler:
     def bucket(self, batch: int, packed: int) -> tuple[int, int] | None:
         """The (items, packed frames) bucket a batch runs in (`packed_length` of its item lengths),
         or None when it exceeds the largest."""
-        b, n = bucket_for(batch, self.options.batch_buckets), bucket_for(packed, self.options.length_buckets)
+        b = bucket_for(batch, self.options.batch_buckets)
+        n = None if b is None else bucket_for(packed, self.options.lengths_for(b))
         return None if b is None or n is None else (b, n)
 
     def buckets(self) -> list[tuple[int, int]]:
         """Every (b, n) a batch can land in: n at least b small items, at most b items of
         MAX_ITEM_FRAMES (the smallest n above that included)."""
-        out, lengths = [], self.options.length_buckets
+        out = []
         for b in self.options.batch_buckets:
+            lengths = self.options.lengths_for(b)
             top = bucket_for(b * (MAX_ITEM_FRAMES + ITEM_GAP), lengths) or max(lengths)
             out += [(b, n) for n in lengths if b * (ITEM_GAP + 1) <= n <= top]
         return out
@@ -501,11 +585,22 @@ class FastSampler:
         if self.use_graphs:  # before compiling: the compiled blocks and the graphs take the chosen kernel
             stats["attention"] = choose_packed_attention(self.dit.cfg.heads, self.dit.cfg.dim_head, self.dit.dtype,
                                                          self.device, self.options.attention)
+        if self.mode == "compile" and self.use_graphs:
+            stats["conv"] = choose_conv_form(self.dit, self.options.conv)
         if self.mode == "compile":
             stats["cache_dir"] = str(configure_compile_cache(self.options.cache_dir))
             t0 = time.perf_counter()
             try:
-                self._compile_blocks()
+                try:
+                    self._compile_blocks()
+                except Exception as exc:  # noqa: BLE001 - the Triton convolution inside: retry without it
+                    if self.dit.input_embed.conv_pos_embed.form != "kernel":
+                        raise
+                    stats["conv"].update(chosen="matmul", compile_error=f"{type(exc).__name__}: {exc}"[:1000])
+                    self.log(f"compiling with the Triton convolution failed, retrying with the product form: "
+                             f"{stats['conv']['compile_error']}")
+                    self._uncompile_blocks()  # back to nn.Conv1d; _compile_blocks then takes the product form
+                    self._compile_blocks()
                 stats["compile_s"] = round(time.perf_counter() - t0, 2)
             except Exception as exc:  # noqa: BLE001 - any compiler failure: keep serving, uncompiled
                 self._uncompile_blocks()
@@ -677,9 +772,10 @@ class FastSampler:
             kwargs["mode"] = self.options.compile_mode
         for block in self.dit.transformer_blocks:
             block.compile(**kwargs)
-        # the position convolutions as products, fused by inductor (see ConvPositionEmbedding.as_matmul)
+        # the position convolutions in the form chosen at start-up (see ConvPositionEmbedding.form)
         cpe = self.dit.input_embed.conv_pos_embed
-        cpe.as_matmul = True
+        if cpe.form == "conv":
+            cpe.use_form("matmul")
         cpe.compile(**kwargs)
         self._compiled = True
         for i, (b, t) in enumerate(self._prime_shapes()):
@@ -692,7 +788,7 @@ class FastSampler:
 
     def _uncompile_blocks(self) -> None:
         cpe = self.dit.input_embed.conv_pos_embed
-        cpe.as_matmul = False
+        cpe.use_form("conv")
         for module in [*self.dit.transformer_blocks, cpe]:
             module._compiled_call_impl = None  # what nn.Module.compile() set: back to the plain call
         self._compiled = False
@@ -752,7 +848,7 @@ class FastSampler:
         n1 = int(lens[1])
         solo = self.sample(dit, cond[1:, :n1].to(dev), ids[1:].to(dev), refs[1:], lens[1:], noise[1:, :n1].to(dev),
                            SELF_CHECK_NFE, 2.0, -1.0)
-        with eager_stance(), unfused_gelu(dit):  # the reference is the plain two-op feed-forward
+        with eager_stance(), reference_forms(dit):  # the plain feed-forward and convolutions
             ref = eager_sample(dit, *args)
         fast = torch.cat((fast.flatten(), solo.flatten()))
         ref = torch.cat((ref.flatten(), ref[1, :n1].flatten()))
