@@ -357,11 +357,14 @@ def build_steps(model, cache: StaticKVCache, row_buckets: list[int], length_buck
     forward, stats = compile_decoder(decoder, log) if compile_ else (decoder, {"compiled": False})
     pool = torch.cuda.graph_pool_handle()
     steps = {}
+    step_s: dict[str, float] = {}  # each bucket's build; the compiles happen inside the first ones
     with torch.no_grad():
         try:
             for r in sorted(row_buckets, reverse=True):
                 for n in sorted(length_buckets, reverse=True):
+                    t_step = time.perf_counter()
                     steps[r, n] = FastStep(forward, cache, r, n, pool)
+                    step_s[f"{r}x{n}"] = round(time.perf_counter() - t_step, 2)
         except Exception as exc:  # noqa: BLE001 - compiled capture failed: capture the eager fused step
             if forward is decoder:
                 raise
@@ -374,7 +377,9 @@ def build_steps(model, cache: StaticKVCache, row_buckets: list[int], length_buck
             for r in sorted(row_buckets, reverse=True):
                 for n in sorted(length_buckets, reverse=True):
                     steps[r, n] = FastStep(decoder, cache, r, n, pool)
-    stats.update(graphs=len(steps), build_s=round(time.perf_counter() - t0, 2))
+    slow = {k: v for k, v in step_s.items() if v >= 1.0}  # where start-up goes: builds that compiled
+    stats.update(graphs=len(steps), build_s=round(time.perf_counter() - t0, 2), slow_buckets_s=slow,
+                 other_buckets_s=round(sum(v for v in step_s.values() if v < 1.0), 2))
     if log:
         log(f"decode steps ready: {stats}")
     return steps, stats
