@@ -7,7 +7,8 @@ how a batch is laid out and where the step is called (gpt-fast / nano-vllm style
 * the items of a batch are packed back to back on one token axis (`DiT.forward_packed`), each
   followed by ITEM_GAP empty frames, so no frame is computed for padding: a request's two chunks
   (~470 and ~740 frames) cost 2 x 1,280 tokens per step instead of 4 x 768 padded. Attention runs
-  per item (flash attention's varlen kernel on CUDA), the position convolution sees zeros in the
+  per item (a varlen kernel on CUDA: flash attention's, or cuDNN's if it measures faster at
+  start-up, `choose_packed_attention`), the position convolution sees zeros in the
   gaps, so an item's result equals its solo run. A one-item bucket runs its two CFG halves as two
   padded rows instead (masked SDPA: cuDNN's kernel, faster there than varlen).
 * shapes are rounded up to a bucket (items in `batch_buckets`, packed frames in `length_buckets`),
@@ -17,10 +18,12 @@ how a batch is laid out and where the step is called (gpt-fast / nano-vllm style
   request copies its inputs into the buffers and replays the graph `nfe` times. The step's flow
   time and width come from a device table, so the loop never waits on the host.
 * mode "compile" first compiles each DiT block (regional compilation: one block's code serves all
-  `depth` blocks) and the convolutional position embedding (as matrix products, see
-  `tts.f5.dit.grouped_conv_as_matmul`) with dynamic sizes, so a few compiles (`_prime_shapes`) cover
-  every bucket; the graphs then capture the compiled kernels. Inductor's on-disk caches live under the data
-  directory, so a restart recompiles nothing.
+  `depth` blocks) and the convolutional position embedding (its grouped convolutions as one Triton
+  kernel, `tts.f5.conv_kernel`, when it matches nn.Conv1d at start-up, `choose_conv_form`; else
+  as matrix products, `tts.f5.dit.grouped_conv_as_matmul`) with dynamic sizes, so a few compiles
+  (`_prime_shapes`) cover every bucket; the graphs then capture the compiled kernels. Inductor's
+  on-disk caches live under the data directory, so a restart reuses compiled code. On CUDA the
+  feed-forward's bias and GELU run in its first product's epilogue (`DiT.fuse_gelu`).
 * everything is compiled and captured by `warmup()` when the server starts; a request never pays
   for it. A shape larger than the largest bucket runs the plain eager sampler (correct, slower).
 
