@@ -74,6 +74,9 @@ CONV_ENV = "STUDIO_F5_CONV"  # position convolutions: auto, kernel (Triton), mat
 CONV_CHOICES = ("auto", "kernel", "matmul")
 #: Frames of the packed row `choose_conv_form` checks the kernel on (a request's two chunks, CFG halves).
 CONV_PROBE_FRAMES = 2 * 1280
+#: Largest relative L2 difference accepted between the kernel and nn.Conv1d (bf16 rounding; 2.9e-3
+#: measured on the H200).
+CONV_AGREE_TOL = 2e-2
 MODES = ("off", "eager", "graph", "compile")
 #: Env values that switch the fast path off / pick the default mode.
 OFF_VALUES = ("0", "off", "false", "no")
@@ -292,7 +295,7 @@ def choose_conv_form(dit: DiT, choice: str = "auto", iters: int = 20) -> dict:
     """Set the DiT's position-convolution form for the compiled fast path and say why.
 
     "kernel" / "auto": the Triton kernel (`tts.f5.conv_kernel`) if it runs here and matches
-    nn.Conv1d on a probe row of CONV_PROBE_FRAMES frames (relative L2 within ATTENTION_AGREE_TOL);
+    nn.Conv1d on a probe row of CONV_PROBE_FRAMES frames (relative L2 within CONV_AGREE_TOL);
     otherwise, and for "matmul", the product form. Stats carry both convolutions' device time per
     call in the kernel and in cuDNN's nn.Conv1d (CUDA events, mean of `iters`), for the record.
     """
@@ -324,7 +327,7 @@ def choose_conv_form(dit: DiT, choice: str = "auto", iters: int = 20) -> dict:
                 end.record()
                 torch.cuda.synchronize(device)
                 stats[f"{name}_us"] = round(start.elapsed_time(end) / iters * 1000, 1)
-            if not math.isfinite(diff) or diff > ATTENTION_AGREE_TOL:
+            if not math.isfinite(diff) or diff > CONV_AGREE_TOL:
                 raise RuntimeError(f"the kernel disagrees with nn.Conv1d (relative difference {diff:.3g})")
             chosen = "kernel"
         except Exception as exc:  # noqa: BLE001 - no Triton, a failing or wrong kernel: the product form
