@@ -29,14 +29,10 @@ class TritonPythonModel:
         self.shared, self.join = shared, join_chunks
 
     def execute(self, requests):
-        import time as _t
-        w_in = _t.time()
         for r in requests:
             key = uuid.uuid4().hex
             extra = [self.shared.key_tensor(pb_utils, "request_key", key)]
             response = self.shared.offline_front(pb_utils, r, self.engine, self.shared.F5_INPUTS, self.join,
                                                  extra=extra, on_cancel=lambda k=key: (self.cancel_dir / k).touch())
-            w_pre = _t.time()
             self.shared.send_final(pb_utils, r, response)  # faster than returning it (see send_final)
-            print(f"[wall] front in {w_in:.6f} presend {w_pre:.6f} out {_t.time():.6f}", flush=True)
         return None
