@@ -53,6 +53,7 @@ def feed_forward_forms(dim: int, mult: int, rows: int, device, dtype, iters: int
     product then bias + GELU as their own kernel (`FeedForward.fused_gelu` False), and bias + GELU
     in the product's epilogue (True). CUDA events around `iters` calls, after a warm-up."""
     from tts.f5.dit import FeedForward
+    from tts.f5.fast import device_us
 
     ff = FeedForward(dim, mult).to(device, dtype)
     x = torch.randn(rows, dim, device=device, dtype=dtype)
@@ -62,16 +63,8 @@ def feed_forward_forms(dim: int, mult: int, rows: int, device, dtype, iters: int
         with torch.no_grad():
             for _ in range(5):
                 ff(x)
-            if device.type != "cuda":
-                out[("fused" if fused else "two_op") + "_us"] = None  # no device timer
-                continue
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(iters):
-                ff(x)
-            end.record()
-            torch.cuda.synchronize(device)
-            out[("fused" if fused else "two_op") + "_us"] = round(start.elapsed_time(end) / iters * 1000, 2)
+            timed = round(device_us(lambda: ff(x), device, iters), 2) if device.type == "cuda" else None
+        out[("fused" if fused else "two_op") + "_us"] = timed  # None: no device timer off CUDA
     return out
 
 

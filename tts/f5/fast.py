@@ -57,6 +57,7 @@ from torch import Tensor
 from torch.profiler import record_function
 
 from tts.compile_cache import CACHE_SUBDIR, DATA_DIR_ENV, configure_compile_cache, default_cache_dir  # noqa: F401
+from tts.f5 import conv_kernel
 from tts.f5.dit import PACKED_ATTENTION, PACKED_ATTENTION_BACKENDS, DiT, packed_attention
 from tts.f5.sampler import guided_euler, timesteps
 from tts.f5.sampler import sample as eager_sample
@@ -171,16 +172,18 @@ def fast_options_from_env(max_batch: int = 8, env: dict | None = None, **overrid
     if gelu not in OFF_VALUES + DEFAULT_VALUES:
         raise ValueError(f"{FUSED_GELU_ENV}={gelu!r} is not understood; use 0 (off) or 1 (on, the default)")
     overrides.setdefault("fused_gelu", gelu not in OFF_VALUES)
-    attention = env.get(ATTENTION_ENV, "").strip().lower() or "auto"
-    if attention not in ATTENTION_CHOICES:
-        raise ValueError(f"{ATTENTION_ENV}={attention!r} is not understood; use auto, flash or cudnn")
-    overrides.setdefault("attention", attention)
-    conv = env.get(CONV_ENV, "").strip().lower() or "auto"
-    if conv not in CONV_CHOICES:
-        raise ValueError(f"{CONV_ENV}={conv!r} is not understood; use auto, kernel or matmul")
-    overrides.setdefault("conv", conv)
+    overrides.setdefault("attention", _env_choice(env, ATTENTION_ENV, ATTENTION_CHOICES))
+    overrides.setdefault("conv", _env_choice(env, CONV_ENV, CONV_CHOICES))
     overrides.setdefault("large_batch_length_buckets", DEFAULT_LARGE_BATCH_LENGTH_BUCKETS)
     return FastOptions(mode=mode, batch_buckets=batch_buckets_for(max_batch), **overrides)
+
+
+def _env_choice(env: dict, name: str, choices: tuple[str, ...]) -> str:
+    """`env[name]` lower-cased, one of `choices` (unset or empty: the first)."""
+    value = env.get(name, "").strip().lower() or choices[0]
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not understood; use one of {', '.join(choices)}")
+    return value
 
 
 def batch_buckets_for(max_batch: int) -> tuple[int, ...]:
@@ -236,15 +239,38 @@ def reference_forms(dit: DiT):
         cpe.form = was[1]
 
 
+def device_us(fn: Callable[[], object], device: torch.device, iters: int) -> float:
+    """Mean device time of one `fn()` call over `iters` back-to-back calls (CUDA events), in us."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize(device)
+    return start.elapsed_time(end) / iters * 1000
+
+
+def max_rel_diff(outs: list[Tensor], refs: list[Tensor]) -> float:
+    """The largest relative L2 difference between paired outputs (in float32)."""
+    return max(float((a.float() - b.float()).norm() / b.float().norm()) for a, b in zip(outs, refs))
+
+
+#: A candidate kernel whose first timed call per probe is already this many times slower than the
+#: fastest so far is not timed further (cuDNN's ragged attention took ~150 ms a call on the H200:
+#: `iters` more calls would add seconds to start-up for a kernel that cannot win).
+HOPELESS_FACTOR = 10
+
+
 def choose_packed_attention(heads: int, dim_head: int, dtype: torch.dtype, device: torch.device,
                             choice: str = "auto", iters: int = 20) -> dict:
     """Set `tts.f5.dit.PACKED_ATTENTION` for this process and say why.
 
     choice "flash" / "cudnn" sets that kernel (cuDNN only if it runs and agrees with flash on a
     probe); "auto" times both on the packed layouts of ATTENTION_PROBES (q, k, v [2 n, heads,
-    dim_head], CUDA events, the mean of `iters` calls after a warm-up) and keeps the
-    faster. Off CUDA or in fp32 nothing is chosen (the masked path serves). Returns stats:
-    {"chosen", "flash_us", "cudnn_us" (summed over the probes), "max_rel_diff", "error"}.
+    dim_head], CUDA events, the mean of `iters` calls after a warm-up; one call for a kernel
+    HOPELESS_FACTOR times slower than the fastest) and keeps the faster. Off CUDA or in fp32
+    nothing is chosen (the masked path serves). Returns stats: {"chosen", "flash_us", "cudnn_us"
+    (summed over the probes), "max_rel_diff", "error"}.
     """
     stats: dict = {"chosen": PACKED_ATTENTION["backend"]}
     if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
@@ -258,26 +284,21 @@ def choose_packed_attention(heads: int, dim_head: int, dtype: torch.dtype, devic
         probes.append((q, k, v, cu, n))
     timings: dict[str, float] = {}
     outs: dict[str, list[Tensor]] = {}
-    for backend in PACKED_ATTENTION_BACKENDS if choice == "auto" else ("flash", choice):
+    # a forced kernel is checked against flash (timed once when flash itself is forced)
+    for backend in PACKED_ATTENTION_BACKENDS if choice == "auto" else tuple(dict.fromkeys(("flash", choice))):
         PACKED_ATTENTION["backend"] = backend
         try:
-            outs[backend] = [packed_attention(q, k, v, cu, n) for q, k, v, cu, n in probes]
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            total = 0.0
-            for q, k, v, cu, n in probes:
-                start.record()
-                for _ in range(iters):
-                    packed_attention(q, k, v, cu, n)
-                end.record()
-                torch.cuda.synchronize(device)
-                total += start.elapsed_time(end) / iters * 1000
+            outs[backend] = [packed_attention(*probe) for probe in probes]
+            calls = [lambda probe=probe: packed_attention(*probe) for probe in probes]
+            total = sum(device_us(call, device, 1) for call in calls)
+            if not timings or total < HOPELESS_FACTOR * min(timings.values()):
+                total = sum(device_us(call, device, iters) for call in calls)
             timings[backend] = total
             stats[f"{backend}_us"] = round(total, 1)
         except Exception as exc:  # noqa: BLE001 - a kernel this torch / cuDNN cannot run: not chosen
             stats["error"] = f"{backend}: {type(exc).__name__}: {exc}"[:500]
     if "cudnn" in outs and "flash" in outs:
-        diff = max(float((a.float() - b.float()).norm() / b.float().norm())
-                   for a, b in zip(outs["cudnn"], outs["flash"]))
+        diff = max_rel_diff(outs["cudnn"], outs["flash"])
         stats["max_rel_diff"] = round(diff, 6)
         if not math.isfinite(diff) or diff > ATTENTION_AGREE_TOL:
             timings.pop("cudnn", None)
@@ -299,8 +320,6 @@ def choose_conv_form(dit: DiT, choice: str = "auto", iters: int = 20) -> dict:
     otherwise, and for "matmul", the product form. Stats carry both convolutions' device time per
     call in the kernel and in cuDNN's nn.Conv1d (CUDA events, mean of `iters`), for the record.
     """
-    from tts.f5 import conv_kernel
-
     cpe = dit.input_embed.conv_pos_embed
     stats: dict = {}
     chosen = "matmul"
@@ -315,18 +334,10 @@ def choose_conv_form(dit: DiT, choice: str = "auto", iters: int = 20) -> dict:
             weights = [conv_kernel.kernel_weights(c) for c in convs]
             runs = {"kernel": lambda: [conv_kernel.grouped_conv(x, w, c.bias) for w, c in zip(weights, convs)],
                     "cudnn": lambda: [c(x.transpose(1, 2)).transpose(1, 2) for c in convs]}
-            outs = {name: run() for name, run in runs.items()}
-            diff = max(float((a.float() - b.float()).norm() / b.float().norm())
-                       for a, b in zip(outs["kernel"], outs["cudnn"]))
+            diff = max_rel_diff(runs["kernel"](), runs["cudnn"]())
             stats["max_rel_diff"] = round(diff, 6)
             for name, run in runs.items():
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                for _ in range(iters):
-                    run()
-                end.record()
-                torch.cuda.synchronize(device)
-                stats[f"{name}_us"] = round(start.elapsed_time(end) / iters * 1000, 1)
+                stats[f"{name}_us"] = round(device_us(run, device, iters), 1)
             if not math.isfinite(diff) or diff > CONV_AGREE_TOL:
                 raise RuntimeError(f"the kernel disagrees with nn.Conv1d (relative difference {diff:.3g})")
             chosen = "kernel"
