@@ -3,6 +3,8 @@ whole-vocabulary sampler (CPU, float32, tiny Qwen2 in the published layout)."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -117,15 +119,62 @@ def test_fused_decode_batch_gives_the_eager_tokens_with_joins_and_leaves(llm):
     assert run(True) == run(False)
 
 
-def test_the_fused_forward_compiles_as_one_graph_with_dynamic_sizes(llm):
+@pytest.mark.parametrize("unbacked", [True, False])
+def test_the_fused_forward_compiles_one_graph_for_every_bucket(llm, unbacked):
+    """fullgraph (a graph break raises) and no recompile across the buckets the server captures,
+    including one row, every slot (rows equal to max_batch) and the longest key length (the whole
+    sequence range); each compiled result equals the eager one. A backed row count (the fallback,
+    and older torch) compiles one row apart: two graphs."""
+    if unbacked and not FS.unbacked_rows_supported():
+        pytest.skip("this torch cannot mark the row count unbacked with a shared symbol")
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
     decoder = FS.FusedDecoder(llm, 64)
-    compiled, stats = FS.compile_decoder(decoder, backend="eager")
+    compiled, stats = FS.compile_decoder(decoder, backend=counting_backend, unbacked_rows=unbacked)
     cache = new_cache(llm, 4, 64)
+    cache.k.normal_()
+    cache.v.normal_()
     torch._dynamo.reset()
-    for rows, length in ((1, 16), (3, 32), (4, 48)):  # fullgraph: a graph break raises
-        tokens = torch.arange(rows) + 300
-        positions = torch.arange(rows) + 5
-        out = compiled(cache.k, cache.v, tokens, positions, length)
-        ref = decoder(cache.k, cache.v, tokens, positions, length)
-        assert torch.allclose(out[0], ref[0], atol=1e-5)
+    with torch.no_grad():
+        for rows in (4, 3, 1):
+            for length in (64, 48, 16):
+                tokens = torch.arange(rows) + 300
+                positions = torch.arange(rows) * 3 + 5
+                out = compiled(cache.k, cache.v, tokens, positions, length)
+                ref = decoder(cache.k, cache.v, tokens, positions, length)
+                for a, b in zip(out, ref):
+                    assert torch.allclose(a, b, atol=1e-5)
+    assert stats["compiled"] and stats["unbacked_rows"] == unbacked
+    assert len(graphs) == (1 if unbacked else 2)
+    # the spare slot and position past what sequences use
+    assert (cache.max_batch, cache.max_seq_len) == (4, 64) and cache.k.shape[1:4:2] == (5, 65)
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="inductor's CPU code needs a C++ compiler")
+def test_the_compiled_step_lowers_through_inductor_with_one_graph(llm, tmp_path, monkeypatch):
+    """The real backend (inductor, C++ on the CPU; Triton on the GPU shares the lowering): the
+    unbacked row count must survive lowering and code generation, not only tracing."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("STUDIO_DATA_DIR", str(tmp_path))
+    decoder = FS.FusedDecoder(llm, 64)
+    compiled, stats = FS.compile_decoder(decoder)
+    cache = new_cache(llm, 2, 64)
+    cache.k.normal_()
+    cache.v.normal_()
+    torch._dynamo.reset()
+    before = counters["stats"]["unique_graphs"]
+    with torch.no_grad():
+        for rows, length in ((2, 64), (1, 48), (2, 16)):
+            tokens = torch.arange(rows) + 300
+            positions = torch.arange(rows) * 3 + 5
+            out = compiled(cache.k, cache.v, tokens, positions, length)
+            ref = decoder(cache.k, cache.v, tokens, positions, length)
+            for a, b in zip(out, ref):
+                assert torch.allclose(a, b, atol=1e-4)
     assert stats["compiled"]
+    assert counters["stats"]["unique_graphs"] - before == (1 if stats["unbacked_rows"] else 2)

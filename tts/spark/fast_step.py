@@ -8,8 +8,9 @@ is how it is launched (gpt-fast / nano-vllm style):
   weights become views of the fused tensors, so prefill keeps using them and no memory is added);
 * the forward over all layers never writes the KV cache: each layer attends to the cached keys
   (positions < its own) plus its new key, and the new keys and values of every layer are written
-  with one indexed copy afterwards. The forward is then a pure function, compiled once with
-  dynamic rows and key length (`torch.compile`, fusing norms, RoPE, residuals and the MLP gate);
+  with one indexed copy afterwards. The forward is then a pure function, its layer compiled once
+  with dynamic rows and key length (`torch.compile`, fusing norms, RoPE, residuals and the MLP
+  gate; one graph for every bucket);
 * sampling (end-token bans, greedy, temperature / top-k / top-p over the best `N_CAND` logits) runs
   on the device inside the same graph; the host draws each row's uniform number from the
   sequence's own generator before the step and reads back one [2, rows] tensor after it;
@@ -24,6 +25,7 @@ Shapes: R rows (slots 0..R-1), L key length (bucket), V vocabulary, D hidden, Dh
 
 from __future__ import annotations
 
+import inspect
 import time
 from typing import Callable
 
@@ -127,13 +129,11 @@ class FusedDecoder(nn.Module):
         rows = tokens.shape[0]
         dh = s.head_dim
         h = F.embedding(tokens, self.embed)  # [R, D]
-        cos = self.cos[positions].view(rows, 1, dh)
-        sin = self.sin[positions].view(rows, 1, dh)
+        cos, sin = self.cos[positions], self.sin[positions]  # [R, Dh]
         cached = torch.arange(length, device=tokens.device).view(1, -1) < positions.view(-1, 1)  # [R, L]
-        cached = cached.view(rows, 1, 1, length)
         k_out, v_out = [], []
         for i, ly in enumerate(self.layers):
-            h, k, v = self.layer_fn(h, keys[i, :rows, :, :length], values[i, :rows, :, :length], cos, sin, cached,
+            h, k, v = self.layer_fn(h, keys[i], values[i], cos, sin, cached,
                                     ly.ln1, ly.wqkv, ly.bqkv, ly.wo, ly.ln2, ly.wgu, ly.wd, self.eps,
                                     s.n_heads, s.n_kv_heads)
             k_out.append(k)
@@ -147,14 +147,27 @@ class FusedDecoder(nn.Module):
 def decode_layer(h: Tensor, ks: Tensor, vs: Tensor, cos: Tensor, sin: Tensor, cached: Tensor, ln1: Tensor,
                  wqkv: Tensor, bqkv: Tensor | None, wo: Tensor, ln2: Tensor, wgu: Tensor, wd: Tensor, eps: float,
                  n_heads: int, n_kv: int) -> tuple[Tensor, Tensor, Tensor]:
-    """One decoder layer for one new token per row. h [R, D]; ks/vs [R, KV, L, Dh] cached keys and
-    values (only those with `cached` [R, 1, 1, L] true are read: positions before the row's own);
-    cos/sin [R, 1, Dh]. Returns (h [R, D], this token's k and v [R, KV, Dh]). A free function of
-    tensors, so one compiled graph serves every layer (regional compilation)."""
+    """One decoder layer for one new token per row. h [R, D]; ks/vs [B, KV, S, Dh] this layer's
+    whole cache, of which slots 0..R-1 and their first L = cached.shape[-1] keys are looked at and
+    only those with `cached` [R, L] true are read (positions before the row's own); cos/sin [R, Dh]. Returns
+    (h [R, D], this token's k and v [R, KV, Dh]). A free function of tensors, so one compiled graph
+    serves every layer (regional compilation).
+
+    Why the cache comes in whole, is sliced here and the size-1 axes are literals: compiled with
+    every axis a symbol, dynamo specialised on facts about them, each fact a guard and a recompile
+    (six compiles for the 30 buckets, counted on the CPU; each a cold compile at start-up on the
+    GPU): R equal to the slab's slot count, a [R, KV, L, Dh] view contiguous when L was the slab
+    length, a broadcast [R, 1, Dh] axis, R = 1. Now only R and L are symbols (`compile_decoder`
+    marks them), the slab is static and one slot and one position longer than any bucket
+    (`kv_cache.SPARE_SLOTS`, `SPARE_POSITIONS`: a slice never spans a whole axis), the 1s are
+    literals, and R is unbacked where torch allows it: one graph for every bucket."""
     rows, dh = h.shape[0], ks.shape[-1]
     rep = n_heads // n_kv
     scale = dh ** -0.5
-    length = ks.shape[2]
+    length = cached.shape[-1]
+    ks, vs = ks[:rows, :, :length], vs[:rows, :, :length]
+    cos, sin = cos.view(rows, 1, dh), sin.view(rows, 1, dh)
+    cached = cached.view(rows, 1, 1, length)
     qkv = F.linear(rms_norm(h, ln1, eps), wqkv, bqkv)
     q = qkv[:, : n_heads * dh].view(rows, n_heads, dh)
     k = qkv[:, n_heads * dh: (n_heads + n_kv) * dh].view(rows, n_kv, dh)
@@ -284,9 +297,9 @@ class FastStep:
         dev = cache.k.device
         self.rows, self.length = rows, length
         self.ints = torch.zeros(rows, N_INT, dtype=torch.long, device=dev)
-        # Warm-up runs really execute: aim their cache writes at the last position, which no
-        # running sequence reads before rewriting it (sequences stop before feeding past it).
-        self.ints[:, POSITION] = cache.max_seq_len - 1
+        # Warm-up runs really execute: aim their cache writes at the spare position past every
+        # sequence's range, so capturing while sequences are cached cannot touch them.
+        self.ints[:, POSITION] = cache.scratch_position
         self.floats = torch.ones(rows, N_FLOAT, dtype=torch.float32, device=dev)
         self.host_ints = torch.zeros(rows, N_INT, dtype=torch.long).pin_memory()
         self.host_floats = torch.zeros(rows, N_FLOAT, dtype=torch.float32).pin_memory()
@@ -313,23 +326,62 @@ class FastStep:
         return toks, redo
 
 
+#: The row-count hint the compiler tunes for while R is an unbacked size (a typical batch).
+ROWS_HINT = 8
+
+
+def unbacked_rows_supported() -> bool:
+    """Whether this torch can mark R unbacked with one shared symbol and bounds (`mark_unbacked`'s
+    shape_id, min and max); older ones get a backed R, compiled apart for R = 1."""
+    mark = getattr(torch._dynamo.decorators, "mark_unbacked", None)
+    if mark is None:
+        return False
+    params = inspect.signature(mark).parameters
+    return all(name in params for name in ("shape_id", "min", "max"))
+
+
+def _mark_rows(tensors: tuple[Tensor, ...], slots: int, unbacked: bool) -> None:
+    """Mark dim 0 (R) of every tensor dynamic. A backed size is never 0 or 1 in the compiled graph,
+    so R = 1 compiles a second graph; an unbacked one (value unknown to the compiler, all four
+    tensors sharing one symbol, 1 <= R < slab slots) serves every R with one graph."""
+    if unbacked:
+        mark = torch._dynamo.decorators.mark_unbacked
+        extra = {"hint_override": ROWS_HINT} if "hint_override" in inspect.signature(mark).parameters else {}
+        for t in tensors:
+            mark(t, 0, shape_id="decode_rows", min=1, max=slots - 1, **extra)
+    else:
+        for t in tensors:
+            torch._dynamo.mark_dynamic(t, 0)
+
+
 def compile_decoder(decoder: FusedDecoder, log: Callable[[str], None] | None = None,
-                    backend: str = "inductor") -> tuple[Callable, dict]:
-    """Regional compilation: `decode_layer` through torch.compile (dynamic rows and length, one
-    graph without breaks), shared by all layers; the few ops around the layers stay eager (they
-    are captured in the CUDA graph all the same). Compiling the whole 24-layer forward at once
-    took minutes on an H100 (measured: not done after 150 s); one layer compiles in seconds.
-    Returns a forward callable; compilation happens at its first call (the first capture)."""
-    stats: dict = {}
+                    backend="inductor", unbacked_rows: bool | None = None) -> tuple[Callable, dict]:
+    """Regional compilation: `decode_layer` through torch.compile, shared by all layers; the few
+    ops around the layers stay eager (they are captured in the CUDA graph all the same). Compiling
+    the whole 24-layer forward at once took minutes on an H100 (measured: not done after 150 s); one
+    layer compiles in seconds. Only the row count R and the key length L are dynamic (marked on
+    each call's h, cos, sin and mask; weights and cache slabs are static), so every (R, L) bucket
+    replays one graph: one compile at start-up (see `decode_layer` for what used to recompile).
+    Returns a forward callable; compilation happens at its first call (the first capture).
+    `backend` is torch.compile's (tests pass a counting one); unbacked_rows: None = where this
+    torch supports it (`unbacked_rows_supported`), False = a backed R (`build_steps` retries so if
+    the unbacked graph fails)."""
+    unbacked = unbacked_rows_supported() if unbacked_rows is None else unbacked_rows
+    stats: dict = {"unbacked_rows": unbacked}
     try:
         from tts.compile_cache import configure_compile_cache
 
         stats["cache_dir"] = str(configure_compile_cache())  # a restart reuses this start's compiled code
-        compiled = torch.compile(decode_layer, dynamic=True, fullgraph=True, backend=backend)
+        compiled = torch.compile(decode_layer, dynamic=None, fullgraph=True, backend=backend)
         stats["compiled"] = True
 
+        def layer(h, ks, vs, cos, sin, cached, *rest):
+            _mark_rows((h, cos, sin, cached), ks.shape[0], unbacked)
+            torch._dynamo.mark_dynamic(cached, 1)  # L
+            return compiled(h, ks, vs, cos, sin, cached, *rest)
+
         def forward(*args):
-            decoder.layer_fn = compiled
+            decoder.layer_fn = layer
             try:
                 return decoder(*args)
             finally:
@@ -354,29 +406,44 @@ def build_steps(model, cache: StaticKVCache, row_buckets: list[int], length_buck
     if cache.k.device.type != "cuda":
         steps = {(r, n): EagerFusedStep(decoder, cache, r, n) for r in row_buckets for n in length_buckets}
         return steps, {"compiled": False, "graphs": 0}
-    forward, stats = compile_decoder(decoder, log) if compile_ else (decoder, {"compiled": False})
     pool = torch.cuda.graph_pool_handle()
-    steps = {}
     step_s: dict[str, float] = {}  # each bucket's build; the compiles happen inside the first ones
+
+    def capture_all(forward) -> dict:
+        step_s.clear()
+        built = {}
+        for r in sorted(row_buckets, reverse=True):
+            for n in sorted(length_buckets, reverse=True):
+                t_step = time.perf_counter()
+                built[r, n] = FastStep(forward, cache, r, n, pool)
+                step_s[f"{r}x{n}"] = round(time.perf_counter() - t_step, 2)
+        return built
+
+    # what to try, best first: one compiled graph (unbacked R), a graph for R = 1 and one for R > 1
+    # (backed R), then the uncompiled fused step (still in CUDA graphs)
+    attempts = []
+    if compile_:
+        if unbacked_rows_supported():
+            attempts.append(lambda: compile_decoder(decoder, log, unbacked_rows=True))
+        attempts.append(lambda: compile_decoder(decoder, log, unbacked_rows=False))
+    attempts.append(lambda: (decoder, {"compiled": False}))
+    errors = []
     with torch.no_grad():
-        try:
-            for r in sorted(row_buckets, reverse=True):
-                for n in sorted(length_buckets, reverse=True):
-                    t_step = time.perf_counter()
-                    steps[r, n] = FastStep(forward, cache, r, n, pool)
-                    step_s[f"{r}x{n}"] = round(time.perf_counter() - t_step, 2)
-        except Exception as exc:  # noqa: BLE001 - compiled capture failed: capture the eager fused step
-            if forward is decoder:
-                raise
-            stats["compiled"] = False
-            stats["compile_error"] = f"{type(exc).__name__}: {exc}"[:500]
-            if log:
-                log(f"compiled decode step failed at capture; eager fused step: {stats['compile_error']}")
-            torch.cuda.synchronize(cache.k.device)
-            steps = {}
-            for r in sorted(row_buckets, reverse=True):
-                for n in sorted(length_buckets, reverse=True):
-                    steps[r, n] = FastStep(decoder, cache, r, n, pool)
+        for attempt in attempts:
+            forward, stats = attempt()
+            try:
+                steps = capture_all(forward)
+                break
+            except Exception as exc:  # noqa: BLE001 - this form failed at capture: the next one
+                if forward is decoder:
+                    raise
+                errors.append(f"{type(exc).__name__}: {exc}"[:500])
+                if log:
+                    log(f"compiled decode step failed at capture ({stats}); next form: {errors[-1]}")
+                torch.cuda.synchronize(cache.k.device)
+                torch._dynamo.reset()
+    if errors:
+        stats["capture_errors"] = errors
     slow = {k: v for k, v in step_s.items() if v >= 1.0}  # where start-up goes: builds that compiled
     stats.update(graphs=len(steps), build_s=round(time.perf_counter() - t0, 2), slow_buckets_s=slow,
                  other_buckets_s=round(sum(v for v in step_s.values() if v < 1.0), 2))

@@ -1,8 +1,8 @@
 """A static key/value cache: one preallocated slab per layer, one row ("slot") per running sequence.
 
-k, v: [n_layers, max_batch, n_kv_heads, max_seq_len, head_dim]. A sequence owns one slot from
-its prefill until it finishes; positions past its length hold stale values that the attention mask
-hides, so a slot is reused without clearing.
+k, v: [n_layers, max_batch + SPARE_SLOTS, n_kv_heads, max_seq_len + SPARE_POSITIONS, head_dim]. A sequence owns
+one slot from its prefill until it finishes; positions past its length hold stale values that the
+attention mask hides, so a slot is reused without clearing.
 """
 
 from __future__ import annotations
@@ -11,21 +11,40 @@ import torch
 from torch import nn
 
 
+#: Positions allocated past max_seq_len, never part of a sequence. Two uses: the graphed decode
+#: step's warm-up runs write their keys there (`scratch_position`), and a key-length bucket is then
+#: always shorter than the slab, so the compiled step sees one layout for every bucket (a slice
+#: that spans a whole axis is the axis itself, and the compiler specialised on that: a recompile).
+SPARE_POSITIONS = 1
+#: Slots allocated past max_batch, never given to a sequence: for the same reason a row-count
+#: bucket is then always fewer rows than the slab has (measured on the CPU: with rows equal to
+#: the slot count the compiled step fixed the row count to that constant). ~12 MB per 1000
+#: positions for the 0.5B Spark LLM in bf16.
+SPARE_SLOTS = 1
+
+
 class StaticKVCache(nn.Module):
     def __init__(self, n_layers: int, max_batch: int, n_kv_heads: int, max_seq_len: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
         super().__init__()
-        shape = (n_layers, max_batch, n_kv_heads, max_seq_len, head_dim)
+        shape = (n_layers, max_batch + SPARE_SLOTS, n_kv_heads, max_seq_len + SPARE_POSITIONS, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     @property
     def max_batch(self) -> int:
-        return self.k.shape[1]
+        """Slots sequences may use (the slab holds SPARE_SLOTS more)."""
+        return self.k.shape[1] - SPARE_SLOTS
 
     @property
     def max_seq_len(self) -> int:
-        return self.k.shape[3]
+        """Positions a sequence may use (the slab holds SPARE_POSITIONS more)."""
+        return self.k.shape[3] - SPARE_POSITIONS
+
+    @property
+    def scratch_position(self) -> int:
+        """A position no sequence ever reads or writes (the first spare one)."""
+        return self.k.shape[3] - SPARE_POSITIONS
 
     def write_prefill(self, layer: int, slot: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v [1, H, T, D] -> positions start..start+T-1 of `slot`."""

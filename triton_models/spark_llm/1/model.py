@@ -36,9 +36,10 @@ class TritonPythonModel:
         kind, device_id = args.get("model_instance_kind", "CPU"), args.get("model_instance_device_id", "0")
         device = f"cuda:{device_id}" if kind == "GPU" and torch.cuda.is_available() else "cpu"
         self.demo = params.get("demo_weights") == "true"
+        started = time.perf_counter()  # weights, prompt models, decode-step compile and capture
         self.engine = SparkEngine(SparkPipeline(params["model_dir"], device=device, demo_weights=self.demo))
         label = "DEMO WEIGHTS (random: output is noise)" if self.demo else params["model_dir"]
-        print(f"[spark_llm] ready on {device}: {label}", flush=True)
+        print(f"[spark_llm] ready on {device} in {time.perf_counter() - started:.1f} s: {label}", flush=True)
         self._closing = False
         threading.Thread(target=self._log_batch_size, daemon=True).start()
 
