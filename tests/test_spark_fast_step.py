@@ -178,3 +178,59 @@ def test_the_compiled_step_lowers_through_inductor_with_one_graph(llm, tmp_path,
                 assert torch.allclose(a, b, atol=1e-4)
     assert stats["compiled"]
     assert counters["stats"]["unique_graphs"] - before == (1 if stats["unbacked_rows"] else 2)
+
+
+def test_warm_up_runs_touch_only_the_spare_position(llm):
+    """A captured bucket's warm-up really runs the step (FastStep, on the GPU): with the decoder
+    build_steps makes, its inputs must be in range (the RoPE tables cover the spare position) and
+    its cache writes must leave every position a sequence can use unchanged."""
+    cache = new_cache(llm, 3, 64)
+    cache.k.normal_()
+    cache.v.normal_()
+    FS.build_steps(llm, cache, [1, 3], [64], compile_=False)
+    decoder = llm._fused_decoder
+    k0, v0 = cache.k.clone(), cache.v.clone()
+    for rows in (1, 3):
+        ints, floats = FS.warmup_inputs(cache, rows)
+        FS.fused_step(decoder, cache, ints, floats, 64)
+    used = slice(0, cache.max_seq_len)
+    assert torch.equal(cache.k[:, :, :, used], k0[:, :, :, used]) and torch.equal(cache.v[:, :, :, used], v0[:, :, :, used])
+    assert not torch.equal(cache.k[:, :3, :, cache.scratch_position], k0[:, :3, :, cache.scratch_position])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_graphs_give_the_eager_tokens_on_cuda(spark_dir, tmp_path, monkeypatch):
+    """The server's path on CUDA (fused step compiled, one CUDA graph per bucket, device sampling)
+    against the eager step, in float32 with TF32 off (only summation order differs), with
+    joins, leaves and every row bucket; and one compiled graph (two where R is backed)."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("STUDIO_DATA_DIR", str(tmp_path))
+    monkeypatch.delenv("STUDIO_SPARK_FAST", raising=False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    model = load_llm(spark_dir / "LLM").to("cuda", torch.float32)
+    torch._dynamo.reset()
+    before = counters["stats"]["unique_graphs"]
+
+    def run(graphs: bool) -> tuple[list[list[int]], dict]:
+        batch = DecodeBatch(model, 4, 300, cuda_graphs=graphs)
+        params = [SamplingParams(max_new_tokens=40), SamplingParams(top_k=1, max_new_tokens=12),
+                  SamplingParams(top_k=0, top_p=0.8, max_new_tokens=25), SamplingParams(temperature=1.2, max_new_tokens=20)]
+        seqs = [Sequence(_prompt(10 + i, 8 + 3 * i), p, END, seed=i) for i, p in enumerate(params)]
+        batch.add(seqs[0])
+        for n in range(60):
+            if n in (2, 5):
+                batch.add(seqs[1 if n == 2 else 2])
+            if n == 15:  # seqs[1] has left: the late one takes its slot
+                batch.add(seqs[3])
+            batch.step()
+        assert all(s.finished for s in seqs)
+        return [s.generated for s in seqs], batch.stats
+
+    fast, stats = run(True)
+    assert stats["compiled"] and not stats.get("capture_errors"), stats
+    assert stats["graphs"] == len(graph_buckets(GRAPH_ROWS, 4)) * len(graph_buckets(GRAPH_LENGTHS, 300))
+    assert counters["stats"]["unique_graphs"] - before == (1 if stats["unbacked_rows"] else 2)
+    eager, _ = run(False)
+    assert fast == eager

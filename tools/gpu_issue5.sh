@@ -7,7 +7,7 @@
 #   bash tools/gpu_issue5.sh f5-profile      # where one F5 ODE step's time goes (kernels, attention backends)
 #   bash tools/gpu_issue5.sh f5-quick        # F5 fast server only, offline + streaming c=1,8, with [timing] lines
 #   bash tools/gpu_issue5.sh f5-request      # where one F5 request's engine time goes (pipeline phases)
-#   bash tools/gpu_issue5.sh gpu-tests       # the `-m gpu` tests (pytest carried in .whl/pytest)
+#   bash tools/gpu_issue5.sh gpu-tests       # the `-m gpu` tests (pytest carried in .whl/pytest; GPU_TESTS=files)
 #   bash tools/gpu_issue5.sh all --tiny      # CPU dry run of every stage with tiny checkpoints
 #
 # Run from the repo copy with `.whl` carried (numpy 1.26, tritonclient, python-rapidjson, soundfile,
@@ -130,11 +130,13 @@ if want f5-request; then
 fi
 
 if want gpu-tests; then
-  say "GPU tests (python -m pytest -m gpu tests/test_f5_fast.py: graph/compiled path equals eager, fused GELU, batched Vocos)"
+  GPU_TESTS=${GPU_TESTS:-tests/test_f5_fast.py tests/test_spark_fast_step.py}
+  say "GPU tests (python -m pytest -m gpu $GPU_TESTS: graph/compiled path equals eager, fused GELU, batched Vocos, Spark graphs)"
   PT=$W/pytest-pkgs
   $PY -m pip install -q --no-index --no-deps --target "$PT" .whl/pytest/*.whl >>"$LOG" 2>&1
   [[ -n $TINY ]] || $PY -m pip install -q --no-index --no-deps $(ls .whl/*.whl | grep -v /numpy-) >>"$LOG" 2>&1
-  PYTHONPATH=$PT timeout --kill-after=10 240 $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_f5_fast.py \
+  # shellcheck disable=SC2086 - GPU_TESTS is a list of paths
+  PYTHONPATH=$PT timeout --kill-after=10 240 $PY -m pytest -q -p no:cacheprovider -m gpu $GPU_TESTS \
     >"$W/gpu_tests.log" 2>&1
   say "GPU tests exit $?"
   tail -n 15 "$W/gpu_tests.log" | tee -a "$LOG"
@@ -153,6 +155,6 @@ fi
 
 if want spark; then
   say "Spark end to end (offline c=1,16, streaming c=1,8, 500 fixed tokens; eager server offline c=1)"
-  spark_e2e 1 570
+  spark_e2e 1 "${SPARK_DEADLINE_S:-570}"
 fi
 say "done"

@@ -290,17 +290,23 @@ class EagerFusedStep:
         return toks, redo
 
 
+def warmup_inputs(cache: StaticKVCache, rows: int) -> tuple[Tensor, Tensor]:
+    """The step inputs a bucket is warmed up and captured with (int [R, N_INT], float [R, N_FLOAT],
+    on the cache's device). Warm-up runs really execute: their cache writes go to the spare
+    position past every sequence's range, so capturing while sequences are cached cannot touch them."""
+    dev = cache.k.device
+    ints = torch.zeros(rows, N_INT, dtype=torch.long, device=dev)
+    ints[:, POSITION] = cache.scratch_position
+    return ints, torch.ones(rows, N_FLOAT, dtype=torch.float32, device=dev)
+
+
 class FastStep:
     """One (rows, length) bucket: static inputs, the forward, the KV write and sampling in a CUDA graph."""
 
     def __init__(self, forward: Callable, cache: StaticKVCache, rows: int, length: int, pool=None):
         dev = cache.k.device
         self.rows, self.length = rows, length
-        self.ints = torch.zeros(rows, N_INT, dtype=torch.long, device=dev)
-        # Warm-up runs really execute: aim their cache writes at the spare position past every
-        # sequence's range, so capturing while sequences are cached cannot touch them.
-        self.ints[:, POSITION] = cache.scratch_position
-        self.floats = torch.ones(rows, N_FLOAT, dtype=torch.float32, device=dev)
+        self.ints, self.floats = warmup_inputs(cache, rows)
         self.host_ints = torch.zeros(rows, N_INT, dtype=torch.long).pin_memory()
         self.host_floats = torch.zeros(rows, N_FLOAT, dtype=torch.float32).pin_memory()
 
@@ -400,8 +406,8 @@ def build_steps(model, cache: StaticKVCache, row_buckets: list[int], length_buck
     On a CPU cache: the fused step uncompiled and without graphs (`EagerFusedStep`, for tests)."""
     t0 = time.perf_counter()
     decoder = getattr(model, "_fused_decoder", None)  # one per model: later batches share its weights
-    if decoder is None or decoder.cos.shape[0] < cache.max_seq_len:
-        decoder = FusedDecoder(model, cache.max_seq_len)
+    if decoder is None or decoder.cos.shape[0] < cache.slab_positions:  # RoPE rows for the spare ones too
+        decoder = FusedDecoder(model, cache.slab_positions)
         model._fused_decoder = decoder
     if cache.k.device.type != "cuda":
         steps = {(r, n): EagerFusedStep(decoder, cache, r, n) for r in row_buckets for n in length_buckets}

@@ -42,6 +42,11 @@ class StaticKVCache(nn.Module):
         return self.k.shape[3] - SPARE_POSITIONS
 
     @property
+    def slab_positions(self) -> int:
+        """Positions allocated per slot: max_seq_len + SPARE_POSITIONS."""
+        return self.k.shape[3]
+
+    @property
     def scratch_position(self) -> int:
         """A position no sequence ever reads or writes (the first spare one)."""
         return self.k.shape[3] - SPARE_POSITIONS
