@@ -208,7 +208,15 @@ def test_compiled_graphs_give_the_eager_tokens_on_cuda(spark_dir, tmp_path, monk
 
     monkeypatch.setenv("STUDIO_DATA_DIR", str(tmp_path))
     monkeypatch.delenv("STUDIO_SPARK_FAST", raising=False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")  # no TF32 (restored below)
+    try:
+        _compare_compiled_and_eager_on_cuda(spark_dir, counters)
+    finally:
+        torch.set_float32_matmul_precision(precision)
+
+
+def _compare_compiled_and_eager_on_cuda(spark_dir, counters) -> None:
     model = load_llm(spark_dir / "LLM").to("cuda", torch.float32)
     torch._dynamo.reset()
     before = counters["stats"]["unique_graphs"]
