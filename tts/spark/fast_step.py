@@ -367,7 +367,8 @@ def compile_decoder(decoder: FusedDecoder, log: Callable[[str], None] | None = N
     the whole 24-layer forward at once took minutes on an H100 (measured: not done after 150 s); one
     layer compiles in seconds. Only the row count R and the key length L are dynamic (marked on
     each call's h, cos, sin and mask; weights and cache slabs are static), so every (R, L) bucket
-    replays one graph: one compile at start-up (see `decode_layer` for what used to recompile).
+    replays one graph: one compile at start-up, two where R is backed (see `decode_layer` for what
+    used to recompile).
     Returns a forward callable; compilation happens at its first call (the first capture).
     `backend` is torch.compile's (tests pass a counting one); unbacked_rows: None = where this
     torch supports it (`unbacked_rows_supported`), False = a backed R (`build_steps` retries so if
