@@ -86,11 +86,18 @@ def test_concurrent_requests_batch_and_match_solo(client, triton_server):
     for t in threads:
         t.join()
     busy.join()
-    after = client.statistics("f5_engine")["model_stats"][0]
     for got, want in zip(results, solo):
         assert got.shape == want.shape
         assert np.abs(got - want).max() <= 1e-4
-    inferences = int(after["inference_count"]) - int(before["inference_count"])
+    # Triton updates a request's statistics as its final response is released, which can trail
+    # the audio the client already holds (seen once on a loaded 2-core machine: 1 of 4 counted)
+    deadline = time.monotonic() + 10
+    while True:
+        after = client.statistics("f5_engine")["model_stats"][0]
+        inferences = int(after["inference_count"]) - int(before["inference_count"])
+        if inferences >= 4 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     executions = int(after["execution_count"]) - int(before["execution_count"])
     assert inferences == 4  # the blocker and the three
     assert executions < inferences, f"{inferences} requests ran in {executions} executions"

@@ -119,6 +119,25 @@ def test_fused_decode_batch_gives_the_eager_tokens_with_joins_and_leaves(llm):
     assert run(True) == run(False)
 
 
+def _random_cache(llm, slots: int, length: int):
+    cache = new_cache(llm, slots, length)
+    cache.k.normal_()
+    cache.v.normal_()
+    return cache
+
+
+def _compare(compiled, decoder, cache, buckets, atol: float) -> None:
+    """The compiled forward equals the eager one (logits, new keys, new values) in every bucket."""
+    with torch.no_grad():
+        for rows, length in buckets:
+            tokens = torch.arange(rows) + 300
+            positions = torch.arange(rows) * 3 + 5
+            out = compiled(cache.k, cache.v, tokens, positions, length)
+            ref = decoder(cache.k, cache.v, tokens, positions, length)
+            for a, b in zip(out, ref):
+                assert torch.allclose(a, b, atol=atol)
+
+
 @pytest.mark.parametrize("unbacked", [True, False])
 def test_the_fused_forward_compiles_one_graph_for_every_bucket(llm, unbacked):
     """fullgraph (a graph break raises) and no recompile across the buckets the server captures,
@@ -135,19 +154,9 @@ def test_the_fused_forward_compiles_one_graph_for_every_bucket(llm, unbacked):
 
     decoder = FS.FusedDecoder(llm, 64)
     compiled, stats = FS.compile_decoder(decoder, backend=counting_backend, unbacked_rows=unbacked)
-    cache = new_cache(llm, 4, 64)
-    cache.k.normal_()
-    cache.v.normal_()
+    cache = _random_cache(llm, 4, 64)
     torch._dynamo.reset()
-    with torch.no_grad():
-        for rows in (4, 3, 1):
-            for length in (64, 48, 16):
-                tokens = torch.arange(rows) + 300
-                positions = torch.arange(rows) * 3 + 5
-                out = compiled(cache.k, cache.v, tokens, positions, length)
-                ref = decoder(cache.k, cache.v, tokens, positions, length)
-                for a, b in zip(out, ref):
-                    assert torch.allclose(a, b, atol=1e-5)
+    _compare(compiled, decoder, cache, [(r, n) for r in (4, 3, 1) for n in (64, 48, 16)], atol=1e-5)
     assert stats["compiled"] and stats["unbacked_rows"] == unbacked
     assert len(graphs) == (1 if unbacked else 2)
     # the spare slot and position past what sequences use
@@ -163,19 +172,10 @@ def test_the_compiled_step_lowers_through_inductor_with_one_graph(llm, tmp_path,
     monkeypatch.setenv("STUDIO_DATA_DIR", str(tmp_path))
     decoder = FS.FusedDecoder(llm, 64)
     compiled, stats = FS.compile_decoder(decoder)
-    cache = new_cache(llm, 2, 64)
-    cache.k.normal_()
-    cache.v.normal_()
+    cache = _random_cache(llm, 2, 64)
     torch._dynamo.reset()
     before = counters["stats"]["unique_graphs"]
-    with torch.no_grad():
-        for rows, length in ((2, 64), (1, 48), (2, 16)):
-            tokens = torch.arange(rows) + 300
-            positions = torch.arange(rows) * 3 + 5
-            out = compiled(cache.k, cache.v, tokens, positions, length)
-            ref = decoder(cache.k, cache.v, tokens, positions, length)
-            for a, b in zip(out, ref):
-                assert torch.allclose(a, b, atol=1e-4)
+    _compare(compiled, decoder, cache, [(2, 64), (1, 48), (2, 16)], atol=1e-4)
     assert stats["compiled"]
     assert counters["stats"]["unique_graphs"] - before == (1 if stats["unbacked_rows"] else 2)
 
@@ -184,9 +184,7 @@ def test_warm_up_runs_touch_only_the_spare_position(llm):
     """A captured bucket's warm-up really runs the step (FastStep, on the GPU): with the decoder
     build_steps makes, its inputs must be in range (the RoPE tables cover the spare position) and
     its cache writes must leave every position a sequence can use unchanged."""
-    cache = new_cache(llm, 3, 64)
-    cache.k.normal_()
-    cache.v.normal_()
+    cache = _random_cache(llm, 3, 64)
     FS.build_steps(llm, cache, [1, 3], [64], compile_=False)
     decoder = llm._fused_decoder
     k0, v0 = cache.k.clone(), cache.v.clone()
