@@ -10,8 +10,9 @@ import torch
 
 from tests.test_spark_fixtures import spark_dir, spark_one_thread  # noqa: F401 - fixtures
 from tts.spark import fast_step as FS
-from tts.spark.decode import (GRAPH_LENGTHS, GRAPH_ROWS, DecodeBatch, SamplingParams, Sequence, _row_inputs,
+from tts.spark.decode import (GRAPH_LENGTHS, GRAPH_ROWS, DecodeBatch, SamplingParams, Sequence, _row_inputs, generate,
                               graph_buckets, pick_bucket, sample_tokens)
+from tts.spark.kv_cache import SPARE_POSITIONS, SPARE_SLOTS
 from tts.spark.llm import forward_prefill, forward_step, load_llm, new_cache
 
 pytestmark = pytest.mark.usefixtures("spark_one_thread")
@@ -98,22 +99,34 @@ def test_fused_forward_equals_forward_step_and_writes_the_same_cache(llm):
         assert torch.allclose(cache.v[:, :2, :, : t + 1], ref_cache.v[:, :2, :, : t + 1], atol=1e-5)
 
 
-def test_fused_decode_batch_gives_the_eager_tokens_with_joins_and_leaves(llm):
+@pytest.mark.parametrize("tokens_per_replay", [1, 4, 3])
+def test_fused_decode_batch_gives_the_eager_tokens_with_joins_and_leaves(llm, tokens_per_replay):
+    """Several steps per replay: a row that finishes or must be redrawn on the host (top_k off:
+    every step) drops the replay's later steps and hands their draws back, so the tokens are the
+    eager path's one-step-at-a-time tokens; end tokens stay banned until min_new_tokens in every
+    step of a replay."""
+    params = [SamplingParams(max_new_tokens=12), SamplingParams(top_k=1, max_new_tokens=6),
+              SamplingParams(top_k=0, top_p=0.8, max_new_tokens=9), SamplingParams(temperature=1.2, max_new_tokens=7),
+              SamplingParams(temperature=1.0, max_new_tokens=13)]
+    params[3] = SamplingParams(temperature=1.2, max_new_tokens=7, min_new_tokens=5)  # end id banned in part of a replay
+    # the last one ends on an end token in mid-replay: the first new token from its 4th on is its end id
+    probe = generate(llm, _prompt(14, 20), params[4], (), seed=4)
+    end_at = next(i for i in range(3, 12) if probe.generated[i] not in probe.generated[:i])
+    ends = [END, END, END, END, (probe.generated[end_at],)]
+
     def run(fused: bool) -> list[list[int]]:
-        batch = DecodeBatch(llm, 4, 96, cuda_graphs=False, fused=fused)
+        batch = DecodeBatch(llm, 4, 96, cuda_graphs=False, fused=fused, tokens_per_replay=tokens_per_replay)
         assert bool(batch.steps) == fused
-        params = [SamplingParams(max_new_tokens=12), SamplingParams(top_k=1, max_new_tokens=6),
-                  SamplingParams(top_k=0, top_p=0.8, max_new_tokens=9), SamplingParams(temperature=1.2, max_new_tokens=7)]
-        seqs = [Sequence(_prompt(10 + i, 8 + 3 * i), p, END, seed=i) for i, p in enumerate(params)]
+        seqs = [Sequence(_prompt(10 + i, 8 + 3 * i), p, e, seed=i) for i, (p, e) in enumerate(zip(params, ends))]
         batch.add(seqs[0])
         batch.add(seqs[1])
-        for n in range(30):
-            if n == 3:
-                batch.add(seqs[2])
-            if n == 8:  # seqs[1] has left: the late one takes its slot
-                batch.add(seqs[3])
+        waiting = seqs[2:]
+        for n in range(60):  # the late ones join after a step, into the first free slot (a left one's)
+            if waiting and n >= 1 and batch.free_slots:
+                batch.add(waiting.pop(0))
             batch.step()
         assert all(s.finished for s in seqs)
+        assert seqs[4].finish_reason == "end" and len(seqs[4].generated) == end_at + 1
         return [s.generated for s in seqs]
 
     assert run(True) == run(False)
@@ -160,7 +173,8 @@ def test_the_fused_forward_compiles_one_graph_for_every_bucket(llm, unbacked):
     assert stats["compiled"] and stats["unbacked_rows"] == unbacked
     assert len(graphs) == (1 if unbacked else 2)
     # the spare slot and position past what sequences use
-    assert (cache.max_batch, cache.max_seq_len) == (4, 64) and cache.k.shape[1:4:2] == (5, 65)
+    assert (cache.max_batch, cache.max_seq_len) == (4, 64)
+    assert cache.k.shape[1:4:2] == (4 + SPARE_SLOTS, 64 + SPARE_POSITIONS)
 
 
 @pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="inductor's CPU code needs a C++ compiler")
@@ -180,20 +194,24 @@ def test_the_compiled_step_lowers_through_inductor_with_one_graph(llm, tmp_path,
     assert counters["stats"]["unique_graphs"] - before == (1 if stats["unbacked_rows"] else 2)
 
 
-def test_warm_up_runs_touch_only_the_spare_position(llm):
-    """A captured bucket's warm-up really runs the step (FastStep, on the GPU): with the decoder
-    build_steps makes, its inputs must be in range (the RoPE tables cover the spare position) and
+@pytest.mark.parametrize("tokens", [1, SPARE_POSITIONS])
+def test_warm_up_runs_touch_only_the_spare_positions(llm, tokens):
+    """A captured bucket's warm-up really runs its steps (FastStep, on the GPU): with the decoder
+    build_steps makes, its inputs must be in range (the RoPE tables cover the spare positions) and
     its cache writes must leave every position a sequence can use unchanged."""
     cache = _random_cache(llm, 3, 64)
-    FS.build_steps(llm, cache, [1, 3], [64], compile_=False)
+    FS.build_steps(llm, cache, [1, 3], [64], compile_=False, tokens=tokens)
     decoder = llm._fused_decoder
     k0, v0 = cache.k.clone(), cache.v.clone()
     for rows in (1, 3):
-        ints, floats = FS.warmup_inputs(cache, rows)
-        FS.fused_step(decoder, cache, ints, floats, 64)
+        ints, floats = FS.warmup_inputs(cache, rows, tokens)
+        FS.fused_steps(decoder, cache, ints, floats, 64)
     used = slice(0, cache.max_seq_len)
     assert torch.equal(cache.k[:, :, :, used], k0[:, :, :, used]) and torch.equal(cache.v[:, :, :, used], v0[:, :, :, used])
-    assert not torch.equal(cache.k[:, :3, :, cache.scratch_position], k0[:, :3, :, cache.scratch_position])
+    last = cache.scratch_position + tokens - 1
+    assert not torch.equal(cache.k[:, :3, :, last], k0[:, :3, :, last])
+    with pytest.raises(ValueError, match="tokens per replay"):
+        FS.warmup_inputs(cache, 1, SPARE_POSITIONS + 1)
 
 
 @pytest.mark.gpu

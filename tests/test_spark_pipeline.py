@@ -193,3 +193,29 @@ def test_engine_cancel_and_callbacks(spark_pipeline):
             engine.submit(SparkRequest("x", np.zeros(10, np.float32))).result(timeout=60)
     finally:
         engine.close()
+
+
+def test_several_tokens_per_replay_give_the_same_audio_chunks_and_segments(spark_pipeline, monkeypatch):
+    """The scheduler gets several tokens per sequence from one fast step (the GPU default): the
+    same chunks, segment chaining (a segment that ends in mid-replay starts the next) and audio
+    as one token per step. On the CPU through the fused step without graphs."""
+    from tts.spark.decode import DecodeBatch
+
+    text = " ".join(f"This is sentence number {i} of a long text that goes on." for i in range(8))
+    sampled = SparkOptions(max_new_tokens=23, temperature=1.0, top_k=50, top_p=0.9, seed=5)
+    requests = [dict(text=text, reference_wav=noise_clip(1.5), reference_text="Ref.", options=sampled),
+                dict(text="Streaming test sentence.", reference_wav=noise_clip(2.0, seed=3), reference_text="Ref.",
+                     options=_greedy(130), streaming=True)]
+
+    def outputs() -> list[list[tuple[int, bool, bytes]]]:
+        return [[(c.overlap_samples, c.final, c.wav.tobytes()) for c in spark_pipeline.stream(SparkRequest(**r))]
+                for r in requests]
+
+    one = outputs()
+    monkeypatch.setattr(spark_pipeline, "new_batch", lambda max_batch, max_seq_len: DecodeBatch(
+        spark_pipeline.llm, max_batch, max_seq_len, cuda_graphs=False, fused=True, tokens_per_replay=3))
+    monkeypatch.setattr(spark_pipeline, "_solo_batch", None)  # stream() keeps its batch: a new one, restored after
+    several = outputs()
+    assert spark_pipeline._solo_batch.tokens_per_replay == 3
+    assert [len(o) for o in several] == [len(o) for o in one] and len(one[1]) >= 2
+    assert several == one

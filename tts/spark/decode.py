@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tts.spark import fast_step as FS
-from tts.spark.kv_cache import StaticKVCache
+from tts.spark.kv_cache import SPARE_POSITIONS, StaticKVCache
 from tts.spark.llm import forward_prefill, forward_step, new_cache
 
 
@@ -56,10 +56,19 @@ class Sequence:
     finish_reason: str = ""  # "end", "length", "cache", "cancelled"
     prefill_s: float = 0.0
     generator: torch.Generator = field(init=False, repr=False)
+    # uniform numbers drawn ahead for a multi-step replay but not used (the row was redrawn on the
+    # host first): they are the next ones drawn, so every path consumes the same stream
+    returned_uniforms: list[float] = field(default_factory=list, repr=False)
 
     def __post_init__(self):
         self.generator = torch.Generator(device="cpu")
         self.generator.manual_seed(int(self.seed))
+
+    def next_uniform(self) -> float:
+        """The next uniform number of this sequence's stream (one per sampled token)."""
+        if self.returned_uniforms:
+            return self.returned_uniforms.pop(0)
+        return torch.rand((), generator=self.generator).item()
 
     @property
     def position(self) -> int:
@@ -74,10 +83,12 @@ class Sequence:
         return list(self.generated)
 
 
-def _row_inputs(seqs: list[Sequence | None], ints, floats) -> None:
+def _row_inputs(seqs: list[Sequence | None], ints, floats, ahead: int = 0) -> None:
     """Fill one step's per-row inputs (numpy views [R, N_INT] int64, [R, N_FLOAT] float32) for the
-    sequences in their rows (None = a free row: greedy on a dummy token at position 0). Draws each
-    sampled row's uniform number from its sequence's generator (one per row per step, in row order)."""
+    sequences in their rows (None = a free row: greedy on a dummy token at position 0), `ahead`
+    steps after the next one (position, end-token ban as they will be then; the token column only
+    matters at ahead = 0: later steps feed the token sampled before them). Draws each sampled row's
+    uniform number from its sequence's stream (one per row per step, in row order)."""
     ints[:] = 0
     floats[:] = (1.0, 1.0, 1.0, 0.0, 1.0)
     for r, s in enumerate(seqs):
@@ -85,16 +96,15 @@ def _row_inputs(seqs: list[Sequence | None], ints, floats) -> None:
             continue
         p = s.params
         ints[r, FS.TOKEN] = s.generated[-1] if s.generated else 0
-        ints[r, FS.POSITION] = max(s.position, 0)
+        ints[r, FS.POSITION] = max(s.position, 0) + ahead
         ends = list(s.end_ids)[:FS.MAX_END_IDS]
         if ends:
             ints[r, FS.END0: FS.END0 + FS.MAX_END_IDS] = (ends * FS.MAX_END_IDS)[:FS.MAX_END_IDS]
-            if len(s.generated) < p.min_new_tokens:
+            if len(s.generated) + ahead < p.min_new_tokens:
                 ints[r, FS.END0 + FS.MAX_END_IDS: FS.END0 + 2 * FS.MAX_END_IDS] = 1
         if p.greedy:
             continue
-        u = torch.rand((), generator=s.generator).item()
-        floats[r] = (p.temperature, float(p.top_k) if p.top_k > 0 else FS.NO_TOP_K, p.top_p, u, 0.0)
+        floats[r] = (p.temperature, float(p.top_k) if p.top_k > 0 else FS.NO_TOP_K, p.top_p, s.next_uniform(), 0.0)
 
 
 def sample_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
@@ -122,6 +132,11 @@ GRAPH_LENGTHS = (256, 512, 1024, 2048, 4096, 8192)
 #: running slot is replayed (a graph over all slots costs a lone sequence the other rows' work).
 GRAPH_ROWS = (1, 2, 4, 8, 16, 32, 64)
 FAST_ENV = "STUDIO_SPARK_FAST"  # "0"/"off": eager steps; "graph": fused step in graphs; else compiled + graphs
+#: Decode steps per graph replay (and per host round trip) on the fast path: the host reads the
+#: tokens back once per replay, so its per-token share (~0.4 ms of a 1.85 ms step at one row,
+#: measured on an H200) shrinks T-fold; a finished or redrawn row drops the replay's later steps.
+TOKENS_PER_REPLAY = 4
+TOKENS_ENV = "STUDIO_SPARK_STEP_TOKENS"  # 1..kv_cache.SPARE_POSITIONS
 
 
 def _log(msg: str) -> None:
@@ -136,6 +151,15 @@ def graph_buckets(sizes: tuple[int, ...], limit: int) -> list[int]:
 def pick_bucket(buckets, need: int) -> int:
     """The smallest bucket >= need (the last bucket is the dimension's limit, so one always exists)."""
     return min(b for b in buckets if b >= need)
+
+
+def tokens_per_replay_from_env() -> int:
+    raw = os.environ.get(TOKENS_ENV, "").strip()
+    if not raw:
+        return TOKENS_PER_REPLAY
+    if not raw.isdigit() or not 1 <= int(raw) <= SPARE_POSITIONS:
+        raise ValueError(f"{TOKENS_ENV}={raw!r} is not understood; use a whole number from 1 to {SPARE_POSITIONS}")
+    return int(raw)
 
 
 def fast_mode_from_env() -> str:
@@ -159,10 +183,12 @@ class DecodeBatch:
     """
 
     def __init__(self, model, max_batch: int, max_seq_len: int, cuda_graphs: bool | None = None,
-                 fused: bool = False, log=None):
+                 fused: bool = False, log=None, tokens_per_replay: int | None = None):
         """cuda_graphs: None = the fast path on CUDA as STUDIO_SPARK_FAST says (default compile +
         graphs), True = required, False = eager `forward_step`. fused=True on a CPU model runs the
-        fused step without graphs (tests compare it with the eager step)."""
+        fused step without graphs (tests compare it with the eager step). tokens_per_replay: decode
+        steps per fast-path step() (None = STUDIO_SPARK_STEP_TOKENS, default TOKENS_PER_REPLAY);
+        the eager path always makes one."""
         self.model = model
         self.cache: StaticKVCache = new_cache(model, max_batch, max_seq_len)
         self.slots: list[Sequence | None] = [None] * max_batch
@@ -172,10 +198,13 @@ class DecodeBatch:
         mode = fast_mode_from_env() if cuda_graphs is None else ("compile" if cuda_graphs else "off")
         if cuda_graphs and not on_cuda:
             raise ValueError("cuda_graphs=True needs the model on a CUDA device")
+        self.tokens_per_replay = 1
         if (on_cuda and mode != "off") or fused:
+            self.tokens_per_replay = tokens_per_replay or tokens_per_replay_from_env()
             self.steps, self.stats = FS.build_steps(model, self.cache, graph_buckets(GRAPH_ROWS, max_batch),
                                                     graph_buckets(GRAPH_LENGTHS, max_seq_len),
-                                                    compile_=mode == "compile", log=log or _log)
+                                                    compile_=mode == "compile", log=log or _log,
+                                                    tokens=self.tokens_per_replay)
         self._row_buckets = sorted({r for r, _ in self.steps})
         self._len_buckets = sorted({n for _, n in self.steps})
 
@@ -229,7 +258,8 @@ class DecodeBatch:
             seq.finished, seq.finish_reason = True, reason
 
     def step(self) -> list[tuple[Sequence, int]]:
-        """One token for every running sequence; finished ones leave their slot. Returns (seq, token)."""
+        """One token for every running sequence (up to tokens_per_replay on the fast path); finished
+        ones leave their slot. Returns (seq, token) pairs, a sequence's tokens in order."""
         running = self.running
         if not running:
             return []
@@ -250,24 +280,35 @@ class DecodeBatch:
         return list(zip(running, toks))
 
     def _fast_step(self, running: list[Sequence], top: int) -> list[tuple[Sequence, int]]:
+        t_steps = self.tokens_per_replay
         rows = pick_bucket(self._row_buckets, top)
-        length = pick_bucket(self._len_buckets, max(s.position for s in running) + 1)
-        step = self.steps[rows, length]
+        # every step of the replay must see its keys: positions up to the last one + T; past the
+        # longest bucket only steps after a sequence has filled the cache (discarded) would miss any
+        need = min(max(s.position for s in running) + t_steps, self._len_buckets[-1])
+        step = self.steps[rows, pick_bucket(self._len_buckets, need)]
         by_row: list[Sequence | None] = [None] * rows
         for s in running:
             by_row[s.slot] = s
-        _row_inputs(by_row, step.host_ints.numpy(), step.host_floats.numpy())
+        ints, floats = step.host_ints.numpy(), step.host_floats.numpy()
+        for t in range(t_steps):
+            _row_inputs(by_row, ints[t], floats[t], ahead=t)
         toks, redo = step()
-        if any(redo):  # ties at the candidate cut, or top_k beyond it: the whole vocabulary, same draws
-            idx = torch.tensor([r for r, f in enumerate(redo) if f], device=step.logits.device)
-            exact, _ = FS.draw(step.logits[idx], step.floats[idx], step.logits.shape[-1])
-            for r, tok in zip(idx.tolist(), exact.tolist()):
-                toks[r] = tok
         out = []
         for s in running:
-            tok = int(toks[s.slot])
-            self._accept(s, tok, step.logits[s.slot] if s.keep_logits else None)
-            out.append((s, tok))
+            r = s.slot
+            for t in range(t_steps):
+                tok = int(toks[t][r])
+                if redo[t][r]:  # ties at the candidate cut, or top_k beyond it: the whole vocabulary, same draw
+                    exact, _ = FS.draw(step.logits[t, r:r + 1], step.floats[t, r:r + 1], step.logits.shape[-1])
+                    tok = int(exact[0])
+                self._accept(s, tok, step.logits[t, r] if s.keep_logits else None)
+                out.append((s, tok))
+                if s.finished or redo[t][r]:
+                    # the replay's later steps fed another token (or the sequence is done): drop
+                    # them, and hand their unused draws back to the stream
+                    if not s.finished and not s.params.greedy:
+                        s.returned_uniforms[:0] = [float(floats[u][r][FS.UNIFORM]) for u in range(t + 1, t_steps)]
+                    break
         return out
 
     def _accept(self, s: Sequence, tok: int, row: torch.Tensor | None) -> None:

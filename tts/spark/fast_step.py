@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tts.spark.kv_cache import StaticKVCache
+from tts.spark.kv_cache import SPARE_POSITIONS, StaticKVCache
 from tts.spark.llm import llm_shape
 
 #: Candidates sampled from on the device: default top_k (50) plus a margin for ties at the k-th value.
@@ -273,45 +273,67 @@ def fused_step(forward: Callable, cache: StaticKVCache, ints: Tensor, floats: Te
     return sample_rows(logits, ints, floats, n)
 
 
+def fused_steps(forward: Callable, cache: StaticKVCache, ints: Tensor, floats: Tensor, length: int,
+                n: int = N_CAND) -> tuple[Tensor, Tensor]:
+    """T steps in a row on the device: ints [T, R, N_INT], floats [T, R, N_FLOAT] hold each step's
+    inputs (positions, end-token bans, uniform draws: all known ahead); the token fed at step t > 0
+    is the one sampled at step t - 1, never leaving the device. Returns (banned logits [T, R, V],
+    [T, 2, R]). Keys of step t are cached before step t + 1 reads them (`fused_step` writes them)."""
+    logits, outs = [], []
+    tok = ints[0, :, TOKEN]
+    for t in range(ints.shape[0]):
+        step_ints = torch.cat((tok.view(-1, 1), ints[t, :, TOKEN + 1:]), dim=1)
+        lg, out = fused_step(forward, cache, step_ints, floats[t], length, n)
+        logits.append(lg)
+        outs.append(out)
+        tok = out[0]
+    return torch.stack(logits), torch.stack(outs)
+
+
+def warmup_inputs(cache: StaticKVCache, rows: int, tokens: int = 1) -> tuple[Tensor, Tensor]:
+    """The inputs a bucket is warmed up and captured with (int [T, R, N_INT], float [T, R, N_FLOAT],
+    T = tokens, on the cache's device). Warm-up runs really execute: their cache writes go to the
+    spare positions past every sequence's range, so capturing while sequences are cached cannot
+    touch them."""
+    if not 1 <= tokens <= SPARE_POSITIONS:
+        raise ValueError(f"tokens per replay must be 1..{SPARE_POSITIONS} (the KV cache's spare positions)")
+    dev = cache.k.device
+    ints = torch.zeros(tokens, rows, N_INT, dtype=torch.long, device=dev)
+    ints[:, :, POSITION] = cache.scratch_position + torch.arange(tokens, device=dev).view(-1, 1)
+    return ints, torch.ones(tokens, rows, N_FLOAT, dtype=torch.float32, device=dev)
+
+
 class EagerFusedStep:
     """`FastStep`'s interface without a graph (any device): tests the fused path on the CPU."""
 
-    def __init__(self, forward: Callable, cache: StaticKVCache, rows: int, length: int):
-        self.forward, self.cache, self.rows, self.length = forward, cache, rows, length
-        self.host_ints = torch.zeros(rows, N_INT, dtype=torch.long)
-        self.host_floats = torch.zeros(rows, N_FLOAT, dtype=torch.float32)
+    def __init__(self, forward: Callable, cache: StaticKVCache, rows: int, length: int, tokens: int = 1):
+        self.forward, self.cache, self.rows, self.length, self.tokens = forward, cache, rows, length, tokens
+        self.host_ints = torch.zeros(tokens, rows, N_INT, dtype=torch.long)
+        self.host_floats = torch.zeros(tokens, rows, N_FLOAT, dtype=torch.float32)
         self.logits = self.floats = None
 
-    def __call__(self) -> tuple[list[int], list[int]]:
+    def __call__(self) -> tuple[list[list[int]], list[list[int]]]:
         dev = self.cache.k.device
         ints, self.floats = self.host_ints.to(dev), self.host_floats.to(dev)
-        self.logits, out = fused_step(self.forward, self.cache, ints, self.floats, self.length)
-        toks, redo = out.tolist()
-        return toks, redo
-
-
-def warmup_inputs(cache: StaticKVCache, rows: int) -> tuple[Tensor, Tensor]:
-    """The step inputs a bucket is warmed up and captured with (int [R, N_INT], float [R, N_FLOAT],
-    on the cache's device). Warm-up runs really execute: their cache writes go to the spare
-    position past every sequence's range, so capturing while sequences are cached cannot touch them."""
-    dev = cache.k.device
-    ints = torch.zeros(rows, N_INT, dtype=torch.long, device=dev)
-    ints[:, POSITION] = cache.scratch_position
-    return ints, torch.ones(rows, N_FLOAT, dtype=torch.float32, device=dev)
+        self.logits, out = fused_steps(self.forward, self.cache, ints, self.floats, self.length)
+        out = out.tolist()
+        return [o[0] for o in out], [o[1] for o in out]
 
 
 class FastStep:
-    """One (rows, length) bucket: static inputs, the forward, the KV write and sampling in a CUDA graph."""
+    """One (rows, length) bucket: static inputs, T steps of the forward, the KV write and sampling in
+    one CUDA graph (T = tokens: one replay and one read-back per T tokens of every row)."""
 
-    def __init__(self, forward: Callable, cache: StaticKVCache, rows: int, length: int, pool=None):
+    def __init__(self, forward: Callable, cache: StaticKVCache, rows: int, length: int, pool=None,
+                 tokens: int = 1):
         dev = cache.k.device
-        self.rows, self.length = rows, length
-        self.ints, self.floats = warmup_inputs(cache, rows)
-        self.host_ints = torch.zeros(rows, N_INT, dtype=torch.long).pin_memory()
-        self.host_floats = torch.zeros(rows, N_FLOAT, dtype=torch.float32).pin_memory()
+        self.rows, self.length, self.tokens = rows, length, tokens
+        self.ints, self.floats = warmup_inputs(cache, rows, tokens)
+        self.host_ints = torch.zeros(tokens, rows, N_INT, dtype=torch.long).pin_memory()
+        self.host_floats = torch.zeros(tokens, rows, N_FLOAT, dtype=torch.float32).pin_memory()
 
         def run():
-            return fused_step(forward, cache, self.ints, self.floats, length)
+            return fused_steps(forward, cache, self.ints, self.floats, length)
 
         stream = torch.cuda.Stream(dev)
         stream.wait_stream(torch.cuda.current_stream(dev))
@@ -323,13 +345,13 @@ class FastStep:
         with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
             self.logits, self.out = run()
 
-    def __call__(self) -> tuple[list[int], list[int]]:
-        """Replay with the host buffers' contents; returns (tokens, redo flags) per row (one sync)."""
+    def __call__(self) -> tuple[list[list[int]], list[list[int]]]:
+        """Replay with the host buffers' contents; returns (tokens [T][R], redo flags [T][R]) (one sync)."""
         self.ints.copy_(self.host_ints, non_blocking=True)
         self.floats.copy_(self.host_floats, non_blocking=True)
         self.graph.replay()
-        toks, redo = self.out.tolist()
-        return toks, redo
+        out = self.out.tolist()
+        return [o[0] for o in out], [o[1] for o in out]
 
 
 #: The row-count hint the compiler tunes for while R is an unbacked size (a typical batch).
@@ -402,17 +424,19 @@ def compile_decoder(decoder: FusedDecoder, log: Callable[[str], None] | None = N
 
 
 def build_steps(model, cache: StaticKVCache, row_buckets: list[int], length_buckets: list[int],
-                compile_: bool = True, log: Callable[[str], None] | None = None) -> tuple[dict, dict]:
-    """Fuse, compile and capture every bucket; returns ({(rows, length): FastStep}, stats).
-    On a CPU cache: the fused step uncompiled and without graphs (`EagerFusedStep`, for tests)."""
+                compile_: bool = True, log: Callable[[str], None] | None = None,
+                tokens: int = 1) -> tuple[dict, dict]:
+    """Fuse, compile and capture every bucket (`tokens` steps per replay); returns
+    ({(rows, length): FastStep}, stats). On a CPU cache: the fused steps uncompiled and without
+    graphs (`EagerFusedStep`, for tests)."""
     t0 = time.perf_counter()
     decoder = getattr(model, "_fused_decoder", None)  # one per model: later batches share its weights
     if decoder is None or decoder.cos.shape[0] < cache.slab_positions:  # RoPE rows for the spare ones too
         decoder = FusedDecoder(model, cache.slab_positions)
         model._fused_decoder = decoder
     if cache.k.device.type != "cuda":
-        steps = {(r, n): EagerFusedStep(decoder, cache, r, n) for r in row_buckets for n in length_buckets}
-        return steps, {"compiled": False, "graphs": 0}
+        steps = {(r, n): EagerFusedStep(decoder, cache, r, n, tokens) for r in row_buckets for n in length_buckets}
+        return steps, {"compiled": False, "graphs": 0, "tokens_per_replay": tokens}
     pool = torch.cuda.graph_pool_handle()
     step_s: dict[str, float] = {}  # each bucket's build; the compiles happen inside the first ones
 
@@ -422,7 +446,7 @@ def build_steps(model, cache: StaticKVCache, row_buckets: list[int], length_buck
         for r in sorted(row_buckets, reverse=True):
             for n in sorted(length_buckets, reverse=True):
                 t_step = time.perf_counter()
-                built[r, n] = FastStep(forward, cache, r, n, pool)
+                built[r, n] = FastStep(forward, cache, r, n, pool, tokens)
                 step_s[f"{r}x{n}"] = round(time.perf_counter() - t_step, 2)
         return built
 
@@ -452,7 +476,7 @@ def build_steps(model, cache: StaticKVCache, row_buckets: list[int], length_buck
     if errors:
         stats["capture_errors"] = errors
     slow = {k: v for k, v in step_s.items() if v >= 1.0}  # where start-up goes: builds that compiled
-    stats.update(graphs=len(steps), build_s=round(time.perf_counter() - t0, 2), slow_buckets_s=slow,
+    stats.update(graphs=len(steps), tokens_per_replay=tokens, build_s=round(time.perf_counter() - t0, 2), slow_buckets_s=slow,
                  other_buckets_s=round(sum(v for v in step_s.values() if v < 1.0), 2))
     if log:
         log(f"decode steps ready: {stats}")

@@ -11,11 +11,13 @@ import torch
 from torch import nn
 
 
-#: Positions allocated past max_seq_len, never part of a sequence. Two uses: the graphed decode
-#: step's warm-up runs write their keys there (`scratch_position`), and a key-length bucket is then
-#: always shorter than the slab, so the compiled step sees one layout for every bucket (a slice
+#: Positions allocated past max_seq_len, never part of a sequence. Three uses: the graphed decode
+#: step's warm-up runs write their keys there (`scratch_position` on); a replay of several steps
+#: (`tts.spark.fast_step.fused_steps`, at most this many) may run steps past a sequence's last
+#: position before the host sees it finish, and their writes land there; and a key-length bucket
+#: is always shorter than the slab, so the compiled step sees one layout for every bucket (a slice
 #: that spans a whole axis is the axis itself, and the compiler specialised on that: a recompile).
-SPARE_POSITIONS = 1
+SPARE_POSITIONS = 8
 #: Slots allocated past max_batch, never given to a sequence: for the same reason a row-count
 #: bucket is then always fewer rows than the slab has (measured on the CPU: with rows equal to
 #: the slot count the compiled step fixed the row count to that constant). ~12 MB per 1000

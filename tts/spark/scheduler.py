@@ -59,10 +59,12 @@ class Scheduler:
         dt_ms = (time.perf_counter() - t0) * 1000
         for state in {id(seq.tag): seq.tag for seq, _ in results}.values():
             state.decode_ms += dt_ms
-        for seq, tok in results:
+        last = {id(seq): i for i, (seq, _) in enumerate(results)}  # a replay may give a sequence several tokens
+        for i, (seq, tok) in enumerate(results):
             state = seq.tag
             if state.request_id in self.states:
-                self._guard(state, self._on_token, state, seq, tok)
+                # its segment ends (and the next one starts) only after its last token of this step
+                self._guard(state, self._on_token, state, seq, tok, i == last[id(seq)])
 
     def cancel(self, request_id: str) -> bool:
         """Drop a request from the batch; nothing more is emitted for it. False if unknown."""
