@@ -258,3 +258,16 @@ def _compare_compiled_and_eager_on_cuda(spark_dir, counters) -> None:
     assert counters["stats"]["unique_graphs"] - before == (1 if stats["unbacked_rows"] else 2)
     eager, _ = run(False)
     assert fast == eager
+
+
+def test_tokens_per_replay_setting(monkeypatch):
+    from tts.spark.decode import TOKENS_ENV, TOKENS_PER_REPLAY, tokens_per_replay_from_env
+
+    monkeypatch.delenv(TOKENS_ENV, raising=False)
+    assert tokens_per_replay_from_env() == TOKENS_PER_REPLAY
+    monkeypatch.setenv(TOKENS_ENV, "2")
+    assert tokens_per_replay_from_env() == 2
+    for bad in ("0", "abc", str(SPARE_POSITIONS + 1), "-1"):
+        monkeypatch.setenv(TOKENS_ENV, bad)
+        with pytest.raises(ValueError, match=TOKENS_ENV):
+            tokens_per_replay_from_env()
