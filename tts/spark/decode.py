@@ -293,14 +293,22 @@ class DecodeBatch:
         for t in range(t_steps):
             _row_inputs(by_row, ints[t], floats[t], ahead=t)
         toks, redo = step()
+        # ties at the candidate cut, or top_k beyond it: the whole vocabulary, same draw. Only a
+        # row's first such step counts (its later steps are dropped), so one batched draw serves all.
+        first_redo = {s.slot: next((t for t in range(t_steps) if redo[t][s.slot]), None) for s in running}
+        first_redo = {r: t for r, t in first_redo.items() if t is not None}
+        if first_redo:
+            dev = step.logits.device
+            ti = torch.tensor(list(first_redo.values()), device=dev)
+            ri = torch.tensor(list(first_redo), device=dev)
+            exact, _ = FS.draw(step.logits[ti, ri], step.floats[ti, ri], step.logits.shape[-1])
+            for r, tok in zip(first_redo, exact.tolist()):
+                toks[first_redo[r]][r] = tok
         out = []
         for s in running:
             r = s.slot
             for t in range(t_steps):
                 tok = int(toks[t][r])
-                if redo[t][r]:  # ties at the candidate cut, or top_k beyond it: the whole vocabulary, same draw
-                    exact, _ = FS.draw(step.logits[t, r:r + 1], step.floats[t, r:r + 1], step.logits.shape[-1])
-                    tok = int(exact[0])
                 self._accept(s, tok, step.logits[t, r] if s.keep_logits else None)
                 out.append((s, tok))
                 if s.finished or redo[t][r]:

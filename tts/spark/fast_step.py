@@ -158,7 +158,7 @@ def decode_layer(h: Tensor, ks: Tensor, vs: Tensor, cos: Tensor, sin: Tensor, ca
     (six compiles for the 30 buckets, counted on the CPU; each a cold compile at start-up on the
     GPU): R equal to the slab's slot count, a [R, KV, L, Dh] view contiguous when L was the slab
     length, a broadcast [R, 1, Dh] axis, R = 1. Now only R and L are symbols (`compile_decoder`
-    marks them), the slab is static and one slot and one position longer than any bucket
+    marks them), the slab is static and has slots and positions past any bucket
     (`kv_cache.SPARE_SLOTS`, `SPARE_POSITIONS`: a slice never spans a whole axis), the 1s are
     literals, and R is unbacked where torch allows it: one graph for every bucket."""
     rows, dh = h.shape[0], ks.shape[-1]
@@ -368,18 +368,22 @@ def unbacked_rows_supported() -> bool:
     return all(name in params for name in ("shape_id", "min", "max"))
 
 
-def _mark_rows(tensors: tuple[Tensor, ...], slots: int, unbacked: bool) -> None:
-    """Mark dim 0 (R) of every tensor dynamic. A backed size is never 0 or 1 in the compiled graph,
-    so R = 1 compiles a second graph; an unbacked one (value unknown to the compiler, all four
-    tensors sharing one symbol, 1 <= R < slab slots) serves every R with one graph."""
-    if unbacked:
-        mark = torch._dynamo.decorators.mark_unbacked
-        extra = {"hint_override": ROWS_HINT} if "hint_override" in inspect.signature(mark).parameters else {}
+def _row_marker(unbacked: bool) -> Callable[[tuple[Tensor, ...], int], None]:
+    """A function marking dim 0 (R) of every tensor it gets dynamic. A backed size is never 0 or 1
+    in the compiled graph, so R = 1 compiles a second graph; an unbacked one (value unknown to the
+    compiler, all tensors sharing one symbol, 1 <= R < slab slots) serves every R with one graph."""
+    if not unbacked:
+        def mark_backed(tensors: tuple[Tensor, ...], slots: int) -> None:
+            for t in tensors:
+                torch._dynamo.mark_dynamic(t, 0)
+        return mark_backed
+    mark = torch._dynamo.decorators.mark_unbacked
+    extra = {"hint_override": ROWS_HINT} if "hint_override" in inspect.signature(mark).parameters else {}
+
+    def mark_unbacked(tensors: tuple[Tensor, ...], slots: int) -> None:
         for t in tensors:
             mark(t, 0, shape_id="decode_rows", min=1, max=slots - 1, **extra)
-    else:
-        for t in tensors:
-            torch._dynamo.mark_dynamic(t, 0)
+    return mark_unbacked
 
 
 def compile_decoder(decoder: FusedDecoder, log: Callable[[str], None] | None = None,
@@ -403,9 +407,10 @@ def compile_decoder(decoder: FusedDecoder, log: Callable[[str], None] | None = N
         stats["cache_dir"] = str(configure_compile_cache())  # a restart reuses this start's compiled code
         compiled = torch.compile(decode_layer, dynamic=None, fullgraph=True, backend=backend)
         stats["compiled"] = True
+        mark_rows = _row_marker(unbacked)
 
         def layer(h, ks, vs, cos, sin, cached, *rest):
-            _mark_rows((h, cos, sin, cached), ks.shape[0], unbacked)
+            mark_rows((h, cos, sin, cached), ks.shape[0])
             torch._dynamo.mark_dynamic(cached, 1)  # L
             return compiled(h, ks, vs, cos, sin, cached, *rest)
 
@@ -476,8 +481,8 @@ def build_steps(model, cache: StaticKVCache, row_buckets: list[int], length_buck
     if errors:
         stats["capture_errors"] = errors
     slow = {k: v for k, v in step_s.items() if v >= 1.0}  # where start-up goes: builds that compiled
-    stats.update(graphs=len(steps), tokens_per_replay=tokens, build_s=round(time.perf_counter() - t0, 2), slow_buckets_s=slow,
-                 other_buckets_s=round(sum(v for v in step_s.values() if v < 1.0), 2))
+    stats.update(graphs=len(steps), tokens_per_replay=tokens, build_s=round(time.perf_counter() - t0, 2),
+                 slow_buckets_s=slow, other_buckets_s=round(sum(v for v in step_s.values() if v < 1.0), 2))
     if log:
         log(f"decode steps ready: {stats}")
     return steps, stats

@@ -51,7 +51,7 @@ class StaticKVCache(nn.Module):
     @property
     def scratch_position(self) -> int:
         """A position no sequence ever reads or writes (the first spare one)."""
-        return self.k.shape[3] - SPARE_POSITIONS
+        return self.max_seq_len
 
     def write_prefill(self, layer: int, slot: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v [1, H, T, D] -> positions start..start+T-1 of `slot`."""
