@@ -14,6 +14,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from studio.ui_files import page_copy
 from studio.ui_generate import (GENDERS, LEVELS, InputProblem, clone_request, design_request, f5_params,
                                 read_text_file, run_generation, spark_params)
 from studio.ui_runtime import FAMILIES, NotReady, StudioRuntime
@@ -220,7 +221,7 @@ class Handlers:
         if not out.is_file():
             wav, sr = sf.read(src, dtype="float32")
             waveform_png(wav, sr, out)
-        return str(out)
+        return page_copy(out)
 
     def clone(self, ref_audio, ref_text, text, model, mode, nfe, cfg, sway, speed, temperature, top_k, top_p,
               max_new_tokens, seed, fmt, voice_key, job_id):
@@ -272,7 +273,7 @@ class Handlers:
             except ValueError as exc:
                 raise user_error(str(exc), title="Cannot export") from None
             os.replace(tmp, out)
-        return str(out)
+        return page_copy(out)
 
     def download_button(self, rec: dict, fmt: str):
         if fmt not in FORMATS:
@@ -310,7 +311,7 @@ class Handlers:
             v = self.rt.voices.get(key)
         except VoiceError as exc:
             raise user_error(str(exc)) from None
-        return str(v.audio_path), v.transcript
+        return page_copy(v.audio_path), v.transcript
 
     def show_voice(self, key):
         if not key:
@@ -319,7 +320,7 @@ class Handlers:
             v = self.rt.voices.get(key)
         except VoiceError as exc:
             raise user_error(str(exc)) from None
-        return str(v.audio_path), v.transcript, v.name if not v.read_only else ""
+        return page_copy(v.audio_path), v.transcript, v.name if not v.read_only else ""
 
     def save_voice(self, name, audio_path, transcript):
         from studio.audio_io import AudioInputError, load_audio
@@ -364,7 +365,7 @@ class Handlers:
             v = self.rt.voices.get(key)
         except VoiceError as exc:
             raise user_error(str(exc)) from None
-        return (str(v.audio_path), v.transcript, gr.Dropdown(choices=self.voice_choices(), value=v.key),
+        return (page_copy(v.audio_path), v.transcript, gr.Dropdown(choices=self.voice_choices(), value=v.key),
                 gr.Tabs(selected="clone"))
 
     # history ------------------------------------------------------------------------------------
@@ -373,7 +374,7 @@ class Handlers:
 
         records = self.rt.history.records(limit=HISTORY_ROWS)
         plot = history_png(records, self.rt.history.root / "plots" / "recent.png")
-        return str(plot), history_rows(records), [r["id"] for r in records]
+        return page_copy(plot), history_rows(records), [r["id"] for r in records]
 
     def history_select(self, ids, fmt, evt: gr.SelectData):
         row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index

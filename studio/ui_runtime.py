@@ -145,9 +145,10 @@ class StudioRuntime:
             return self._client
 
     def allowed_paths(self) -> list[str]:
-        """Folders the page may serve files from: voices, history, the shipped samples (not weights or logs)."""
-        root = Path(self.options.data_dir).expanduser().resolve()
-        return [str(root / "voices"), str(root / "history"), str(SAMPLES_DIR.resolve())]
+        """Folders Gradio may serve directly: only the shipped sample voices. Nothing of the data folder
+        is listed (a guessed path would expose it, e.g. batch outputs to a listening-test rater):
+        handlers hand the page cache copies instead (`studio/ui_files.py`)."""
+        return [str(SAMPLES_DIR.resolve())]
 
     # -- state for the page -------------------------------------------------------------------
     def status(self) -> dict:
