@@ -87,6 +87,7 @@ CREATE TABLE generations (
     batch_run   INTEGER REFERENCES batch_runs(id) ON DELETE SET NULL
 );
 CREATE INDEX generations_batch_run ON generations(batch_run);
+CREATE INDEX generations_created ON generations(created);
 CREATE TABLE batch_rows (
     run_id         INTEGER NOT NULL REFERENCES batch_runs(id) ON DELETE CASCADE,
     row_id         TEXT NOT NULL,
