@@ -663,7 +663,8 @@ def write_plot(report: dict, path: str | os.PathLike) -> Path:
         ax.set_yticks(y, [f"{r['system_a']} vs {r['system_b']}" for r in ab])
         ax.set_xlim(0, 1)
         ax.set_xlabel("share of A/B answers")
-        ax.legend(loc="lower right", fontsize="small")
+        # above the axes, so it never hides a bar
+        ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3, fontsize="small", frameon=False)
     if not panels:
         fig.text(0.5, 0.5, "no listening-test answers", ha="center", va="center")
     fig.tight_layout()
