@@ -241,7 +241,8 @@ def test_ab_rejects_a_choice_outside_the_pair():
 
 def test_ab_majority_agreement_leave_one_out_by_hand():
     # i1 (A,B): r1 A, r2 A, r3 A, r4 B.  r1..r3: others' majority A -> agree; r4: others A -> disagree.
-    # i2 (A,B): r1 none, r2 B, r3 B.  r1: others B,B -> B, disagrees; r2: others none,B tie -> skipped; r3 likewise.
+    # i2 (A,B): r1 none, r2 B, r3 B.  r1: others B,B -> B, disagrees;
+    #          r2: others none,B tie -> skipped; r3 likewise.
     # r1 1/2, r2 1/1, r3 1/1, r4 0/1.  r5 answered alone (i3): nothing compared.
     rows = [("r1", "i1", "A", "B", "A"), ("r2", "i1", "B", "A", "A"), ("r3", "i1", "A", "B", "A"),
             ("r4", "i1", "A", "B", "B"), ("r1", "i2", "A", "B", None), ("r2", "i2", "A", "B", "B"),
