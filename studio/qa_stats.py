@@ -12,8 +12,8 @@ rating answer (MOS and SMOS are passed as separate lists):
 A/B answer:
     {"rater": ..., "item": ..., "system_a": ..., "system_b": ..., "choice": ..., "reason": ...}
     `choice` is the preferred system's name (one of the two), or None / "" for no preference;
-    `reason` is optional and only carried through. Which side a system was played on does not
-    matter: (x, y) and (y, x) are the same pair.
+    `reason` is optional (free text or a category); counted per pair and choice. Which side a
+    system was played on does not matter: (x, y) and (y, x) are the same pair.
 objective measurement:
     {"system": ..., "latency_s": 1.2, "rtf": 0.3, "wer": ...}  any numeric fields; None/NaN skipped.
 
@@ -86,6 +86,7 @@ TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
                      "statistic", "p", "p_holm", "significant", "method", "note"),
     "ab": ("system_a", "system_b", "n_answers", "n_raters", "n_items", "prefer_a", "prefer_b", "no_preference",
            "tie_rate", "prefer_a_rate", "p", "p_holm", "significant", "note"),
+    "ab_reasons": ("system_a", "system_b", "choice", "reason", "n"),
     "agreement": ("test", "alpha", "level", "n_raters", "n_units", "n_values", "note"),
     "raters": ("rater", "mos_answers", "mos_items", "mos_mean", "smos_answers", "smos_items", "smos_mean",
                "ab_answers", "ab_no_preference", "ab_compared", "ab_agreement", "note"),
@@ -105,6 +106,7 @@ class ABAnswer(NamedTuple):
     item: Any
     pair: tuple[Any, Any]  # the two systems in a fixed (sorted) order
     choice: Any  # one of `pair`, or None for no preference
+    reason: str | None = None  # free text or a category from the page; None when not given
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,7 +179,9 @@ def parse_ab(answers: Iterable[Any]) -> list[ABAnswer]:
         if choice is not None and choice not in (a, b):
             raise ValueError(f"choice must be system_a, system_b or None: {r!r}")
         pair = tuple(sorted((a, b), key=_sort_key))
-        out.append(ABAnswer(_field(r, "rater"), _field(r, "item"), pair, choice))
+        reason = _field(r, "reason", None)
+        reason = None if reason is None else (str(reason).strip() or None)  # blank = not given
+        out.append(ABAnswer(_field(r, "rater"), _field(r, "item"), pair, choice, reason))
     return out
 
 
@@ -409,6 +413,21 @@ def ab_table(answers: Iterable[Any], *, significance: float = SIGNIFICANCE) -> l
     return rows
 
 
+def ab_reasons_table(answers: Iterable[Any]) -> list[dict]:
+    """How often each reason was given, per pair and choice (choice "no preference" for ties).
+
+    Answers without a reason are not counted; reasons are compared as given (stripped text).
+    """
+    counts = Counter(
+        (x.pair, NO_PREFERENCE if x.choice is None else x.choice, x.reason)
+        for x in parse_ab(answers) if x.reason is not None)
+    rows = [{"system_a": pair[0], "system_b": pair[1], "choice": choice, "reason": reason, "n": n}
+            for (pair, choice, reason), n in counts.items()]
+    # by pair, then most frequent reason first
+    return sorted(rows, key=lambda r: (_sort_key(r["system_a"]), _sort_key(r["system_b"]), -r["n"],
+                                       _sort_key(r["choice"]), r["reason"]))
+
+
 def ordinal_alpha(answers: Iterable[Any], test: str = "MOS") -> dict:
     """Krippendorff's alpha, ordinal metric, for one rating test.
 
@@ -554,7 +573,7 @@ def qa_report(
     """All tables of a listening test as a JSON-serialisable dict (strict JSON: no NaN).
 
     {"settings": {...}, "methods": {...}, "tables": {name: [row dict, ...]}} with the tables of
-    `TABLE_COLUMNS`: ratings (MOS and SMOS rows, column `test`), rating_pairs, ab, agreement
+    `TABLE_COLUMNS`: ratings (MOS and SMOS rows, column `test`), rating_pairs, ab, ab_reasons, agreement
     (alpha per rating test), raters, objective. Undefined values are None, with a `note`.
     """
     mos, smos, ab, objective = list(mos), list(smos), list(ab), list(objective)
@@ -567,6 +586,7 @@ def qa_report(
         tables["rating_pairs"] += pairwise_table(answers, test, significance=significance)
         tables["agreement"].append(ordinal_alpha(answers, test))
     tables["ab"] = ab_table(ab, significance=significance)
+    tables["ab_reasons"] = ab_reasons_table(ab)
     tables["raters"] = rater_table(mos, smos, ab)
     tables["objective"] = objective_table(objective, objective_fields, confidence=confidence)
     return {

@@ -234,6 +234,18 @@ def test_ab_holm_over_pairs_and_all_ties_pair():
     assert "no answers excluding ties" in ties["note"]
 
 
+def test_ab_reasons_counted_per_pair_and_choice():
+    records = ab([("r1", "i1", "A", "B", "A"), ("r2", "i1", "B", "A", "A"), ("r3", "i2", "A", "B", None),
+                  ("r4", "i2", "A", "B", "B"), ("r5", "i3", "A", "B", "A")])
+    for record, reason in zip(records, ["natural", " natural ", "same", "", None]):
+        record["reason"] = reason
+    rows = q.ab_reasons_table(records)
+    assert rows == [
+        {"system_a": "A", "system_b": "B", "choice": "A", "reason": "natural", "n": 2},
+        {"system_a": "A", "system_b": "B", "choice": "no preference", "reason": "same", "n": 1},
+    ]
+
+
 def test_ab_rejects_a_choice_outside_the_pair():
     with pytest.raises(ValueError, match="choice"):
         q.ab_table(ab([("r", "i", "A", "B", "C")]))
