@@ -220,8 +220,9 @@ def bootstrap_two_way_ci(
     """
     if len(ratings) < 2:
         return None, 0
-    raters = {r: k for k, r in enumerate(dict.fromkeys(x.rater for x in ratings))}
-    items = {i: k for k, i in enumerate(dict.fromkeys(x.item for x in ratings))}
+    # sorted ids, so that the same answers in another order (e.g. from a database) draw the same
+    raters = {r: k for k, r in enumerate(sorted({x.rater for x in ratings}, key=_sort_key))}
+    items = {i: k for k, i in enumerate(sorted({x.item for x in ratings}, key=_sort_key))}
     sums = np.zeros((len(raters), len(items)))
     counts = np.zeros_like(sums)
     rows = [raters[x.rater] for x in ratings]
@@ -391,6 +392,8 @@ def ab_table(answers: Iterable[Any], *, significance: float = SIGNIFICANCE) -> l
     The pair is ordered by name (system_a sorts first), whichever side each was played on.
     `tie_rate` = no_preference / n_answers; `prefer_a_rate` = prefer_a / (prefer_a + prefer_b),
     ties excluded; p = exact two-sided binomial test of prefer_a out of prefer_a + prefer_b.
+    Answers are taken as independent trials (the usual A/B analysis), although one rater answers
+    many items: with few raters, read p alongside the raters table.
     """
     by_pair: dict[tuple, list[ABAnswer]] = defaultdict(list)
     for x in parse_ab(answers):

@@ -102,6 +102,8 @@ def test_bootstrap_deterministic_contains_mean_and_narrows():
     first, = q.rating_table(small)
     again, = q.rating_table(small)
     assert (first["boot_low"], first["boot_high"]) == (again["boot_low"], again["boot_high"])
+    shuffled, = q.rating_table(small[::-1])
+    assert (shuffled["boot_low"], shuffled["boot_high"]) == (first["boot_low"], first["boot_high"])
     big, = q.rating_table(large)
     for row in (first, big):
         assert row["boot_low"] < row["mean"] < row["boot_high"]
