@@ -632,7 +632,7 @@ def test_fast_sample_is_a_drop_in_for_the_pipeline(tmp_path, monkeypatch):
     pipe = P.F5Pipeline(next(d.glob("*.safetensors")), d / "vocab.txt", tmp_path / "vocos-mel-24khz", DEMO_F5_NAME)
     req = pipe.make_request(speech_like(2.5, 24000), "The quiet harbour wakes up slowly.",
                             "Short one. Then a much longer second sentence follows, with a clause or two in it.",
-                            P.F5Options(nfe_steps=6, seed=3))
+                            P.F5Options(nfe_steps=6, seed=3), streaming=True)
     assert len(req.jobs) >= 2 and len({j.total_frames for j in req.jobs}) >= 2
     plain = pipe.synthesize(req.jobs)
     fs = F.FastSampler(pipe.dit, small_options(length_buckets=(256, 512, 1024, 2048)))

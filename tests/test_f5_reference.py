@@ -48,48 +48,57 @@ def test_normalize_rms_scales_quiet_only():
 
 def test_short_clip_gets_only_the_tail():
     wav = tone(3.0)
-    out, clipped = ref.clip_at_silence(wav, SR)
-    assert not clipped
-    assert out.size == wav.size + round(0.05 * SR)
-    assert np.array_equal(out[: wav.size], wav) and not out[wav.size:].any()
+    prep = ref.prepare_prompt(wav, SR)
+    assert not prep.clipped and prep.notes == []
+    assert prep.wav.size == wav.size + round(0.05 * SR)
+    assert np.array_equal(prep.wav[: wav.size], wav) and not prep.wav[wav.size:].any()
 
 
-def test_long_clip_is_cut_in_the_last_long_gap():
-    # speech 5 s | 1.5 s gap | speech 4 s | 1.5 s gap (ends at 12 s) | speech 3 s
+def test_silent_ranges_follow_pydub_windows():
+    # 2 s tone | 1.5 s silence | 1 s tone: 1000 ms windows every 10 ms; the silent ones start at
+    # 2000..2500 ms and merge into one range ending 1000 ms after the last start
+    wav = np.concatenate([tone(2.0), silence(1.5), tone(1.0)])
+    assert ref.silent_ranges(wav, SR, 1000, -50.0) == [(2000, 3500)]
+    # a gap shorter than the window is not silence at this window length
+    assert ref.silent_ranges(np.concatenate([tone(2.0), silence(0.8), tone(1.0)]), SR, 1000, -50.0) == []
+
+
+def test_long_gap_shortened_to_twice_the_kept_silence():
+    # pieces keep 1000 ms of silence on each side: a 3 s gap becomes 2 s, a 1.5 s gap stays
+    wav = np.concatenate([tone(2.0), silence(3.0), tone(2.0), silence(1.5), tone(1.0)])
+    assert ref.speech_pieces(wav, SR, ref.SILENCE_PASSES[0]) == [(0, 3000), (4000, 7750), (7750, 9500)]
+    prep = ref.prepare_prompt(wav, SR)
+    assert prep.wav.size == round(8.5 * SR) + round(0.05 * SR)
+    assert prep.shortened_s == pytest.approx(1.0) and not prep.clipped
+
+
+def test_long_clip_stops_rejoining_past_six_seconds():
+    # speech 5 s | 1.5 s gap | speech 4 s | 1.5 s gap | speech 3 s: the third piece would pass 12 s
     wav = np.concatenate([tone(5), silence(1.5), tone(4), silence(1.5), tone(3)])
-    out, clipped = ref.clip_at_silence(wav, SR)
-    assert clipped
-    body = out[: -round(0.05 * SR)]
-    # cut in the second gap, keeping up to half of it after the speech (pydub keep_silence)
-    assert 10.5 * SR <= body.size <= 11.5 * SR, body.size / SR
-    assert np.array_equal(body, wav[: body.size])
+    prep = ref.prepare_prompt(wav, SR)
+    # kept: 5 s + 1.5 s gap + 4 s (+0.75 s of the next gap, then trimmed as a silent edge)
+    assert prep.clipped and prep.wav.size == round(10.5 * SR) + round(0.05 * SR)
+    assert np.array_equal(prep.wav[: round(10.5 * SR)], wav[: round(10.5 * SR)])
 
 
 def test_long_clip_falls_back_to_short_gaps_then_hard_cut():
-    # only short (0.2 s) gaps: the second pass finds one before 12 s
+    # only short (0.2 s) gaps: the second pass (100 ms, -40 dBFS) splits there
     pieces = []
     for _ in range(8):
         pieces += [tone(1.6), silence(0.2)]
-    wav = np.concatenate(pieces)  # 14.4 s
-    out, clipped = ref.clip_at_silence(wav, SR)
-    body = out[: -round(0.05 * SR)]
-    assert clipped and 6 * SR < body.size <= 12 * SR
-    assert np.abs(wav[body.size - 100: body.size]).max() < 1e-3  # ends inside a gap
+    prep = ref.prepare_prompt(np.concatenate(pieces), SR)  # 14.4 s
+    body = prep.wav.size - round(0.05 * SR)
+    assert prep.clipped and 6 * SR < body <= 12 * SR
     # no gaps at all: hard cut at exactly 12 s
-    out, clipped = ref.clip_at_silence(tone(15.0), SR)
-    assert clipped and out.size == 12 * SR + round(0.05 * SR)
+    prep = ref.prepare_prompt(tone(15.0), SR)
+    assert prep.clipped and prep.wav.size == 12 * SR + round(0.05 * SR)
+    assert prep.clipped_s == pytest.approx(3.0)
 
 
-def test_gap_too_early_is_not_used():
-    # the only long gap ends the first 3 s: cutting there would keep < 6 s, so hard cut
-    wav = np.concatenate([tone(3), silence(1.5), tone(10)])
-    out, clipped = ref.clip_at_silence(wav, SR)
-    assert clipped and out.size == 12 * SR + round(0.05 * SR)
-
-
-def test_trim_edges_option():
-    wav = np.concatenate([silence(1.0), tone(2.0), silence(1.0)])
-    out, _ = ref.clip_at_silence(wav, SR, trim_edges=True)
-    assert abs(out.size - (2.0 + 0.05) * SR) <= 0.01 * SR
-    quiet = tone(2.0, amp=1e-3)  # below -42 dBFS throughout: left alone rather than trimmed away
-    assert ref.trim_silence_edges(quiet, SR).size == quiet.size
+def test_edges_trimmed_and_quiet_clip_left_alone():
+    prep = ref.prepare_prompt(np.concatenate([silence(0.4), tone(2.0), silence(0.5)]), SR)
+    assert prep.wav.size == round(2.05 * SR) and prep.leading_s == pytest.approx(0.4)
+    assert prep.trailing_s == pytest.approx(0.5)
+    quiet = tone(2.0, amp=1e-3)  # below -42 dBFS throughout: upstream would trim it to nothing
+    out, lead, trail = ref.trim_silence_edges(quiet, SR)
+    assert out.size == quiet.size and lead == trail == 0

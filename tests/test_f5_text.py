@@ -34,8 +34,10 @@ def test_vocab_rejects_stripped_file(tmp_path):
 
 def test_english_units_are_characters():
     assert text.text_to_units("Hello, world.") == list("Hello, world.")
-    # a multi-letter word after a non-space unit gets a separating space (upstream rule)
-    assert text.text_to_units("F5-TTS") == ["F", "5", "-", " ", "T", "T", "S"]
+    # rjieba keeps "F5-TTS" one word (upstream's units, no space inside); a multi-letter word after
+    # a non-space unit gets a separating space
+    assert text.text_to_units("F5-TTS") == ["F", "5", "-", "T", "T", "S"]
+    assert text.text_to_units("(hi)") == ["(", " ", "h", "i", ")"]
     # ";" and curly quotes are mapped to vocab characters first
     assert text.text_to_units("a; \u201cb\u201d") == ["a", ",", " ", '"', "b", '"']
 
@@ -90,6 +92,13 @@ def test_split_sentences_upstream_semantics():
     assert text.split_sentences("我很好。你呢？他也好。", 24) == ["我很好。你呢？", "他也好。"]
     # no split inside numbers or without following whitespace
     assert text.split_sentences("Pi is 3.14,ok", 5) == ["Pi is 3.14,ok"]
+
+
+def test_fix_reference_text():
+    assert text.fix_reference_text("Hello") == "Hello. "
+    assert text.fix_reference_text("Hello.") == "Hello. "
+    assert text.fix_reference_text("你好。") == "你好。"
+    assert text.fix_reference_text("你好") == "你好. "
 
 
 def test_prepare_reference_text():

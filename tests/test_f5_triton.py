@@ -44,16 +44,32 @@ def test_same_seed_same_audio_and_random_seed_reported(client):
     assert isinstance(c.seed, int)
 
 
-def test_streaming_joined_equals_offline(client):
-    off = synth(client, LONG_TEXT, seed=11)
-    arrivals = []
+def test_each_streamed_chunk_equals_its_text_alone(client, monkeypatch):
+    """Streaming cuts a short first clause, then upstream's rule; chunk i (seed + i) is the same audio
+    as its text synthesised offline alone with seed + i. Offline plans upstream's way: one chunk here."""
+    from studio.client import StudioClient
+
+    raw: list[np.ndarray] = []
+    join = StudioClient._join
+    monkeypatch.setattr(StudioClient, "_join", staticmethod(lambda j, wav, info, name: (raw.append(wav.copy()),
+                                                                                         join(j, wav, info, name))[1]))
+    texts: list[str] = []
     st = client.synthesize("f5", LONG_TEXT, REF, REF_TEXT, stream=True, params={**FAST, "seed": 11},
-                           on_chunk=lambda samples, info: arrivals.append(info["chunk_index"]))
-    assert st.info["chunks"] >= 2, "the long text should be planned as several chunks"
-    assert len(st.chunk_arrivals_s) == st.info["chunks"]
+                           on_chunk=lambda samples, info: texts.append(info["chunk_text"]))
+    monkeypatch.setattr(StudioClient, "_join", staticmethod(join))
+    assert st.info["chunks"] >= 2 and len(raw) == st.info["chunks"] == len(st.chunk_arrivals_s)
     assert st.first_chunk_s < st.latency_s
-    assert st.audio.shape == off.audio.shape
-    assert np.abs(st.audio - off.audio).max() <= 1e-4
+    off = synth(client, LONG_TEXT, seed=11)
+    assert off.info["chunks"] == 1, "upstream's offline plan keeps this text in one chunk"
+    from tts.f5.pipeline import plan_chunks
+    from tts.f5.text import fix_reference_text
+
+    plan = plan_chunks(fix_reference_text(REF_TEXT), off.info["prompt_seconds"], LONG_TEXT, 1.0, streaming=True)
+    assert texts == plan
+    for i, (chunk_text, wav) in enumerate(zip(plan, raw)):
+        alone = synth(client, chunk_text, seed=11 + i)
+        assert alone.info["chunks"] == 1
+        assert alone.audio.shape == wav.shape and np.abs(alone.audio - wav).max() <= 1e-4, i
 
 
 def test_concurrent_requests_batch_and_match_solo(client, triton_server):

@@ -1,11 +1,13 @@
 """F5-TTS inference pipeline: reference preparation, chunk plan, batched synthesis, serving order.
 
-One request = a prompt clip (24 kHz mono), its transcript, a target text and options. The target
-text is cut into chunks by a pure function of (text, prompt, speed) -- the same plan offline and
-streaming -- with a short first chunk so streaming answers fast. Chunk i uses seed `seed + i`.
-Chunks of any requests are synthesised together in one batch; per-item masks make each item's
-audio independent of its batch mates (DESIGN.md tolerance), so offline (all chunks at once) and
-streaming (chunk 0 alone, then the rest) give the same joined audio.
+One request = a prompt clip (24 kHz mono), its transcript, a target text and options. The prompt
+is prepared as upstream's app does (`reference.prepare_prompt`). The target text is cut into
+chunks by a pure function of (text, transcript, prepared prompt length, speed, mode): offline
+follows upstream's `infer_process` plan exactly; streaming first cuts a short first clause so it
+can answer fast, then applies the same rule to the rest. Chunk i uses seed `seed + i`. Chunks of
+any requests are synthesised together in one batch; per-item masks make each item's audio
+independent of its batch mates (DESIGN.md tolerance), so a streamed chunk equals the same chunk
+text synthesised alone with its seed.
 """
 
 from __future__ import annotations
@@ -34,16 +36,14 @@ from tts.f5.sampler import make_noise, sample
 from tts.f5.vocos import Vocos
 
 HOP = mel_mod.HOP_LENGTH
-#: Upstream's chunk budget: a chunk plus the prompt should stay under ~22 s of speech.
+#: Upstream's chunk budget: a chunk plus the prompt should stay under ~22 s of speech (prepared
+#: prompts are at most 12.05 s, so the budget never reaches zero).
 MAX_SPEECH_S = 22.0
-#: Floor for the chunk budget: upstream's formula goes to zero for prompts near 22 s.
-MIN_CHUNK_S = 4.0
 #: The first chunk is at most one clause of about this many seconds, so streaming answers fast.
 FIRST_CHUNK_S = 2.0
 #: Upstream slows chunks under 10 UTF-8 bytes to speed 0.3 so a word or two is not rushed.
 SHORT_TEXT_BYTES, SHORT_TEXT_SPEED = 10, 0.3
-#: Prompts longer than this are clipped at a silence near it (as upstream's app does).
-MAX_PROMPT_S = 12.0
+MAX_PROMPT_S = ref_mod.MAX_PROMPT_S
 CROSSFADE_SAMPLES = int(F5_CROSSFADE_S * F5_SAMPLE_RATE)  # 0.15 s * 24000 = 3600
 PROMPT_CACHE_SIZE = 64
 
@@ -83,9 +83,10 @@ class PreparedReference:
     """A processed prompt clip: what every chunk of a request conditions on."""
 
     mel: torch.Tensor  # [T_ref, 100] log-mel, T_ref = wav_len // 256 + 1
-    wav_len: int  # samples after clipping
+    wav_len: int  # samples after preparation (silences handled, 50 ms of silence appended)
     rms: float  # RMS before normalisation (output is scaled back by rms / 0.1 when it was quieter)
-    clipped: bool  # True if the clip was cut to about 12 s
+    clipped: bool  # True if the clip was cut to stay within 12 s
+    notes: list[str] = field(default_factory=list)  # what preparation changed (over 0.1 s)
 
     @property
     def frames(self) -> int:
@@ -102,6 +103,7 @@ class ChunkJob:
     """One text chunk of one request, ready to synthesise."""
 
     text_ids: list[int]
+    text: str  # the chunk's target text
     ref: PreparedReference
     total_frames: int  # reference + generated frames
     seed: int
@@ -124,15 +126,27 @@ def utf8_len(text: str) -> int:
     return len(text.encode("utf-8"))
 
 
-def plan_chunks(ref_text: str, ref_seconds: float, target_text: str, speed: float) -> list[str]:
-    """Cut `target_text` into chunks: a pure function of the text, the prompt and the speed.
+def chunk_budget(ref_text: str, ref_seconds: float, speed: float) -> int:
+    """Upstream `infer_process`'s `max_chars`: UTF-8 bytes of target text per chunk.
 
-    The first chunk is the first clause, cut at a word boundary if it exceeds ~2 s of speech at
-    the prompt's speaking rate; the rest follow upstream's sentence chunking with a budget of
-    (22 s - prompt) of speech, floored at 4 s.
+    The prompt's speaking rate (bytes of the transcript as `reference.fix_reference_text` leaves
+    it, per second of the prepared prompt) times the seconds left under 22 s, times the speed.
     """
+    return int(utf8_len(ref_text) / ref_seconds * (MAX_SPEECH_S - ref_seconds) * speed)
+
+
+def plan_chunks(ref_text: str, ref_seconds: float, target_text: str, speed: float, streaming: bool = False) -> list[str]:
+    """Cut `target_text` into chunks: a pure function of the texts, the prompt length, speed and mode.
+
+    `ref_text` is the transcript after `text.fix_reference_text`, `ref_seconds` the prepared
+    prompt's length. Offline: upstream's `chunk_text` with `chunk_budget`, exactly. Streaming: the
+    first clause, cut at a word boundary if it exceeds ~2 s of speech at the prompt's speaking rate,
+    then the same rule for the rest.
+    """
+    max_chars = chunk_budget(ref_text, ref_seconds, speed)
+    if not streaming:
+        return text_mod.split_sentences(target_text, max_chars)
     bytes_per_s = max(utf8_len(ref_text), 1) / max(ref_seconds, 0.1)
-    max_bytes = int(bytes_per_s * max(MAX_SPEECH_S - ref_seconds, MIN_CHUNK_S) * speed)
     first_budget = max(int(bytes_per_s * FIRST_CHUNK_S * speed), SHORT_TEXT_BYTES)
     clauses = text_mod.split_sentences(target_text.strip(), 0)  # budget 0: one clause per piece
     if not clauses:
@@ -140,7 +154,7 @@ def plan_chunks(ref_text: str, ref_seconds: float, target_text: str, speed: floa
     first, rest = _cut_head(clauses[0], first_budget)
     rest_text = " ".join(p for p in [rest] + clauses[1:] if p) if _is_spaced(target_text) else \
         "".join(p for p in [rest] + clauses[1:] if p)
-    chunks = [first] + (text_mod.split_sentences(rest_text, max_bytes) if rest_text.strip() else [])
+    chunks = [first] + (text_mod.split_sentences(rest_text, max_chars) if rest_text.strip() else [])
     return [c for c in (c.strip() for c in chunks) if c]
 
 
@@ -198,7 +212,10 @@ class F5Pipeline:
 
     # -- requests -------------------------------------------------------------------------------
     def prepare_reference(self, wav: np.ndarray, use_cache: bool = True) -> tuple[PreparedReference, bool]:
-        """Check, clip, RMS-normalise and mel a prompt clip; cached by a hash of the samples."""
+        """Check, prepare (upstream's silence handling), RMS-normalise and mel a prompt clip.
+
+        Cached by a hash of the raw samples, so the cache, the duration estimate and the notes
+        agree whatever the surface sent."""
         wav = np.ascontiguousarray(wav, dtype=np.float32).reshape(-1)
         key = hashlib.sha1(wav.tobytes()).hexdigest()
         if use_cache:
@@ -208,26 +225,30 @@ class F5Pipeline:
                     self._cache.move_to_end(key)
                     return hit, True
         ref_mod.check_reference(wav, F5_SAMPLE_RATE)
-        clipped_wav, clipped = ref_mod.clip_at_silence(wav, F5_SAMPLE_RATE, MAX_PROMPT_S)
-        norm_wav, rms = ref_mod.normalize_rms(clipped_wav)
+        prep = ref_mod.prepare_prompt(wav, F5_SAMPLE_RATE, MAX_PROMPT_S)
+        norm_wav, rms = ref_mod.normalize_rms(prep.wav)
         with torch.inference_mode():
             audio = torch.from_numpy(np.ascontiguousarray(norm_wav, dtype=np.float32))[None].to(self.device)
             mel = mel_mod.log_mel_spectrogram(audio)[0].transpose(0, 1).contiguous()  # [T, 100]
-        prepared = PreparedReference(mel=mel.float(), wav_len=len(norm_wav), rms=float(rms), clipped=clipped)
+        prepared = PreparedReference(mel=mel.float(), wav_len=len(norm_wav), rms=float(rms), clipped=prep.clipped,
+                                     notes=list(prep.notes))
         with self._cache_lock:
             self._cache[key] = prepared
             while len(self._cache) > PROMPT_CACHE_SIZE:
                 self._cache.popitem(last=False)
         return prepared, False
 
-    def make_request(self, ref_wav: np.ndarray, ref_text: str, target_text: str, options: F5Options) -> F5Request:
-        """Validate a request and build its chunk jobs (raises ValueError with a readable message)."""
+    def make_request(self, ref_wav: np.ndarray, ref_text: str, target_text: str, options: F5Options,
+                     streaming: bool = False) -> F5Request:
+        """Validate a request and build its chunk jobs (raises ValueError with a readable message).
+
+        `streaming` picks the chunk plan (see `plan_chunks`)."""
         options = options.validated()
         target_text = text_mod.validate_text(target_text, "target text")
         ref_text = text_mod.validate_text(ref_text, "reference text")
         ref, cached = self.prepare_reference(ref_wav, options.use_prompt_cache)
+        chunks = plan_chunks(text_mod.fix_reference_text(ref_text), ref.seconds, target_text, options.speed, streaming)
         ref_text = text_mod.prepare_reference_text(ref_text)
-        chunks = plan_chunks(ref_text, ref.seconds, target_text, options.speed)
         if not chunks:
             raise ValueError("the target text has nothing to speak")
         seed = int(options.seed) if options.seed is not None else secrets.randbelow(2**31)
@@ -235,10 +256,8 @@ class F5Pipeline:
         for i, chunk in enumerate(chunks):
             ids = text_mod.encode(ref_text + chunk, self.vocab)
             frames = chunk_frames(ref, ref_text, chunk, options.speed, len(ids))
-            jobs.append(ChunkJob(ids, ref, frames, seed + i, options, i, len(chunks)))
-        notes = [f"the prompt clip was longer than {MAX_PROMPT_S:.0f} s and was clipped to "
-                 f"{ref.seconds:.1f} s at a pause"] if ref.clipped else []
-        return F5Request(jobs, seed, notes, cached)
+            jobs.append(ChunkJob(ids, chunk, ref, frames, seed + i, options, i, len(chunks)))
+        return F5Request(jobs, seed, list(ref.notes), cached)
 
     # -- synthesis ------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -312,7 +331,8 @@ def chunk_info(req: F5Request, job: ChunkJob, compute_ms: float, demo_weights: b
     return {"sample_rate": F5_SAMPLE_RATE, "seed": req.seed, "demo_weights": demo_weights,
             "compute_ms": round(compute_ms, 3), "chunk_index": job.index, "chunks": job.count,
             "final": job.index == job.count - 1, "overlap_samples": CROSSFADE_SAMPLES if job.index > 0 else 0,
-            "prompt_cached": req.prompt_cached, "notes": req.notes}
+            "prompt_cached": req.prompt_cached, "notes": req.notes,
+            "prompt_seconds": round(job.ref.seconds, 4), "chunk_text": job.text}
 
 
 def serve(pipeline: F5Pipeline, requests: list[tuple[object, F5Request, bool]], emit: Emit,

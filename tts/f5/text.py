@@ -3,21 +3,21 @@
 Upstream facts followed here (F5-TTS `model/utils.py` and `infer/utils_infer.py`):
 - `vocab.txt`: line index = token id; only each line's trailing newline is dropped (id 0 is the
   line holding a single space, and 0 also stands for every unknown unit).
-- Units (`convert_char_to_pinyin`): the text is segmented into words (upstream: rjieba; here:
-  jieba, same dictionary-plus-HMM algorithm); pure-ASCII words stay characters, Chinese words
-  become tone-3 pinyin syllables with tone sandhi, each syllable preceded by a space unit.
+- Units (`convert_char_to_pinyin`): the text is segmented into words with rjieba, as upstream;
+  pure-ASCII words stay characters (a space unit before each multi-character word unless the
+  previous unit is a space, colon or quote), Chinese words become tone-3 pinyin syllables with
+  tone sandhi, each syllable preceded by a space unit.
 - Chunking (`chunk_text`): split after `; : , . ! ?` followed by whitespace and after CJK
   `；：，。！？`, then pack pieces while their UTF-8 byte length stays within the budget.
-- Reference text (`preprocess_ref_audio_text` + `infer_batch_process`): end it with ". "
-  unless it already ends with ". " or "。", then add one more space if its last character is a
-  single UTF-8 byte (so "Hello" -> "Hello.  ", as upstream feeds the model).
+- Reference text: `preprocess_ref_audio_text` ends it with ". " unless it already ends with ". "
+  or "。" (`fix_reference_text`; the chunk budget is computed from this form); then
+  `infer_batch_process` adds one more space if its last character is a single UTF-8 byte
+  (`prepare_reference_text`; so "Hello" -> "Hello.  ", as upstream feeds the model).
 """
 
 from __future__ import annotations
 
-import logging
 import re
-import threading
 import unicodedata
 from pathlib import Path
 
@@ -56,53 +56,15 @@ def load_vocab(path: str | Path) -> dict[str, int]:
 
 
 # --- segmentation and pinyin ----------------------------------------------------------------------
-_jieba = None
-_jieba_lock = threading.Lock()
-
-
-def _segmenter():
-    """jieba's tokenizer, created on first use (loading its dictionary takes about a second)."""
-    global _jieba
-    if _jieba is None:
-        with _jieba_lock:
-            if _jieba is None:
-                import jieba
-
-                jieba.setLogLevel(logging.WARNING)  # no "Building prefix dict" chatter on stderr
-                tokenizer = jieba.Tokenizer()
-                tokenizer.initialize()
-                _jieba = tokenizer
-    return _jieba
-
-
-# jieba's segmentation of text without Chinese characters, reproduced so that English needs no
-# dictionary load: runs of [A-Za-z0-9+#&._%-] go to its HMM pass, which splits them into
-# number/word tokens ("3.5", "50%", "off") and the runs between them ("..."); outside those runs
-# whitespace characters and every other character stand alone.
-_JIEBA_BLOCK = re.compile(r"([a-zA-Z0-9+#&._%\-]+)")
-_JIEBA_HMM_WORD = re.compile(r"([a-zA-Z0-9]+(?:\.\d+)?%?)")
-_JIEBA_SPACE = re.compile(r"(\r\n|\s)")
-
-
-def _segment_non_cjk(text: str) -> list[str]:
-    words: list[str] = []
-    for block in _JIEBA_BLOCK.split(text):
-        if not block:
-            continue
-        if _JIEBA_BLOCK.fullmatch(block):
-            words.extend([block] if len(block) == 1 else [p for p in _JIEBA_HMM_WORD.split(block) if p])
-            continue
-        for piece in _JIEBA_SPACE.split(block):
-            if piece:
-                words.extend([piece] if _JIEBA_SPACE.fullmatch(piece) else list(piece))
-    return words
-
-
 def _segment(text: str) -> list[str]:
-    """Words as jieba cuts them; jieba itself is loaded only for text with Chinese characters."""
-    if any(_is_chinese(ch) for ch in text):
-        return list(_segmenter().cut(text))
-    return _segment_non_cjk(text)
+    """Words as upstream cuts them: rjieba (jieba-rs) with its HMM for unknown words.
+
+    rjieba keeps ASCII words joined by `-`, `.`, `_` or `+` whole ("state-of-the-art", "GPT-4o",
+    "2024-05-01", "C++"), which Python jieba splits; each split would add a space unit (a pause).
+    """
+    import rjieba
+
+    return rjieba.cut(text)
 
 
 def _pinyin(text: str) -> list[str]:
@@ -217,15 +179,25 @@ def split_sentences(text: str, max_chars: int) -> list[str]:
     return chunks
 
 
-def prepare_reference_text(ref_text: str) -> str:
-    """The reference transcript exactly as upstream's Gradio/CLI path puts it before the target text.
+def fix_reference_text(ref_text: str) -> str:
+    """The transcript as upstream's `preprocess_ref_audio_text` returns it: ending in ". " or "。".
 
-    Ends it with ". " unless it ends with ". " or "。" (a final "." only gains the space); then,
-    as `infer_batch_process` does, adds one more space when the last character is one byte. So
-    "Hello" -> "Hello.  ", "Hello." -> "Hello.  ", "你好" -> "你好.  ", "你好。" -> "你好。".
+    "Hello" -> "Hello. ", "Hello." -> "Hello. ", "你好" -> "你好. ", "你好。" -> "你好。". This is the
+    form upstream's `infer_process` measures (in UTF-8 bytes) for the chunk budget.
     """
     if not ref_text.endswith(". ") and not ref_text.endswith(_CJK_FULL_STOP):
         ref_text += " " if ref_text.endswith(".") else ". "
+    return ref_text
+
+
+def prepare_reference_text(ref_text: str) -> str:
+    """The reference transcript exactly as upstream puts it before the target text.
+
+    `fix_reference_text`, then, as `infer_batch_process` does, one more space when the last
+    character is one byte. So "Hello" -> "Hello.  ", "Hello." -> "Hello.  ", "你好" -> "你好.  ",
+    "你好。" -> "你好。".
+    """
+    ref_text = fix_reference_text(ref_text)
     if ref_text and _utf8_len(ref_text[-1]) == 1:
         ref_text += " "
     return ref_text

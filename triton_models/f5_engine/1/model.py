@@ -46,7 +46,7 @@ class TritonPythonModel:
                   f"{shared.loaded_libraries()}", flush=True)
         self.profile = shared.ExecuteProfile("f5_engine")  # STUDIO_PROFILE_DIR (off by default)
 
-    def _parse(self, request):
+    def _parse(self, request, streaming: bool):
         s, pb = self.shared, pb_utils
         options = self.F5Options(
             nfe_steps=int(s.get_scalar(pb, request, "nfe_steps", 32)),
@@ -57,7 +57,7 @@ class TritonPythonModel:
             use_prompt_cache=bool(s.get_scalar(pb, request, "use_prompt_cache", True)))
         wav = s.get_wav(pb, request)
         return self.pipeline.make_request(wav, s.get_text(pb, request, "reference_text"),
-                                          s.get_text(pb, request, "target_text"), options)
+                                          s.get_text(pb, request, "target_text"), options, streaming)
 
     def execute(self, requests):
         t_start = time.perf_counter()
@@ -69,7 +69,7 @@ class TritonPythonModel:
             sender = request.get_response_sender()
             try:
                 streaming = bool(self.shared.get_scalar(pb_utils, request, "streaming", False))
-                work.append((i, self._parse(request), streaming))
+                work.append((i, self._parse(request, streaming), streaming))
                 if not streaming:
                     held[i] = ([], [])
                 senders[i] = sender
