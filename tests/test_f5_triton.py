@@ -246,8 +246,8 @@ def test_dead_front_instance_is_reloaded_and_the_request_served(client, triton_s
         os.kill(pid, signal.SIGKILL)
     time.sleep(0.5)
     results = []
-    for _ in range(3):  # concurrent requests: each instance takes one, so the dead one gets one too
-        results += _synth_concurrently(client, 4, "A dead instance must not fail this.")
+    for _ in range(4):  # more concurrent requests than instances: every instance, the dead one too, gets one
+        results += _synth_concurrently(client, 8, "A dead instance must not fail this.")
         if any(r is not None and r.recovered for r in results):
             break
     assert all(r is not None and r.audio.size > 0 for r in results)

@@ -31,7 +31,7 @@ def test_config_is_read_from_the_checkpoint(spark_dir):
     assert cfg.top.sample_rate == 16000 and cfg.top.latent_hop_length == 320
     assert cfg.top.ref_segment_samples == 96000  # 6 s floored to a multiple of the hop
     assert cfg.bicodec.decoder.hop == 320
-    assert cfg.bicodec.speaker_encoder.ecapa_channels == 16  # demo-only key
+    assert cfg.bicodec.speaker_encoder.ecapa_channels == 512  # upstream's hard-coded width, as published
     assert cfg.llm.model_type == "qwen2" and cfg.llm.tie_word_embeddings
 
 
@@ -145,3 +145,57 @@ def test_full_size_random_checkpoint_uses_the_published_architecture():
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads"):
         assert FULL_SIZE.llm[key] == m["llm_config"][key], key
     assert FULL_SIZE.llm_vocab == m["llm_config"]["vocab_size"]
+
+
+#: Keyword arguments of upstream's constructors that BiCodec.load_from_checkpoint calls with each
+#: section of BiCodec/config.yaml (Spark-TTS sparktts/, commit 2f1ea908): a key outside these makes
+#: upstream raise TypeError. FactorizedVectorQuantize also takes **kwargs (any key).
+UPSTREAM_SECTION_KEYS = {
+    "encoder": {"input_channels", "vocos_dim", "vocos_intermediate_dim", "vocos_num_layers", "out_channels",
+                "sample_ratios"},
+    "prenet": {"input_channels", "vocos_dim", "vocos_intermediate_dim", "vocos_num_layers", "out_channels",
+               "condition_dim", "sample_ratios", "use_tanh_at_final"},
+    "postnet": {"input_channels", "vocos_dim", "vocos_intermediate_dim", "vocos_num_layers", "out_channels",
+                "condition_dim", "sample_ratios", "use_tanh_at_final"},
+    "decoder": {"input_channel", "channels", "rates", "kernel_sizes", "d_out"},
+    "speaker_encoder": {"input_dim", "out_dim", "latent_dim", "token_num", "fsq_levels", "fsq_num_quantizers"},
+    "mel_params": {"sample_rate", "n_fft", "win_length", "hop_length", "mel_fmin", "mel_fmax", "num_mels"},
+}
+#: Required (no default) keyword arguments of the same constructors.
+UPSTREAM_REQUIRED_KEYS = {
+    "encoder": {"input_channels", "vocos_dim", "vocos_intermediate_dim", "vocos_num_layers", "out_channels"},
+    "prenet": {"input_channels", "vocos_dim", "vocos_intermediate_dim", "vocos_num_layers", "out_channels"},
+    "postnet": {"input_channels", "vocos_dim", "vocos_intermediate_dim", "vocos_num_layers", "out_channels"},
+    "decoder": {"input_channel", "channels", "rates", "kernel_sizes"},
+    "quantizer": {"input_dim", "codebook_size", "codebook_dim", "commitment"},
+}
+
+
+@pytest.mark.parametrize("which", ["demo", "full"])
+def test_bicodec_config_sections_use_only_upstream_keys(tmp_path, which):
+    import yaml
+
+    from tts.spark.demo import DEMO_BICODEC, FULL_BICODEC
+
+    sections = DEMO_BICODEC if which == "demo" else FULL_BICODEC
+    for name, allowed in UPSTREAM_SECTION_KEYS.items():
+        assert set(sections[name]) <= allowed, (name, set(sections[name]) - allowed)
+    for name, required in UPSTREAM_REQUIRED_KEYS.items():
+        assert required <= set(sections[name]), (name, required - set(sections[name]))
+
+
+def test_demo_files_written_use_only_upstream_keys_and_load_strictly(spark_dir):
+    """The files on disk (not just the dicts): config sections, and every weight file loaded with
+    nothing missing, unexpected or of the wrong shape."""
+    import yaml
+    from transformers import Qwen2ForCausalLM, Wav2Vec2Model
+
+    written = yaml.safe_load((spark_dir / "BiCodec" / "config.yaml").read_text())["audio_tokenizer"]
+    for name, allowed in UPSTREAM_SECTION_KEYS.items():
+        assert set(written[name]) <= allowed, (name, set(written[name]) - allowed)
+    load_bicodec(spark_dir / "BiCodec")  # check_state_dict refuses missing, unexpected or misshapen tensors
+    _, info = Qwen2ForCausalLM.from_pretrained(str(spark_dir / "LLM"), output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")), info
+    _, info = Wav2Vec2Model.from_pretrained(str(spark_dir / "wav2vec2-large-xlsr-53"), output_loading_info=True)
+    # the pre-training checkpoint also holds quantizer/projection heads Wav2Vec2Model does not use
+    assert not info["missing_keys"] and not info["mismatched_keys"], info

@@ -3,8 +3,9 @@
 `write_demo_checkpoint(dir, seed)` writes into `dir` (a `Spark-TTS-0.5B/` folder):
 
     config.yaml                         as published (16 kHz, 6 s speaker segment, hop 320, volume_normalize)
-    BiCodec/config.yaml                 `audio_tokenizer:` with tiny widths (same keys, plus the
-                                        speaker encoder's width keys that upstream hard-codes)
+    BiCodec/config.yaml                 `audio_tokenizer:` with tiny widths, only keys upstream's
+                                        constructors accept (its hard-coded speaker-encoder widths
+                                        stay full size)
     BiCodec/model.safetensors           every published key name (weight_g/weight_v convs), tiny shapes
     LLM/config.json, model.safetensors  a 2-layer Qwen2 (tied embeddings, so no lm_head tensor)
     LLM/tokenizer.json (+ tokenizer_config.json, added_tokens.json, special_tokens_map.json,
@@ -52,10 +53,11 @@ DEMO_BICODEC = {
                 "vocos_num_layers": 2, "out_channels": 16, "sample_ratios": [1, 1]},
     "decoder": {"input_channel": 16, "channels": 32, "rates": [8, 5, 4, 2], "kernel_sizes": [16, 11, 8, 4]},
     "quantizer": {"input_dim": 16, "codebook_size": SEMANTIC_CODEBOOK, "codebook_dim": 8, "commitment": 0.25},
+    # Only the keys upstream's SpeakerEncoder accepts: its ECAPA-TDNN (512 channels) and perceiver
+    # (8 heads of 64) widths are hard-coded upstream, so the demo keeps them at full size (~10 M
+    # parameters) and shrinks only the configurable dims; upstream can then load this checkpoint.
     "speaker_encoder": {"input_dim": 128, "out_dim": 16, "latent_dim": 16, "token_num": 32,
-                        "fsq_levels": [4, 4, 4, 4, 4, 4], "fsq_num_quantizers": 1,
-                        "ecapa_channels": 16, "se_bottleneck": 8, "astp_bottleneck": 8,
-                        "perceiver_heads": 2, "perceiver_dim_head": 8},
+                        "fsq_levels": [4, 4, 4, 4, 4, 4], "fsq_num_quantizers": 1},
     "prenet": {"input_channels": 16, "vocos_dim": 16, "vocos_intermediate_dim": 32, "vocos_num_layers": 2,
                "out_channels": 16, "condition_dim": 16, "sample_ratios": [1, 1], "use_tanh_at_final": False},
     "postnet": {"input_channels": 16, "vocos_dim": 16, "vocos_intermediate_dim": 32, "vocos_num_layers": 1,
