@@ -1,4 +1,4 @@
-"""Command line: `python -m studio synth|serve|download|make-demo-weights|bench`."""
+"""Command line: `python -m studio synth|serve|download|make-demo-weights|bench|results`."""
 
 from __future__ import annotations
 
@@ -183,6 +183,26 @@ def cmd_bench(args) -> int:
     return bench_main(args)
 
 
+def cmd_results(args) -> int:
+    """`results NAME`: a listening session's table on stdout; JSON, CSV and a plot written to --out."""
+    from studio.listening import ListeningError, export, format_table, get_session, report, results_table
+    from studio.store import open_store
+
+    store = open_store(args.data_dir or default_data_dir())
+    try:
+        session = get_session(store, args.name)
+    except ListeningError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else Path(f"{session.name}-results")
+    files = export(store, session, out)
+    rep = report(store, session)
+    print(f"{session.name}: {session.kind.upper()}, {rep['answers']} answers, systems: {', '.join(session.systems)}")
+    print(format_table(*results_table(rep, session.kind)))
+    print(f"wrote {files['json']}, {files['csv_dir']}/*.csv, {files['plot']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m studio", description="Voice-cloning studio over Triton")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -222,6 +242,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("make-demo-weights", help="write the tiny deterministic demo weights into DIR")
     p.add_argument("dir")
     p.set_defaults(func=cmd_make_demo_weights)
+
+    p = sub.add_parser("results", help="a listening test's results: table, JSON, CSV and a plot")
+    p.add_argument("name", help="the listening session's name")
+    p.add_argument("--out", help="folder for NAME.json, csv/ and plot.png (default ./NAME-results)")
+    p.add_argument("--data-dir", type=Path, default=None, help="default: $STUDIO_DATA_DIR or ~/.cache/voice-studio")
+    p.set_defaults(func=cmd_results)
 
     p = sub.add_parser("bench", help="benchmark a model through Triton")
     try:
