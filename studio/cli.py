@@ -1,4 +1,4 @@
-"""Command line: `python -m studio synth|serve|download|make-demo-weights|bench|results`."""
+"""Command line: `python -m studio synth|serve|download|make-demo-weights|bench|batch|results`."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ import threading
 from pathlib import Path
 
 from studio.config import default_checkpoints_dir, default_data_dir
-
-LEVELS = ("very_low", "low", "moderate", "high", "very_high")
+from studio.systems import GENDERS, LEVELS
 
 
 def parse_gpus(value: str | None) -> list[int] | None:
@@ -183,6 +182,85 @@ def cmd_bench(args) -> int:
     return bench_main(args)
 
 
+def cmd_batch(args) -> int:
+    """Generate a test set with several systems into the store; the same -o NAME resumes the run."""
+    from studio.batch import BatchInputError, prepare_run, read_test_set, run_batch, run_summary
+    from studio.client import StudioClient
+    from studio.server import ServerStartError
+    from studio.store import open_store
+    from studio.voices import SAMPLES_DIR, VoiceLibrary
+
+    data_dir = args.data_dir or default_data_dir()
+    store = open_store(data_dir)
+    voices = VoiceLibrary(data_dir, SAMPLES_DIR)
+    try:
+        test_set = read_test_set(args.testset) if args.testset else None
+        if test_set is not None and test_set.note():
+            print(f"note: {test_set.note()}")
+        run = prepare_run(store, args.name, test_set, args.system, voices, concurrency=args.concurrency)
+    except BatchInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if run.resumed:
+        print(f"resuming run {run.name!r}" + (f" with new system(s) {', '.join(run.added_systems)}"
+                                              if run.added_systems else ""))
+    summary = run_summary(store, run.name)
+    left = {spec for spec, c in summary["systems"].items() if c["done"] < c["rows"]}
+    families = sorted({s.family for s in run.systems if not s.is_files and s.spec in left})
+    server, url = None, args.triton_url
+    if families and not url:
+        server = make_server(args, families=families)
+        try:
+            server.start()
+        except ServerStartError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        url = server.grpc_url
+    stop = threading.Event()
+    outcome: dict = {}
+
+    def work():
+        client = StudioClient(url) if families else None
+        try:
+            outcome["progress"] = run_batch(store, run, client, concurrency=args.concurrency, voices=voices,
+                                            stop=stop, on_progress=lambda p: print(p.line(), flush=True))
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            outcome["error"] = exc
+        finally:
+            if client is not None:
+                client.close()
+
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    worker = threading.Thread(target=work, name="batch-run")
+    worker.start()
+    try:
+        while worker.is_alive():
+            try:
+                worker.join(0.5)
+            except KeyboardInterrupt:
+                print("stopping after the outputs in flight (run the same command again to resume)", flush=True)
+                stop.set()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if server is not None:
+            server.stop()
+    if "error" in outcome:
+        print(f"error: {outcome['error']}", file=sys.stderr)
+        return 1
+    summary = run_summary(store, run.name)
+    print(f"results: run {run.name!r} (id {summary['id']}, {summary['status']}) in {store.path}; "
+          f"audio under {store.root / 'batch' / str(summary['id'])}")
+    for spec, counts in summary["systems"].items():
+        print(f"  {spec}: {counts['done']}/{counts['rows']} done, {counts['failed']} failed")
+    for failure in summary["failures"][:10]:
+        print(f"  failed {failure['system']} / {failure['row_id']}: {failure['error']}")
+    demo = store.query_one("SELECT COUNT(*) FROM generations WHERE batch_run = ? AND json_extract(extra, '$.demo_weights') = 1",
+                           (summary["id"],))[0]
+    if demo:
+        print("note: DEMO WEIGHTS were used (tiny random model): the audio is noise, not speech.")
+    return 0 if summary["status"] == "done" else 1
+
+
 def cmd_results(args) -> int:
     """`results NAME`: a listening session's table on stdout; JSON, CSV and a plot written to --out."""
     from studio.listening import ListeningError, export, format_table, get_session, report, results_table
@@ -225,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--top-k", type=int)
     sp.add_argument("--top-p", type=float)
     sp.add_argument("--max-new-tokens", type=int)
-    sp.add_argument("--gender", choices=("female", "male"), help="voice creation (no --ref-audio)")
+    sp.add_argument("--gender", choices=GENDERS, help="voice creation (no --ref-audio)")
     sp.add_argument("--pitch-level", choices=LEVELS)
     sp.add_argument("--speed-level", choices=LEVELS)
     add_server_args(p)
@@ -243,6 +321,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir")
     p.set_defaults(func=cmd_make_demo_weights)
 
+    p = sub.add_parser("batch", help="generate a test set with several systems (QA listening tests); resumable",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="systems: family[:key=value,...] with the Triton input names, or files:FOLDER\n" +
+                       _grammar_help())
+    p.add_argument("testset", nargs="?", type=Path,
+                   help="CSV/TSV with id, prompt, reference_text, target_text[, seed] (omit to resume -o NAME)")
+    p.add_argument("--system", action="append", default=[], metavar="SYSTEM",
+                   help="e.g. f5:nfe_steps=16, spark:temperature=0.6,stream, files:DIR (repeat for several)")
+    p.add_argument("-o", "--name", required=True, help="the run's name; the same name resumes it")
+    p.add_argument("--concurrency", type=int, default=4, help="generations at once (default 4)")
+    add_server_args(p)
+    p.set_defaults(func=cmd_batch)
+
     p = sub.add_parser("results", help="a listening test's results: table, JSON, CSV and a plot")
     p.add_argument("name", help="the listening session's name")
     p.add_argument("--out", help="folder for NAME.json, csv/ and plot.png (default ./NAME-results)")
@@ -259,6 +350,12 @@ def build_parser() -> argparse.ArgumentParser:
         add_server_args(p)
     p.set_defaults(func=cmd_bench)
     return parser
+
+
+def _grammar_help() -> str:
+    from studio.systems import grammar_help
+
+    return grammar_help()
 
 
 def main(argv: list[str] | None = None) -> int:
