@@ -1,4 +1,4 @@
-"""The studio page (Gradio Blocks): Clone, Voice creation, Voices, History and Server tabs.
+"""The studio page (Gradio Blocks): Clone, Voice creation, Voices, History, Batch, Listening test and Server tabs.
 
 `build_demo(runtime)` lays the page out and wires plain handler functions to one `StudioRuntime`.
 Generated audio plays through the page's own Web Audio player (`studio/static/player.js`), fed by
@@ -17,6 +17,7 @@ import gradio as gr
 from studio.ui_files import page_copy
 from studio.ui_generate import (GENDERS, LEVELS, InputProblem, clone_request, design_request, f5_params,
                                 read_text_file, run_generation, spark_params)
+from studio.ui_qa import qa_tabs, rater_routes
 from studio.ui_runtime import FAMILIES, NotReady, StudioRuntime
 from studio.ui_views import (HISTORY_HEADERS, STATS_HEADERS, banner_html, history_rows, metrics_html,
                              model_note_html, server_md, stats_rows)
@@ -155,7 +156,7 @@ class Handlers:
                 demo.allowed_paths.append(path)
         app = getattr(demo, "app", None)
         if app is not None and not any(getattr(r, "path", "").startswith(ROUTE_PREFIX) for r in app.router.routes):
-            app.router.routes[0:0] = self.rt.jobs.routes()
+            app.router.routes[0:0] = self.rt.jobs.routes() + rater_routes(self.rt)
 
     def tick(self, model: str):
         st = self.rt.status()
@@ -537,6 +538,8 @@ def build_demo(rt: StudioRuntime, *, autostart: bool = True) -> gr.Blocks:
                             hist_dl = gr.DownloadButton("Download", visible=False, elem_id="history-download")
                         hist_record = gr.State(None)
                     hist_detail = gr.JSON(label="Inputs, parameters and metrics", elem_id="history-detail")
+            # ---- Batch and Listening test (studio/ui_qa.py) --------------------------------------
+            qa_tabs(rt)
             # ---- Server -------------------------------------------------------------------------
             with gr.Tab("Server", id="server", elem_id="tab-server") as tab_server:
                 srv_refresh = gr.Button("Refresh", size="sm", elem_id="server-refresh")
@@ -610,4 +613,4 @@ def wire_generation(h: Handlers, key: str, generate: gr.Button, stop: gr.Button,
 
 def launch_kwargs(rt: StudioRuntime) -> dict:
     """What `demo.launch()` needs besides host/port: the streaming routes and the folders it may serve."""
-    return {"app_kwargs": {"routes": rt.jobs.routes()}, "allowed_paths": rt.allowed_paths()}
+    return {"app_kwargs": {"routes": rt.jobs.routes() + rater_routes(rt)}, "allowed_paths": rt.allowed_paths()}
