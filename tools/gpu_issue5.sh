@@ -10,8 +10,8 @@
 #   bash tools/gpu_issue5.sh gpu-tests       # the `-m gpu` tests (pytest carried in .whl/pytest; GPU_TESTS=files)
 #   bash tools/gpu_issue5.sh all --tiny      # CPU dry run of every stage with tiny checkpoints
 #
-# Run from the repo copy with `.whl` carried (numpy 1.26, tritonclient, python-rapidjson, soundfile,
-# cffi, pycparser, pypinyin wheels for Python 3.12 and pytriton312.tar.xz, the nvidia-pytriton wheel
+# Run from the repo copy with `.whl` carried (made by tools/gpu_wheels.sh: numpy 1.26, tritonclient, python-rapidjson, soundfile,
+# cffi, pycparser, pypinyin and rjieba wheels for Python 3.12 and pytriton312.tar.xz, the nvidia-pytriton wheel
 # repacked with only the 3.12 stub). Everything lands in $OUT: issue5.tgz (every JSON, log and plot,
 # rewritten after each stage, so a call cut off by its limit still brings back what it measured),
 # f5_summary.md, and issue5.log. Stage limits keep the whole under a 600 s call.
