@@ -120,6 +120,7 @@ def read_test_set(path: str | Path) -> TestSet:
         line = data[:exc.start].count(b"\n") + 1
         raise BatchInputError(f"test set {path}: not UTF-8 text (byte 0x{data[exc.start]:02x} on line {line}); "
                               "save it as UTF-8 (CSV UTF-8 in spreadsheet programs) and try again") from None
+    path = path.resolve()  # stored with the run: resuming from another folder finds the same file
     return parse_test_set(text, source=str(path), base_dir=path.parent)
 
 
@@ -394,7 +395,10 @@ def prepare_run(store: Store, name: str, test_set: TestSet | None, systems: list
     if test_set is None:
         if existing is None:
             raise BatchInputError(f"there is no run called {name!r} to resume; give a test set to start it")
-        test_set = TestSet(tuple(_stored_rows(store, existing["id"])), existing["source"], Path("/"))
+        # Stored prompts are absolute paths or voice names; a new files: folder is relative to the test set's.
+        source = existing["source"]
+        base = Path(source).parent if Path(source).is_absolute() else Path.cwd()
+        test_set = TestSet(tuple(_stored_rows(store, existing["id"])), source, base)
     base = test_set.base_dir
     new_systems = parse_system_list(systems, base) if systems else []
     all_specs = list(from_json(existing["systems"], [])) if existing is not None else []

@@ -254,8 +254,8 @@ def cmd_batch(args) -> int:
         print(f"  {spec}: {counts['done']}/{counts['rows']} done, {counts['failed']} failed")
     for failure in summary["failures"][:10]:
         print(f"  failed {failure['system']} / {failure['row_id']}: {failure['error']}")
-    demo = store.query_one("SELECT COUNT(*) FROM generations WHERE batch_run = ? AND json_extract(extra, '$.demo_weights') = 1",
-                           (summary["id"],))[0]
+    demo = store.query_one("SELECT COUNT(*) FROM generations WHERE batch_run = ? AND "
+                           "json_extract(extra, '$.demo_weights') = 1", (summary["id"],))[0]
     if demo:
         print("note: DEMO WEIGHTS were used (tiny random model): the audio is noise, not speech.")
     return 0 if summary["status"] == "done" else 1

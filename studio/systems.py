@@ -203,7 +203,8 @@ def parse_system(text: str) -> System:
     if family == FILES:
         folder = rest.strip()
         if not folder:
-            raise SystemSpecError(f"system {spec!r}: files: needs a folder, e.g. files:/data/run1 (one ROW_ID.wav a row)")
+            raise SystemSpecError(f"system {spec!r}: files: needs a folder, e.g. files:/data/run1 "
+                                  "(one ROW_ID.wav a row)")
         return System(FILES, folder=folder)
     if family not in FAMILIES:
         raise SystemSpecError(f"system {spec!r}: unknown family {family!r}; use f5, spark or files:FOLDER")

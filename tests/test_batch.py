@@ -253,7 +253,8 @@ def test_runner_records_failures_and_retries_only_those(tmp_path, store, voices)
     assert len(gens) == 8, "one generation row per done output"
     assert not store.query("SELECT 1 FROM generations WHERE batch_run IS NULL")
     out = run_outputs(store, "retry")[0]
-    assert out["audio_path"] == output_path(run, run.systems[0], out["row_id"]) or out["audio_path"].startswith("batch/")
+    system = next(s for s in run.systems if s.spec == out["system"])
+    assert out["audio_path"] == output_path(run, system, out["row_id"]) and store.file(out["audio_path"])
     assert out["metrics"]["latency_s"] == 0.05 and out["metrics"]["seed"] is not None
 
 
@@ -269,6 +270,26 @@ def test_stop_event_ends_a_run_as_stopped(tmp_path, store, voices):
     progress = run_batch(store, run, FakeClient(), concurrency=1, stop=stop, on_progress=on_progress)
     assert progress.stopped and progress.done == 2
     assert run_summary(store, "stop")["status"] == "stopped"
+
+
+def test_cli_refuses_bad_input_and_runs_files_without_a_server(tmp_path, capsys):
+    from studio.cli import main
+
+    data = tmp_path / "data"
+    bad = tmp_path / "bad.csv"
+    bad.write_text("id,prompt,target_text\na,en_male,Hi.\n", "utf-8")
+    assert main(["batch", str(bad), "--system", "f5", "-o", "x", "--data-dir", str(data)]) == 2
+    assert "missing column(s) reference_text" in capsys.readouterr().err
+    good = tmp_path / "good.csv"
+    good.write_text(csv_rows(2), "utf-8")
+    assert main(["batch", str(good), "--system", "files:nowhere", "-o", "x", "--data-dir", str(data)]) == 2
+    assert "nowhere is not a folder" in capsys.readouterr().err
+    files_dir(tmp_path, ["r0", "r1"])
+    assert main(["batch", str(good), "--system", "files:made", "-o", "x", "--data-dir", str(data)]) == 0
+    out = capsys.readouterr().out
+    assert "[x] 2/2 done" in out and f"run 'x' (id 1, done) in {data / 'studio.db'}" in out
+    assert main(["batch", "--system", "files:made", "-o", "x", "--data-dir", str(data)]) == 0  # resume: nothing left
+    assert "resuming run 'x'" in capsys.readouterr().out
 
 
 # --- with the real server ---------------------------------------------------------------------------------
@@ -310,6 +331,8 @@ def test_batch_over_two_model_systems_and_files_completes(tmp_path, client, voic
 def _done_now(db: Path, name: str) -> dict[tuple[str, str], str]:
     import sqlite3
 
+    if not db.is_file():
+        return {}  # the CLI has not opened its store yet
     conn = sqlite3.connect(db, timeout=30)
     try:
         return {(s, r): g for s, r, g in conn.execute(
@@ -327,7 +350,7 @@ def test_killed_batch_resumes_without_redoing_outputs(tmp_path, triton_server):
     data = tmp_path / "data"
     testset = tmp_path / "set.tsv"
     testset.write_text("id\tprompt\treference_text\ttarget_text\n" +
-                       "".join(f"k{i}\t{PROMPT}\t{PROMPT_TEXT}\tKill test row {i}.\n" for i in range(8)), "utf-8")
+                       "".join(f"k{i}\t{PROMPT}\t{PROMPT_TEXT}\tKill test row {i}.\n" for i in range(12)), "utf-8")
     cmd = [sys.executable, "-m", "studio", "batch", str(testset), "--system", MODEL_SYSTEMS[0], "--system",
            MODEL_SYSTEMS[1], "-o", "killed", "--concurrency", "1", "--triton-url", triton_server.grpc_url,
            "--data-dir", str(data)]
@@ -342,17 +365,18 @@ def test_killed_batch_resumes_without_redoing_outputs(tmp_path, triton_server):
         os.kill(proc.pid, signal.SIGKILL)  # only the process this test started
         proc.wait(30)
     before = _done_now(data / "studio.db", "killed")
-    assert 3 <= len(before) < 16, "killed mid-run"
+    assert 3 <= len(before) < 24, "killed mid-run"
     resumed = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "resuming run 'killed'" in resumed.stdout
     assert f"({len(before)} done before)" in resumed.stdout
-    assert f"in {data / 'studio.db'}" in resumed.stdout and "16/16 done" in resumed.stdout
+    assert f"in {data / 'studio.db'}" in resumed.stdout and "24/24 done" in resumed.stdout
+    assert "DEMO WEIGHTS" in resumed.stdout
     after = _done_now(data / "studio.db", "killed")
-    assert len(after) == 16
+    assert len(after) == 24
     assert all(after[k] == g for k, g in before.items()), "outputs done before the kill were kept, not redone"
     store = Store(data)
-    assert store.query_one("SELECT COUNT(*) FROM generations")[0] == 16, "one generation per output: none redone"
+    assert store.query_one("SELECT COUNT(*) FROM generations")[0] == 24, "one generation per output: none redone"
     assert store.query_one("PRAGMA integrity_check")[0] == "ok"
     leftovers = [p for p in (data / "batch").rglob("*.tmp")]
     assert not leftovers or len(leftovers) <= 1, "at most the killed write's temporary file"
