@@ -374,13 +374,21 @@ def test_nothing_on_the_rater_side_names_a_system_or_file(store, run_id):
     for resp in [page, *served]:
         blob = (resp.text if resp is page else "") + " ".join(f"{k}: {v}" for k, v in resp.headers.items())
         for word in secrets_:
-            assert word.casefold() not in blob.casefold(), f"{word!r} leaked in {resp.url}"
+            assert not mentions(word, blob), f"{word!r} leaked in {resp.url}"
     import soundfile as sf
     import io
 
     infos = [sf.info(io.BytesIO(r.content)) for r in served]
     assert {i.samplerate for i in infos} == {listening.SERVE_RATE}, "F5 (24 kHz) and Spark (16 kHz) look alike"
     assert {i.subtype for i in infos} == {"PCM_16"}
+
+
+def mentions(word: str, text: str) -> bool:
+    """Whether `text` names `word` (case-insensitive). Short words must stand alone: random tokens and item
+    ids (base64url) contain strings like "f5" by chance about once in a hundred ids."""
+    if len(word) <= 4:
+        return re.search(rf"(?<![A-Za-z0-9_-]){re.escape(word)}(?![A-Za-z0-9_-])", text, re.IGNORECASE) is not None
+    return word.casefold() in text.casefold()
 
 
 def secret_words(store) -> list[str]:
