@@ -698,7 +698,71 @@ def _set_status(store: Store, run_id: int, status: str) -> None:
         db.execute("UPDATE batch_runs SET status = ?, updated = ? WHERE id = ?", (status, utc_now(), run_id))
 
 
+class BatchJob:
+    """A run in a background thread, for the page: poll `progress()`, call `stop()`, read `error`.
+
+        job = BatchJob(store, run, client, voices=voices).start()
+        job.progress()   # {"run", "total", "done", "failed", "eta_s", "finished", ...}
+    """
+
+    def __init__(self, store: Store, run: Run, client=None, *, concurrency: int | None = None, voices=None):
+        self.store, self.run, self.client, self.voices = store, run, client, voices
+        self.concurrency = concurrency
+        self._stop = threading.Event()
+        self._latest: dict = Progress(run.name, total=len(run.systems) * len(run.rows)).as_dict()
+        self._lock = threading.Lock()
+        self.error: str | None = None
+        self.thread = threading.Thread(target=self._work, name=f"batch-{run.run_id}", daemon=True)
+
+    def start(self) -> "BatchJob":
+        self.thread.start()
+        return self
+
+    def _keep(self, progress: Progress) -> None:
+        with self._lock:
+            self._latest = progress.as_dict()
+
+    def _work(self) -> None:
+        try:
+            run_batch(self.store, self.run, self.client, concurrency=self.concurrency, voices=self.voices,
+                      stop=self._stop, on_progress=self._keep)
+        except Exception as exc:  # noqa: BLE001 - shown by the page through progress()
+            self.error = str(exc)
+            with self._lock:
+                self._latest = {**self._latest, "finished": True, "last_error": self.error}
+
+    def progress(self) -> dict:
+        with self._lock:
+            return dict(self._latest, error=self.error)
+
+    def stop(self) -> None:
+        """Start no more outputs; those in flight are cancelled (the run can be resumed)."""
+        self._stop.set()
+
+    @property
+    def finished(self) -> bool:
+        return not self.thread.is_alive() and self.thread.ident is not None
+
+    def wait(self, timeout: float | None = None) -> dict:
+        self.thread.join(timeout)
+        return self.progress()
+
+
 # --- reading results -------------------------------------------------------------------------------------
+def list_runs(store: Store, user: str | None = None) -> list[dict]:
+    """Runs, newest first: id, name, created, updated, user, status, systems (list), rows, done, failed."""
+    sql = ("SELECT r.*, (SELECT COUNT(*) FROM batch_rows b WHERE b.run_id = r.id) AS n_rows,"
+           " (SELECT COUNT(*) FROM batch_outputs o WHERE o.run_id = r.id AND o.status = 'done') AS n_done,"
+           " (SELECT COUNT(*) FROM batch_outputs o WHERE o.run_id = r.id AND o.status = 'failed') AS n_failed"
+           " FROM batch_runs r" + (" WHERE r.user IS ?" if user is not None else "") + " ORDER BY r.id DESC")
+    out = []
+    for r in store.query(sql, (user,) if user is not None else ()):
+        out.append({"id": r["id"], "name": r["name"], "created": r["created"], "updated": r["updated"],
+                    "user": r["user"], "status": r["status"], "systems": from_json(r["systems"], []),
+                    "rows": r["n_rows"], "done": r["n_done"], "failed": r["n_failed"], "source": r["source"]})
+    return out
+
+
 def run_summary(store: Store, name: str) -> dict:
     """A run's state for the page and the CLI: status, counts per system, failures with their errors."""
     run = store.query_one("SELECT * FROM batch_runs WHERE name = ?", (name,))
@@ -730,6 +794,6 @@ def run_outputs(store: Store, name: str) -> list[dict]:
     return out
 
 
-__all__ = ["BatchInputError", "Progress", "Prompt", "Run", "TestRow", "TestSet", "check_output_wav", "done_outputs",
-           "output_metrics", "output_path", "parse_test_set", "prepare_run", "read_test_set", "resolve_prompt",
-           "run_batch", "run_outputs", "run_summary", "sniff_delimiter", "validate"]
+__all__ = ["BatchInputError", "BatchJob", "Progress", "Prompt", "Run", "TestRow", "TestSet", "check_output_wav",
+           "done_outputs", "list_runs", "output_metrics", "output_path", "parse_test_set", "prepare_run",
+           "read_test_set", "resolve_prompt", "run_batch", "run_outputs", "run_summary", "sniff_delimiter", "validate"]

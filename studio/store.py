@@ -84,7 +84,7 @@ CREATE TABLE generations (
     error       TEXT,
     notes       TEXT,
     extra       TEXT NOT NULL DEFAULT '{}',     -- other fields a caller recorded
-    batch_run   INTEGER REFERENCES batch_runs(id) ON DELETE SET NULL
+    batch_run   INTEGER REFERENCES batch_runs(id) ON DELETE CASCADE  -- NULL: the page's own history
 );
 CREATE INDEX generations_batch_run ON generations(batch_run);
 CREATE INDEX generations_created ON generations(created);

@@ -292,6 +292,27 @@ def test_cli_refuses_bad_input_and_runs_files_without_a_server(tmp_path, capsys)
     assert "resuming run 'x'" in capsys.readouterr().out
 
 
+def test_background_job_reports_progress_and_lists_runs(tmp_path, store, voices):
+    from studio.batch import BatchJob, list_runs
+
+    ts = parse_test_set(csv_rows(3), base_dir=tmp_path)
+    run = prepare_run(store, "bg", ts, ["spark", "f5"], voices)
+    assert run.systems[0].spec == "spark" and list_runs(store)[0]["status"] == "created"
+    job = BatchJob(store, run, FakeClient(fail={2}), concurrency=2)
+    assert job.progress()["total"] == 6 and not job.finished
+    final = job.start().wait(60)
+    assert job.finished and final["finished"] and (final["done"], final["failed"]) == (4, 2) and final["error"] is None
+    [listed] = list_runs(store)
+    assert (listed["name"], listed["status"], listed["rows"], listed["done"], listed["failed"]) == \
+        ("bg", "failed", 3, 4, 2)
+    broken = BatchJob(store, run, None).start().wait(60)  # model outputs left and no client: a clear error
+    assert broken["finished"] and "needs a Triton client" in broken["error"]
+    with store.transaction() as db:  # deleting a run takes its rows, outputs and generations along
+        db.execute("DELETE FROM batch_runs WHERE id = ?", (run.run_id,))
+    assert [store.query_one(f"SELECT COUNT(*) FROM {t}")[0] for t in ("batch_rows", "batch_outputs", "generations")] \
+        == [0, 0, 0]
+
+
 # --- with the real server ---------------------------------------------------------------------------------
 MODEL_SYSTEMS = ["f5:nfe_steps=2", "spark:max_new_tokens=8,top_k=1"]
 
