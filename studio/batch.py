@@ -596,11 +596,21 @@ def _generate_one(store: Store, run: Run, system: System, row: TestRow, client, 
     generation = {"id": new_id(), "kind": "design" if system.voice_creation else "clone", "model": system.family,
                   "mode": "streaming" if system.stream else "offline", "status": "ok", "text": row.target_text,
                   "ref_text": ref_text, "voice": voices_of.get(row.row_id), "params": params, "seed": result.seed,
+                  "prompt_audio": None if system.voice_creation else _inside(store, prompts.paths[row.row_id]),
+                  "prompt": None if system.voice_creation else row.prompt,
                   "metrics": metrics, "info": result.info, "audio": rel, "sample_rate": result.sample_rate,
                   "demo_weights": result.demo_weights, "system": system.spec, "row_id": row.row_id}
     _save_output(store, run, system, row.row_id, status="done", audio_path=rel, sample_rate=result.sample_rate,
                  metrics=metrics, generation=generation)
     return None
+
+
+def _inside(store: Store, path: Path) -> str | None:
+    """`path` relative to the data directory when it lies inside (a saved voice), else None."""
+    try:
+        return Path(path).resolve().relative_to(store.root.resolve()).as_posix()
+    except ValueError:
+        return None
 
 
 def _import_one(store: Store, run: Run, system: System, row: TestRow) -> str | None:
@@ -647,7 +657,10 @@ def run_batch(store: Store, run: Run, client=None, *, concurrency: int | None = 
                 progress.failed += 1
                 progress.last_error = error
             if on_progress is not None:
-                on_progress(progress)
+                try:
+                    on_progress(progress)
+                except Exception as exc:  # noqa: BLE001 - a broken display must not end the run
+                    progress.last_error = f"progress callback failed: {type(exc).__name__}: {exc}"
 
     model_todo = [(s, r) for s, r in todo if not s.is_files]
     if model_todo and client is None:

@@ -258,6 +258,24 @@ def test_runner_records_failures_and_retries_only_those(tmp_path, store, voices)
     assert out["metrics"]["latency_s"] == 0.05 and out["metrics"]["seed"] is not None
 
 
+def test_saved_voice_prompt_is_referenced_and_a_broken_callback_is_survived(tmp_path, store, voices):
+    from tests.conftest import speech_like
+
+    voices.save("Ann", speech_like(2.0, 24000), 24000, "Ann's own words.")
+    ts = parse_test_set(HEADER + "a,Ann,,Hello.,\n", base_dir=tmp_path)
+    run = prepare_run(store, "saved", ts, ["f5"], voices)
+    assert run.rows[0].reference_text == "Ann's own words."
+
+    def broken(progress):
+        raise RuntimeError("display gone")
+
+    progress = run_batch(store, run, FakeClient(), voices=voices, on_progress=broken)
+    assert progress.done == 1 and "display gone" in progress.last_error
+    gen = store.query_one("SELECT * FROM generations WHERE batch_run = ?", (run.run_id,))
+    assert gen["prompt_path"] == "voices/Ann/prompt.wav" and store.file(gen["prompt_path"])
+    assert gen["voice"] == "Ann" and gen["ref_text"] == "Ann's own words."
+
+
 def test_stop_event_ends_a_run_as_stopped(tmp_path, store, voices):
     ts = parse_test_set(csv_rows(5), base_dir=tmp_path)
     run = prepare_run(store, "stop", ts, ["spark"], voices)
