@@ -299,12 +299,13 @@ def test_cli_refuses_bad_input_and_runs_files_without_a_server(tmp_path, capsys)
     assert main(["batch", str(bad), "--system", "f5", "-o", "x", "--data-dir", str(data)]) == 2
     assert "missing column(s) reference_text" in capsys.readouterr().err
     good = tmp_path / "good.csv"
-    good.write_text(csv_rows(2), "utf-8")
+    good.write_text(csv_rows(2) + ",,,,\n", "utf-8")
     assert main(["batch", str(good), "--system", "files:nowhere", "-o", "x", "--data-dir", str(data)]) == 2
     assert "nowhere is not a folder" in capsys.readouterr().err
     files_dir(tmp_path, ["r0", "r1"])
     assert main(["batch", str(good), "--system", "files:made", "-o", "x", "--data-dir", str(data)]) == 0
     out = capsys.readouterr().out
+    assert "note: skipped 1 empty row(s) (line 4)" in out
     assert "[x] 2/2 done" in out and f"run 'x' (id 1, done) in {data / 'studio.db'}" in out
     assert main(["batch", "--system", "files:made", "-o", "x", "--data-dir", str(data)]) == 0  # resume: nothing left
     assert "resuming run 'x'" in capsys.readouterr().out
