@@ -194,15 +194,28 @@ class F5Pipeline:
     """Loads DiT + Vocos once and synthesises batches of chunk jobs."""
 
     def __init__(self, checkpoint: Path, vocab: Path, vocos_dir: Path, model_name: str = "F5TTS_v1_Base",
-                 device: str = "cpu", dtype: torch.dtype = torch.float32, max_batch: int = 8):
+                 device: str = "cpu", dtype: torch.dtype = torch.float32, max_batch: int = 8,
+                 runtime: str = "torch", engines_dir: str | Path | None = None):
+        """runtime: "torch" (default), or "trtllm" (the DiT and Vocos as TensorRT engines from
+        `engines_dir`, see `tts.f5.trt_runner`; "onnx" runs the same wiring on onnxruntime, for CPU
+        checks). Everything but those two forwards is the same code in every runtime."""
         self.device, self.dtype, self.max_batch = torch.device(device), dtype, max_batch
+        self.runtime = runtime
         self.vocab = text_mod.load_vocab(vocab)
         self.config = load_config(model_name, Path(checkpoint).parent, len(self.vocab))
-        self.dit = load_dit(Path(checkpoint), self.config, self.device, dtype)
+        self.dit = load_dit(Path(checkpoint), self.config, self.device if runtime == "torch" else "cpu", dtype)
         self.vocos = Vocos.from_dir(Path(vocos_dir), device=self.device, dtype=torch.float32)
+        if runtime != "torch":
+            from tts.f5.trt_runner import load_engine_modules
+
+            if engines_dir is None:
+                raise ValueError(f"runtime {runtime!r} needs the engines folder (build_engines --out)")
+            self.dit, self.vocos = load_engine_modules(runtime, engines_dir, model_name, self.dit, self.vocos,
+                                                       self.device)
         # The CUDA fast path (bucketed CUDA graphs over the same ODE step); STUDIO_F5_FAST=0 turns it off.
         fast = fast_options_from_env(max_batch)
-        self.fast = FastSampler(self.dit, fast) if self.device.type == "cuda" and fast.mode != "off" else None
+        self.fast = (FastSampler(self.dit, fast)
+                     if runtime == "torch" and self.device.type == "cuda" and fast.mode != "off" else None)
         self._cache: OrderedDict[str, PreparedReference] = OrderedDict()
         self._cache_lock = threading.Lock()
 
@@ -293,8 +306,11 @@ class F5Pipeline:
         with record_function("f5.vocode"):
             gens = [m[j.ref.frames: j.total_frames].float().transpose(0, 1) for m, j in zip(mels, jobs)]  # [100, T]
             # Vocos per item on the CPU (exact); batched with per-item masks on CUDA (equal within 1e-4)
-            wavs = (vocode_batch(self.vocos, gens) if self.fast is not None
-                    else [self.vocos.decode(g[None])[0] for g in gens])
+            if self.runtime != "torch":  # the engine vocodes the padded batch with per-item lengths
+                wavs = self.vocos.decode_items(gens)
+            else:
+                wavs = (vocode_batch(self.vocos, gens) if self.fast is not None
+                        else [self.vocos.decode(g[None])[0] for g in gens])
         with record_function("f5.to_host"):
             waves = []
             for j, wav in zip(jobs, wavs):
