@@ -181,10 +181,14 @@ class QAHandlers:
         return (started, self.progress_html(started), gr.Timer(active=True),
                 gr.Dropdown(choices=self.run_names(), value=started))
 
-    def batch_tick(self, name):
+    def batch_tick(self, name, shown):
+        """Progress while the run goes; when it ends, polling stops and the outputs table (if it shows this
+        run) is refreshed once. While it runs the table is left alone: Refresh redraws it on demand."""
         job = self.jobs.get(name or "")
-        still = bool(job and job.running)
-        return self.progress_html(name), gr.Timer(active=still)
+        if job is not None and job.running:
+            return self.progress_html(name), gr.Timer(active=True), gr.skip(), gr.skip()
+        table, rows = (self.outputs_view(shown)[:2] if shown and shown == name else (gr.skip(), gr.skip()))
+        return self.progress_html(name), gr.Timer(active=False), table, rows
 
     # --- batch: browsing outputs --------------------------------------------------------------------------
     def outputs_view(self, name):
@@ -363,7 +367,7 @@ def qa_tabs(rt) -> QAHandlers:
     with gr.Tab("Batch", id="batch", elem_id="tab-batch") as tab_batch:
         gr.Markdown("Generate a **test set** with several **systems** for listening tests. Test set columns: "
                     "`id, prompt, reference_text, target_text[, seed]`; `prompt` is a voice name from the library "
-                    "or an audio file path. Systems, one per line: `f5:nfe_steps=16`, `spark:temperature=0.6`, "
+                    "or an audio file's absolute path on this machine. Systems, one per line: `f5:nfe_steps=16`, `spark:temperature=0.6`, "
                     "`files:FOLDER` (ready-made `ROW_ID.wav` files). Starting an existing run name resumes it.")
         with gr.Row(equal_height=False):
             with gr.Column():
@@ -442,7 +446,8 @@ def qa_tabs(rt) -> QAHandlers:
     b_run.click(q.batch_clicked, inputs=[b_file, b_text, b_systems, b_name, b_conc],
                 outputs=[b_current, b_progress, b_timer, b_runs], **LIGHT)
     b_stop.click(q.stop_batch, inputs=[b_current], **LIGHT)
-    b_timer.tick(q.batch_tick, inputs=[b_current], outputs=[b_progress, b_timer], concurrency_limit=None,
+    b_timer.tick(q.batch_tick, inputs=[b_current, b_runs], outputs=[b_progress, b_timer, b_table, b_rows],
+                 concurrency_limit=None,
                  show_progress="hidden", api_visibility="private")
     for ev in (b_runs.change, b_refresh.click):
         ev(q.outputs_view, inputs=[b_runs], outputs=[b_table, b_rows, b_progress], **QUIET)

@@ -169,3 +169,55 @@ def test_organiser_sees_progress_and_results(app, browser, tmp_path):
     finally:
         context.close()
     print(f"\n[organiser] screenshot {keep_shot(shot, 'listening-results.png')}")
+
+
+def test_batch_tab_and_session_form_in_the_page(app, browser, tmp_path):
+    """The organiser's clicks: paste a test set, two files: systems, Run; progress reaches the end; a row's
+    outputs play side by side; then an A/B session made with the form gets its rater links."""
+    from tests.test_listening_ui import files_system
+
+    url, store, _ = app
+    systems = [files_system(tmp_path / "take_one", freq=300), files_system(tmp_path / "take_two", freq=600)]
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    try:
+        page.goto(url)
+        page.wait_for_selector("#studio-banner", timeout=60_000)
+        page.get_by_role("tab", name="Batch").click()
+        page.locator("#batch-testset-text textarea").fill(
+            "id,prompt,reference_text,target_text\nr1,en_female,,First line.\nr2,en_male,,Second line.")
+        page.locator("#batch-systems textarea").fill("\n".join(systems))
+        page.locator("#batch-name textarea, #batch-name input[type=text]").first.fill("page run")
+        page.locator("#batch-run").click()
+        page.wait_for_selector('#batch-state[data-done="4"][data-total="4"]', timeout=60_000)
+        page.wait_for_function("() => document.querySelector('#batch-state').dataset.status === 'done'",
+                               timeout=30_000)
+        # Run put the run into the outputs picker; its table is redrawn when the run ends
+        page.wait_for_function("() => ((document.querySelector('#batch-outputs')?.innerText || '')"
+                               ".match(/done 0.3 s/g) || []).length === 4", timeout=20_000)
+        page.locator("#batch-outputs [data-testid='cell-1-0']").click()
+        page.wait_for_selector("#batch-audio-1 audio, #batch-audio-1 [data-testid='waveform-controls']",
+                               state="attached", timeout=20_000)
+        assert "Second line." in page.locator("#batch-row-text").inner_text()
+        assert page.locator("#batch-prompt-audio").is_visible() and page.locator("#batch-audio-0").is_visible()
+        assert page.locator("#batch-outputs").inner_text().count("done 0.3 s") == 4, "every output, once finished"
+        page.screenshot(path=str(tmp_path / "batch.png"), full_page=True)
+
+        page.get_by_role("tab", name="Listening test").click()
+        page.locator("#qa-name textarea, #qa-name input[type=text]").first.fill("page ab")
+        page.locator("#qa-kind input[value='ab']").check()
+        page.locator("#qa-run input").click()
+        page.get_by_role("option", name="page run").click()
+        page.wait_for_function("() => document.querySelectorAll('#qa-systems input:checked').length === 2",
+                               timeout=20_000)
+        page.locator("#qa-raters input").fill("2")
+        page.locator("#qa-create").click()
+        page.wait_for_function("() => document.querySelectorAll('#qa-links a[data-rater]').length === 2",
+                               timeout=20_000)
+        join = page.locator("#qa-join-link").get_attribute("href")
+        assert join.startswith(url + "/qa/join/")
+    finally:
+        context.close()
+    s = listening.get_session(store, "page ab")
+    assert s.kind == "ab" and sorted(s.systems) == sorted(systems) and len(listening.raters_of(store, s)) == 2
+    print(f"\n[batch tab] screenshot {keep_shot(tmp_path / 'batch.png', 'batch-tab.png')}")

@@ -59,8 +59,9 @@ def test_batch_tab_runs_shows_progress_and_browses_outputs(q, tmp_path):
     name, progress, timer, runs = q.batch_clicked(None, TESTSET, systems, "tab run", 2)
     assert name == "tab run" and timer.active and runs.value == "tab run"
     wait_for(q.jobs[name])
-    html, timer = q.batch_tick(name)
+    html, timer, table, rows = q.batch_tick(name, name)
     assert not timer.active, "polling stops when the run ends"
+    assert rows == ["r1", "r2"], "and the outputs table of the run is redrawn once"
     assert 'data-done="4" data-total="4" data-failed="0"' in html and "done" in html
     table, row_ids, _ = q.outputs_view(name)
     assert row_ids == ["r1", "r2"]
