@@ -4,6 +4,7 @@
                   [--triton-url HOST:PORT]        # use a running Triton server (gRPC) instead
                   [--data-dir DIR] [--checkpoints DIR] [--demo-weights] [--no-download]
                   [--gpus 0,1] [--http-port N] [--grpc-port N] [--f5-model NAME] [--instances N]
+                  [--api-key KEY]                 # require it on the OpenAI-compatible /v1 API
 
 The page comes up at once; the embedded server starts in the background (on a first real start it
 downloads several GB of weights) and the banner shows its progress and which models are ready.
@@ -22,7 +23,11 @@ and tools that look for `demo` import it). Two ways to serve it:
   STUDIO_TRITON_URL, STUDIO_CHECKPOINTS, STUDIO_DEMO_WEIGHTS=1, STUDIO_NO_DOWNLOAD=1), and adds the
   player's routes and the data folders to the running app.
 
-Generations at once: STUDIO_CONCURRENCY (default 4); further requests wait in Gradio's queue.
+Generations at once: STUDIO_CONCURRENCY (default 4), page and API together; further page requests wait in
+Gradio's queue, API requests wait while fewer than STUDIO_API_QUEUE (default 16) do, else get 429.
+
+The same server answers an OpenAI-compatible API under /v1 (studio/api.py): POST /v1/audio/speech,
+GET /v1/models, GET/POST /v1/audio/voices, DELETE /v1/audio/voices/NAME.
 """
 
 from __future__ import annotations
@@ -52,6 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="default $GRADIO_SERVER_PORT or 7860")
     p.add_argument("--share", action="store_true", help="also open a temporary public gradio.live link")
     p.add_argument("--root-path", default=None, help="URL prefix when served behind a reverse proxy, e.g. /studio")
+    p.add_argument("--api-key", default=None,
+                   help="bearer key every /v1 route of the OpenAI-compatible API requires (default $STUDIO_API_KEY; "
+                        "unset: the API is open, like the page)")
     add_server_args(p)
     return p.parse_args(argv)
 
@@ -61,7 +69,8 @@ def options_from(args: argparse.Namespace) -> RuntimeOptions:
     return RuntimeOptions(data_dir=args.data_dir or base.data_dir, triton_url=args.triton_url,
                           checkpoints=args.checkpoints or base.checkpoints, demo_weights=args.demo_weights,
                           no_download=args.no_download, gpus=args.gpus, http_port=args.http_port,
-                          grpc_port=args.grpc_port, f5_model=args.f5_model, instances=args.instances)
+                          grpc_port=args.grpc_port, f5_model=args.f5_model, instances=args.instances,
+                          api_key=args.api_key or base.api_key)
 
 
 def _terminate(*_):
@@ -78,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     try:
         demo.launch(server_name=args.host, server_port=args.port, share=True if args.share else None,
-                    root_path=args.root_path, show_error=True, **launch_kwargs(runtime))
+                    root_path=args.root_path, show_error=True, **launch_kwargs(runtime, demo))
     except KeyboardInterrupt:
         pass
     finally:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from studio.api import api_routes
 from studio.ui_files import page_copy
 from studio.ui_generate import (GENDERS, LEVELS, InputProblem, clone_request, design_request, f5_params,
                                 read_text_file, run_generation, spark_params)
@@ -21,6 +22,7 @@ from studio.ui_qa import qa_tabs, rater_routes
 from studio.ui_runtime import FAMILIES, NotReady, StudioRuntime
 from studio.ui_views import (HISTORY_HEADERS, STATS_HEADERS, banner_html, history_rows, metrics_html,
                              model_note_html, server_md, stats_rows)
+from studio.slots import GENERATE_CONCURRENCY as SLOTS_CONCURRENCY
 from studio.voices import VOICE_SAMPLE_RATE, VoiceError
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -29,17 +31,9 @@ TITLE = "Voice Studio"
 POLL_STARTING_S, POLL_READY_S = 1.0, 5.0
 
 
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    if not raw.isdigit() or int(raw) < 1:
-        raise ValueError(f"{name} must be a whole number of at least 1, got {raw!r}")
-    return int(raw)
-
-
-#: Generations at once from this page (env STUDIO_CONCURRENCY); others wait in Gradio's queue.
-GENERATE_CONCURRENCY = _env_int("STUDIO_CONCURRENCY", 4)
+#: Generations at once (env STUDIO_CONCURRENCY), page and HTTP API together (studio/slots.py); further
+#: page requests wait in Gradio's queue.
+GENERATE_CONCURRENCY = SLOTS_CONCURRENCY
 #: Everything else (voices, history, status) is light; this many run at once per event.
 LIGHT_CONCURRENCY = 16
 MAX_QUEUE = 256
@@ -98,11 +92,12 @@ class OutputPanel:
     download: gr.DownloadButton
     record: gr.State
     seed: gr.State
+    figures: gr.JSON  # hidden: the metrics as data, for gradio_client callers of /clone and /create_voice
 
     @property
     def outputs(self) -> list:
         """What a generation returns at once; the picture follows in a second step (it takes ~0.3 s)."""
-        return [self.audio, self.metrics, self.download, self.record, self.seed]
+        return [self.audio, self.metrics, self.download, self.record, self.seed, self.figures]
 
 
 def output_panel(key: str) -> OutputPanel:
@@ -115,7 +110,8 @@ def output_panel(key: str) -> OutputPanel:
     with gr.Row():
         fmt = gr.Radio(list(FORMATS), value="wav", label="Download as", elem_id=f"{key}-format", scale=2)
         download = gr.DownloadButton("Download", visible=False, elem_id=f"{key}-download", scale=1)
-    return OutputPanel(player, audio, metrics, picture, fmt, download, gr.State(None), gr.State(None))
+    figures = gr.JSON(visible=False, elem_id=f"{key}-figures")
+    return OutputPanel(player, audio, metrics, picture, fmt, download, gr.State(None), gr.State(None), figures)
 
 
 # --- handlers: plain functions over the runtime ---------------------------------------------------
@@ -140,7 +136,7 @@ class Handlers:
 
             self.rt.start(RuntimeOptions.from_env())
         self._attach_to_launched_app()
-        return (*self.tick("f5"), *self.voice_views(), *self.history_view())
+        return (*self.tick("f5"), *self.voice_views(), *self.history_view(), storage_note_md(self.rt))
 
     def _attach_to_launched_app(self) -> None:
         """When something other than `app.main()` launched the page (Gradio's reload mode swaps in a
@@ -156,7 +152,8 @@ class Handlers:
                 demo.allowed_paths.append(path)
         app = getattr(demo, "app", None)
         if app is not None and not any(getattr(r, "path", "").startswith(ROUTE_PREFIX) for r in app.router.routes):
-            app.router.routes[0:0] = self.rt.jobs.routes() + rater_routes(self.rt)
+            app.router.routes[0:0] = (self.rt.jobs.routes() + rater_routes(self.rt) + api_routes(self.rt)
+                                      + private_call_routes(demo))
 
     def tick(self, model: str):
         st = self.rt.status()
@@ -176,7 +173,7 @@ class Handlers:
                 job.finish("cancelled", "stopped before it started")
                 gr.Info("Stopped before the generation started.")
                 return (None, metrics_html({}, seed=None, demo=None, mode="offline", status="cancelled"),
-                        gr.DownloadButton(visible=False), None, None)
+                        gr.DownloadButton(visible=False), None, None, {"status": "cancelled"})
             req = build()
             for w in req.warnings:
                 gr.Warning(w)
@@ -201,7 +198,10 @@ class Handlers:
         seed = rec.get("seed")
         html = metrics_html(outcome.metrics, seed=seed, demo=rec.get("demo_weights"), mode=rec["mode"],
                             status=outcome.status, job=job.id, notes=(rec.get("info") or {}).get("notes"))
-        return (audio_path, html, self.download_button(rec, fmt), rec["id"], seed)
+        figures = {"status": outcome.status, "id": rec["id"], "model": rec["model"], "mode": rec["mode"],
+                   "seed": seed, "demo_weights": rec.get("demo_weights"), "sample_rate": outcome.sample_rate,
+                   "metrics": outcome.metrics, "notes": (rec.get("info") or {}).get("notes") or []}
+        return (audio_path, html, self.download_button(rec, fmt), rec["id"], seed, figures)
 
     def picture(self, record_id):
         """Waveform + spectrogram of a history record's audio (drawn once, kept under history/plots/)."""
@@ -413,6 +413,7 @@ def build_demo(rt: StudioRuntime, *, autostart: bool = True) -> gr.Blocks:
         gr.Markdown(f"# {TITLE}\nClone a voice from a short prompt clip with **F5-TTS** or **Spark-TTS**, served by "
                     "NVIDIA Triton. Every generation shows its latency, first-chunk latency and real-time factor.")
         banner = gr.HTML(banner_html(rt.status()), elem_id="studio-banner")
+        storage = gr.Markdown(storage_note_md(rt), elem_id="studio-storage-note")
         timer = gr.Timer(POLL_STARTING_S)
         with gr.Tabs(selected="clone", elem_id="studio-tabs") as tabs:
             # ---- Clone --------------------------------------------------------------------------
@@ -555,8 +556,8 @@ def build_demo(rt: StudioRuntime, *, autostart: bool = True) -> gr.Blocks:
         voice_outs = [v_table, v_sel, voice_pick]
         hist_outs = [hist_plot, hist_table, hist_ids]
         demo.load(None, js=page_js())
-        demo.load(h.on_load, inputs=None, outputs=[banner, model_note, d_note, timer, *voice_outs, *hist_outs],
-                  **quiet)
+        demo.load(h.on_load, inputs=None, outputs=[banner, model_note, d_note, timer, *voice_outs, *hist_outs,
+                                                   storage], **quiet)
         timer.tick(h.tick, inputs=[model], outputs=[banner, model_note, d_note, timer], concurrency_limit=None,
                    show_progress="hidden", api_visibility="private")
         model.change(h.model_changed, inputs=[model], outputs=[model_note, f5_group, spark_group], **quiet)
@@ -611,6 +612,40 @@ def wire_generation(h: Handlers, key: str, generate: gr.Button, stop: gr.Button,
     stop.click(h.stop, inputs=[job], outputs=None, js=stop_js(key), concurrency_limit=None, api_visibility="private")
 
 
-def launch_kwargs(rt: StudioRuntime) -> dict:
-    """What `demo.launch()` needs besides host/port: the streaming routes and the folders it may serve."""
-    return {"app_kwargs": {"routes": rt.jobs.routes() + rater_routes(rt)}, "allowed_paths": rt.allowed_paths()}
+def storage_note_md(rt: StudioRuntime) -> str:
+    """On a Hugging Face Space without persistent storage: say that voices and history will not last."""
+    from studio.config import ephemeral_storage_note
+
+    note = ephemeral_storage_note(rt.options.data_dir)
+    return f"**Storage:** {note}" if note else ""
+
+
+def private_call_routes(demo: gr.Blocks) -> list:
+    """Routes that refuse Gradio's by-name calls (`/gradio_api/call/NAME`) of the page's private events.
+
+    Gradio hides private events (voice save, rename and delete, status polling, ...) from its API page
+    and from gradio_client, but still runs them when POSTed to `/gradio_api/call/NAME`. These routes
+    come before Gradio's own, so such a call gets 404; the page itself reaches its events through the
+    queue by index, as before. Voices are managed over HTTP through `/v1/audio/voices` (studio/api.py,
+    under the API key when one is set)."""
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    async def refuse(request):
+        name = request.url.path.rstrip("/").rsplit("/", 1)[-1]
+        return JSONResponse({"error": f"{name!r} is not part of this page's API; /gradio_api/info lists the "
+                                      "public endpoints"}, status_code=404)
+
+    names = sorted({f.api_name for f in demo.fns.values()
+                    if isinstance(f.api_name, str) and f.api_visibility == "private"})
+    paths = [f"/gradio_api/call{v2}/{name}{slash}" for name in names for v2 in ("", "/v2") for slash in ("", "/")]
+    return [Route(path, refuse, methods=["POST"]) for path in paths]
+
+
+def launch_kwargs(rt: StudioRuntime, demo: gr.Blocks | None = None) -> dict:
+    """What `demo.launch()` needs besides host/port: the streaming and rater routes, the OpenAI-compatible
+    API (studio/api.py), the refusal of by-name calls to private events, and the folders it may serve."""
+    routes = rt.jobs.routes() + rater_routes(rt) + api_routes(rt)
+    if demo is not None:
+        routes += private_call_routes(demo)
+    return {"app_kwargs": {"routes": routes}, "allowed_paths": rt.allowed_paths()}

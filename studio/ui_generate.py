@@ -9,6 +9,7 @@ first-sound report, and appends the history row.
 
 from __future__ import annotations
 
+import time
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -283,8 +284,16 @@ def run_generation(rt: StudioRuntime, job: Job, req: GenerationRequest) -> Gener
 
     prompt_rate = sr if req.ref_audio is not None else None
     try:
-        result = client.synthesize(req.model, req.text, req.ref_audio, req.ref_text, stream=req.stream,
-                                   params=req.params, on_chunk=on_chunk, cancel=job.cancel)
+        # One slot of the process's STUDIO_CONCURRENCY, shared with the HTTP API (studio/slots.py);
+        # Stop while waiting for it ends the generation before it reaches the server.
+        if not rt.slots.acquire(cancel=job.cancel):
+            raise GenerationCancelled("stopped while waiting for a free generation slot")
+        held_from = time.monotonic()
+        try:
+            result = client.synthesize(req.model, req.text, req.ref_audio, req.ref_text, stream=req.stream,
+                                       params=req.params, on_chunk=on_chunk, cancel=job.cancel)
+        finally:
+            rt.slots.release(time.monotonic() - held_from)
     except GenerationCancelled:
         audio = np.concatenate(received) if received else np.zeros(0, np.float32)
         job.finish("cancelled", "stopped")

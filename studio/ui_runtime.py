@@ -17,6 +17,7 @@ from pathlib import Path
 
 from studio.config import WEIGHTS_LICENCE, default_checkpoints_dir, default_data_dir
 from studio.history import HistoryStore
+from studio.slots import GenerationSlots
 from studio.ui_stream import Job, JobRegistry
 from studio.voices import SAMPLES_DIR, VoiceLibrary
 
@@ -41,6 +42,8 @@ class RuntimeOptions:
     grpc_port: int | None = None
     f5_model: str = "F5TTS_v1_Base"
     instances: int | None = None            # front-end model instances (requests served at once)
+    #: Bearer key every /v1 route of the HTTP API requires (None: the API is open, like the page).
+    api_key: str | None = field(default_factory=lambda: os.environ.get("STUDIO_API_KEY") or None)
 
     @classmethod
     def from_env(cls) -> "RuntimeOptions":
@@ -76,6 +79,8 @@ class StudioRuntime:
         self._seen_demo: dict[str, bool] = {}  # external servers: learnt from each answer's info
         self._last_log = ""  # the embedded server's latest progress line (downloads, model loading)
         self.jobs = JobRegistry(on_played=self._late_first_sound)
+        #: STUDIO_CONCURRENCY generations at once, shared by the page and the HTTP API.
+        self.slots = GenerationSlots()
         self._stores()
 
     def _stores(self) -> None:
