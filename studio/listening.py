@@ -21,7 +21,8 @@ even a WAV header tells two systems apart.
 Rules the server enforces (not only the page):
 
 - a clip counts as played when the audio route has served it to this rater and the page then
-  reports the player's `ended` event for it; SMOS's sample counts only after the prompt was played;
+  reports the player's `ended` event for it, no sooner than the clip's length after the first fetch;
+  SMOS's sample counts only after the prompt was played;
 - an answer needs every clip of its item played, lies in range, belongs to the rater's own items;
 - **answers are final**: answering an item twice is refused (HTTP 409) and the first answer stays.
   The page always shows the rater's first unanswered item, so a rater who leaves and comes back
@@ -39,6 +40,7 @@ import json
 import random
 import secrets
 import sqlite3
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,8 +79,8 @@ CREATE TABLE rater_items (
     row_id      TEXT NOT NULL,
     system_a    TEXT NOT NULL,                   -- MOS/SMOS: the system heard; A/B: the one heard as A
     system_b    TEXT,                            -- A/B: the one heard as B
-    fetched_ref TEXT, fetched_a TEXT, fetched_b TEXT,  -- when the audio route served each clip
-    played_ref  TEXT, played_a TEXT, played_b TEXT,    -- when the player reported each clip's end
+    fetched_ref REAL, fetched_a REAL, fetched_b REAL,  -- when the audio route first served each clip (unix s)
+    played_ref  TEXT, played_a TEXT, played_b TEXT,    -- when the player reported each clip's end (UTC)
     UNIQUE (rater_id, position)
 );
 CREATE INDEX rater_items_unit ON rater_items(row_id, system_a, system_b);
@@ -106,6 +108,9 @@ MAX_ITEMS_PER_RATER = 500
 MAX_RATERS_AT_ONCE = 200
 #: secrets.token_urlsafe sizes (bytes of randomness): 128 bits for links, 96 for item ids.
 TOKEN_BYTES, ITEM_ID_BYTES = 16, 12
+#: An `ended` report may come this much sooner after the clip's first fetch than the clip is long (s):
+#: timer granularity and the player's start-up, never a real skip.
+EARLY_END_TOLERANCE_S = 0.25
 #: Every clip is served at one rate and level, whatever the system made, so neither the WAV header
 #: (F5 writes 24 kHz, Spark 16 kHz) nor loudness tells systems apart. 24 kHz loses nothing of either.
 SERVE_RATE = 24000
@@ -215,11 +220,12 @@ def run_systems(store: Store, run_id: int) -> list[str]:
     return list(from_json(row["systems"], []))
 
 
-def done_outputs(store: Store, run_id: int) -> dict[str, set[str]]:
-    """system -> row ids whose output finished with audio."""
+def done_outputs(conn: sqlite3.Connection, run_id: int) -> dict[str, set[str]]:
+    """system -> row ids whose output finished with audio (`conn`: a store's connection, in or out of a
+    transaction)."""
     out: dict[str, set[str]] = {}
-    for r in store.query("SELECT system, row_id FROM batch_outputs WHERE run_id = ? AND status = 'done' "
-                         "AND audio_path IS NOT NULL", (int(run_id),)):
+    for r in conn.execute("SELECT system, row_id FROM batch_outputs WHERE run_id = ? AND status = 'done' "
+                          "AND audio_path IS NOT NULL", (int(run_id),)):
         out.setdefault(r["system"], set()).add(r["row_id"])
     return out
 
@@ -300,7 +306,7 @@ def create_session(store: Store, *, name: str, kind: str, run_id: int, systems: 
         raise ListeningError(f"Items per rater must be between 1 and {MAX_ITEMS_PER_RATER}.")
     if not 0 <= raters <= MAX_RATERS_AT_ONCE:
         raise ListeningError(f"Make between 0 and {MAX_RATERS_AT_ONCE} rater links at once.")
-    units = units_of(kind, systems, done_outputs(store, run_id))
+    units = units_of(kind, systems, done_outputs(store.connection(), run_id))
     if not units:
         raise ListeningError("Nothing to rate: no row has finished audio for " +
                              ("every pair of the chosen systems." if kind == "ab" else "the chosen systems."))
@@ -341,7 +347,7 @@ def _add_rater(db: sqlite3.Connection, session_id: int, via: str, label: str | N
     balances against cannot change underneath it (BEGIN IMMEDIATE holds the write lock)."""
     rng = rng or random.SystemRandom()
     s = _session(db.execute("SELECT * FROM listening_sessions WHERE id = ?", (session_id,)).fetchone())
-    units = units_of(s.kind, list(s.systems), _done_in(db, s.run_id))
+    units = units_of(s.kind, list(s.systems), done_outputs(db, s.run_id))
     if not units:
         raise ListeningError("This session has nothing left to rate (its batch outputs are gone).")
     uses: dict[tuple, int] = {}
@@ -377,14 +383,6 @@ def _add_rater(db: sqlite3.Connection, session_id: int, via: str, label: str | N
     return Rater(rater_id, session_id, token, slot, label)
 
 
-def _done_in(db: sqlite3.Connection, run_id: int) -> dict[str, set[str]]:
-    out: dict[str, set[str]] = {}
-    for r in db.execute("SELECT system, row_id FROM batch_outputs WHERE run_id = ? AND status = 'done' "
-                        "AND audio_path IS NOT NULL", (run_id,)):
-        out.setdefault(r["system"], set()).add(r["row_id"])
-    return out
-
-
 def _unit_key(s: Session, row_id: str, a: str, b: str | None) -> tuple[str, tuple[str, ...]]:
     """An item's unit: for A/B the pair in the session's system order, whichever side each was on."""
     if b is None:
@@ -394,15 +392,16 @@ def _unit_key(s: Session, row_id: str, a: str, b: str | None) -> tuple[str, tupl
 
 
 # --- the rater's side ------------------------------------------------------------------------------------
-def _rater(db_or_store, token: str) -> tuple[sqlite3.Row, Session]:
-    """The rater row and their session, or UnknownLink."""
+def _rater(store: Store, token: str) -> tuple[sqlite3.Row, Session]:
+    """The rater row and their session, or UnknownLink (read on this thread's connection, so inside a
+    transaction it sees that transaction's state)."""
     if not isinstance(token, str) or not token or len(token) > 64:
         raise UnknownLink("This listening-test link is not valid. Ask the organiser for a new one.")
-    q = db_or_store.execute if isinstance(db_or_store, sqlite3.Connection) else db_or_store.connection().execute
-    rater = q("SELECT * FROM raters WHERE token = ?", (token,)).fetchone()
+    db = store.connection()
+    rater = db.execute("SELECT * FROM raters WHERE token = ?", (token,)).fetchone()
     if rater is None:
         raise UnknownLink("This listening-test link is not valid. Ask the organiser for a new one.")
-    session = _session(q("SELECT * FROM listening_sessions WHERE id = ?", (rater["session_id"],)).fetchone())
+    session = _session(db.execute("SELECT * FROM listening_sessions WHERE id = ?", (rater["session_id"],)).fetchone())
     return rater, session
 
 
@@ -448,27 +447,47 @@ def clip_file(store: Store, token: str, item_id: str, clip: str) -> Path:
             system = item["system_a"] if clip == "a" else item["system_b"]
             path = output_file(store, s.run_id, system, item["row_id"])
         db.execute(f"UPDATE rater_items SET fetched_{clip} = COALESCE(fetched_{clip}, ?) WHERE id = ?",
-                   (utc_now(), item["id"]))
+                   (time.time(), item["id"]))
     return path
 
 
 def record_played(store: Store, token: str, item_id: str, clip: str) -> frozenset[str]:
     """The page's report that a clip played to its end; returns the item's played clips.
 
-    Refused unless the clip's audio was served to this rater first, and (SMOS) unless the prompt
-    clip was played before the sample."""
+    Refused unless the clip's audio was served to this rater at least the clip's length earlier (an
+    `ended` report sooner than that cannot come from listening), and (SMOS) unless the prompt clip
+    was played before the sample."""
     rater, s = _rater(store, token)
     _check_clip_name(s.kind, clip)
     with store.transaction() as db:
         item = _item(db, rater["id"], item_id)
-        if not item[f"fetched_{clip}"]:
+        fetched = item[f"fetched_{clip}"]
+        if fetched is None:
             raise NotPlayed("That clip has not been loaded yet: press its play button and listen to the end.")
         if s.kind == "smos" and clip == "a" and not item["played_ref"]:
             raise NotPlayed("Listen to the reference voice first, then to the sample.")
+        if not item[f"played_{clip}"]:
+            seconds = _clip_seconds(store, s, item, clip)
+            if time.time() - fetched < seconds - EARLY_END_TOLERANCE_S:
+                raise NotPlayed("That clip has not played to its end yet: listen to all of it.")
         db.execute(f"UPDATE rater_items SET played_{clip} = COALESCE(played_{clip}, ?) WHERE id = ?",
                    (utc_now(), item["id"]))
         item = _item(db, rater["id"], item_id)
     return _played(item, s.kind)
+
+
+def _clip_seconds(store: Store, s: Session, item: sqlite3.Row, clip: str) -> float:
+    """Length of one clip of an item (from the file's header)."""
+    import soundfile as sf
+
+    if clip == "ref":
+        path = prompt_file(store, s.run_id, item["row_id"])
+    else:
+        path = output_file(store, s.run_id, item["system_a" if clip == "a" else "system_b"], item["row_id"])
+    try:
+        return float(sf.info(str(path)).duration)
+    except (RuntimeError, sf.LibsndfileError):
+        return 0.0  # a format libsndfile cannot measure: the fetch-then-ended rule still holds
 
 
 def parse_answer(kind: str, choice=None, score=None, reason=None) -> tuple[str | None, int | None, str | None]:

@@ -270,7 +270,7 @@ class QAHandlers:
         run = store.query_one("SELECT id FROM batch_runs WHERE name = ?", (run_name,))
         if run is None:
             return gr.CheckboxGroup(choices=[], value=[])
-        done = listening.done_outputs(store, run["id"])
+        done = listening.done_outputs(store.connection(), run["id"])
         specs = listening.run_systems(store, run["id"])
         choices = [(f"{s} ({len(done.get(s, ()))} outputs)", s) for s in specs]
         return gr.CheckboxGroup(choices=choices, value=[s for s in specs if done.get(s)])

@@ -63,6 +63,13 @@ def make_run(store, name: str = "run1", systems: dict = SYSTEMS, rows=ROWS, fail
     return run_id
 
 
+@pytest.fixture(autouse=True)
+def instant_playback(monkeypatch):
+    """Tests play clips by calling the routes back to back; the rule that an `ended` report cannot come
+    sooner than the clip's length after its fetch has its own test (test_ended_too_soon_is_refused)."""
+    monkeypatch.setattr(listening, "EARLY_END_TOLERANCE_S", 1e9)
+
+
 @pytest.fixture()
 def store(tmp_path):
     return open_store(tmp_path / "data")
@@ -209,6 +216,19 @@ def test_rules_the_server_enforces(store, run_id):
     assert [r["score"] for r in store.query("SELECT score FROM answers")] == [4], "the first answer stays"
     with pytest.raises(listening.UnknownItem):
         listening.submit_answer(store, t2, item.id, score=2)  # rater 2 answering rater 1's item
+
+
+def test_ended_too_soon_is_refused(store, run_id, monkeypatch):
+    monkeypatch.setattr(listening, "EARLY_END_TOLERANCE_S", 0.05)
+    s = new_session(store, run_id, "mos", raters=1)
+    (t,) = tokens(store, s)
+    item = listening.rater_view(store, t).item
+    listening.clip_file(store, t, item.id, "a")
+    with pytest.raises(listening.NotPlayed, match="not played to its end"):
+        listening.record_played(store, t, item.id, "a")  # at once: no player gets through 0.3 s that fast
+    time.sleep(CLIP_S)
+    assert listening.record_played(store, t, item.id, "a") == {"a"}
+    assert listening.submit_answer(store, t, item.id, score=3).answered == 1
 
 
 def test_ab_choices_and_resume(store, run_id):

@@ -49,6 +49,11 @@ def wait_for(job, timeout_s=60):
     assert not job.running, "the batch did not finish"
 
 
+@pytest.fixture(autouse=True)
+def instant_playback(monkeypatch):
+    monkeypatch.setattr(listening, "EARLY_END_TOLERANCE_S", 1e9)  # clips "played" back to back
+
+
 @pytest.fixture()
 def q(tmp_path):
     return QAHandlers(FakeRuntime(tmp_path / "data", BatchFakeClient(chunks=1, chunk_s=0.3, delay_s=0.01)))
