@@ -214,7 +214,10 @@ def session_by_join_token(store: Store, join_token: str) -> Session:
 # --- what can be rated --------------------------------------------------------------------------------
 def run_systems(store: Store, run_id: int) -> list[str]:
     """The run's systems in its own order (those the run was asked to make)."""
-    row = store.query_one("SELECT systems FROM batch_runs WHERE id = ?", (int(run_id),))
+    try:
+        row = store.query_one("SELECT systems FROM batch_runs WHERE id = ?", (int(run_id),))
+    except (TypeError, ValueError):
+        row = None
     if row is None:
         raise ListeningError(f"there is no batch run with id {run_id}")
     return list(from_json(row["systems"], []))

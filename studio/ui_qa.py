@@ -19,7 +19,6 @@ import html
 import shutil
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import gradio as gr
@@ -50,19 +49,9 @@ def esc(value) -> str:
     return html.escape(str(value), quote=True)
 
 
-@dataclass
-class BatchJob:
-    """One run started from this page, running in its own thread."""
-
-    name: str
-    stop: threading.Event = field(default_factory=threading.Event)
-    progress: dict = field(default_factory=dict)
-    error: str | None = None
-    thread: threading.Thread | None = None
-
-    @property
-    def running(self) -> bool:
-        return self.thread is not None and self.thread.is_alive()
+def running(job) -> bool:
+    """Whether a `studio.batch.BatchJob` still has its thread going."""
+    return job is not None and job.thread.is_alive()
 
 
 class QAHandlers:
@@ -70,7 +59,7 @@ class QAHandlers:
 
     def __init__(self, rt):
         self.rt = rt
-        self.jobs: dict[str, BatchJob] = {}
+        self.jobs: dict = {}  # run name -> studio.batch.BatchJob started from this page
         self._lock = threading.Lock()
 
     def store(self):
@@ -84,7 +73,7 @@ class QAHandlers:
 
     def start_batch(self, file, pasted, systems_text, name, concurrency):
         """Check everything, create (or resume) the run, start it in a thread; returns the run's name."""
-        from studio.batch import BatchInputError, parse_test_set, prepare_run, read_test_set
+        from studio.batch import BatchInputError, BatchJob, parse_test_set, prepare_run, read_test_set
 
         systems = [line.strip() for line in (systems_text or "").splitlines() if line.strip()]
         try:
@@ -95,9 +84,8 @@ class QAHandlers:
             else:
                 test_set = None  # resume an existing run by name
             with self._lock:
-                job = self.jobs.get((name or "").strip())
-                if job is not None and job.running:
-                    raise BatchInputError(f"run {job.name!r} is running already; wait for it or stop it")
+                if running(self.jobs.get((name or "").strip())):
+                    raise BatchInputError(f"run {name.strip()!r} is running already; wait for it or stop it")
             run = prepare_run(self.store(), name, test_set, systems, self.rt.voices, concurrency=int(concurrency))
         except BatchInputError as exc:
             raise user_error(str(exc), "Cannot start the batch") from None
@@ -113,30 +101,15 @@ class QAHandlers:
                 client = self.rt.client()
             except NotReady as exc:
                 raise user_error(str(exc), "Cannot start the batch") from None
-        job = BatchJob(run.name)
-        job.thread = threading.Thread(target=self._run, args=(job, run, client), name=f"batch-{run.run_id}",
-                                      daemon=True)
         with self._lock:
-            self.jobs[run.name] = job
-        job.thread.start()
+            self.jobs[run.name] = BatchJob(self.store(), run, client, voices=self.rt.voices).start()
         return run.name
-
-    def _run(self, job: BatchJob, run, client) -> None:
-        from studio.batch import run_batch
-
-        def on_progress(p):
-            job.progress = p.as_dict()
-
-        try:
-            run_batch(self.store(), run, client, on_progress=on_progress, voices=self.rt.voices, stop=job.stop)
-        except Exception as exc:  # noqa: BLE001 - shown in the progress box instead of lost in a thread
-            job.error = f"{type(exc).__name__}: {exc}"
 
     def stop_batch(self, name):
         job = self.jobs.get(name or "")
-        if job is None or not job.running:
+        if not running(job):
             raise user_error("No run started from this page is running.")
-        job.stop.set()
+        job.stop()
         gr.Info("Stopping after the outputs in flight; start the same run name again to resume.")
 
     def progress_html(self, name) -> str:
@@ -150,16 +123,16 @@ class QAHandlers:
         except KeyError:
             return f"<p>No run called {esc(name)}.</p>"
         job = self.jobs.get(name)
-        p = job.progress if job else {}
+        p = job.progress() if job else {}
         total = len(summary["systems"]) * summary["rows"]
         done = sum(c["done"] for c in summary["systems"].values())
         failed = sum(c["failed"] for c in summary["systems"].values())
-        status = summary["status"] if not (job and job.running) else "running"
+        status = "running" if running(job) else summary["status"]
         eta = p.get("eta_s")
         head = (f'<div id="batch-state" data-status="{esc(status)}" data-done="{done}" data-total="{total}" '
                 f'data-failed="{failed}"><b>{esc(name)}</b>: {esc(status)}. {done}/{total} outputs done '
                 f"({summary['rows']} rows x {len(summary['systems'])} systems), {failed} failed")
-        if job and job.running and eta is not None:
+        if running(job) and eta is not None:
             head += f", about {eta:.0f} s left"
         if p.get("elapsed_s") is not None and job:
             head += f", {p['elapsed_s']:.0f} s elapsed"
@@ -184,8 +157,7 @@ class QAHandlers:
     def batch_tick(self, name, shown):
         """Progress while the run goes; when it ends, polling stops and the outputs table (if it shows this
         run) is refreshed once. While it runs the table is left alone: Refresh redraws it on demand."""
-        job = self.jobs.get(name or "")
-        if job is not None and job.running:
+        if running(self.jobs.get(name or "")):
             return self.progress_html(name), gr.Timer(active=True), gr.skip(), gr.skip()
         table, rows = (self.outputs_view(shown)[:2] if shown and shown == name else (gr.skip(), gr.skip()))
         return self.progress_html(name), gr.Timer(active=False), table, rows

@@ -44,9 +44,9 @@ def path_of(update) -> str:
 
 def wait_for(job, timeout_s=60):
     deadline = time.monotonic() + timeout_s
-    while job.running and time.monotonic() < deadline:
+    while job.thread.is_alive() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not job.running, "the batch did not finish"
+    assert not job.thread.is_alive(), "the batch did not finish"
 
 
 @pytest.fixture(autouse=True)
