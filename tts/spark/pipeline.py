@@ -82,8 +82,13 @@ class SparkPipeline:
     def __init__(self, model_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                  demo_weights: bool = False, max_batch_size: int = DEFAULT_MAX_BATCH,
                  max_seq_len: int = DEFAULT_MAX_SEQ_LEN, prompt_cache_size: int = PROMPT_CACHE_SIZE,
-                 max_segment_weight: int = MAX_SEGMENT_WEIGHT, cuda_graphs: bool | None = None):
+                 max_segment_weight: int = MAX_SEGMENT_WEIGHT, cuda_graphs: bool | None = None,
+                 llm_transport=None):
+        """llm_transport: None runs the LLM here (the torch runtime); else the `trtllm` runtime's
+        transport to a TensorRT-LLM model (`tts.spark.trtllm`): the LLM is not loaded, and
+        `new_batch` decodes through it. Everything else is the same code in both runtimes."""
         self.device = torch.device(device)
+        self.llm_transport = llm_transport
         self.config = load_spark_config(model_dir)
         self.model_dir = self.config.model_dir
         self.demo_weights = demo_weights
@@ -93,9 +98,10 @@ class SparkPipeline:
         eos = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
         self.tokenizer = SparkTokenizer(self.config.llm_dir, eos)
         self.codec = SparkAudioTokenizer(self.model_dir, self.device, self.config.top)
-        self.llm = load_llm(self.config.llm_dir, self.device, dtype)
-        if self.llm.lm_head.weight.shape[0] < self.tokenizer.vocab_size:
-            raise ValueError(f"{self.config.llm_dir}: the LLM has {self.llm.lm_head.weight.shape[0]} output rows "
+        self.llm = load_llm(self.config.llm_dir, self.device, dtype) if llm_transport is None else None
+        rows = self.llm.lm_head.weight.shape[0] if self.llm is not None else self.config.llm.vocab_size
+        if rows < self.tokenizer.vocab_size:
+            raise ValueError(f"{self.config.llm_dir}: the LLM has {rows} output rows "
                              f"but its tokenizer {self.tokenizer.vocab_size} tokens")
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self.max_segment_weight = max_segment_weight
@@ -144,6 +150,10 @@ class SparkPipeline:
 
     def new_batch(self, max_batch: int, max_seq_len: int):
         """A DecodeBatch on this pipeline's LLM (CUDA graphs on CUDA unless `cuda_graphs=False`)."""
+        if self.llm_transport is not None:
+            from tts.spark.trtllm import TrtllmBatch
+
+            return TrtllmBatch(self.llm_transport, max_batch, max_seq_len)
         from tts.spark.decode import DecodeBatch
 
         return DecodeBatch(self.llm, max_batch, max_seq_len, self.cuda_graphs)

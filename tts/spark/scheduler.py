@@ -54,6 +54,12 @@ class Scheduler:
         """One decode step for every running sequence (no-op when none)."""
         t0 = time.perf_counter()
         results = self.batch.step()
+        # the trtllm runtime's batch reports sequences whose server-side stream failed
+        for seq, exc in getattr(self.batch, "take_failures", list)():
+            state = seq.tag
+            if state.request_id in self.states:
+                self.cancel(state.request_id)
+                self.fail(state, exc)
         if not results:
             return
         dt_ms = (time.perf_counter() - t0) * 1000
