@@ -13,15 +13,15 @@ Importing this module starts nothing: it only builds the module-level `demo` (Hu
 and tools that look for `demo` import it). Two ways to serve it:
 
 - `python app.py` (the supported way, also what Spaces runs): starts the server, then launches the
-  page with the streaming player's routes (`studio/ui_stream.py`) and the data folder's voices and
-  history allowed for download.
+  page with the streaming player's routes (`studio/ui_stream.py`) and the listening-test rater routes
+  (`studio/qa_routes.py`); the data folder itself is never served (the page gets cache copies).
 - `gradio app.py [-- FLAGS]` (Gradio's auto-reload for development): Gradio runs this file with the
   flags, so `main()` starts everything as above; on each reload Gradio re-executes the file in a
   watcher thread, where `main()` does nothing and the process's one runtime (and server) is reused.
 - Anything that launches `demo` without `main()` (e.g. `demo.launch()` from another script): the
   first page load starts the server, configured from the environment (STUDIO_DATA_DIR,
   STUDIO_TRITON_URL, STUDIO_CHECKPOINTS, STUDIO_DEMO_WEIGHTS=1, STUDIO_NO_DOWNLOAD=1), and adds the
-  player's routes and the data folders to the running app.
+  player's and raters' routes to the running app.
 
 Generations at once: STUDIO_CONCURRENCY (default 4), page and API together; further page requests wait in
 Gradio's queue, API requests wait while fewer than STUDIO_API_QUEUE (default 16) do, else get 429.
