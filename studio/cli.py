@@ -1,4 +1,4 @@
-"""Command line: `python -m studio synth|serve|download|make-demo-weights|bench|batch|results`."""
+"""Command line: `python -m studio synth|serve|download|make-demo-weights|bench|batch|results|script`."""
 
 from __future__ import annotations
 
@@ -339,6 +339,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder for NAME.json, csv/ and plot.png (default ./NAME-results)")
     p.add_argument("--data-dir", type=Path, default=None, help="default: $STUDIO_DATA_DIR or ~/.cache/voice-studio")
     p.set_defaults(func=cmd_results)
+
+    from studio.script_cli import add_script_parser  # multi-voice scripts
+
+    add_script_parser(sub, add_server_args)
 
     p = sub.add_parser("bench", help="benchmark a model through Triton")
     try:

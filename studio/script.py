@@ -517,7 +517,7 @@ def _segment_metrics(result, ready_s: float, sent_s: float, norm: dict, audio_s:
 def generate_script(plan: ScriptPlan, client, voices, *, stream: bool = False,
                     concurrency: int = DEFAULT_CONCURRENCY, cancel: threading.Event | None = None,
                     on_segment: Callable[[SegmentOutcome, np.ndarray], None] | None = None,
-                    slots=None, target_lufs: float = TARGET_LUFS, timeout_s: float = 600) -> ScriptResult:
+                    slots=None, target_lufs: float = TARGET_LUFS) -> ScriptResult:
     """Generate every segment of `plan` through `client` (a StudioClient) and join them in order.
 
     Up to `concurrency` requests run at once, dispatched in script order; a created voice's later
@@ -552,7 +552,7 @@ def generate_script(plan: ScriptPlan, client, voices, *, stream: bool = False,
         sent_s = time.perf_counter() - t0
         try:
             result = client.synthesize(family, segment.text, ref_audio, ref_text, stream=stream, params=params,
-                                       cancel=stop, timeout_s=timeout_s)
+                                       cancel=stop)
         except SynthesisError as exc:
             raise ScriptError([(segment.line, f"segment {segment.index} ({segment.voice.label}) failed on the "
                                               f"server: {exc}")]) from None

@@ -1,4 +1,4 @@
-"""The studio page (Gradio Blocks): Clone, Voice creation, Voices, History, Batch, Listening test and Server tabs.
+"""The studio page (Gradio Blocks): Clone, Voice creation, Voices, History, Script, Batch, Listening test and Server tabs.
 
 `build_demo(runtime)` lays the page out and wires plain handler functions to one `StudioRuntime`.
 Generated audio plays through the page's own Web Audio player (`studio/static/player.js`), fed by
@@ -19,6 +19,7 @@ from studio.ui_files import page_copy
 from studio.ui_generate import (GENDERS, LEVELS, InputProblem, clone_request, design_request, f5_params,
                                 read_text_file, run_generation, spark_params)
 from studio.ui_qa import qa_tabs, rater_routes
+from studio.ui_script import script_tab
 from studio.ui_runtime import FAMILIES, NotReady, StudioRuntime
 from studio.ui_views import (HISTORY_HEADERS, STATS_HEADERS, banner_html, history_rows, metrics_html,
                              model_note_html, server_md, stats_rows)
@@ -110,7 +111,7 @@ def output_panel(key: str) -> OutputPanel:
     with gr.Row():
         fmt = gr.Radio(list(FORMATS), value="wav", label="Download as", elem_id=f"{key}-format", scale=2)
         download = gr.DownloadButton("Download", visible=False, elem_id=f"{key}-download", scale=1)
-    figures = gr.JSON(visible=False, elem_id=f"{key}-figures")
+    figures = gr.JSON(label="Metrics (JSON)", visible=False, elem_id=f"{key}-figures")
     return OutputPanel(player, audio, metrics, picture, fmt, download, gr.State(None), gr.State(None), figures)
 
 
@@ -539,6 +540,8 @@ def build_demo(rt: StudioRuntime, *, autostart: bool = True) -> gr.Blocks:
                             hist_dl = gr.DownloadButton("Download", visible=False, elem_id="history-download")
                         hist_record = gr.State(None)
                     hist_detail = gr.JSON(label="Inputs, parameters and metrics", elem_id="history-detail")
+            # ---- Script: multi-voice dialogues and narrations (studio/ui_script.py) ---------------
+            script_tab(rt, [hist_plot, hist_table, hist_ids], h.history_view)
             # ---- Batch and Listening test (studio/ui_qa.py) --------------------------------------
             qa_tabs(rt)
             # ---- Server -------------------------------------------------------------------------

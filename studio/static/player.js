@@ -12,6 +12,7 @@
   if (window.studioPlayer) return;
   const HEADER = 5;                       // 1 byte type + uint32 LE length
   const T_AUDIO = 65, T_META = 77, T_END = 69;  // 'A' 'M' 'E' ('K' keep-alives are ignored)
+  const T_SEGMENT = 83;                   // 'S': a script segment's line, just before its audio
   const LEAD_S = 0.01;                    // schedule margin: one render quantum is 3 ms; a late start would gap
   const POLL_MS = 5;                      // clock check while waiting for the first sound
   const METER_MS = 50;
@@ -145,9 +146,22 @@
       if (!s.sources.length && s.ended && s.state !== 'stopped') finishShow(s);
     };
     if (s.chunks === 1) watchFirstSound(s, startAt, arrival);
+    if (s.nextSegment) markSegment(s, s.nextSegment, startAt);
     s.state = 'streaming';
     show(s, `${s.played ? 'Playing' : 'Starting'} \u00b7 ${summary(s)}`, 'playing');
     meter();
+  }
+
+  // A script's segment starts with this audio: show its line when its sound starts.
+  function markSegment(s, seg, startAt) {
+    s.nextSegment = null;
+    s.segments.push(seg);
+    setTimeout(() => {
+      if (sessions[s.key] !== s || s.state === 'stopped') return;
+      s.speaking = seg;
+      const box = el(s.key, 'line');
+      if (box) { box.textContent = `Line ${seg.line} \u00b7 ${seg.voice}: ${seg.text}`; box.dataset.segment = seg.segment; }
+    }, Math.max(0, (startAt - ctx.currentTime) * 1000));
   }
 
   function finishShow(s) {
@@ -176,7 +190,8 @@
       s.meta = JSON.parse(new TextDecoder().decode(payload));
       s.state = 'generating';
       show(s, `Generating with ${s.meta.label} (${s.meta.mode})\u2026`, 'generating');
-    } else if (type === T_END) onEnd(s, JSON.parse(new TextDecoder().decode(payload)));
+    } else if (type === T_SEGMENT) s.nextSegment = JSON.parse(new TextDecoder().decode(payload));
+    else if (type === T_END) onEnd(s, JSON.parse(new TextDecoder().decode(payload)));
   }
 
   async function read(s) {
@@ -220,6 +235,7 @@
     const s = { key, id: newJobId(), t0: performance.now(), state: 'waiting', chunks: 0, samples: 0, seconds: 0,
                 sampleRate: null, firstArrival: null, firstAudioMs: null, firstSoundMs: null, outputLatencyMs: null,
                 played: false, peak: 0, nextTime: 0, sources: [], ended: null, meta: null,
+                segments: [], nextSegment: null, speaking: null,
                 abort: new AbortController() };
     sessions[key] = s;
     try { audioContext(); } catch (e) { s.state = 'no-audio'; }
@@ -244,7 +260,8 @@
     if (!s) return null;
     return { id: s.id, state: s.state, chunks: s.chunks, seconds: s.seconds, sampleRate: s.sampleRate,
              firstAudioMs: s.firstAudioMs, firstSoundMs: s.firstSoundMs, outputLatencyMs: s.outputLatencyMs,
-             played: s.played, peak: s.peak,
+             played: s.played, peak: s.peak, segments: s.segments.length,
+             speaking: s.speaking ? s.speaking.segment : null,
              ended: s.ended, contextState: ctx ? ctx.state : null };
   }
 
