@@ -1,0 +1,115 @@
+"""Objective checks: text normalisation and error rates on hand-made examples (expected values worked
+out by hand in the comments), and the two check models through the real tritonserver (demo weights)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from studio import objective as ob
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("Hello, World!", "hello world"),
+    ("It's 50% off, Mr. Smith.", "it is 50% off mister smith"),
+    ("I have twenty-four pears", "i have 24 pears"),  # spelled numbers become digits
+    ("  Spaces\tand\nlines  ", "spaces and lines"),
+])
+def test_english_normalisation(text, expected):
+    assert ob.normalize_english(text) == expected
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("今天天氣很好，我們去公園。", "今天天气很好我们去公园"),  # Traditional -> Simplified, punctuation gone
+    ("我有 3 个苹果！", "我有三个苹果"),  # digits as numerals, whitespace gone
+    ("GPT-4o 很快", "gpt四o很快"),
+])
+def test_chinese_normalisation(text, expected):
+    assert ob.normalize_chinese(text) == expected
+
+
+@pytest.mark.parametrize("reference, hypothesis, metric, rate", [
+    # 4 reference words "the cat sat down"; "the cat sad" = 1 substitution + 1 deletion -> 2/4
+    ("The cat sat down.", "the cat sad", "wer", 0.5),
+    # normalisation makes these equal: case, punctuation, "twenty-four" -> "24"
+    ("I have 24 pears.", "i have twenty-four pears", "wer", 0.0),
+    # 3 words, hypothesis adds 2 -> 2 insertions / 3
+    ("good morning everyone", "good morning to you everyone", "wer", 2 / 3),
+    # 6 characters 今天天气很好 vs 今天天汽很好: 1 substitution / 6 (Traditional 氣 -> 气 first)
+    ("今天天气很好。", "今天天汽很好", "cer", 1 / 6),
+    ("今天天氣很好", "今天天气很好", "cer", 0.0),
+    # 4 characters 我有三个 vs 我有3个 (digit written as numeral): 0; then one missing character: 1/4
+    ("我有三个", "我有3个", "cer", 0.0),
+    ("我有三个", "我有个", "cer", 0.25),
+    # empty hypothesis: everything deleted
+    ("hello there", "", "wer", 1.0),
+])
+def test_error_rates_by_hand(reference, hypothesis, metric, rate):
+    got_metric, got, note = ob.error_rate(reference, hypothesis)
+    assert got_metric == metric and note is None
+    assert got == pytest.approx(rate)
+
+
+def test_nothing_to_score_is_a_note():
+    metric, rate, note = ob.error_rate("?!…", "hello")
+    assert rate is None and "no words" in note
+
+
+def test_cosine():
+    assert ob.cosine([1, 0], [0, 1]) == pytest.approx(0.0)
+    assert ob.cosine([1, 1], [2, 2]) == pytest.approx(1.0)
+    assert ob.cosine([1, 0], [-1, 0]) == pytest.approx(-1.0)
+
+
+# --- through the real tritonserver ------------------------------------------------------------------
+SR = 16000
+
+
+def _clip(seconds=2.0, seed=0):
+    from tests.conftest import speech_like
+
+    return speech_like(seconds, SR, seed)
+
+
+def test_transcribe_and_embed(client):
+    text, info = client.transcribe(_clip(), SR)
+    assert isinstance(text, str) and info["demo_weights"] is True and info["language"]
+    again, _ = client.transcribe(_clip(), SR)
+    assert again == text  # greedy decoding: the same clip, the same text
+    fixed, info = client.transcribe(_clip(), SR, language="en", fixed_tokens=6)
+    assert info["language"] == "en" and info["tokens"] == 6
+    emb, info = client.embed(_clip(), SR)
+    assert emb.ndim == 1 and emb.size > 0 and np.linalg.norm(emb) == pytest.approx(1.0, abs=1e-4)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda c: c.transcribe(np.zeros(SR, np.float32), SR), "silent"),
+    (lambda c: c.transcribe(_clip(0.1), SR), "at least 0.3 s"),
+    (lambda c: c.transcribe(_clip(), SR, language="klingon"), "not one this speech-recognition model supports"),
+    (lambda c: c.embed(_clip(0.2), SR), "at least 0.5 s"),
+])
+def test_check_models_refuse_bad_audio_by_name(client, call, message):
+    from studio.client import SynthesisError
+
+    with pytest.raises(SynthesisError, match=message):
+        call(client)
+
+
+def test_run_checks_recomputes(client):
+    """The figures equal what the test computes from the texts and embeddings the models return."""
+    out, prompt = _clip(2.5, seed=1), _clip(3.0, seed=2)
+    target = "The quiet harbour wakes up slowly."
+    res = ob.run_checks(client, out, SR, target, prompt, SR)
+    text, _ = client.transcribe(out, SR)
+    assert res.asr_text == text and res.metric == "wer"
+    import jiwer
+
+    assert res.error_rate == pytest.approx(jiwer.wer(ob.normalize_english(target), ob.normalize_english(text))
+                                           if ob.normalize_english(text) else 1.0)
+    e_out, _ = client.embed(out, SR)
+    e_prompt, _ = client.embed(prompt, SR)
+    assert res.similarity == pytest.approx(float(e_out @ e_prompt / np.linalg.norm(e_out) / np.linalg.norm(e_prompt)),
+                                           abs=1e-5)
+    assert res.demo_weights and any("demo weights" in n for n in res.notes)
+    # a created voice has no prompt: a note, not a number
+    assert ob.run_checks(client, out, SR, target).similarity is None
