@@ -141,6 +141,12 @@ class AlreadyAnswered(ListeningError):
     status = 409
 
 
+class BrokenAudio(ListeningError):
+    """A stored clip the server cannot read: nothing the rater can fix."""
+
+    status = 500
+
+
 @dataclass(frozen=True)
 class Session:
     id: int
@@ -573,9 +579,12 @@ def clip_wav_bytes(path: Path) -> bytes:
     no metadata chunks (a file's own header or tags could tell systems apart)."""
     import soundfile as sf
 
-    from studio.audio_io import load_audio
+    from studio.audio_io import AudioInputError, load_audio
 
-    wav = load_audio(path, SERVE_RATE)
+    try:
+        wav = load_audio(path, SERVE_RATE)
+    except AudioInputError:
+        raise BrokenAudio("This clip cannot be played (its file is damaged); tell the organiser.") from None
     rms = float(np.sqrt(np.mean(np.square(wav, dtype=np.float64)))) if wav.size else 0.0
     peak = float(np.abs(wav).max()) if wav.size else 0.0
     if rms > 0:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import html
+import json
 from typing import Callable
 
 from studio import listening
@@ -224,8 +225,6 @@ def routes(get_store: Callable[[], Store]) -> list:
         if len(raw) > MAX_BODY_BYTES:
             raise listening.ListeningError("That request is too large.")
         try:
-            import json
-
             data = json.loads(raw or b"null")
         except ValueError:
             data = None

@@ -290,6 +290,19 @@ class QAHandlers:
                      (r["last"] or "").replace("T", " ").rstrip("Z")] for r in raters]
         return body, gr.Dataframe(value=progress, headers=["Rater", "Via", "Answered", "Items", "Last answer (UTC)"])
 
+    def session_progress(self, name):
+        """Only the progress table (the timer's refresh leaves the links alone, so copying one is not
+        interrupted)."""
+        if not name:
+            return gr.skip()
+        return self.session_view(name)[1]
+
+    def refresh_sessions(self, name, request: gr.Request):
+        """Session choices (another organiser may have made one) and the chosen session's view."""
+        names = self.session_names()
+        return (gr.Dropdown(choices=names, value=name if name in names else None),
+                *self.session_view(name if name in names else None, request))
+
     def add_links(self, name, count, request: gr.Request):
         if not name:
             raise user_error("Pick a session first.")
@@ -430,9 +443,9 @@ def qa_tabs(rt) -> QAHandlers:
     l_run.change(q.run_systems, inputs=[l_run], outputs=[l_systems], **QUIET)
     l_create.click(q.create_session, inputs=[l_name, l_kind, l_run, l_systems, l_items, l_raters, l_instr],
                    outputs=[l_session, l_links, l_progress], **LIGHT)
-    for ev in (l_session.change, l_refresh.click):
-        ev(q.session_view, inputs=[l_session], outputs=[l_links, l_progress], **QUIET)
-    l_timer.tick(q.session_view, inputs=[l_session], outputs=[l_links, l_progress], concurrency_limit=None,
+    l_session.change(q.session_view, inputs=[l_session], outputs=[l_links, l_progress], **QUIET)
+    l_refresh.click(q.refresh_sessions, inputs=[l_session], outputs=[l_session, l_links, l_progress], **QUIET)
+    l_timer.tick(q.session_progress, inputs=[l_session], outputs=[l_progress], concurrency_limit=None,
                  show_progress="hidden", api_visibility="private")
     l_add.click(q.add_links, inputs=[l_session, l_add_n], outputs=[l_links, l_progress], **LIGHT)
     l_results.click(q.results, inputs=[l_session], outputs=[l_summary, l_table, l_plot, l_json, l_csv], **LIGHT)

@@ -362,6 +362,19 @@ def test_routes_refuse_bad_requests_with_clear_messages(store, run_id):
     assert [r["score"] for r in listening.answer_records(store, s)] == [5]
 
 
+def test_a_damaged_clip_is_a_clear_error(store, run_id):
+    s = new_session(store, run_id, "mos", raters=1)
+    (token,) = tokens(store, s)
+    with http_client(store) as http:
+        item = ITEM_RE.search(http.get(f"/qa/r/{token}").text).group(1)
+        row = store.query_one("SELECT row_id, system_a FROM rater_items WHERE id = ?", (item,))
+        rel = store.query_one("SELECT audio_path FROM batch_outputs WHERE row_id = ? AND system = ?",
+                              (row["row_id"], row["system_a"]))[0]
+        store.abspath(rel).write_bytes(b"RIFF\x00\x00not a wav")
+        r = http.get(f"/qa/r/{token}/audio/{item}/a")
+        assert r.status_code == 500 and "tell the organiser" in r.json()["error"]
+
+
 def test_join_link_makes_one_rater_per_browser(store, run_id):
     s = new_session(store, run_id, "mos", raters=0, items=3)
     with http_client(store) as http:
