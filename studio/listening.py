@@ -46,55 +46,11 @@ from pathlib import Path
 
 import numpy as np
 
-from studio.store import Store, from_json, register_migration, to_json, utc_now
+from studio.store import Store, from_json, to_json, utc_now
 
+#: The listening tables are migration 2 of the store (`studio/store.py`, SCHEMA_V2): it sits in the
+#: store's own list, so no database can reach a later version without them, whatever was imported.
 MIGRATION_VERSION = 2
-SCHEMA_V2 = """
-CREATE TABLE listening_sessions (
-    id              INTEGER PRIMARY KEY,
-    name            TEXT NOT NULL UNIQUE,        -- the organiser's name for it (never shown to raters)
-    kind            TEXT NOT NULL CHECK (kind IN ('ab', 'mos', 'smos')),
-    run_id          INTEGER NOT NULL REFERENCES batch_runs(id) ON DELETE CASCADE,
-    systems         TEXT NOT NULL,               -- JSON list of the canonical system strings under test
-    items_per_rater INTEGER NOT NULL CHECK (items_per_rater >= 1),
-    instructions    TEXT NOT NULL DEFAULT '',
-    join_token      TEXT NOT NULL UNIQUE,        -- secret of the shared link: each visitor becomes a rater
-    created         TEXT NOT NULL,
-    user            TEXT                         -- NULL until authentication exists
-);
-CREATE TABLE raters (
-    id          INTEGER PRIMARY KEY,
-    session_id  INTEGER NOT NULL REFERENCES listening_sessions(id) ON DELETE CASCADE,
-    token       TEXT NOT NULL UNIQUE,            -- the rater's link secret
-    slot        INTEGER NOT NULL,                -- 1, 2, ... in order of arrival
-    label       TEXT NOT NULL,
-    via         TEXT NOT NULL CHECK (via IN ('link', 'join')),
-    created     TEXT NOT NULL,
-    UNIQUE (session_id, slot)
-);
-CREATE TABLE rater_items (
-    id          TEXT PRIMARY KEY,                -- opaque random id: the only handle the rater sees
-    rater_id    INTEGER NOT NULL REFERENCES raters(id) ON DELETE CASCADE,
-    position    INTEGER NOT NULL,                -- the rater's own random order, from 0
-    row_id      TEXT NOT NULL,
-    system_a    TEXT NOT NULL,                   -- MOS/SMOS: the system heard; A/B: the one heard as A
-    system_b    TEXT,                            -- A/B: the one heard as B
-    fetched_ref REAL, fetched_a REAL, fetched_b REAL,  -- when the audio route first served each clip (unix s)
-    played_ref  TEXT, played_a TEXT, played_b TEXT,    -- when the player reported each clip's end (UTC)
-    UNIQUE (rater_id, position)
-);
-CREATE INDEX rater_items_unit ON rater_items(row_id, system_a, system_b);
-CREATE TABLE answers (
-    id          INTEGER PRIMARY KEY,
-    item_id     TEXT NOT NULL UNIQUE REFERENCES rater_items(id) ON DELETE CASCADE,
-    choice      TEXT CHECK (choice IN ('A', 'B', 'none')),   -- A/B
-    score       INTEGER CHECK (score BETWEEN 1 AND 5),       -- MOS / SMOS
-    reason      TEXT,
-    answered    TEXT NOT NULL,
-    CHECK ((choice IS NULL) <> (score IS NULL))
-);
-"""
-register_migration(MIGRATION_VERSION, SCHEMA_V2)
 
 KINDS = {"ab": "A/B preference", "mos": "MOS (naturalness, 1-5)", "smos": "SMOS (speaker similarity, 1-5)"}
 #: Clips of an item in the order the rater plays them.

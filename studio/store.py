@@ -120,8 +120,56 @@ CREATE TABLE imports (
 );
 """
 
+#: Migration 2: listening tests (studio/listening.py): sessions over a batch run, raters, their blind items,
+#: answers (one per item).
+SCHEMA_V2 = """
+CREATE TABLE listening_sessions (
+    id              INTEGER PRIMARY KEY,
+    name            TEXT NOT NULL UNIQUE,        -- the organiser's name for it (never shown to raters)
+    kind            TEXT NOT NULL CHECK (kind IN ('ab', 'mos', 'smos')),
+    run_id          INTEGER NOT NULL REFERENCES batch_runs(id) ON DELETE CASCADE,
+    systems         TEXT NOT NULL,               -- JSON list of the canonical system strings under test
+    items_per_rater INTEGER NOT NULL CHECK (items_per_rater >= 1),
+    instructions    TEXT NOT NULL DEFAULT '',
+    join_token      TEXT NOT NULL UNIQUE,        -- secret of the shared link: each visitor becomes a rater
+    created         TEXT NOT NULL,
+    user            TEXT                         -- NULL until authentication exists
+);
+CREATE TABLE raters (
+    id          INTEGER PRIMARY KEY,
+    session_id  INTEGER NOT NULL REFERENCES listening_sessions(id) ON DELETE CASCADE,
+    token       TEXT NOT NULL UNIQUE,            -- the rater's link secret
+    slot        INTEGER NOT NULL,                -- 1, 2, ... in order of arrival
+    label       TEXT NOT NULL,
+    via         TEXT NOT NULL CHECK (via IN ('link', 'join')),
+    created     TEXT NOT NULL,
+    UNIQUE (session_id, slot)
+);
+CREATE TABLE rater_items (
+    id          TEXT PRIMARY KEY,                -- opaque random id: the only handle the rater sees
+    rater_id    INTEGER NOT NULL REFERENCES raters(id) ON DELETE CASCADE,
+    position    INTEGER NOT NULL,                -- the rater's own random order, from 0
+    row_id      TEXT NOT NULL,
+    system_a    TEXT NOT NULL,                   -- MOS/SMOS: the system heard; A/B: the one heard as A
+    system_b    TEXT,                            -- A/B: the one heard as B
+    fetched_ref REAL, fetched_a REAL, fetched_b REAL,  -- when the audio route first served each clip (unix s)
+    played_ref  TEXT, played_a TEXT, played_b TEXT,    -- when the player reported each clip's end (UTC)
+    UNIQUE (rater_id, position)
+);
+CREATE INDEX rater_items_unit ON rater_items(row_id, system_a, system_b);
+CREATE TABLE answers (
+    id          INTEGER PRIMARY KEY,
+    item_id     TEXT NOT NULL UNIQUE REFERENCES rater_items(id) ON DELETE CASCADE,
+    choice      TEXT CHECK (choice IN ('A', 'B', 'none')),   -- A/B
+    score       INTEGER CHECK (score BETWEEN 1 AND 5),       -- MOS / SMOS
+    reason      TEXT,
+    answered    TEXT NOT NULL,
+    CHECK ((choice IS NULL) <> (score IS NULL))
+);
+"""
+
 #: Ordered (version, SQL) pairs. Append through `register_migration`; never edit a shipped one.
-MIGRATIONS: list[tuple[int, str]] = [(1, SCHEMA_V1)]
+MIGRATIONS: list[tuple[int, str]] = [(1, SCHEMA_V1), (2, SCHEMA_V2)]
 _migrations_lock = threading.Lock()
 
 
