@@ -37,6 +37,8 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--instances", type=int, default=None, help="front-end instances per model (concurrency served)")
     g.add_argument("--engine-per-gpu", type=int, default=None,
                    help="engine instances per GPU (each holds its own weights; default 1)")
+    g.add_argument("--no-asr", action="store_true",
+                   help="serve neither speech recognition nor speaker similarity (transcript fill, objective checks)")
 
 
 def make_server(args, families: list[str] | None = None):
@@ -46,7 +48,8 @@ def make_server(args, families: list[str] | None = None):
                         gpus=args.gpus, demo_weights=args.demo_weights,
                         checkpoints=args.checkpoints or default_checkpoints_dir(), no_download=args.no_download,
                         f5_model=args.f5_model, instances=args.instances, families=families,
-                        engine_per_gpu=getattr(args, "engine_per_gpu", None))
+                        engine_per_gpu=getattr(args, "engine_per_gpu", None),
+                        no_asr=getattr(args, "no_asr", False))
 
 
 def cmd_serve(args) -> int:
@@ -110,9 +113,8 @@ def cmd_synth(args) -> int:
         print("error: --ref-audio is required (or, for Spark voice creation, --gender/--pitch-level/--speed-level)",
               file=sys.stderr)
         return 2
-    if args.model == "f5" and not (args.ref_text or "").strip():
-        print("error: F5-TTS needs --ref-text, the transcript of the prompt clip", file=sys.stderr)
-        return 2
+    # F5 without --ref-text: the prompt is transcribed by the asr model (filled in below)
+    fill = args.model == "f5" and not (args.ref_text or "").strip()
     sr = F5_SAMPLE_RATE if args.model == "f5" else SPARK_SAMPLE_RATE
     ref = None
     if args.ref_audio:
@@ -124,17 +126,28 @@ def cmd_synth(args) -> int:
     server = None
     url = args.triton_url
     if not url:
-        server = make_server(args, families=[args.model])
+        checks = (["asr"] if fill or args.check else []) + (["sim"] if args.check else [])
+        server = make_server(args, families=[args.model] + checks)
         try:
             server.start()
         except ServerStartError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         url = server.grpc_url
+    ref_text, notes, checked = args.ref_text or "", [], None
     try:
         with StudioClient(url) as client:
-            result = client.synthesize(args.model, text, ref, args.ref_text or "", stream=args.stream,
+            if fill:
+                from studio.objective import fill_transcript
+
+                ref_text, _, note = fill_transcript(client, ref, sr)
+                notes.append(note)
+            result = client.synthesize(args.model, text, ref, ref_text, stream=args.stream,
                                        params=_synth_params(args))
+            if args.check:
+                from studio.objective import run_checks
+
+                checked = run_checks(client, result.audio, result.sample_rate, text, ref, sr if ref is not None else None)
     except (SynthesisError, GenerationCancelled, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -153,7 +166,13 @@ def cmd_synth(args) -> int:
         if info.get("decode_ms"):
             line += f", decode {info['tokens'] / (info['decode_ms'] / 1000):.0f} tokens/s"
     print(line)
-    for note in info.get("notes", []):
+    if checked is not None:
+        parts = [f"{checked.metric.upper()} {checked.error_rate:.3f}" if checked.error_rate is not None else None,
+                 f"speaker similarity {checked.similarity:.3f}" if checked.similarity is not None else None,
+                 f"checks {checked.check_ms:.0f} ms"]
+        print("objective checks: " + ", ".join(p for p in parts if p) +
+              (f"; recognised: {checked.asr_text!r}" if checked.asr_text is not None else ""))
+    for note in notes + info.get("notes", []) + (checked.notes if checked is not None else []):
         print(f"note: {note}")
     if result.demo_weights:
         print("note: DEMO WEIGHTS were used (tiny random model): the audio is noise, not speech. "
@@ -288,11 +307,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("synth", help="synthesise one text in a prompt clip's voice")
     p.add_argument("--model", choices=("f5", "spark"), default="f5")
     p.add_argument("--ref-audio", help="prompt clip (any common format/rate/channels)")
-    p.add_argument("--ref-text", default="", help="what the prompt clip says")
+    p.add_argument("--ref-text", default="",
+                   help="what the prompt clip says (F5: left out, it is filled in by speech recognition)")
     p.add_argument("--text", help="what to say")
     p.add_argument("--text-file", help="read the text to say from a UTF-8 file")
     p.add_argument("-o", "--output", type=Path, default=Path("out.wav"), help=".wav, .flac or .mp3")
     p.add_argument("--stream", action="store_true", help="streaming (reports first-chunk latency)")
+    p.add_argument("--check", action="store_true",
+                   help="objective checks: WER/CER of the output read back by the asr model, speaker similarity")
     p.add_argument("--seed", type=int)
     f5 = p.add_argument_group("F5-TTS")
     f5.add_argument("--nfe", type=int, help="ODE steps (default 32; 16 is fast)")
@@ -314,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("download", help="download the real weights (states their size first)")
-    p.add_argument("family", nargs="?", choices=("f5", "spark", "all"), default="all")
+    p.add_argument("family", nargs="?", choices=("f5", "spark", "asr", "sim", "all"), default="all")
     p.set_defaults(func=cmd_download)
 
     p = sub.add_parser("make-demo-weights", help="write the tiny deterministic demo weights into DIR")

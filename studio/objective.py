@@ -148,3 +148,28 @@ def run_checks(client, output: np.ndarray, output_sr: int, target_text: str, pro
         result.notes.append("the check models run on demo weights: these figures are noise, not a measurement")
     result.check_ms = (time.perf_counter() - started) * 1000
     return result
+
+
+#: Marks a transcript the demo ASR wrote: shown beside the field and in notes, never passed off as real.
+DEMO_TRANSCRIPT_NOTE = "filled by the DEMO speech-recognition model (random weights): noise, not a transcript"
+
+
+def fill_transcript(client, prompt: np.ndarray, sr: int, language: str | None = None) -> tuple[str, dict, str]:
+    """Transcribe a prompt clip for F5 (which needs its transcript): (text, asr info, a note for
+    `info.notes`). Raises ValueError naming the problem when no transcript can be had (the `asr` model
+    is not served, the clip is unusable for recognition, or it holds no words)."""
+    from studio.audio_io import resample
+    from studio.client import SynthesisError
+
+    if not client.model_ready("asr"):
+        raise ValueError("F5-TTS needs the prompt's transcript: type it, or serve the speech-recognition "
+                         "model (asr) to fill it in (it is off with --no-asr)")
+    try:
+        text, info = client.transcribe(resample(np.asarray(prompt, np.float32), sr, CHECK_SAMPLE_RATE),
+                                       CHECK_SAMPLE_RATE, language=language)
+    except SynthesisError as exc:
+        raise ValueError(f"the prompt's transcript could not be filled in: {exc}") from None
+    if not text.strip():
+        raise ValueError("speech recognition heard no words in the prompt clip; type its transcript")
+    how = DEMO_TRANSCRIPT_NOTE if info.get("demo_weights") else f"filled by speech recognition ({info.get('language')})"
+    return text.strip(), info, f"the prompt's transcript was {how}: {text.strip()!r}"

@@ -28,6 +28,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from studio.config import PROJECT_ROOT, default_data_dir
+from studio.runtimes import RuntimeUnavailable, check_runtime, runtime_models, runtime_values
 from studio.weights import FamilyWeights, resolve_f5, resolve_spark
 
 MODELS_SRC = PROJECT_ROOT / "triton_models"
@@ -88,7 +89,8 @@ def engine_instance_group(gpus: list[int], count_per_gpu: int = 1) -> str:
 
 
 def render_model_repository(dest: Path, families: dict[str, FamilyWeights], *, gpus: list[int],
-                            front_instances: int, runtime: str = "torch", engine_per_gpu: int = 1) -> list[str]:
+                            front_instances: int, runtime: str = "torch", engine_per_gpu: int = 1,
+                            engines_dir: Path | None = None) -> list[str]:
     """Copy each family's model folders into `dest`, filling the `${...}` slots of config.pbtxt.
 
     Returns the model names written. Unknown slots raise (a template typo must fail loudly).
@@ -106,13 +108,14 @@ def render_model_repository(dest: Path, families: dict[str, FamilyWeights], *, g
         # wait longer for concurrent requests to arrive through their front ends.
         "engine_queue_delay_us": "250" if gpus else "10000",
     }
+    values.update(runtime_values(runtime, engines_dir, families, gpus))  # --runtime trtllm: engine slots
     for fam, weights in families.items():
         values[f"{fam}_demo_weights"] = "true" if weights.demo else "false"
         for key, val in weights.paths.items():
             values[f"{fam}_{key}"] = val
     written = []
     for fam in families:
-        for name in FAMILY_MODELS[fam]:
+        for name in FAMILY_MODELS[fam] + runtime_models(runtime, fam):
             src = MODELS_SRC / name
             shutil.copytree(src, dest / name, dirs_exist_ok=True,
                             ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
@@ -134,6 +137,7 @@ class TritonServer:
     def __init__(self, data_dir: Path | None = None, *, http_port: int | None = None, grpc_port: int | None = None,
                  gpus: list[int] | None = None, demo_weights: bool = False, checkpoints: Path | None = None,
                  no_download: bool = False, f5_model: str = "F5TTS_v1_Base", instances: int | None = None,
+                 runtime: str = "torch", engines_dir: Path | None = None, bind: str = "127.0.0.1",
                  families: list[str] | None = None, engine_per_gpu: int | None = None, log=None):
         self.data_dir = Path(data_dir or default_data_dir()).expanduser()
         self.http_port, self.grpc_port = http_port, grpc_port
@@ -144,6 +148,10 @@ class TritonServer:
         self.families = families or available_families()
         #: engine instances per GPU (weights are loaded once per instance); 1 unless measured otherwise
         self.engine_per_gpu = engine_per_gpu or int(os.environ.get("STUDIO_ENGINE_PER_GPU", 1))
+        #: torch | trtllm (studio.runtimes); trtllm serves the engines under engines_dir
+        self.runtime, self.engines_dir = runtime, Path(engines_dir) if engines_dir else None
+        #: where the embedded server listens (--triton-bind); the studio itself talks to 127.0.0.1
+        self.bind = bind
         self._log_fn = log or (lambda msg: print(f"[studio] {msg}", file=sys.stderr, flush=True))
         self._proc: subprocess.Popen | None = None
         self._state, self._message = "stopped", ""
@@ -175,7 +183,7 @@ class TritonServer:
                 "demo_weights": {fam: w.demo for fam, w in self._weights.items()},
                 "weights": {fam: asdict(w) for fam, w in self._weights.items()},
                 "grpc_url": self.grpc_url if self.grpc_port else None, "gpus": self.gpus,
-                "device": f"cuda:{','.join(map(str, self.gpus))}" if self.gpus else "cpu", "runtime": "torch"}
+                "device": f"cuda:{','.join(map(str, self.gpus))}" if self.gpus else "cpu", "runtime": self.runtime}
 
     def log_tail(self, n: int = 100) -> list[str]:
         path = self.log_path
@@ -204,6 +212,10 @@ class TritonServer:
             self._stopping = False
             try:
                 self._set("starting", "resolving weights")
+                try:  # before any weights move: a missing TensorRT or engine is said at once
+                    check_runtime(self.runtime, self.engines_dir, self.families, self.f5_model)
+                except RuntimeUnavailable as exc:
+                    raise ServerStartError(str(exc)) from None
                 self._resolve_weights()
                 self._set("starting", "rendering the model repository")
                 self._prepare_run_dir()
@@ -252,6 +264,7 @@ class TritonServer:
         self.run_dir = runs / f"run-{os.getpid()}-{int(time.time() * 1000)}"
         self.models = render_model_repository(self.run_dir / "models", self._weights, gpus=self.gpus,
                                               front_instances=self.front_instances,
+                                              runtime=self.runtime, engines_dir=self.engines_dir,
                                               engine_per_gpu=self.engine_per_gpu)
 
     def _backend_dir(self, wheel_root: Path | None) -> Path | None:
@@ -315,7 +328,7 @@ class TritonServer:
             if not env["CUDA_VISIBLE_DEVICES"]:
                 env.pop("CUDA_VISIBLE_DEVICES")
         cmd = [str(binary), f"--model-repository={self.run_dir / 'models'}",
-               "--http-address=127.0.0.1", "--grpc-address=127.0.0.1",
+               f"--http-address={self.bind}", f"--grpc-address={self.bind}",
                f"--http-port={self.http_port}", f"--grpc-port={self.grpc_port}", f"--metrics-port={metrics_port}",
                "--allow-metrics=false", "--log-verbose=0", "--exit-timeout-secs=10",
                "--backend-config=python,shm-default-byte-size=4194304",

@@ -38,12 +38,20 @@ SPARK_FILES = (
     "wav2vec2-large-xlsr-53/preprocessor_config.json",
     "wav2vec2-large-xlsr-53/pytorch_model.bin",
 )
+#: The objective-check models (optional families "asr" and "sim"): default repository, the folder
+#: name under --checkpoints, and the files a complete copy has.
+CHECK_MODELS = {
+    "asr": ("openai/whisper-large-v3-turbo", "whisper-large-v3-turbo",
+            ("config.json", "model.safetensors", "generation_config.json", "preprocessor_config.json",
+             "tokenizer_config.json", "vocab.json", "merges.txt")),
+    "sim": ("microsoft/wavlm-base-plus-sv", "wavlm-base-plus-sv", ("config.json", "preprocessor_config.json")),
+}
 #: Approximate download sizes, stated before a download starts.
-DOWNLOAD_SIZES_GB = {"f5": 1.35 + 0.05, "spark": 3.9}
+DOWNLOAD_SIZES_GB = {"f5": 1.35 + 0.05, "spark": 3.9, "asr": 1.6, "sim": 0.4}
 
 DEMO_DIR_NAME = "demo-weights"
 DEMO_F5_NAME = "F5TTS_Demo"
-DEMO_MARKER = ".complete-v1"
+DEMO_MARKER = ".complete-v2"  # same as tts.demo_weights.DEMO_MARKER
 
 
 @dataclass
@@ -214,6 +222,49 @@ def resolve_spark(data_dir: Path, *, checkpoints: Path | None = None, demo: bool
     return demo_spark(data_dir, "real weights not found and downloads are off", log)
 
 
+def _check_model_complete(folder: Path, family: str) -> bool:
+    files = CHECK_MODELS[family][2]
+    has_weights = any((folder / w).is_file() for w in ("model.safetensors", "pytorch_model.bin"))
+    return has_weights and all((folder / f).is_file() for f in files if f != "model.safetensors")
+
+
+def demo_check_model(data_dir: Path, family: str, reason: str, log=print) -> FamilyWeights:
+    root = ensure_demo_weights(data_dir, log)
+    return FamilyWeights(family, True, "demo", {"model_dir": str(root / CHECK_MODELS[family][1])}, reason)
+
+
+def resolve_check_model(family: str, data_dir: Path, *, checkpoints: Path | None = None, demo: bool = False,
+                        no_download: bool = False, log=print) -> FamilyWeights:
+    """Resolve the `asr` (Whisper) or `sim` (WavLM x-vector) model folder, in the TTS families' order."""
+    repo, folder_name, _ = CHECK_MODELS[family]
+    if demo:
+        return demo_check_model(data_dir, family, "demo weights requested (--demo-weights)", log)
+    if checkpoints is not None:
+        folder = Path(checkpoints) / folder_name
+        if _check_model_complete(folder, family):
+            return FamilyWeights(family, False, "checkpoints", {"model_dir": str(folder)})
+        log(f"{family}: {checkpoints} lacks a complete {folder_name}/")
+    try:
+        from huggingface_hub import snapshot_download
+
+        cached = Path(snapshot_download(repo, local_files_only=True))
+        if _check_model_complete(cached, family):
+            return FamilyWeights(family, False, "hf-cache", {"model_dir": str(cached)})
+    except Exception:  # noqa: BLE001 - not cached (or no huggingface_hub): go on down the order
+        pass
+    if downloads_allowed(no_download):
+        if hub_reachable():
+            log(f"{family}: downloading about {DOWNLOAD_SIZES_GB[family]:.1f} GB ({repo})")
+            try:
+                from huggingface_hub import snapshot_download
+
+                return FamilyWeights(family, False, "download", {"model_dir": snapshot_download(repo)})
+            except Exception as exc:  # noqa: BLE001
+                return demo_check_model(data_dir, family, f"download failed: {exc}", log)
+        return demo_check_model(data_dir, family, "real weights not found and the Hugging Face hub is unreachable", log)
+    return demo_check_model(data_dir, family, "real weights not found and downloads are off", log)
+
+
 def download(family: str, log=print) -> None:
     """`python -m studio download [f5|spark|all]`: state the size, then fetch with progress bars."""
     if not hub_reachable():
@@ -227,3 +278,8 @@ def download(family: str, log=print) -> None:
     if family in ("spark", "all"):
         log(f"Spark-TTS: about {DOWNLOAD_SIZES_GB['spark']:.1f} GB ({SPARK_REPO})")
         snapshot_download(SPARK_REPO)
+    for check in ("asr", "sim"):
+        if family in (check, "all"):
+            repo = CHECK_MODELS[check][0]
+            log(f"{check}: about {DOWNLOAD_SIZES_GB[check]:.1f} GB ({repo})")
+            snapshot_download(repo)

@@ -113,3 +113,25 @@ def test_run_checks_recomputes(client):
     assert res.demo_weights and any("demo weights" in n for n in res.notes)
     # a created voice has no prompt: a note, not a number
     assert ob.run_checks(client, out, SR, target).similarity is None
+
+
+def test_cli_f5_without_ref_text_fills_it_and_checks(triton_server, tmp_path):
+    """`synth` with F5 and no --ref-text: the prompt is transcribed (demo ASR, said so), then --check
+    prints the error rate and speaker similarity."""
+    import subprocess
+    import sys
+
+    import soundfile as sf
+
+    from tests.conftest import speech_like
+
+    prompt = tmp_path / "prompt.wav"
+    sf.write(prompt, speech_like(2.5, 24000, seed=3), 24000)
+    out = tmp_path / "out.wav"
+    proc = subprocess.run([sys.executable, "-m", "studio", "synth", "--model", "f5", "--ref-audio", str(prompt),
+                           "--text", "Hello there, this is a test.", "-o", str(out), "--nfe", "2", "--check",
+                           "--triton-url", triton_server.grpc_url], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert out.is_file()
+    assert "transcript was filled by the DEMO speech-recognition model" in proc.stdout
+    assert "objective checks: WER" in proc.stdout and "speaker similarity" in proc.stdout

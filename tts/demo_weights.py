@@ -11,7 +11,8 @@ import shutil
 from pathlib import Path
 
 DEMO_F5_NAME = "F5TTS_Demo"  # same name as studio.weights.DEMO_F5_NAME
-DEMO_MARKER = ".complete-v1"
+#: v2: the Spark speaker encoder at upstream's widths, and the objective-check models.
+DEMO_MARKER = ".complete-v2"
 
 #: Common Chinese characters whose pinyin syllables the demo vocabulary carries, so Chinese text
 #: runs through the same units as with the real vocab.txt (unknown units map to id 0 anyway).
@@ -67,13 +68,22 @@ def write_spark(root: Path) -> list[str]:
     return [f"Spark demo weights: {root / 'Spark-TTS-0.5B'}"]
 
 
+def write_check_models(root: Path) -> list[str]:
+    """Tiny Whisper and WavLM x-vector models for transcript fill and objective checks."""
+    from tts.check_models_demo import WAVLM_DIR, WHISPER_DIR, write_wavlm, write_whisper
+
+    write_whisper(root / WHISPER_DIR, "demo", seed=0)
+    write_wavlm(root / WAVLM_DIR, "demo", seed=0)
+    return [f"ASR demo weights: {root / WHISPER_DIR}", f"speaker-similarity demo weights: {root / WAVLM_DIR}"]
+
+
 def write_all(root: Path) -> list[str]:
     """Write every family's demo weights into `root` (atomically: a temp folder renamed into place)."""
     root = Path(root).expanduser()
     tmp = root.with_name(root.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    lines = write_f5(tmp) + write_spark(tmp)
+    lines = write_f5(tmp) + write_spark(tmp) + write_check_models(tmp)
     (tmp / DEMO_MARKER).write_text("\n".join(lines) + "\n")
     if root.exists():
         shutil.rmtree(root)

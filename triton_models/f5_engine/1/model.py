@@ -24,6 +24,7 @@ class TritonPythonModel:
         import torch
 
         from tts.audio import join_chunks
+        from triton_models.runtimes import f5_pipeline_kwargs
         from tts.f5.pipeline import F5Options, F5Pipeline, serve
         from triton_models import shared
 
@@ -34,7 +35,8 @@ class TritonPythonModel:
         self.demo = params.get("demo_weights") == "true"
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
         self.pipeline = F5Pipeline(params["checkpoint"], params["vocab"], params["vocos_dir"],
-                                   params.get("model_name", "F5TTS_v1_Base"), device=device, dtype=dtype)
+                                   params.get("model_name", "F5TTS_v1_Base"), device=device, dtype=dtype,
+                                   **f5_pipeline_kwargs(params))  # runtime trtllm: TensorRT DiT + Vocos
         started = time.perf_counter()
         stats = self.pipeline.warmup()  # compile + CUDA graph capture before Triton reports ready
         if stats:

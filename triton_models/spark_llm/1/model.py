@@ -37,7 +37,10 @@ class TritonPythonModel:
         device = f"cuda:{device_id}" if kind == "GPU" and torch.cuda.is_available() else "cpu"
         self.demo = params.get("demo_weights") == "true"
         started = time.perf_counter()  # weights, prompt models, decode-step compile and capture
-        self.engine = SparkEngine(SparkPipeline(params["model_dir"], device=device, demo_weights=self.demo))
+        from triton_models.runtimes import spark_pipeline_kwargs  # runtime trtllm: decode on spark_trtllm
+
+        self.engine = SparkEngine(SparkPipeline(params["model_dir"], device=device, demo_weights=self.demo,
+                                                **spark_pipeline_kwargs(params, pb_utils)))
         label = "DEMO WEIGHTS (random: output is noise)" if self.demo else params["model_dir"]
         print(f"[spark_llm] ready on {device} in {time.perf_counter() - started:.1f} s: {label}", flush=True)
         self._closing = False
