@@ -75,15 +75,32 @@ ENGINE_MODELS = {"f5": "f5_engine", "spark": "spark_llm"}
 RELOAD_TIMEOUT_S = {"front": 120.0, "engine": 900.0}
 #: Reloads one request may trigger before its error is passed on (each after a dead instance).
 RECOVERY_ATTEMPTS = 3
+#: Repository-API headers by server URL, registered by the embedded server manager (studio.server),
+#: so every client of that server in this process can reload a dead model without being told.
+_repository_headers: dict[str, dict] = {}
 _reloads: dict[tuple[str, str], float] = {}  # (url, model) -> perf_counter when its last reload finished
 _reload_locks: dict[tuple[str, str], threading.Lock] = {}
 _reload_guard = threading.Lock()
+
+
+#: A model configuration parameter changed on every forced reload: tritonserver 2.51 treats a load
+#: of an unchanged model as a no-op ("re-load is not necessary"), and a dead stub is no change to it.
+RELOAD_PARAMETER = "studio_reload"
+
+
+def register_repository_headers(url: str, headers: dict) -> None:
+    """Headers the server at `url` (gRPC host:port) requires on its repository API."""
+    _repository_headers[url] = dict(headers)
 
 
 def dead_stub_model(message: str) -> str | None:
     """The model whose instance's stub died, from a Triton error message (None: another error)."""
     m = DEAD_STUB.search(message or "")
     return m.group("model") if m else None
+
+
+#: The objective-check models (`asr`, `speaker_sim`) take 16 kHz mono audio.
+CHECK_RATE = 16000
 
 
 class SynthesisError(RuntimeError):
@@ -237,8 +254,18 @@ _NOISE = [
 _TRAILERS = ("\n\nAt:\n", "\nAt:\n  ", "\nTraceback (most recent call last)")
 
 
+#: An absolute path of two or more parts (a server's temp folder, a model file): shown as its last part.
+_PATH = re.compile(r"(?<![\w.:/])/(?:[\w.+@~-]+/)+([\w.+@~-]+)")
+
+
+def scrub_paths(text: str) -> str:
+    """`text` with every absolute path replaced by its file name: messages never show server paths."""
+    return _PATH.sub(lambda m: m.group(1), text or "")
+
+
 def clean_message(message: str) -> str:
-    """The model's own words from a Triton/gRPC error text (wrapping prefixes and the stack trailer removed)."""
+    """The model's own words from a Triton/gRPC error text (wrapping prefixes, the stack trailer and
+    server paths removed)."""
     text = (message or "").strip()
     changed = True
     while changed:
@@ -251,7 +278,7 @@ def clean_message(message: str) -> str:
         cut = text.find(marker)
         if cut > 0:
             text = text[:cut].strip()
-    return text or "the server reported an error without a message"
+    return scrub_paths(text) or "the server reported an error without a message"
 
 
 def _status(exc) -> str | None:
@@ -286,8 +313,11 @@ def _close_all(clients: list, lock: threading.Lock) -> None:
 class StudioClient:
     """A gRPC client of the studio's Triton server (`host:port` of its gRPC endpoint)."""
 
-    def __init__(self, url: str = "127.0.0.1:8001"):
+    def __init__(self, url: str = "127.0.0.1:8001", repository_headers: dict | None = None):
+        """`repository_headers`: what the server's restricted repository API requires for a reload
+        (the embedded server's `TritonServer.repository_headers`); without them a reload is refused."""
         self.url = url
+        self.repository_headers = dict(repository_headers or _repository_headers.get(url, {}))
         self._lock = threading.Lock()
         self._clients: list = []  # every tritonclient client this object opened, for close()
         self._idle_stream: list = []
@@ -335,6 +365,45 @@ class StudioClient:
         except InferenceServerException:
             return False
 
+    # -- the objective-check models (optional: `asr`, `speaker_sim`) --------------------------------
+    def _check_call(self, name: str, wav: np.ndarray, sr: int, extra: list, outputs: list[str],
+                    timeout_s: float) -> tuple[dict, dict]:
+        """One request to a 16 kHz check model: the named outputs as numpy, and its info."""
+        self._check_open()
+        if sr != CHECK_RATE:
+            raise SynthesisError(f"{name} takes {CHECK_RATE} Hz audio, got {sr} Hz")
+        wav = np.asarray(wav, dtype=np.float32).reshape(1, -1)
+        audio = grpcclient.InferInput("audio", list(wav.shape), "FP32")
+        audio.set_data_from_numpy(wav)
+        length = grpcclient.InferInput("audio_len", [1, 1], "INT32")
+        length.set_data_from_numpy(np.array([[wav.shape[1]]], dtype=np.int32))
+        try:
+            result = self._client.infer(name, [audio, length] + extra, client_timeout=timeout_s,
+                                        outputs=[grpcclient.InferRequestedOutput(o) for o in outputs + ["info"]])
+        except InferenceServerException as exc:
+            raise to_synthesis_error(exc, self.url, name, timeout_s) from None
+        info = json.loads(result.as_numpy("info").reshape(-1)[0].decode("utf-8"))
+        return {o: result.as_numpy(o) for o in outputs}, info
+
+    def transcribe(self, wav: np.ndarray, sr: int, language: str | None = None, fixed_tokens: int | None = None,
+                   timeout_s: float = 120) -> tuple[str, dict]:
+        """Text of `wav` (mono float32 at 16 kHz) from the `asr` model, and its info (language,
+        compute_ms, tokens, demo_weights). Raises SynthesisError with the model's message."""
+        extra = []
+        if language:
+            extra.append(_bytes_input("language", language))
+        if fixed_tokens:
+            tokens = grpcclient.InferInput("fixed_tokens", [1, 1], "INT32")
+            tokens.set_data_from_numpy(np.array([[fixed_tokens]], dtype=np.int32))
+            extra.append(tokens)
+        out, info = self._check_call("asr", wav, sr, extra, ["text"], timeout_s)
+        return out["text"].reshape(-1)[0].decode("utf-8", "replace"), info
+
+    def embed(self, wav: np.ndarray, sr: int, timeout_s: float = 60) -> tuple[np.ndarray, dict]:
+        """Speaker embedding of `wav` (mono float32 at 16 kHz) from the `speaker_sim` model, and its info."""
+        out, info = self._check_call("speaker_sim", wav, sr, [], ["embedding"], timeout_s)
+        return out["embedding"].reshape(-1).astype(np.float32), info
+
     def statistics(self, model: str | None = None) -> dict:
         """Triton's cumulative inference statistics (all models, or one), as JSON (int64s are strings)."""
         self._check_open()
@@ -356,7 +425,7 @@ class StudioClient:
     # -- generation -------------------------------------------------------------------------------
     def synthesize(self, model: str, text: str, ref_audio: np.ndarray | None, ref_text: str, stream: bool = False,
                    params: dict | None = None, on_chunk: Callable[[np.ndarray, dict], None] | None = None,
-                   cancel: threading.Event | None = None, timeout_s: float = 600) -> SynthResult:
+                   cancel: threading.Event | None = None, timeout_s: float | None = None) -> SynthResult:
         """Speak `text` in the voice of `ref_audio` (mono float32 at the family's rate) with `model`.
 
         model: 'f5' or 'spark'. stream: use the decoupled model and receive audio chunk by chunk.
@@ -365,9 +434,14 @@ class StudioClient:
         (streaming: once per audio chunk, the held-back cross-fade tail with the last chunk;
         offline: once with all the audio); their concatenation is `result.audio`.
         cancel: set it from another thread to stop; raises GenerationCancelled.
+        timeout_s: default the request deadline (tts.limits, STUDIO_REQUEST_DEADLINE_S).
         Raises SynthesisError with the server's message when the request fails.
         """
         self._check_open()
+        if timeout_s is None:
+            from tts.limits import current_limits
+
+            timeout_s = current_limits().request_deadline_s
         family = family_of(model)
         inputs = build_inputs(family, text, ref_audio, ref_text, params)
         name = triton_model_name(family, stream)
@@ -398,8 +472,17 @@ class StudioClient:
                 # audio already reached the caller. Several instances can die together (seen on the
                 # H200: a retry met a second dead front), hence up to RECOVERY_ATTEMPTS reloads.
                 dead = dead_stub_model(str(exc))
-                if dead not in (name, ENGINE_MODELS[family]) or delivered or len(reloaded) >= RECOVERY_ATTEMPTS:
+                if dead not in (name, ENGINE_MODELS[family]) or len(reloaded) >= RECOVERY_ATTEMPTS:
                     raise
+                if delivered:
+                    # Audio already reached the caller: sending again would repeat it. End this
+                    # request now with a clear error and reload in the background, so the next
+                    # request is served (the embedded server's supervisor reloads it as well).
+                    threading.Thread(target=self._reload_quietly, args=(dead, time.perf_counter(), str(exc)),
+                                     daemon=True, name=f"reload-{dead}").start()
+                    raise SynthesisError(f"{clean_message(str(exc))} The request stopped after part of its audio; "
+                                         f"{dead} is being reloaded, so the next request will be served.",
+                                         exc.status) from None
                 self.reload_model(dead, failed_at=time.perf_counter(), cause=str(exc),
                                   timeout_s=RELOAD_TIMEOUT_S["engine" if dead == ENGINE_MODELS[family] else "front"])
                 reloaded.append(dead)
@@ -417,11 +500,21 @@ class StudioClient:
         result.recovered = True
         return result
 
+    def _reload_quietly(self, name: str, failed_at: float, cause: str) -> None:
+        engine = name in ENGINE_MODELS.values()
+        try:
+            self.reload_model(name, failed_at=failed_at, cause=cause,
+                              timeout_s=RELOAD_TIMEOUT_S["engine" if engine else "front"])
+        except (SynthesisError, RuntimeError):
+            pass  # the next request meets the dead instance and says so
+
     def reload_model(self, name: str, failed_at: float | None = None, cause: str = "",
                      timeout_s: float = RELOAD_TIMEOUT_S["front"]) -> None:
         """Reload model `name` through Triton's repository API (the server runs in explicit model
-        control mode). Several clients meeting the same dead instance reload it once: a reload that
-        finished after `failed_at` (perf_counter of the failure) counts."""
+        control mode), with new stubs for every instance. Several clients meeting the same dead
+        instance reload it once: a reload that finished after `failed_at` (perf_counter of the
+        failure) counts. The load carries the model's own configuration with RELOAD_PARAMETER
+        changed, which forces the reload (an unchanged model's load is a no-op in 2.51)."""
         key = (self.url, name)
         with _reload_guard:
             lock = _reload_locks.setdefault(key, threading.Lock())
@@ -429,7 +522,11 @@ class StudioClient:
             if failed_at is not None and _reloads.get(key, float("-inf")) > failed_at:
                 return
             try:
-                self._client.load_model(name, client_timeout=timeout_s)
+                config = self._client.get_model_config(name, as_json=True, client_timeout=CONTROL_TIMEOUT_S)
+                config = config.get("config", config)
+                config.setdefault("parameters", {})[RELOAD_PARAMETER] = {"string_value": uuid.uuid4().hex}
+                self._client.load_model(name, headers=self.repository_headers or None, config=json.dumps(config),
+                                        client_timeout=timeout_s)
             except InferenceServerException as exc:
                 raise SynthesisError(f"{clean_message(cause) or name + ' failed'}; reloading {name} to replace the "
                                      f"dead instance failed too ({clean_message(exc.message())}): restart the "

@@ -7,13 +7,34 @@ model adds the project root to sys.path itself from a config parameter; the stub
 interpreter whose `bin` is first on PATH and needs that interpreter's shared libpython on
 LD_LIBRARY_PATH beside the wheel's `nvidia_pytriton.libs`; stubs can outlive a server killed while
 models load, so the server runs in its own process group and the whole group is stopped.
+
+Supervision (issue 17):
+- The server never outlives the app: a tiny watchdog shell joins the server's process group and
+  reads a pipe whose only writer is this process; when this process ends, however it ends
+  (SIGKILL included), the pipe closes and the watchdog stops the whole group. (PR_SET_PDEATHSIG
+  would fire when the *thread* that started the server exits, and the server is started and
+  restarted from short-lived threads.)
+- Every run is recorded in `DATA/runs/registry.json` (under a file lock: several studio processes
+  may share a data directory) with the app's and the server's pid and process start time. A new
+  run clears only runs whose app is gone: their processes (found by the run folder in their
+  command line) are stopped, their shared-memory regions removed.
+- Readiness counts only when the server answering is this run's: every model carries a per-run
+  `run_id` parameter, compared with the model configuration the server reports.
+- The repository (model-control) API is restricted on HTTP and gRPC to a per-run secret header,
+  which only this process and its `StudioClient`s know.
+- A supervisor thread checks every model instance's stub (each records its pid in `RUN/stubs/`)
+  every SUPERVISE_S and reloads a model whose stub died, so even an idle death is repaired
+  before the next request; the server itself is restarted when it exits.
 """
 
 from __future__ import annotations
 
 import atexit
+import fcntl
 import importlib.util
+import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -29,7 +50,7 @@ from pathlib import Path
 
 from studio.config import PROJECT_ROOT, default_data_dir
 from studio.runtimes import RuntimeUnavailable, check_runtime, runtime_models, runtime_values
-from studio.weights import FamilyWeights, resolve_f5, resolve_spark
+from studio.weights import FamilyWeights, resolve_check_model, resolve_f5, resolve_spark
 
 MODELS_SRC = PROJECT_ROOT / "triton_models"
 
@@ -37,11 +58,32 @@ MODELS_SRC = PROJECT_ROOT / "triton_models"
 FAMILY_MODELS = {
     "f5": ("f5_engine", "f5_tts", "f5_tts_stream"),
     "spark": ("spark_llm", "spark_tts", "spark_tts_stream"),
+    "asr": ("asr",),
+    "sim": ("speaker_sim",),
 }
+#: Optional families for transcript fill and objective checks (`--no-asr` leaves both out).
+CHECK_FAMILIES = ("asr", "sim")
 #: Front models are weightless CPU models; they need one instance per request served at once
 #: (tritonserver 2.51 overlaps requests inside a Python model instance only when it is decoupled).
 DEFAULT_FRONT_INSTANCES = 16
 MAX_RESTARTS = 3
+#: How often the supervisor looks for dead stubs and a dead server, in seconds.
+SUPERVISE_S = 1.0
+#: Header (lower case: gRPC metadata) carrying the per-run secret of the repository API over HTTP;
+#: over gRPC tritonserver expects it with its protocol prefix.
+REPOSITORY_HEADER = "studio-repository-key"
+GRPC_REPOSITORY_HEADER = f"triton-grpc-protocol-{REPOSITORY_HEADER}"
+#: Seconds a stopped server's group gets between SIGTERM and SIGKILL (the server unloads models,
+#: removes its shared-memory regions) and seconds a reload of a dead model may take on the supervisor.
+TERM_GRACE_S = 10
+#: The watchdog: ignores the signals it sends, waits for EOF on stdin (this process gone), then
+#: stops its own process group (the server and its stubs): SIGTERM, up to TERM_GRACE_S for the
+#: server ($1) to exit, SIGKILL. Ignored signals stay ignored in `sleep`, so it survives the TERM.
+WATCHDOG_SH = ("trap '' TERM INT HUP; read _ignored; kill -TERM 0; i=0; "
+               f"while [ $i -lt {TERM_GRACE_S * 2} ] && kill -0 \"$1\" 2>/dev/null; do sleep 0.5; i=$((i+1)); done; "
+               "kill -KILL 0")
+#: A run's processes name its folder in their command lines; their shared memory is named there too.
+SHM_REGION = "triton_python_backend_shm_region_"
 
 
 class ServerStartError(RuntimeError):
@@ -90,7 +132,8 @@ def engine_instance_group(gpus: list[int], count_per_gpu: int = 1) -> str:
 
 def render_model_repository(dest: Path, families: dict[str, FamilyWeights], *, gpus: list[int],
                             front_instances: int, runtime: str = "torch", engine_per_gpu: int = 1,
-                            engines_dir: Path | None = None) -> list[str]:
+                            engines_dir: Path | None = None,
+                            run_id: str = "") -> list[str]:
     """Copy each family's model folders into `dest`, filling the `${...}` slots of config.pbtxt.
 
     Returns the model names written. Unknown slots raise (a template typo must fail loudly).
@@ -101,6 +144,7 @@ def render_model_repository(dest: Path, families: dict[str, FamilyWeights], *, g
         "front_instances": str(front_instances),
         "engine_instance_group": engine_instance_group(gpus, engine_per_gpu),
         "runtime": runtime,
+        "run_id": run_id,  # readiness checks compare it: the server answering is this run's
         # The dynamic batcher holds a lone request for the whole delay before it runs it, so at
         # concurrency 1 the delay is pure latency (1.2 ms of queue time per request measured with
         # 1000 us on the H200). 250 us still groups requests whose front ends forward them together;
@@ -131,6 +175,118 @@ def available_families() -> list[str]:
                    for n in names)]
 
 
+# --- processes and the run registry ----------------------------------------------------------------
+def process_start_time(pid: int) -> int | None:
+    """Start time of `pid` in clock ticks since boot (None: no such live process); with the pid it
+    names one process even after pid reuse."""
+    from triton_models.shared import process_start_time as start_time
+
+    return start_time(pid)
+
+
+def process_alive(pid: int | None, start: int | None) -> bool:
+    return bool(pid) and start is not None and process_start_time(pid) == start
+
+
+def run_processes(run_dir: Path) -> list[tuple[int, list[str]]]:
+    """(pid, argv) of every process whose command line names `run_dir` (a run's server and stubs)."""
+    needle = (str(run_dir) + os.sep).encode()  # run-1-2/ must not match run-1-23/
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if any(needle in a for a in argv):
+            found.append((int(entry), [a.decode("utf-8", "replace") for a in argv if a]))
+    return found
+
+
+def stop_run_processes(run_dir: Path, grace_s: float = 5.0) -> int:
+    """Stop what is left of a run (SIGTERM, then SIGKILL after `grace_s`) and remove the shared-memory
+    regions its stubs named. Returns how many processes were found."""
+    procs = run_processes(run_dir)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid, _ in procs:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + (grace_s if sig == signal.SIGTERM else 2.0)
+        while time.monotonic() < deadline and any(process_start_time(pid) for pid, _ in procs):
+            time.sleep(0.1)
+    for _, argv in procs:
+        for arg in argv:
+            if arg.startswith(SHM_REGION) and "/" not in arg:
+                try:
+                    os.unlink(f"/dev/shm/{arg}")
+                except OSError:
+                    pass
+    return len(procs)
+
+
+class RunRegistry:
+    """`DATA/runs/registry.json`: the runs started on this data directory, each with its app's and
+    server's pid and start time. Read and written only under an exclusive lock on
+    `registry.lock`, because several studio processes may share the data directory."""
+
+    def __init__(self, runs_dir: Path):
+        self.runs_dir = runs_dir
+        self.path = runs_dir / "registry.json"
+
+    def _locked(self):
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        fh = open(self.runs_dir / "registry.lock", "a+")
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        return fh
+
+    def _read(self) -> dict:
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def _write(self, data: dict) -> None:
+        tmp = self.path.with_name(f".registry.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        os.replace(tmp, self.path)
+
+    def update(self, run: str, **fields) -> None:
+        with self._locked():
+            data = self._read()
+            data.setdefault(run, {}).update(fields)
+            self._write(data)
+
+    def remove(self, run: str) -> None:
+        with self._locked():
+            data = self._read()
+            if data.pop(run, None) is not None:
+                self._write(data)
+
+    def clear_orphans(self, log) -> set[str]:
+        """Stop the leftovers of every run whose app no longer runs; return the runs still live
+        (their folders must be kept). Run folders never registered (older versions) count as
+        dead when no process names them."""
+        with self._locked():
+            data = self._read()
+            live = set()
+            for run, entry in list(data.items()):
+                if process_alive(entry.get("app_pid"), entry.get("app_start")):
+                    live.add(run)
+                    continue
+                found = stop_run_processes(self.runs_dir / run)
+                if found:
+                    log(f"stopped {found} process(es) left by an earlier run ({run}, app pid {entry.get('app_pid')} "
+                        "is gone)")
+                del data[run]
+            self._write(data)
+            return live
+
+
 class TritonServer:
     """One embedded tritonserver process group, with readiness, restart-on-death and log access."""
 
@@ -138,7 +294,8 @@ class TritonServer:
                  gpus: list[int] | None = None, demo_weights: bool = False, checkpoints: Path | None = None,
                  no_download: bool = False, f5_model: str = "F5TTS_v1_Base", instances: int | None = None,
                  runtime: str = "torch", engines_dir: Path | None = None, bind: str = "127.0.0.1",
-                 families: list[str] | None = None, engine_per_gpu: int | None = None, log=None):
+                 families: list[str] | None = None, engine_per_gpu: int | None = None, log=None,
+                 no_asr: bool = False):
         self.data_dir = Path(data_dir or default_data_dir()).expanduser()
         self.http_port, self.grpc_port = http_port, grpc_port
         self.gpus = visible_gpus() if gpus is None else list(gpus)
@@ -146,6 +303,8 @@ class TritonServer:
         self.f5_model = f5_model
         self.front_instances = instances or int(os.environ.get("STUDIO_FRONT_INSTANCES", DEFAULT_FRONT_INSTANCES))
         self.families = families or available_families()
+        if no_asr or os.environ.get("STUDIO_NO_ASR", "0") in ("1", "true"):
+            self.families = [f for f in self.families if f not in CHECK_FAMILIES]
         #: engine instances per GPU (weights are loaded once per instance); 1 unless measured otherwise
         self.engine_per_gpu = engine_per_gpu or int(os.environ.get("STUDIO_ENGINE_PER_GPU", 1))
         #: torch | trtllm (studio.runtimes); trtllm serves the engines under engines_dir
@@ -161,6 +320,14 @@ class TritonServer:
         self._restarts: list[float] = []
         self.run_dir: Path | None = None
         self.models: list[str] = []
+        #: Compared with every model's `run_id` parameter: readiness counts only for this run's server.
+        self.run_id = secrets.token_hex(8)
+        #: The repository API's per-run secret (load/unload), sent as REPOSITORY_HEADER.
+        self.repository_secret = secrets.token_urlsafe(24)
+        self._pgid: int | None = None
+        self._watchdog: subprocess.Popen | None = None
+        self._registry = RunRegistry(self.data_dir / "runs")
+        self._reload_failed: dict[str, float] = {}  # model -> monotonic time of its last failed reload
         atexit.register(self.stop)
 
     # -- public state -------------------------------------------------------------------------
@@ -171,6 +338,16 @@ class TritonServer:
     @property
     def http_url(self) -> str:
         return f"127.0.0.1:{self.http_port}"
+
+    @property
+    def repository_headers(self) -> dict[str, str]:
+        """gRPC metadata the repository (model-control) API requires from this run's clients."""
+        return {GRPC_REPOSITORY_HEADER: self.repository_secret}
+
+    @property
+    def http_repository_headers(self) -> dict[str, str]:
+        """The same over HTTP."""
+        return {REPOSITORY_HEADER: self.repository_secret}
 
     @property
     def log_path(self) -> Path | None:
@@ -234,6 +411,8 @@ class TritonServer:
     def stop(self) -> None:
         self._stopping = True
         self._kill_group()
+        if self.run_dir is not None:
+            self._registry.remove(self.run_dir.name)
         if self._state != "failed":
             self._set("stopped", "stopped")
 
@@ -251,6 +430,10 @@ class TritonServer:
         if "spark" in self.families and "spark" not in self._weights:
             self._weights["spark"] = resolve_spark(self.data_dir, checkpoints=ck, demo=self.demo_weights,
                                                    no_download=self.no_download, log=self._log_fn)
+        for fam in CHECK_FAMILIES:
+            if fam in self.families and fam not in self._weights:
+                self._weights[fam] = resolve_check_model(fam, self.data_dir, checkpoints=ck, demo=self.demo_weights,
+                                                         no_download=self.no_download, log=self._log_fn)
         for fam, w in self._weights.items():
             if w.demo:
                 self._log_fn(f"{fam}: DEMO WEIGHTS (random, they produce noise): {w.reason}")
@@ -258,14 +441,17 @@ class TritonServer:
     def _prepare_run_dir(self) -> None:
         runs = self.data_dir / "runs"
         runs.mkdir(parents=True, exist_ok=True)
-        old = sorted(runs.glob("run-*"), key=lambda p: p.stat().st_mtime)
-        for stale in old[:-4]:  # keep a few recent runs' logs, drop the rest
-            shutil.rmtree(stale, ignore_errors=True)
+        live = self._registry.clear_orphans(self._log_fn)
+        old = sorted((p for p in runs.glob("run-*") if p.name not in live), key=lambda p: p.stat().st_mtime)
+        for stale in old[:-4]:  # keep a few recent runs' logs, drop the rest (never a live run's)
+            if not run_processes(stale):
+                shutil.rmtree(stale, ignore_errors=True)
         self.run_dir = runs / f"run-{os.getpid()}-{int(time.time() * 1000)}"
+        self._registry.update(self.run_dir.name, app_pid=os.getpid(), app_start=process_start_time(os.getpid()))
         self.models = render_model_repository(self.run_dir / "models", self._weights, gpus=self.gpus,
                                               front_instances=self.front_instances,
                                               runtime=self.runtime, engines_dir=self.engines_dir,
-                                              engine_per_gpu=self.engine_per_gpu)
+                                              engine_per_gpu=self.engine_per_gpu, run_id=self.run_id)
 
     def _backend_dir(self, wheel_root: Path | None) -> Path | None:
         """The wheel ships stubs per Python version; the backend folder needs this interpreter's."""
@@ -336,14 +522,30 @@ class TritonServer:
                # explicit model control with every model loaded at start: the same models as the
                # default mode, plus the repository API, so a front model whose instance's stub died
                # (tritonserver 2.51 does not restart it) can be reloaded alone (studio.client)
-               "--model-control-mode=explicit", "--load-model=*"]
+               "--model-control-mode=explicit", "--load-model=*",
+               # only this process may load or unload models (a reload of a dead stub); the load API
+               # also takes file overrides, which would run code in the server
+               f"--http-restricted-api=model-repository:{REPOSITORY_HEADER}={self.repository_secret}",
+               f"--grpc-restricted-protocol=model-repository:{REPOSITORY_HEADER}={self.repository_secret}"]
         if backends:
             cmd.append(f"--backend-directory={backends}")
         self._set("starting", f"starting tritonserver (gRPC {self.grpc_url}, HTTP {self.http_url})")
         log = open(self.log_path, "ab")
-        self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        # A process group of its own (Ctrl-C in a terminal does not reach it; stopping it reaches
+        # every stub), in this session so that the watchdog can join it.
+        self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, process_group=0,
                                       cwd=self.run_dir)
         log.close()
+        self._pgid = self._proc.pid
+        self._watchdog = subprocess.Popen(["sh", "-c", WATCHDOG_SH, "studio-watchdog", str(self._proc.pid)],
+                                          stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL, process_group=self._pgid)
+        from studio.client import register_repository_headers
+
+        register_repository_headers(self.grpc_url, self.repository_headers)
+        self._registry.update(self.run_dir.name, server_pid=self._proc.pid,
+                              server_start=process_start_time(self._proc.pid),
+                              grpc_port=self.grpc_port, http_port=self.http_port)
 
     def _http_ok(self, path: str) -> bool:
         try:
@@ -355,6 +557,17 @@ class TritonServer:
     def _model_ready(self, name: str) -> bool:
         return self._http_ok(f"/v2/models/{name}/ready")
 
+    def _is_ours(self) -> bool:
+        """Whether the server answering on our port serves this run's repository (run_id parameter)."""
+        if not self.models:
+            return False
+        try:
+            with urllib.request.urlopen(f"http://{self.http_url}/v2/models/{self.models[0]}/config", timeout=2) as r:
+                config = json.loads(r.read())
+        except (OSError, ValueError):
+            return False
+        return config.get("parameters", {}).get("run_id", {}).get("string_value") == self.run_id
+
     def _wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -362,7 +575,7 @@ class TritonServer:
             if code is not None:
                 tail = "\n".join(self.log_tail(25))
                 raise ServerStartError(f"tritonserver exited with code {code} while starting; its log ends:\n{tail}")
-            if self._http_ok("/v2/health/ready"):
+            if self._http_ok("/v2/health/ready") and self._is_ours():
                 self._set("ready", f"Triton ready at {self.grpc_url} (gRPC), {self.http_url} (HTTP)")
                 return
             time.sleep(0.25)
@@ -370,11 +583,14 @@ class TritonServer:
         raise ServerStartError(f"tritonserver was not ready after {timeout_s:.0f} s; its log ends:\n{tail}")
 
     def _watch(self) -> None:
-        """Restart a server that died on its own (bounded: MAX_RESTARTS within 10 minutes)."""
+        """Reload models whose stub died; restart a server that died on its own (bounded:
+        MAX_RESTARTS within 10 minutes)."""
         proc = self._proc
         while proc is not None and not self._stopping:
             if proc.poll() is None:
-                time.sleep(1.0)
+                time.sleep(SUPERVISE_S)
+                if self._state == "ready" and not self._stopping:
+                    self._reload_dead_models()
                 continue
             if self._stopping:
                 return
@@ -394,14 +610,51 @@ class TritonServer:
                 return
             proc = self._proc
 
+    def dead_instances(self) -> dict[str, list[str]]:
+        """model -> its instances whose stub process died (from the stubs' records in RUN/stubs)."""
+        from triton_models.shared import dead_instances
+
+        folder = self.run_dir / "stubs" if self.run_dir else None
+        if folder is None or not folder.is_dir():
+            return {}
+        found = {name: dead_instances(folder, name) for name in self.models}
+        return {name: dead for name, dead in found.items() if dead}
+
+    def _reload_dead_models(self) -> None:
+        """Reload each model with a dead stub (engines first: fronts wait on them). A model whose
+        reload failed is tried again after a minute."""
+        from studio.client import ENGINE_MODELS, StudioClient, SynthesisError
+
+        dead = self.dead_instances()
+        now = time.monotonic()
+        order = sorted(dead, key=lambda name: name not in ENGINE_MODELS.values())
+        for name in order:
+            if now - self._reload_failed.get(name, -1e9) < 60:
+                continue
+            self._log_fn(f"{', '.join(dead[name])}: stub process died; reloading {name}")
+            started = time.monotonic()
+            try:
+                with StudioClient(self.grpc_url, repository_headers=self.repository_headers) as client:
+                    client.reload_model(name, failed_at=time.perf_counter(), cause=f"{name} stub died")
+            except (SynthesisError, OSError) as exc:
+                self._reload_failed[name] = time.monotonic()
+                self._log_fn(f"reloading {name} failed: {exc}")
+                continue
+            self._reload_failed.pop(name, None)
+            self._log_fn(f"{name} reloaded in {time.monotonic() - started:.1f} s")
+
     def _kill_group(self) -> None:
-        proc = self._proc
+        proc, pgid, watchdog = self._proc, self._pgid, self._watchdog
+        self._watchdog = None
+        if watchdog is not None and watchdog.stdin is not None:
+            try:
+                watchdog.stdin.close()  # the watchdog would stop the group too; we do it here first
+            except OSError:
+                pass
         if proc is None:
             return
-        try:
-            pgid = os.getpgid(proc.pid)
-        except ProcessLookupError:
-            pgid = None
+        # The pgid was remembered at launch: a server that already exited (and was reaped) has no
+        # pgid to ask for, but its stubs still run in its group (the watchdog keeps it alive).
         if pgid is not None:
             for sig, wait_s in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
                 try:
@@ -418,4 +671,11 @@ class TritonServer:
                 except ProcessLookupError:
                     pass
                 break
+        if watchdog is not None:
+            try:
+                watchdog.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                watchdog.kill()
+        if self.run_dir is not None:
+            stop_run_processes(self.run_dir, grace_s=2.0)  # anything that left the group
         self._proc = None

@@ -342,6 +342,10 @@ def toy_server(tmp_path_factory):
             self.run_dir = self.data_dir / "run"
             shutil.copytree(repo, self.run_dir / "models")
             self.models = list(TOY_MODELS)
+            for name in self.models:  # readiness counts only for a server carrying this run's id
+                cfg = self.run_dir / "models" / name / "config.pbtxt"
+                cfg.write_text(cfg.read_text().replace(
+                    "parameters [ ", f'parameters [ {{ key: "run_id" value: {{ string_value: "{self.run_id}" }} }}, '))
 
     server = ToyServer(tmp_path_factory.mktemp("toy-data"), gpus=[], instances=1, log=lambda msg: None)
     server.start(timeout_s=120)
@@ -521,9 +525,14 @@ class _CountingLoads:
     def __init__(self, fail: bool = False):
         self.loads, self.fail = [], fail
 
-    def load_model(self, name, client_timeout=None):
+    def get_model_config(self, name, as_json=False, client_timeout=None):
+        return {"config": {"name": name, "parameters": {"run_id": {"string_value": "r"}}}}
+
+    def load_model(self, name, headers=None, config=None, client_timeout=None):
         from tritonclient.utils import InferenceServerException
 
+        # a forced reload: the model's own config with the reload parameter changed
+        assert json.loads(config)["parameters"]["studio_reload"]["string_value"]
         if self.fail:
             raise InferenceServerException("explicit model load / unload is not allowed if polling is enabled")
         time.sleep(0.05)

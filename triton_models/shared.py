@@ -151,19 +151,20 @@ def get_text(pb_utils, request, name: str, required: bool = True) -> str:
     return value if isinstance(value, str) else str(value)
 
 
-def get_wav(pb_utils, request, required: bool = True) -> np.ndarray | None:
-    """`reference_wav` cut to `reference_wav_len` (clients may zero-pad), as float32 mono."""
-    tensor = pb_utils.get_input_tensor_by_name(request, "reference_wav")
+def get_wav(pb_utils, request, required: bool = True, name: str = "reference_wav",
+            length_name: str = "reference_wav_len") -> np.ndarray | None:
+    """`name` (the prompt clip by default) cut to `length_name` (clients may zero-pad), as float32 mono."""
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
     if tensor is None:
         if required:
-            raise ValueError("the request has no `reference_wav` input (the prompt clip)")
+            raise ValueError(f"the request has no `{name}` input" + (" (the prompt clip)" if name == "reference_wav" else ""))
         return None
     wav = tensor.as_numpy().astype(np.float32).reshape(-1)
-    length = get_scalar(pb_utils, request, "reference_wav_len")
+    length = get_scalar(pb_utils, request, length_name)
     if length is not None:
         length = int(length)
         if not 0 <= length <= wav.size:
-            raise ValueError(f"reference_wav_len is {length} but reference_wav has {wav.size} samples")
+            raise ValueError(f"{length_name} is {length} but {name} has {wav.size} samples")
         wav = wav[:length]
     return wav
 
@@ -181,8 +182,27 @@ def audio_response(pb_utils, wav: np.ndarray, info: dict):
     return pb_utils.InferenceResponse(output_tensors=[wave_tensor(pb_utils, wav), info_tensor(pb_utils, info)])
 
 
-def error_response(pb_utils, message: str):
-    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message))
+def error_response(pb_utils, message: str, invalid: bool = False, code=None):
+    """An error response; `invalid` marks the client's mistake (HTTP 400 / gRPC INVALID_ARGUMENT for
+    the offline models; a decoupled model's stream client sees the message only), `code` forwards
+    an engine error's own status."""
+    if code is None and invalid:
+        code = pb_utils.TritonError.INVALID_ARG
+    error = pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
+    return pb_utils.InferenceResponse(output_tensors=[], error=error)
+
+
+def error_code(error):
+    """The status code of a BLS response's error (None where the stub offers none)."""
+    try:
+        return error.code()
+    except Exception:  # noqa: BLE001 - older stubs: the message only
+        return None
+
+
+def request_error_response(pb_utils, exc: Exception):
+    """The response for a request that failed validation or a limit: the message, marked invalid."""
+    return error_response(pb_utils, str(exc), invalid=isinstance(exc, ValueError))
 
 
 def forward_inputs(pb_utils, request, names: list[str]) -> list:
@@ -249,6 +269,134 @@ class CancelWatch:
                 return
 
 
+# --- stub liveness ------------------------------------------------------------------------------------
+# tritonserver 2.51 never restarts a dead stub, its readiness ignores stub death, and a BLS response
+# iterator waits forever on a dead engine. So every model instance records its stub's pid and start
+# time in `<run>/stubs/<instance name>` when it initialises: front models bound their waits on an
+# engine by checking those files, and the studio's server manager (studio/server.py) reloads a
+# model whose instance's stub is gone.
+#: How often a front waiting on its engine checks that the engine's stubs live, in seconds.
+LIVENESS_POLL_S = 0.5
+
+
+def process_start_time(pid: int) -> int | None:
+    """The start time of process `pid` in clock ticks since boot (/proc/PID/stat field 22), or None
+    when no such process runs (or it is a zombie). Pid and start time together name one process:
+    a pid alone may have been reused."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read().decode("ascii", "replace")
+    except OSError:
+        return None
+    fields = stat[stat.rfind(")") + 2:].split()  # after "pid (comm) "; comm may hold spaces
+    if not fields or fields[0] in ("Z", "X"):
+        return None
+    return int(fields[19])
+
+
+def stubs_dir(args: dict):
+    """`<run>/stubs`: one file per model instance (its stub's pid and start time)."""
+    from pathlib import Path
+
+    folder = Path(args["model_repository"]).resolve().parent.parent / "stubs"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def register_stub(args: dict) -> None:
+    """Record this stub process under its instance name (called from every model's `initialize`)."""
+    pid = os.getpid()
+    path = stubs_dir(args) / args["model_instance_name"]
+    tmp = path.with_name(f".{path.name}.{pid}")
+    tmp.write_text(f"{pid} {process_start_time(pid)}\n")
+    os.replace(tmp, path)  # atomic: a reader never sees half a record
+
+
+def read_stub(path) -> tuple[int, int] | None:
+    try:
+        pid, start = path.read_text().split()
+        return int(pid), int(start)
+    except (OSError, ValueError):
+        return None
+
+
+def dead_instances(folder, model: str) -> list[str]:
+    """Instances of `model` whose recorded stub process no longer runs."""
+    dead = []
+    for path in folder.glob(f"{model}_*"):
+        rest = path.name[len(model) + 1:].split("_")
+        if len(rest) != 2 or not all(part.isdigit() for part in rest):
+            continue  # another model whose name starts like this one (f5_tts vs f5_tts_stream)
+        record = read_stub(path)
+        if record is None or process_start_time(record[0]) != record[1]:
+            dead.append(path.name)
+    return sorted(dead)
+
+
+def dead_stub_message(instances: list[str]) -> str:
+    """Worded like Triton's own answer for a dead stub, which the studio client recognises."""
+    return " ".join(f"Stub process '{name}' is not healthy." for name in instances)
+
+
+class EngineDied(RuntimeError):
+    """The engine instance(s) a front waits on died; the message names them as Triton would."""
+
+
+class DeadlineExceeded(RuntimeError):
+    """A request ran past the request deadline (tts.limits)."""
+
+
+def bounded_responses(bls, decoupled: bool, engine: str, folder, deadline: float):
+    """The BLS request's responses, but never a wait without end: the iterator runs in a helper
+    thread, and while no response comes this checks every LIVENESS_POLL_S that the engine's stubs
+    still live (EngineDied otherwise) and that `deadline` (time.monotonic) has not passed
+    (DeadlineExceeded). A helper left blocked on a dead engine's iterator stays parked; the
+    instance itself is free for the next request."""
+    import queue
+    import threading
+
+    answers: queue.SimpleQueue = queue.SimpleQueue()
+    done = object()
+
+    def pump():
+        try:
+            for response in bls.exec(decoupled=decoupled):
+                answers.put(response)
+        except Exception as exc:  # noqa: BLE001 - handed to the waiting thread
+            answers.put(exc)
+        answers.put(done)
+
+    threading.Thread(target=pump, daemon=True, name=f"bls-{engine}").start()
+    while True:
+        try:
+            item = answers.get(timeout=LIVENESS_POLL_S)
+        except queue.Empty:
+            dead = dead_instances(folder, engine)
+            if dead:
+                raise EngineDied(dead_stub_message(dead)) from None
+            if time.monotonic() > deadline:
+                raise DeadlineExceeded() from None
+            continue
+        if item is done:
+            return
+        if isinstance(item, Exception):
+            raise item
+        yield item
+
+
+def deadline_message(engine: str) -> str:
+    from tts.limits import ENV, current_limits
+
+    return (f"the request took longer than the request deadline of {current_limits().request_deadline_s:g} s "
+            f"({ENV['request_deadline_s']}) and was stopped")
+
+
+def request_deadline() -> float:
+    from tts.limits import current_limits
+
+    return time.monotonic() + current_limits().request_deadline_s
+
+
 def cancel_dir(args: dict):
     """A folder shared by a model repository's models, for cancel markers (`<repo>/../cancel`)."""
     from pathlib import Path
@@ -281,31 +429,53 @@ def send_final(pb_utils, request, response) -> None:
 
 
 def offline_front(pb_utils, request, engine: str, input_names: list[str], join, extra: list | None = None,
-                  on_cancel=None):
+                  on_cancel=None, stubs=None):
     """Call a decoupled engine through BLS, join its chunk responses, return one response (an error
     response when anything fails); the caller answers with `send_final`.
 
-    Front stubs died on the H200 (2026-12-02, "Stub process 'f5_tts_0_9' is not healthy") with
-    either way of answering; the studio client reloads a model when it meets such an instance."""
+    `on_cancel()` tells the engine when the client goes away (a closed HTTP connection or a
+    cancelled gRPC call marks the request cancelled). With `stubs` (the run's stubs folder) the
+    wait on the engine is bounded: a dead engine stub ends it within LIVENESS_POLL_S with Triton's
+    dead-stub wording, so the client reloads the engine and sends again."""
     try:
-        return _offline_front(pb_utils, request, engine, input_names, join, extra)
+        with CancelWatch(request, on_cancel) as watch:
+            return _offline_front(pb_utils, request, engine, input_names, join, extra, stubs, watch)
+    except EngineDied as exc:
+        return error_response(pb_utils, f"{engine} stopped while serving this request: {exc}")
+    except DeadlineExceeded:
+        if on_cancel is not None:
+            _quietly(on_cancel)
+        return error_response(pb_utils, deadline_message(engine))
     except Exception as exc:  # noqa: BLE001 - one bad request must not take the instance down
         return error_response(pb_utils, f"{engine} request failed: {exc}")
 
 
-def _offline_front(pb_utils, request, engine, input_names, join, extra):
+def _quietly(fn) -> None:
+    try:
+        fn()
+    except Exception as exc:  # noqa: BLE001 - best effort
+        print(f"[front] cancel failed: {exc}", flush=True)
+
+
+def _responses(bls, engine, stubs):
+    if stubs is None:
+        return bls.exec(decoupled=True)
+    return bounded_responses(bls, True, engine, stubs, request_deadline())
+
+
+def _offline_front(pb_utils, request, engine, input_names, join, extra, stubs, watch):
     t0 = time.perf_counter()
     arrivals = []
     inputs = forward_inputs(pb_utils, request, input_names) + (extra or [])
     inputs.append(pb_utils.Tensor("streaming", np.array([[False]], dtype=bool)))
     bls = pb_utils.InferenceRequest(model_name=engine, inputs=inputs, requested_output_names=["waveform", "info"])
-    # Offline requests are cancelled on the client side only (the client stops waiting); `on_cancel`
-    # is accepted so a cancel watch like stream_front's can be added once it is proven under load.
     chunks, overlaps, info, whole = [], [], None, None
-    for response in bls.exec(decoupled=True):
+    for response in _responses(bls, engine, stubs):
         arrivals.append(ms_since(t0))
+        if watch.fired:
+            return error_response(pb_utils, "the client went away; the request was cancelled")
         if response.has_error():
-            return error_response(pb_utils, response.error().message())
+            return error_response(pb_utils, response.error().message(), code=error_code(response.error()))
         wav, chunk_info = response_audio(pb_utils, response)
         if wav is None:
             continue
@@ -313,6 +483,8 @@ def _offline_front(pb_utils, request, engine, input_names, join, extra):
         overlaps.append(int(chunk_info.get("overlap_samples", 0)))
         info = chunk_info
         whole = response if chunk_info.get("final") and len(chunks) == 1 else None
+    if watch.fired:
+        return error_response(pb_utils, "the client went away; the request was cancelled")
     if info is None:
         return error_response(pb_utils, f"{engine} returned no audio")
     if whole is not None:  # the engine joined the request itself (F5): forward its tensors as they are
@@ -326,11 +498,12 @@ def _offline_front(pb_utils, request, engine, input_names, join, extra):
 
 
 def stream_front(pb_utils, request, engine: str, input_names: list[str], extra: list | None = None,
-                 on_cancel=None) -> None:
+                 on_cancel=None, stubs=None) -> None:
     """Forward a decoupled engine's chunk responses; audio responses never carry the final flag.
 
     When the client closes its stream, `on_cancel()` tells the engine (BLS response-iterator
-    cancel is newer than tritonserver 2.51) and forwarding stops.
+    cancel is newer than tritonserver 2.51) and forwarding stops. With `stubs` the waits are
+    bounded as in `offline_front` (a dead engine ends the stream with its dead-stub message).
     """
     final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
     sender = request.get_response_sender()
@@ -341,18 +514,27 @@ def stream_front(pb_utils, request, engine: str, input_names: list[str], extra: 
     arrivals, sends = [], []
     try:
         with CancelWatch(request, on_cancel) as watch:
-            for response in bls.exec(decoupled=True):
+            for response in _responses(bls, engine, stubs):
                 arrivals.append(ms_since(t0))
                 if watch.fired or _cancelled(request):
                     break
                 if response.has_error():
-                    sender.send(error_response(pb_utils, response.error().message()), flags=final)
+                    sender.send(error_response(pb_utils, response.error().message(),
+                                               code=error_code(response.error())), flags=final)
                     return
                 wav, info = response_audio(pb_utils, response)
                 if wav is not None:
                     t_send = time.perf_counter()
                     sender.send(audio_response(pb_utils, wav, info))
                     sends.append(ms_since(t_send))
+    except EngineDied as exc:
+        sender.send(error_response(pb_utils, f"{engine} stopped while serving this request: {exc}"), flags=final)
+        return
+    except DeadlineExceeded:
+        if on_cancel is not None:
+            _quietly(on_cancel)
+        sender.send(error_response(pb_utils, deadline_message(engine)), flags=final)
+        return
     except Exception as exc:  # noqa: BLE001 - one bad request must not take the instance down
         sender.send(error_response(pb_utils, f"streaming failed: {exc}"), flags=final)
         return

@@ -23,12 +23,14 @@ class TritonPythonModel:
         params = model_params(args)["params"]
         import torch
 
-        from tts.audio import join_chunks
+        from tts import limits
+        from tts.audio import F5_SAMPLE_RATE, join_chunks
         from triton_models.runtimes import f5_pipeline_kwargs
         from tts.f5.pipeline import F5Options, F5Pipeline, serve
         from triton_models import shared
 
         self.shared, self.F5Options, self.serve, self.join = shared, F5Options, serve, join_chunks
+        self.limits, self.sample_rate = limits, F5_SAMPLE_RATE
         self.cancel_dir = shared.cancel_dir(args)  # front ends drop a marker named by the request key
         kind, device_id = args.get("model_instance_kind", "CPU"), args.get("model_instance_device_id", "0")
         device = f"cuda:{device_id}" if kind == "GPU" and torch.cuda.is_available() else "cpu"
@@ -47,6 +49,7 @@ class TritonPythonModel:
             print(f"[f5_engine] cuDNN {torch.backends.cudnn.version()}, libraries: "
                   f"{shared.loaded_libraries()}", flush=True)
         self.profile = shared.ExecuteProfile("f5_engine")  # STUDIO_PROFILE_DIR (off by default)
+        shared.register_stub(args)  # fronts and the studio watch this stub's liveness
 
     def _parse(self, request, streaming: bool):
         s, pb = self.shared, pb_utils
@@ -58,8 +61,9 @@ class TritonPythonModel:
             seed=s.get_scalar(pb, request, "seed", None),
             use_prompt_cache=bool(s.get_scalar(pb, request, "use_prompt_cache", True)))
         wav = s.get_wav(pb, request)
-        return self.pipeline.make_request(wav, s.get_text(pb, request, "reference_text"),
-                                          s.get_text(pb, request, "target_text"), options, streaming)
+        ref_text, text = s.get_text(pb, request, "reference_text"), s.get_text(pb, request, "target_text")
+        self.limits.check_request("f5", text, ref_text, wav.size, self.sample_rate)
+        return self.pipeline.make_request(wav, ref_text, text, options, streaming)
 
     def execute(self, requests):
         t_start = time.perf_counter()
@@ -76,8 +80,8 @@ class TritonPythonModel:
                     held[i] = ([], [])
                 senders[i] = sender
                 keys[i] = self.shared.get_scalar(pb_utils, request, "request_key", "") or ""
-            except ValueError as exc:
-                sender.send(self.shared.error_response(pb_utils, str(exc)), flags=final)
+            except ValueError as exc:  # the request's own fault (limits included): invalid-argument status
+                sender.send(self.shared.error_response(pb_utils, str(exc), invalid=True), flags=final)
 
         t_parsed = self.shared.ms_since(t_start)
 

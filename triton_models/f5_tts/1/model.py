@@ -27,12 +27,15 @@ class TritonPythonModel:
         from tts.audio import join_chunks
 
         self.shared, self.join = shared, join_chunks
+        self.stubs = shared.stubs_dir(args)  # engine liveness while a request waits on it
+        shared.register_stub(args)
 
     def execute(self, requests):
         for r in requests:
             key = uuid.uuid4().hex
             extra = [self.shared.key_tensor(pb_utils, "request_key", key)]
             response = self.shared.offline_front(pb_utils, r, self.engine, self.shared.F5_INPUTS, self.join,
-                                                 extra=extra, on_cancel=lambda k=key: (self.cancel_dir / k).touch())
+                                                 extra=extra, on_cancel=lambda k=key: (self.cancel_dir / k).touch(),
+                                                 stubs=self.stubs)
             self.shared.send_final(pb_utils, r, response)  # faster than returning it (see send_final)
         return None

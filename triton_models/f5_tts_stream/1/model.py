@@ -26,11 +26,14 @@ class TritonPythonModel:
         from triton_models import shared
 
         self.shared = shared
+        self.stubs = shared.stubs_dir(args)  # engine liveness while a request waits on it
+        shared.register_stub(args)
 
     def execute(self, requests):
         for request in requests:
             key = uuid.uuid4().hex
             self.shared.stream_front(pb_utils, request, self.engine, self.shared.F5_INPUTS,
                                      extra=[self.shared.key_tensor(pb_utils, "request_key", key)],
-                                     on_cancel=lambda k=key: (self.cancel_dir / k).touch())
+                                     on_cancel=lambda k=key: (self.cancel_dir / k).touch(),
+                                     stubs=self.stubs)
         return None

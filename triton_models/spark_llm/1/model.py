@@ -27,11 +27,14 @@ class TritonPythonModel:
         import torch
 
         from triton_models import shared
+        from tts import limits
+        from tts.audio import SPARK_SAMPLE_RATE
         from tts.spark.engine import SparkCancelled, SparkEngine
         from tts.spark.pipeline import SparkPipeline
         from tts.spark.request import SparkOptions, SparkRequest
 
         self.shared, self.Cancelled, self.Options, self.Request = shared, SparkCancelled, SparkOptions, SparkRequest
+        self.limits, self.sample_rate = limits, SPARK_SAMPLE_RATE
         params = shared.model_params(args)["params"]
         kind, device_id = args.get("model_instance_kind", "CPU"), args.get("model_instance_device_id", "0")
         device = f"cuda:{device_id}" if kind == "GPU" and torch.cuda.is_available() else "cpu"
@@ -44,6 +47,7 @@ class TritonPythonModel:
         label = "DEMO WEIGHTS (random: output is noise)" if self.demo else params["model_dir"]
         print(f"[spark_llm] ready on {device} in {time.perf_counter() - started:.1f} s: {label}", flush=True)
         self._closing = False
+        shared.register_stub(args)  # fronts and the studio watch this stub's liveness
         threading.Thread(target=self._log_batch_size, daemon=True).start()
 
     def _log_batch_size(self) -> None:
@@ -69,9 +73,10 @@ class TritonPythonModel:
         wav = s.get_wav(pb, request, required=False)
         if wav is not None and wav.size == 0:
             wav = None  # an empty clip is no clip
+        text, ref_text = s.get_text(pb, request, "target_text"), s.get_text(pb, request, "reference_text", required=False)
+        self.limits.check_request("spark", text, ref_text, 0 if wav is None else wav.size, self.sample_rate)
         return self.Request(
-            text=s.get_text(pb, request, "target_text"), reference_wav=wav,
-            reference_text=s.get_text(pb, request, "reference_text", required=False),
+            text=text, reference_wav=wav, reference_text=ref_text,
             gender=s.get_scalar(pb, request, "gender", None) or None,
             pitch_level=s.get_scalar(pb, request, "pitch_level", None) or None,
             speed_level=s.get_scalar(pb, request, "speed_level", None) or None,
@@ -102,8 +107,8 @@ class TritonPythonModel:
             try:
                 key = self.shared.get_scalar(pb_utils, request, "request_key", "") or ""
                 self.engine.submit(self._request(request, key), callback=lambda ev, snd=sender: self._deliver(snd, ev))
-            except ValueError as exc:
-                sender.send(self.shared.error_response(pb_utils, str(exc)), flags=final)
+            except ValueError as exc:  # the request's own fault (limits included): invalid-argument status
+                sender.send(self.shared.error_response(pb_utils, str(exc), invalid=True), flags=final)
         return None
 
     def finalize(self):

@@ -22,6 +22,8 @@ class TritonPythonModel:
 
         self.engine = shared.model_params(args)["params"].get("engine", "spark_llm")
         self.shared, self.join = shared, join_chunks
+        self.stubs = shared.stubs_dir(args)  # engine liveness while a request waits on it
+        shared.register_stub(args)
 
     def execute(self, requests):
         for r in requests:
@@ -29,6 +31,7 @@ class TritonPythonModel:
             extra = [self.shared.key_tensor(pb_utils, "request_key", key)]
             response = self.shared.offline_front(
                 pb_utils, r, self.engine, self.shared.SPARK_INPUTS, self.join, extra=extra,
-                on_cancel=lambda k=key: self.shared.cancel_via_bls(pb_utils, self.engine, k))
+                on_cancel=lambda k=key: self.shared.cancel_via_bls(pb_utils, self.engine, k),
+                stubs=self.stubs)
             self.shared.send_final(pb_utils, r, response)  # faster than returning it (see send_final)
         return None

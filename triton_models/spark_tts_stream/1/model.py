@@ -21,11 +21,14 @@ class TritonPythonModel:
 
         self.engine = shared.model_params(args)["params"].get("engine", "spark_llm")
         self.shared = shared
+        self.stubs = shared.stubs_dir(args)  # engine liveness while a request waits on it
+        shared.register_stub(args)
 
     def execute(self, requests):
         for request in requests:
             key = uuid.uuid4().hex
             extra = [self.shared.key_tensor(pb_utils, "request_key", key)]
             self.shared.stream_front(pb_utils, request, self.engine, self.shared.SPARK_INPUTS, extra=extra,
-                                     on_cancel=lambda k=key: self.shared.cancel_via_bls(pb_utils, self.engine, k))
+                                     on_cancel=lambda k=key: self.shared.cancel_via_bls(pb_utils, self.engine, k),
+                                     stubs=self.stubs)
         return None
