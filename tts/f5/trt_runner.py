@@ -185,8 +185,10 @@ class EngineVocos:
 
 
 def engine_dir(engines_root: str | Path, model_name: str) -> Path:
-    """Where `build_engines f5` puts one model's engines."""
-    return Path(engines_root) / "f5" / model_name
+    """Where `build_engines f5` puts one model's engines (`tts.engine_layout`)."""
+    from tts.engine_layout import f5_dir
+
+    return f5_dir(engines_root, model_name)
 
 
 def load_engine_modules(kind: str, engines_root: str | Path, model_name: str, dit: DiT, vocos: Vocos,

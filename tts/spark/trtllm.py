@@ -272,3 +272,4 @@ class TrtllmBatch:
         if 0 <= seq.slot < len(self.slots) and self.slots[seq.slot] is seq:
             self.slots[seq.slot] = None
         self._streams.pop(id(seq), None)
+
