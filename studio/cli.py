@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -37,6 +38,14 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--instances", type=int, default=None, help="front-end instances per model (concurrency served)")
     g.add_argument("--engine-per-gpu", type=int, default=None,
                    help="engine instances per GPU (each holds its own weights; default 1)")
+    g.add_argument("--runtime", choices=("torch", "trtllm"), default=os.environ.get("STUDIO_RUNTIME", "torch"),
+                   help="torch (default), or trtllm: the TensorRT / TensorRT-LLM engines under --engines "
+                        "(the GPU image; $STUDIO_RUNTIME)")
+    g.add_argument("--engines", type=Path, default=os.environ.get("STUDIO_ENGINES") or None,
+                   help="folder `python -m build_engines` wrote (for --runtime trtllm; $STUDIO_ENGINES)")
+    g.add_argument("--triton-bind", default=os.environ.get("STUDIO_TRITON_BIND", "127.0.0.1"), metavar="ADDRESS",
+                   help="address the embedded Triton server listens on (default 127.0.0.1; 0.0.0.0 in a "
+                        "container to publish its ports)")
     g.add_argument("--no-asr", action="store_true",
                    help="serve neither speech recognition nor speaker similarity (transcript fill, objective checks)")
 
@@ -49,6 +58,8 @@ def make_server(args, families: list[str] | None = None):
                         checkpoints=args.checkpoints or default_checkpoints_dir(), no_download=args.no_download,
                         f5_model=args.f5_model, instances=args.instances, families=families,
                         engine_per_gpu=getattr(args, "engine_per_gpu", None),
+                        runtime=getattr(args, "runtime", "torch"), engines_dir=getattr(args, "engines", None),
+                        bind=getattr(args, "triton_bind", "127.0.0.1"),
                         no_asr=getattr(args, "no_asr", False))
 
 
