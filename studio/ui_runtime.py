@@ -42,6 +42,9 @@ class RuntimeOptions:
     grpc_port: int | None = None
     f5_model: str = "F5TTS_v1_Base"
     instances: int | None = None            # front-end model instances (requests served at once)
+    runtime: str = "torch"                  # torch | trtllm (studio.runtimes)
+    engines_dir: Path | None = None          # build_engines output, for runtime trtllm
+    triton_bind: str = "127.0.0.1"          # where the embedded Triton server listens
     #: Bearer key every /v1 route of the HTTP API requires (None: the API is open, like the page).
     api_key: str | None = field(default_factory=lambda: os.environ.get("STUDIO_API_KEY") or None)
 
@@ -111,6 +114,7 @@ class StudioRuntime:
             self.server = TritonServer(o.data_dir, http_port=o.http_port, grpc_port=o.grpc_port, gpus=o.gpus,
                                        demo_weights=o.demo_weights, checkpoints=o.checkpoints,
                                        no_download=o.no_download, f5_model=o.f5_model, instances=o.instances,
+                                       runtime=o.runtime, engines_dir=o.engines_dir, bind=o.triton_bind,
                                        log=self._server_log)
             self.server.start_in_background()
             return True
