@@ -110,7 +110,8 @@ SCRIPT = """
       if (audio.duration) meter.style.width = (100 * audio.currentTime / audio.duration) + '%';
     });
     audio.addEventListener('playing', () => { state.textContent = 'playing'; });
-    audio.addEventListener('error', () => say('This clip could not be loaded. Try again, or tell the organiser.', true));
+    audio.addEventListener('error',
+                           () => say('This clip could not be loaded. Try again, or tell the organiser.', true));
     audio.addEventListener('ended', async () => {
       meter.style.width = '100%';
       state.textContent = played.has(c) ? 'played' : 'saving';
@@ -192,7 +193,8 @@ def rater_page(view: listening.RaterView, base: str) -> str:
         for c in item.clips)
     body = (f'<h1>Listening test</h1><p class="progress">Item {done + 1} of {view.total}</p>{bar}{instructions}'
             f'<section class="card" id="item" data-base="{esc(base)}" data-item="{esc(item.id)}" '
-            f'data-kind="{view.kind}" data-clips="{" ".join(item.clips)}" data-played="{" ".join(sorted(item.played))}">'
+            f'data-kind="{view.kind}" data-clips="{" ".join(item.clips)}" '
+            f'data-played="{" ".join(sorted(item.played))}">'
             f'<p class="how">{esc(HOW_TO[view.kind])}</p>{clips}'
             f'<form id="answer"><fieldset disabled><legend>{esc(QUESTIONS[view.kind])}</legend>'
             f'{options_html(view.kind)}</fieldset>'

@@ -19,7 +19,6 @@ import html
 import shutil
 import threading
 import time
-from pathlib import Path
 
 import gradio as gr
 
@@ -139,8 +138,8 @@ class QAHandlers:
         head += ".</div>"
         meter = (f'<div style="height:8px;background:#e5e7eb;border-radius:4px;overflow:hidden;margin:6px 0">'
                  f'<div style="height:100%;width:{100 * done / max(1, total):.0f}%;background:#2563eb"></div></div>')
-        rows = "".join(f"<tr><td><code>{esc(spec)}</code></td><td>{c['done']}/{c['rows']}</td><td>{c['failed']}</td></tr>"
-                       for spec, c in summary["systems"].items())
+        rows = "".join(f"<tr><td><code>{esc(spec)}</code></td><td>{c['done']}/{c['rows']}</td>"
+                       f"<td>{c['failed']}</td></tr>" for spec, c in summary["systems"].items())
         table = (f'<table class="studio-metrics"><tr><th>System</th><th>Done</th><th>Failed</th></tr>{rows}</table>')
         fails = "".join(f"<li><code>{esc(f['system'])}</code> / {esc(f['row_id'])}: {esc(f['error'])}</li>"
                         for f in summary["failures"][:10])
@@ -352,8 +351,9 @@ def qa_tabs(rt) -> QAHandlers:
     with gr.Tab("Batch", id="batch", elem_id="tab-batch") as tab_batch:
         gr.Markdown("Generate a **test set** with several **systems** for listening tests. Test set columns: "
                     "`id, prompt, reference_text, target_text[, seed]`; `prompt` is a voice name from the library "
-                    "or an audio file's absolute path on this machine. Systems, one per line: `f5:nfe_steps=16`, `spark:temperature=0.6`, "
-                    "`files:FOLDER` (ready-made `ROW_ID.wav` files). Starting an existing run name resumes it.")
+                    "or an audio file's absolute path on this machine. Systems, one per line: `f5:nfe_steps=16`, "
+                    "`spark:temperature=0.6`, `files:FOLDER` (ready-made `ROW_ID.wav` files). Starting an existing "
+                    "run name resumes it.")
         with gr.Row(equal_height=False):
             with gr.Column():
                 b_file = gr.File(label="Test set (CSV / TSV)", file_types=[".csv", ".tsv", ".txt"], type="filepath",
