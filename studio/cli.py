@@ -106,16 +106,76 @@ def _synth_params(args) -> dict:
     return params
 
 
+class UserError(Exception):
+    """A mistake in the command line or its files: printed as `error: ...`, never as a traceback."""
+
+
+def read_text_arg(text: str | None, text_file: str | None) -> str | None:
+    """--text, else the contents of --text-file (UTF-8, at most the upload limit)."""
+    from studio.limits import LimitError, check_file_size
+
+    if text is not None or not text_file:
+        return text
+    try:
+        check_file_size(text_file, "--text-file")
+        data = Path(text_file).read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"--text-file {text_file!r} does not exist") from None
+    except IsADirectoryError:
+        raise UserError(f"--text-file {text_file!r} is a folder, not a text file") from None
+    except OSError as exc:
+        raise UserError(f"cannot read --text-file {text_file!r}: {exc.strerror}") from None
+    except LimitError as exc:
+        raise UserError(str(exc)) from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"--text-file {text_file!r} is not UTF-8 text (byte {exc.start} is invalid); save it as "
+                        "UTF-8") from None
+
+
+def check_output_path(path: Path) -> None:
+    """Before any synthesis: the output's format comes from its suffix, and its folder must be writable."""
+    from studio.audio_io import OUTPUT_FORMATS
+
+    path = Path(path).expanduser()
+    if path.suffix.lower().lstrip(".") not in OUTPUT_FORMATS:
+        raise UserError(f"cannot tell the audio format from -o {str(path)!r}; end the name with "
+                        f"{', '.join('.' + k for k in OUTPUT_FORMATS)}")
+    if path.is_dir():
+        raise UserError(f"-o {str(path)!r} is a folder; give a file name")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent  # save_audio creates the missing folders below the first existing one
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise UserError(f"cannot write -o {str(path)!r}: {str(folder)!r} is not a writable folder")
+
+
 def cmd_synth(args) -> int:
+    try:
+        return _synth(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _synth(args) -> int:
     from studio.audio_io import AudioInputError, load_audio, save_audio
     from studio.client import GenerationCancelled, StudioClient, SynthesisError
+    from studio.limits import LimitError, check_file_size, check_prompt, check_ref_text, check_text
     from studio.server import ServerStartError
     from tts.audio import F5_SAMPLE_RATE, SPARK_SAMPLE_RATE
 
-    text = args.text if args.text is not None else (Path(args.text_file).read_text("utf-8") if args.text_file else None)
+    text = read_text_arg(args.text, args.text_file)
     if not text or not text.strip():
         print("error: give the text to speak with --text or --text-file", file=sys.stderr)
         return 2
+    check_output_path(args.output)
+    try:
+        check_text(args.model, text)
+        check_ref_text(args.ref_text or "")
+    except LimitError as exc:
+        raise UserError(str(exc)) from None
     voice_creation = args.model == "spark" and args.gender is not None
     if voice_creation and args.ref_audio:
         print("error: voice creation (--gender) takes no --ref-audio", file=sys.stderr)
@@ -130,8 +190,12 @@ def cmd_synth(args) -> int:
     ref = None
     if args.ref_audio:
         try:
+            check_file_size(args.ref_audio, "--ref-audio file")
             ref = load_audio(args.ref_audio, sr)
-        except AudioInputError as exc:
+            check_prompt(ref.size, sr)
+        except FileNotFoundError:
+            raise UserError(f"--ref-audio {args.ref_audio!r} does not exist") from None
+        except (AudioInputError, LimitError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
     server = None
@@ -165,7 +229,10 @@ def cmd_synth(args) -> int:
     finally:
         if server is not None:
             server.stop()
-    save_audio(args.output, result.audio, result.sample_rate)
+    try:
+        save_audio(args.output, result.audio, result.sample_rate)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot write {str(args.output)!r}: {getattr(exc, 'strerror', None) or exc}") from None
     info = result.info
     print(f"wrote {args.output}: {result.audio_s:.2f} s of audio at {result.sample_rate} Hz")
     line = f"latency {result.latency_s:.3f} s"

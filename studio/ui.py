@@ -15,9 +15,10 @@ from pathlib import Path
 import gradio as gr
 
 from studio.api import api_routes
+from studio.limits import ClientSlots, LimitError, current_limits
 from studio.ui_files import page_copy
 from studio.ui_generate import (GENDERS, LEVELS, InputProblem, clone_request, design_request, f5_params,
-                                read_text_file, run_generation, spark_params)
+                                load_prompt, read_text_file, run_generation, spark_params)
 from studio.ui_qa import qa_tabs, rater_routes
 from studio.ui_script import script_tab
 from studio.ui_runtime import FAMILIES, NotReady, StudioRuntime
@@ -47,8 +48,14 @@ CONSENT = ("**Consent:** clone only voices you have the right to use: your own, 
            "Do not use cloned speech to deceive or impersonate.")
 LANGUAGES = ("**Languages:** English and Chinese (the models' training languages). Other scripts are accepted "
              "but will sound wrong.")
-REF_TEXT_INFO = ("F5-TTS needs it (no speech recognition is configured here). "
-                 "Spark-TTS can clone from the audio alone.")
+REF_TEXT_INFO = ("F5-TTS needs it: left empty, it is filled in by speech recognition when the clip is uploaded "
+                 "(edit it if it is wrong). Spark-TTS can clone from the audio alone.")
+REF_TEXT_LABEL = "Reference text: what the prompt clip says"
+CHECKS_LABEL = "Objective checks"
+#: Prompts are read at 16 kHz for transcription (the `asr` model's rate).
+TRANSCRIBE_RATE = 16000
+CHECKS_INFO = ("After generating: word/character error rate of the output read back by speech recognition, "
+               "and speaker similarity to the prompt.")
 DEFAULTS = {"nfe": 32, "cfg": 2.0, "sway": -1.0, "speed": 1.0, "temperature": 0.8, "top_k": 50, "top_p": 0.95,
             "max_new_tokens": 3000}
 
@@ -116,6 +123,17 @@ def output_panel(key: str) -> OutputPanel:
 
 
 # --- handlers: plain functions over the runtime ---------------------------------------------------
+def client_key(request: gr.Request | None) -> str:
+    """Who a page request comes from, for the per-client limit: the signed-in user, else the address."""
+    if request is None:
+        return "local"
+    user = getattr(request, "username", None)
+    if user:
+        return f"user:{user}"
+    client = getattr(request, "client", None)
+    return f"address:{getattr(client, 'host', None) or 'unknown'}"
+
+
 def user_error(message: str, title: str = "Cannot do that") -> gr.Error:
     """A message for the person at the page (no traceback in the server log: nothing is broken)."""
     return gr.Error(message, title=title, print_exception=False)
@@ -129,6 +147,9 @@ class Handlers:
         self.rt = rt
         self.autostart = autostart
         self.demo: gr.Blocks | None = None
+        self.client_slots = ClientSlots()
+        #: prompt transcripts filled by speech recognition, by the clip's sha1: (text, demo weights)
+        self.transcripts: dict[str, tuple[str, bool]] = {}
 
     # status -------------------------------------------------------------------------------------
     def on_load(self):
@@ -167,7 +188,7 @@ class Handlers:
         return (model_note_html(st, model), gr.Group(visible=model == "f5"), gr.Group(visible=model == "spark"))
 
     # generation ---------------------------------------------------------------------------------
-    def _run(self, job_id: str, build, fmt: str):
+    def _run(self, job_id: str, build, fmt: str, request: gr.Request | None = None):
         job = self.rt.jobs.open(job_id)
         try:
             if job.cancel.is_set():
@@ -178,8 +199,10 @@ class Handlers:
             req = build()
             for w in req.warnings:
                 gr.Warning(w)
-            outcome = run_generation(self.rt, job, req)
-        except (InputProblem, NotReady) as exc:
+            # at most STUDIO_MAX_CLIENT_REQUESTS at once per visitor (user name with --auth, else address)
+            with self.client_slots.hold(client_key(request)):
+                outcome = run_generation(self.rt, job, req)
+        except (InputProblem, NotReady, LimitError) as exc:
             job.finish("error", str(exc))
             raise user_error(str(exc), "Cannot generate") from None
         except gr.Error:
@@ -226,7 +249,7 @@ class Handlers:
         return page_copy(out)
 
     def clone(self, ref_audio, ref_text, text, model, mode, nfe, cfg, sway, speed, temperature, top_k, top_p,
-              max_new_tokens, seed, fmt, voice_key, job_id):
+              max_new_tokens, seed, fmt, voice_key, checks=True, job_id="", request: gr.Request = None):
         def build():
             params = (f5_params(nfe, cfg, sway, speed, seed) if model == "f5"
                       else spark_params(temperature, top_k, top_p, max_new_tokens, seed))
@@ -237,15 +260,16 @@ class Handlers:
                 except VoiceError:
                     voice = None
             return clone_request(model=model, mode=mode, ref_audio_path=ref_audio, ref_text=ref_text, text=text,
-                                 params=params, voice=voice)
-        return self._run(job_id, build, fmt)
+                                 params=params, voice=voice, checks=bool(checks))
+        return self._run(job_id, build, fmt, request)
 
     def design(self, text, gender, pitch, speed_level, mode, temperature, top_k, top_p, max_new_tokens, seed, fmt,
-               job_id):
+               checks=True, job_id="", request: gr.Request = None):
         def build():
             return design_request(mode=mode, text=text, gender=gender, pitch=pitch, speed=speed_level,
-                                  params=spark_params(temperature, top_k, top_p, max_new_tokens, seed))
-        return self._run(job_id, build, fmt)
+                                  params=spark_params(temperature, top_k, top_p, max_new_tokens, seed),
+                                  checks=bool(checks))
+        return self._run(job_id, build, fmt, request)
 
     def stop(self, job_id: str):
         self.rt.jobs.cancel(job_id)
@@ -304,6 +328,40 @@ class Handlers:
         keys = {k for _, k in choices}
         return (rows, gr.Dropdown(choices=choices, value=selected if selected in keys else None),
                 gr.Dropdown(choices=choices))
+
+    # transcript fill ----------------------------------------------------------------------------
+    def transcribe_prompt(self, ref_audio, model, ref_text="", only_if_empty=False):
+        """The prompt clip's transcript from the `asr` model into the reference-text field (F5 needs it).
+
+        On upload or recording (`only_if_empty`): only for F5 with an empty field, and quietly when no
+        speech recognition is served. Transcripts are cached per clip (by its bytes). A transcript from
+        the demo model is labelled so in the field's label and info."""
+        import hashlib
+
+        from studio.objective import DEMO_TRANSCRIPT_NOTE, fill_transcript
+
+        keep = gr.Textbox()
+        if only_if_empty and (model != "f5" or (ref_text or "").strip() or not ref_audio):
+            return keep
+        if not ref_audio:
+            raise user_error("Upload or record a prompt clip first.", title="Nothing to transcribe")
+        key = hashlib.sha1(Path(ref_audio).read_bytes()).hexdigest()
+        hit = self.transcripts.get(key)
+        if hit is None:
+            try:
+                wav = load_prompt(ref_audio, TRANSCRIBE_RATE)
+                text, info, _ = fill_transcript(self.rt.client(), wav, TRANSCRIBE_RATE)
+            except (InputProblem, ValueError, NotReady) as exc:
+                if only_if_empty:
+                    return keep
+                raise user_error(str(exc), title="Cannot transcribe") from None
+            hit = self.transcripts[key] = (text, bool(info.get("demo_weights")))
+        text, demo = hit
+        if demo:
+            return gr.Textbox(value=text, label=f"{REF_TEXT_LABEL} ({DEMO_TRANSCRIPT_NOTE})",
+                              info="Replace it with what the clip really says.")
+        return gr.Textbox(value=text, label=f"{REF_TEXT_LABEL} (filled by speech recognition: check it)",
+                          info=REF_TEXT_INFO)
 
     def pick_voice(self, key):
         """Clone tab's library picker: the clip and its transcript into the inputs."""
@@ -427,8 +485,9 @@ def build_demo(rt: StudioRuntime, *, autostart: bool = True) -> gr.Blocks:
                                                  elem_id="clone-voice")
                         ref_audio = gr.Audio(sources=["upload", "microphone"], type="filepath",
                                              label="Prompt clip (3-12 s of clear speech)", elem_id="clone-ref-audio")
-                        ref_text = gr.Textbox(label="Reference text: what the prompt clip says", lines=2,
+                        ref_text = gr.Textbox(label=REF_TEXT_LABEL, lines=2,
                                               info=REF_TEXT_INFO, elem_id="clone-ref-text")
+                        transcribe = gr.Button("Transcribe the prompt clip", size="sm", elem_id="clone-transcribe")
                         text = gr.Textbox(label="Text to speak", lines=6, max_lines=20,
                                           placeholder="Type or paste the text; long text is split into sentences.",
                                           elem_id="clone-text")
@@ -442,6 +501,7 @@ def build_demo(rt: StudioRuntime, *, autostart: bool = True) -> gr.Blocks:
                         mode = gr.Radio([("Streaming", "streaming"), ("Offline", "offline")], value="streaming",
                                         label="Mode", info="Streaming starts playing after the first chunk.",
                                         elem_id="clone-mode")
+                        checks = gr.Checkbox(value=True, label=CHECKS_LABEL, info=CHECKS_INFO, elem_id="clone-checks")
                         with gr.Accordion("Advanced", open=False, elem_id="clone-advanced"):
                             with gr.Group(visible=True) as f5_group:
                                 nfe = gr.Slider(4, 64, value=DEFAULTS["nfe"], step=1, label="NFE steps",
@@ -479,6 +539,8 @@ def build_demo(rt: StudioRuntime, *, autostart: bool = True) -> gr.Blocks:
                         d_speed = gr.Radio(list(LEVELS), value="moderate", label="Speed", elem_id="design-speed")
                         d_mode = gr.Radio([("Streaming", "streaming"), ("Offline", "offline")], value="streaming",
                                           label="Mode", elem_id="design-mode")
+                        d_checks = gr.Checkbox(value=True, label=CHECKS_LABEL, info=CHECKS_INFO.replace(
+                            ", and speaker similarity to the prompt", ""), elem_id="design-checks")
                         with gr.Accordion("Advanced", open=False):
                             d_temperature = gr.Slider(0.1, 1.5, value=DEFAULTS["temperature"], step=0.05,
                                                       label="Temperature")
@@ -568,15 +630,19 @@ def build_demo(rt: StudioRuntime, *, autostart: bool = True) -> gr.Blocks:
         voice_pick.input(h.pick_voice, inputs=[voice_pick], outputs=[ref_audio, ref_text], **light)
         for ev in (ref_audio.upload, ref_audio.stop_recording, ref_audio.clear):
             ev(lambda: None, inputs=None, outputs=[voice_pick], **quiet)
+        for ev in (ref_audio.upload, ref_audio.stop_recording):
+            ev(lambda a, m, t: h.transcribe_prompt(a, m, t, only_if_empty=True), inputs=[ref_audio, model, ref_text],
+               outputs=[ref_text], **light)
+        transcribe.click(h.transcribe_prompt, inputs=[ref_audio, model], outputs=[ref_text], **light)
         reuse_seed.click(lambda s: s if s is not None else -1, inputs=[out.seed], outputs=[seed], **quiet)
 
         gen_inputs = [ref_audio, ref_text, text, model, mode, nfe, cfg, sway, speed, temperature, top_k, top_p,
-                      max_tokens, seed, out.fmt, voice_pick, job]
+                      max_tokens, seed, out.fmt, voice_pick, checks, job]
         wire_generation(h, "clone", gen, stop, h.clone, gen_inputs, out, job, hist_outs, "clone")
         out.fmt.change(h.reformat, inputs=[out.record, out.fmt], outputs=[out.download], **quiet)
 
         d_inputs = [d_text, d_gender, d_pitch, d_speed, d_mode, d_temperature, d_top_k, d_top_p, d_max_tokens,
-                    d_seed, d_out.fmt, d_job]
+                    d_seed, d_out.fmt, d_checks, d_job]
         wire_generation(h, "design", d_gen, d_stop, h.design, d_inputs, d_out, d_job, hist_outs, "create_voice")
         d_out.fmt.change(h.reformat, inputs=[d_out.record, d_out.fmt], outputs=[d_out.download], **quiet)
 
@@ -651,4 +717,5 @@ def launch_kwargs(rt: StudioRuntime, demo: gr.Blocks | None = None) -> dict:
     routes = rt.jobs.routes() + rater_routes(rt) + api_routes(rt)
     if demo is not None:
         routes += private_call_routes(demo)
-    return {"app_kwargs": {"routes": routes}, "allowed_paths": rt.allowed_paths()}
+    return {"app_kwargs": {"routes": routes}, "allowed_paths": rt.allowed_paths(),
+            "max_file_size": current_limits().max_upload_bytes}  # STUDIO_MAX_UPLOAD_MB (studio/limits.py)

@@ -98,6 +98,21 @@ def clean_text(text: str | None, what: str = "text to speak", limit: int = MAX_T
     return text
 
 
+def check_limits(model: str, text: str, ref_text: str = "", prompt: np.ndarray | None = None) -> None:
+    """The per-request limits of studio/limits.py (the same the Triton models apply), as InputProblem."""
+    from studio.client import SAMPLE_RATES
+    from studio.limits import LimitError, check_prompt, check_ref_text, check_text
+
+    try:
+        check_text(model, text)
+        check_ref_text(ref_text)
+        if prompt is not None:
+            check_prompt(prompt.size, SAMPLE_RATES[model])
+    except LimitError as exc:
+        msg = str(exc)
+        raise InputProblem(msg[:1].upper() + msg[1:] + ".") from None
+
+
 def parse_seed(value) -> int | None:
     """None, '' or -1 mean random; otherwise a whole number in [0, 2^63 - 1]."""
     if value is None or value == "":
@@ -159,14 +174,21 @@ def load_prompt(path: str | Path | None, sample_rate: int) -> np.ndarray:
     from studio.audio_io import AudioInputError, load_audio
     from tts.audio import validate_waveform
 
+    from studio.limits import LimitError, check_file_size
+
     if not path:
         raise InputProblem("Upload or record a prompt clip (3-12 s of the voice to clone), or pick a voice "
                            "from the library.")
     try:
+        check_file_size(path, "prompt clip")  # before decoding it
         wav = load_audio(path, sample_rate)
         validate_waveform(wav, sample_rate, what="prompt clip")
+    except LimitError as exc:
+        raise InputProblem(f"The prompt clip cannot be used: {exc}.") from None
     except AudioInputError as exc:
-        raise InputProblem(f"The prompt clip cannot be used: {exc}") from None
+        from studio.client import scrub_paths  # the message may name the upload's temp path
+
+        raise InputProblem(f"The prompt clip cannot be used: {scrub_paths(str(exc))}") from None
     except ValueError as exc:
         msg = str(exc)
         raise InputProblem(msg[:1].upper() + msg[1:] + ".") from None
@@ -186,6 +208,7 @@ def clone_request(*, model: str, mode: str, ref_audio_path, ref_text: str, text:
         raise InputProblem("Type the text to speak (or load a .txt file).")
     ref_text = clean_text(ref_text, "reference text", MAX_REF_TEXT_CHARS)
     wav = load_prompt(ref_audio_path, SAMPLE_RATES[model])
+    check_limits(model, text, ref_text, wav)
     warnings = []
     if model == "f5" and not ref_text:
         raise InputProblem("F5-TTS needs the reference text: type exactly what the prompt clip says (no speech "
@@ -217,6 +240,7 @@ def design_request(*, mode: str, text: str, gender: str, pitch: str, speed: str,
     for name, value in (("pitch", pitch), ("speed", speed)):
         if value not in LEVELS:
             raise InputProblem(f"Choose a {name} level: {', '.join(LEVELS)}.")
+    check_limits("spark", text)
     w = script_warning(text)
     return GenerationRequest("design", "spark", mode == "streaming", text, None, "",
                              {**params, "gender": gender, "pitch_level": pitch, "speed_level": speed},
