@@ -60,6 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--api-key", default=None,
                    help="bearer key every /v1 route of the OpenAI-compatible API requires (default $STUDIO_API_KEY; "
                         "unset: the API is open, like the page)")
+    p.add_argument("--auth", default=os.environ.get("STUDIO_AUTH"),
+                   help="require a login for the page and its routes: user:password[,user:password] or a file "
+                        "with one user:password a line (default $STUDIO_AUTH; unset: no login)")
     add_server_args(p)
     return p.parse_args(argv)
 
@@ -84,11 +87,18 @@ def main(argv: list[str] | None = None) -> int:
         # thread) already started the server and the page; the new `demo` is swapped in by Gradio.
         return 0
     args = parse_args(argv)
+    from studio.limits import parse_auth
+
+    try:
+        auth = parse_auth(args.auth)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     runtime.start(options_from(args))  # in the background: the page is up before the server
     signal.signal(signal.SIGTERM, _terminate)
     try:
         demo.launch(server_name=args.host, server_port=args.port, share=True if args.share else None,
-                    root_path=args.root_path, show_error=True, **launch_kwargs(runtime, demo))
+                    root_path=args.root_path, show_error=True, auth=auth, **launch_kwargs(runtime, demo))
     except KeyboardInterrupt:
         pass
     finally:

@@ -196,6 +196,14 @@ class QAHandlers:
         return (gr.Dataframe(value=table, headers=headers), [r["row_id"] for r in rows_info],
                 self.progress_html(name))
 
+    def pick_run(self, name):
+        """A run chosen in the outputs picker: its table and progress; a run still going (say, after the
+        page was reloaded) becomes the one the timer polls again."""
+        table, rows, progress = self.outputs_view(name)
+        if running(self.jobs.get(name or "")):
+            return table, rows, progress, name, gr.Timer(active=True)
+        return table, rows, progress, gr.skip(), gr.skip()
+
     def select_row(self, name, row_ids, evt: gr.SelectData):
         """Players for one row: its prompt, then each system's output (labels name the system)."""
         row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
@@ -435,7 +443,7 @@ def qa_tabs(rt) -> QAHandlers:
                  concurrency_limit=None,
                  show_progress="hidden", api_visibility="private")
     for ev in (b_runs.change, b_refresh.click):
-        ev(q.outputs_view, inputs=[b_runs], outputs=[b_table, b_rows, b_progress], **QUIET)
+        ev(q.pick_run, inputs=[b_runs], outputs=[b_table, b_rows, b_progress, b_current, b_timer], **QUIET)
     b_table.select(q.select_row, inputs=[b_runs, b_rows], outputs=[*b_players, b_row_text], **LIGHT)
 
     tab_listening.select(lambda: (gr.Dropdown(choices=q.run_names()), gr.Dropdown(choices=q.session_names())),

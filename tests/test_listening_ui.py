@@ -60,10 +60,14 @@ def q(tmp_path):
 
 
 def test_batch_tab_runs_shows_progress_and_browses_outputs(q, tmp_path):
+    import gradio as gr
+
     systems = "\n".join([files_system(tmp_path / "sysA"), "f5:nfe_steps=4", ""])
     name, progress, timer, runs = q.batch_clicked(None, TESTSET, systems, "tab run", 2)
     assert name == "tab run" and timer.active and runs.value == "tab run"
     wait_for(q.jobs[name])
+    *_, current, timer = q.pick_run(name)
+    assert current == gr.skip() and timer == gr.skip(), "picking a finished run does not start polling"
     html, timer, table, rows = q.batch_tick(name, name)
     assert not timer.active, "polling stops when the run ends"
     assert rows == ["r1", "r2"], "and the outputs table of the run is redrawn once"
