@@ -167,3 +167,25 @@ def test_rater_routes_are_mounted_on_the_page(tmp_path):
     assert "/qa/r/{token}" in paths and "/qa/r/{token}/audio/{item_id}/{clip}" in paths
     assert not any(str(rt.options.data_dir) in p for p in launch_kwargs(rt)["allowed_paths"]), \
         "the data folder is never served directly"
+
+
+def test_history_and_voice_files_reach_the_page_as_cache_copies(tmp_path):
+    """Nothing of the data folder is served directly, so every file a handler hands the page is a copy in
+    Gradio's own upload cache (which Gradio serves and accepts back as an input)."""
+    from gradio.utils import get_upload_folder
+
+    from studio.ui import Handlers
+    from tests.test_ui import PROMPT
+
+    rt = FakeRuntime(tmp_path / "data")
+    h = Handlers(rt, autostart=False)
+    cache = Path(get_upload_folder()).resolve()
+    audio, _, download, record_id, *_ = h.clone(
+        str(PROMPT), "The quiet harbour.", "Hello.", "f5", "offline", 8, 2.0, -1.0, 1.0, 0.8, 50, 0.95, 3000, 1,
+        "wav", None, "")
+    plot, _, _ = h.history_view()
+    clip, _, _ = h.show_voice("sample:en_female")
+    for path in (audio, h.picture(record_id), plot, clip, path_of(download)):
+        assert Path(path).resolve().is_relative_to(cache), path
+    assert Path(path_of(download)).name == f"voice-studio-{record_id}.wav", "downloads keep their name"
+    assert all(not Path(p).resolve().is_relative_to((tmp_path / "data").resolve()) for p in rt.allowed_paths())
