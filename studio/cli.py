@@ -360,7 +360,8 @@ def cmd_batch(args) -> int:
 
 def cmd_results(args) -> int:
     """`results NAME`: a listening session's table on stdout; JSON, CSV and a plot written to --out."""
-    from studio.listening import ListeningError, export, format_table, get_session, report, results_table
+    from studio.listening import (ListeningError, agreement_line, export, format_table, get_session, pairs_table,
+                                  report, results_table)
     from studio.store import open_store
 
     store = open_store(args.data_dir or default_data_dir())
@@ -374,6 +375,11 @@ def cmd_results(args) -> int:
     rep = report(store, session)
     print(f"{session.name}: {session.kind.upper()}, {rep['answers']} answers, systems: {', '.join(session.systems)}")
     print(format_table(*results_table(rep, session.kind)))
+    if session.kind != "ab" and len(session.systems) > 1:
+        print()
+        print(format_table(*pairs_table(rep)))
+    if agreement_line(rep):
+        print(agreement_line(rep))
     print(f"wrote {files['json']}, {files['csv_dir']}/*.csv, {files['plot']}")
     return 0
 

@@ -652,6 +652,25 @@ def results_table(rep: dict, kind: str) -> tuple[list[str], list[list]]:
     return headers, rows
 
 
+def pairs_table(rep: dict) -> tuple[list[str], list[list]]:
+    """MOS/SMOS: every pair of systems compared (Wilcoxon over shared items, Holm-corrected)."""
+    r3 = lambda x: None if x is None else round(float(x), 3)  # noqa: E731
+    headers = ["System X", "System Y", "Items", "Mean X - Y", "p (Holm)", "Significant"]
+    rows = [[t["system_a"], t["system_b"], t["n_items"], r3(t["mean_difference"]), r3(t["p_holm"]),
+             "yes" if t["significant"] else "no"] for t in rep["tables"].get("rating_pairs", [])]
+    return headers, rows
+
+
+def agreement_line(rep: dict) -> str:
+    """Rater agreement in words (Krippendorff's ordinal alpha for MOS/SMOS), or '' when there is none."""
+    parts = []
+    for t in rep["tables"].get("agreement", []):
+        alpha = "undefined" if t["alpha"] is None else f"{t['alpha']:.2f}"
+        parts.append(f"{t['test']} rater agreement (Krippendorff's ordinal alpha): {alpha}"
+                     + (f" ({t['note']})" if t.get("note") else ""))
+    return "; ".join(parts)
+
+
 def format_table(headers: list[str], rows: list[list]) -> str:
     """Plain-text columns (the `results` command's output)."""
     cells = [[str(h) for h in headers]] + [["" if v is None else str(v) for v in row] for row in rows]

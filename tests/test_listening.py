@@ -550,6 +550,7 @@ def test_export_and_results_command(store, run_id, tmp_path):
                            "--out", str(tmp_path / "cli")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "f5:nfe_steps=16" in proc.stdout and "18 answers" in proc.stdout
+    assert "Mean X - Y" in proc.stdout and "Krippendorff" in proc.stdout
     assert (tmp_path / "cli" / "mos_test.json").is_file() and (tmp_path / "cli" / "csv" / "ratings.csv").is_file()
     bad = subprocess.run([sys.executable, "-m", "studio", "results", "nope", "--data-dir", str(store.root)],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
