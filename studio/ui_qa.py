@@ -331,9 +331,14 @@ class QAHandlers:
         headers, rows = listening.results_table(rep, s.kind)
         archive = shutil.make_archive(str(folder / f"{files['json'].stem}-csv"), "zip", files["csv_dir"])
         summary = (f"**{rep['answers']} answers** from {len(listening.raters_of(store, s))} raters. "
-                   + ("Intervals: 95 % two-way bootstrap over raters and items." if s.kind != "ab" else
+                   + ("Intervals: 95 % two-way bootstrap over raters and items; pairs below: Wilcoxon signed-rank "
+                      "over shared items, Holm-corrected." if s.kind != "ab" else
                       "p: exact sign test over preferences (no-preference answers left out), Holm-corrected."))
-        return (summary, gr.Dataframe(value=rows, headers=headers), page_copy(files["plot"]),
+        if listening.agreement_line(rep):
+            summary += f" {listening.agreement_line(rep)}."
+        pair_headers, pair_rows = listening.pairs_table(rep)
+        pairs = gr.Dataframe(value=pair_rows, headers=pair_headers, visible=s.kind != "ab" and bool(pair_rows))
+        return (summary, gr.Dataframe(value=rows, headers=headers), pairs, page_copy(files["plot"]),
                 gr.DownloadButton("Download JSON", value=page_copy(files["json"]), visible=True),
                 gr.DownloadButton("Download CSV (zip)", value=page_copy(archive), visible=True))
 
@@ -428,6 +433,8 @@ def qa_tabs(rt) -> QAHandlers:
         l_results = gr.Button("Show results", variant="primary", elem_id="qa-results")
         l_summary = gr.Markdown(elem_id="qa-summary")
         l_table = gr.Dataframe(interactive=False, wrap=True, elem_id="qa-results-table")
+        l_pairs = gr.Dataframe(interactive=False, wrap=True, visible=False, label="Pairs of systems",
+                               elem_id="qa-results-pairs")
         l_plot = gr.Image(type="filepath", interactive=False, label="Results", elem_id="qa-plot", height=360)
         with gr.Row():
             l_json = gr.DownloadButton("Download JSON", visible=False, elem_id="qa-json")
@@ -456,7 +463,8 @@ def qa_tabs(rt) -> QAHandlers:
     l_timer.tick(q.session_progress, inputs=[l_session], outputs=[l_progress], concurrency_limit=None,
                  show_progress="hidden", api_visibility="private")
     l_add.click(q.add_links, inputs=[l_session, l_add_n], outputs=[l_links, l_progress], **LIGHT)
-    l_results.click(q.results, inputs=[l_session], outputs=[l_summary, l_table, l_plot, l_json, l_csv], **LIGHT)
+    l_results.click(q.results, inputs=[l_session], outputs=[l_summary, l_table, l_pairs, l_plot, l_json, l_csv],
+                      **LIGHT)
     return q
 
 

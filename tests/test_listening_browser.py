@@ -163,6 +163,8 @@ def test_organiser_sees_progress_and_results(app, browser, tmp_path, monkeypatch
                                timeout=20_000)
         table = page.locator("#qa-results-table").inner_text()
         assert all(s in table for s in SYSTEMS)
+        assert "Mean X - Y" in page.locator("#qa-results-pairs").inner_text()
+        assert "Krippendorff" in page.locator("#qa-summary").inner_text()
         assert page.locator("#qa-json").is_visible() and page.locator("#qa-csv").is_visible()
         time.sleep(0.5)  # let the image finish decoding before the picture is taken
         shot = tmp_path / "organiser-results.png"

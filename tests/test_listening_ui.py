@@ -139,7 +139,8 @@ def test_listening_tab_from_session_to_exports(q, tmp_path):
                 listening.clip_file(store, r["token"], view.item.id, clip)
                 listening.record_played(store, r["token"], view.item.id, clip)
             listening.submit_answer(store, r["token"], view.item.id, choice=rng.choice(listening.AB_CHOICES))
-    summary, table, plot, json_btn, csv_btn = q.results("ab session")
+    summary, table, pairs, plot, json_btn, csv_btn = q.results("ab session")
+    assert not pairs.visible, "A/B has its own table"
     assert "6 answers" in summary and table.value["data"][0][:2] == sorted(systems)
     assert Path(plot).read_bytes()[:4] == b"\x89PNG"
     data = json.loads(Path(path_of(json_btn)).read_text())
