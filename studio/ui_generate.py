@@ -52,6 +52,7 @@ class GenerationRequest:
     params: dict = field(default_factory=dict)  # DESIGN.md option names; absent = server default
     voice: str | None = None        # the library voice used, for the history row
     warnings: tuple[str, ...] = ()
+    checks: bool = False            # objective checks after generating (WER/CER, speaker similarity)
 
     @property
     def label(self) -> str:
@@ -196,7 +197,7 @@ def load_prompt(path: str | Path | None, sample_rate: int) -> np.ndarray:
 
 
 def clone_request(*, model: str, mode: str, ref_audio_path, ref_text: str, text: str, params: dict,
-                  voice: str | None = None) -> GenerationRequest:
+                  voice: str | None = None, checks: bool = False) -> GenerationRequest:
     from studio.client import SAMPLE_RATES
 
     if model not in FAMILIES:
@@ -210,9 +211,7 @@ def clone_request(*, model: str, mode: str, ref_audio_path, ref_text: str, text:
     wav = load_prompt(ref_audio_path, SAMPLE_RATES[model])
     check_limits(model, text, ref_text, wav)
     warnings = []
-    if model == "f5" and not ref_text:
-        raise InputProblem("F5-TTS needs the reference text: type exactly what the prompt clip says (no speech "
-                           "recognition is configured). Spark-TTS can clone from the audio alone.")
+    # F5 without a reference text: run_generation fills it in with speech recognition (or says why not)
     if model == "spark" and not ref_text:
         warnings.append("No reference text: Spark-TTS clones from the audio alone (speaker tokens only), "
                         "which usually sounds less like the prompt than with its transcript.")
@@ -225,10 +224,11 @@ def clone_request(*, model: str, mode: str, ref_audio_path, ref_text: str, text:
         if w and w not in warnings:
             warnings.append(w)
     return GenerationRequest("clone", model, mode == "streaming", text, wav, ref_text, params, voice,
-                             tuple(warnings))
+                             tuple(warnings), bool(checks))
 
 
-def design_request(*, mode: str, text: str, gender: str, pitch: str, speed: str, params: dict) -> GenerationRequest:
+def design_request(*, mode: str, text: str, gender: str, pitch: str, speed: str, params: dict,
+                   checks: bool = False) -> GenerationRequest:
     """Spark-TTS voice creation: a new voice from gender, pitch and speed levels (no prompt clip)."""
     if mode not in ("offline", "streaming"):
         raise InputProblem("Choose a mode: offline or streaming.")
@@ -244,7 +244,7 @@ def design_request(*, mode: str, text: str, gender: str, pitch: str, speed: str,
     w = script_warning(text)
     return GenerationRequest("design", "spark", mode == "streaming", text, None, "",
                              {**params, "gender": gender, "pitch_level": pitch, "speed_level": speed},
-                             None, (w,) if w else ())
+                             None, (w,) if w else (), bool(checks))
 
 
 def read_text_file(path: str | Path | None) -> str:
@@ -307,6 +307,19 @@ def run_generation(rt: StudioRuntime, job: Job, req: GenerationRequest) -> Gener
         job.push_audio(samples, rate)
 
     prompt_rate = sr if req.ref_audio is not None else None
+    notes: list[str] = []
+    if req.model == "f5" and req.ref_audio is not None and not req.ref_text:
+        from dataclasses import replace
+
+        from studio.objective import fill_transcript
+
+        try:
+            filled, _, note = fill_transcript(client, req.ref_audio, sr)
+        except ValueError as exc:
+            job.finish("error", str(exc))
+            raise InputProblem(str(exc)[:1].upper() + str(exc)[1:] + ".") from None
+        req = replace(req, ref_text=filled)
+        notes.append(note)
     try:
         # One slot of the process's STUDIO_CONCURRENCY, shared with the HTTP API (studio/slots.py);
         # Stop while waiting for it ends the generation before it reaches the server.
@@ -338,14 +351,35 @@ def run_generation(rt: StudioRuntime, job: Job, req: GenerationRequest) -> Gener
     job.finish("ok", "", audio_s=round(result.audio_s, 3))
     played = job.wait_played(PLAYED_WAIT_S)
     metrics = metrics_of(result, played)
+    if req.checks:
+        checked = objective_checks(client, req, result)
+        metrics.update(checked.metrics())
+        notes += checked.notes
+    info = dict(result.info, notes=notes + list(result.info.get("notes") or [])) if notes else result.info
     rec = rt.history.add({**_base_record(req), "status": "ok", "seed": result.seed,
-                          "demo_weights": result.demo_weights, "metrics": metrics, "info": result.info},
+                          "demo_weights": result.demo_weights, "metrics": metrics, "info": info},
                          result.audio, result.sample_rate, req.ref_audio, prompt_rate)
     job.record_id = rec["id"]
     if played is None and job.played is not None:  # arrived while the row was being written
         rt.history.update(rec["id"], metrics=dict(job.played))
         metrics.update(job.played)
     return GenerationOutcome("ok", rec, result.audio, result.sample_rate, metrics)
+
+
+def objective_checks(client, req: GenerationRequest, result):
+    """WER/CER and speaker similarity of one generation (studio/objective.py); a note when the check
+    models are not served. Never raises: a check that cannot be made is a note."""
+    from studio.client import SAMPLE_RATES
+    from studio.objective import CheckResult, run_checks
+
+    if not (client.model_ready("asr") or client.model_ready("speaker_sim")):
+        return CheckResult(notes=["objective checks are on, but this server has no check models "
+                                  "(started with --no-asr?)"])
+    try:
+        return run_checks(client, result.audio, result.sample_rate, req.text, req.ref_audio,
+                          SAMPLE_RATES[req.model] if req.ref_audio is not None else None)
+    except Exception as exc:  # noqa: BLE001 - a failed check must not lose the generation
+        return CheckResult(notes=[f"objective checks failed: {exc}"])
 
 
 __all__ = ["GenerationOutcome", "GenerationRequest", "InputProblem", "NotReady", "clone_request", "design_request",

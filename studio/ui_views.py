@@ -118,6 +118,13 @@ def metrics_html(metrics: dict, *, seed, demo: bool | None, mode: str, status: s
     if "decode_tokens_per_s" in metrics:
         rows.append(("decode_tokens_per_s", "Spark decode speed",
                      _fmt(metrics.get("decode_tokens_per_s"), " tok/s", 1)))
+    for key, label, unit, digits in (("wer", "Word error rate (output read back by ASR)", "", 3),
+                                     ("cer", "Character error rate (output read back by ASR)", "", 3),
+                                     ("speaker_sim", "Speaker similarity to the prompt (cosine)", "", 3),
+                                     ("check_ms", "Objective checks time", " ms", 0)):
+        if key in metrics:
+            demo_mark = " (demo check models: noise)" if metrics.get("checks_demo") and key != "check_ms" else ""
+            rows.append((key, label, _fmt(metrics.get(key), unit, digits) + demo_mark))
     head = ("<p><b>Stopped.</b> The audio below is what arrived before the stop.</p>"
             if status == "cancelled" else "")
     body = "".join(f'<tr><th style="text-align:left;font-weight:normal;padding:2px 12px 2px 0">{esc(label)}</th>'

@@ -287,16 +287,41 @@ def test_fake_stop_cancels(fake_app, studio):
         rt.fake.delay_s = 0.3
 
 
+def wait_field(studio, elem: str, ok, timeout_s: float = 30) -> str:
+    """Until the text field's value satisfies `ok`; returns the value."""
+    box = studio.page.locator(f"#{elem} textarea, #{elem} input[type=text]").first
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = box.input_value()
+        if ok(value):
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"#{elem} holds {box.input_value()!r}")
+
+
 def test_fake_friendly_errors(fake_app, studio):
-    url, _ = fake_app
+    from tests.test_ui import FakeClient
+
+    url, rt = fake_app
     studio.open(url)
     studio.fill("clone-text", "No prompt clip yet.")
     studio.page.locator("#clone-generate").click()
     studio.wait_toast("Upload or record a prompt clip")
     studio.close_toasts()
     studio.upload("clone-ref-audio", PROMPT_EN)
-    studio.page.locator("#clone-generate").click()
-    studio.wait_toast("F5-TTS needs the reference text")
+    # F5 with an empty reference text: the upload fills it from speech recognition (the fake's words),
+    # and the note under the field says the (demo) model wrote it
+    wait_field(studio, "clone-ref-text", lambda v: v == FakeClient.HEARD)
+    assert "DEMO" in studio.page.locator("#clone-ref-note").inner_text()
+    studio.shot("clone-transcript-filled")
+    served = rt.fake.served
+    rt.fake.served = tuple(m for m in served if m not in ("asr", "speaker_sim"))
+    try:
+        studio.fill("clone-ref-text", "")
+        studio.page.locator("#clone-generate").click()
+        studio.wait_toast("F5-TTS needs the prompt's transcript")
+    finally:
+        rt.fake.served = served
     assert studio.player("clone")["ended"]["status"] == "error"
     studio.shot("clone-error")
 
@@ -402,10 +427,10 @@ def test_fake_two_users_generate_at_once(fake_app, browser, tmp_path):
 @pytest.fixture(scope="module")
 def real_url(tmp_path_factory):
     data = tmp_path_factory.mktemp("app-data")
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     log = open(data / "app.log", "wb")
     cmd = [sys.executable, "app.py", "--demo-weights", "--no-download", "--data-dir", str(data), "--port", str(port),
-           "--http-port", str(free_port()), "--grpc-port", str(free_port()), "--instances", "2"]
+           "--http-port", str(free_port()), "--grpc-port", str(grpc_port), "--instances", "2"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     url = f"http://127.0.0.1:{port}/"
@@ -419,7 +444,7 @@ def real_url(tmp_path_factory):
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise AssertionError("app.py did not serve its page:\n" + (data / "app.log").read_text()[-3000:])
                 time.sleep(0.5)
-        yield url, data
+        yield url, data, f"127.0.0.1:{grpc_port}"
     finally:
         proc.send_signal(signal.SIGTERM)  # app.py stops its tritonserver on SIGTERM
         try:
@@ -434,7 +459,7 @@ def real_url(tmp_path_factory):
 def real(browser, tmp_path, real_url):
     context = browser.new_context(viewport={"width": 1400, "height": 1000})
     page = StudioPage(context.new_page(), tmp_path)
-    page.data_dir = real_url[1]
+    page.data_dir, page.grpc_url = real_url[1], real_url[2]
     page.open(real_url[0], ready_timeout_s=REAL_START_TIMEOUT_S)
     yield page
     print(f"\nscreenshots: {tmp_path}")
@@ -451,6 +476,21 @@ def test_real_page_comes_up_with_demo_banner(real):
     assert real.page.locator("#studio-demo-banner").is_visible()
     assert "noise" in real.page.locator("#studio-demo-banner").inner_text()
     real.shot("real-clone-tab")
+
+
+def test_real_transcript_fill(real):
+    """Uploading a prompt with F5 selected and no transcript fills the field with exactly what the asr
+    model answers for that clip (asked here directly over gRPC), marked as the demo model's."""
+    from studio.audio_io import load_audio
+    from studio.client import StudioClient
+
+    real.upload("clone-ref-audio", PROMPT_EN)
+    value = wait_field(real, "clone-ref-text", bool, timeout_s=120)
+    with StudioClient(real.grpc_url) as client:
+        expected, info = client.transcribe(load_audio(PROMPT_EN, 16000), 16000)
+    assert value == expected.strip() and info["demo_weights"]
+    assert "DEMO" in real.page.locator("#clone-ref-note").inner_text()
+    real.shot("real-transcript-filled")
 
 
 @pytest.mark.parametrize("model", ["f5", "spark"])

@@ -29,8 +29,9 @@ class FakeClient:
 
     url = "fake:0"
 
-    def __init__(self, chunks: int = 3, chunk_s: float = 0.5, delay_s: float = 0.15, demo: bool = True):
-        self.chunks, self.chunk_s, self.delay_s, self.demo = chunks, chunk_s, delay_s, demo
+    def __init__(self, chunks: int = 3, chunk_s: float = 0.5, delay_s: float = 0.15, demo: bool = True,
+                 served: tuple = ("f5_tts", "f5_tts_stream", "spark_tts", "spark_tts_stream", "asr", "speaker_sim")):
+        self.chunks, self.chunk_s, self.delay_s, self.demo, self.served = chunks, chunk_s, delay_s, demo, served
         self.calls: list[dict] = []
 
     def close(self):
@@ -40,7 +41,17 @@ class FakeClient:
         return True
 
     def model_ready(self, name):
-        return True
+        return name in self.served
+
+    #: what the fake speech recognition "hears" in every clip
+    HEARD = "the quiet harbour wakes"
+
+    def transcribe(self, wav, sr, language=None, fixed_tokens=None):
+        return self.HEARD, {"language": "en", "compute_ms": 1.0, "tokens": 4, "demo_weights": self.demo}
+
+    def embed(self, wav, sr):
+        v = np.array([1.0, float(len(wav) % 7)], np.float32)
+        return v / np.linalg.norm(v), {"compute_ms": 1.0, "demo_weights": self.demo}
 
     def statistics(self, model=None):
         c = lambda n, ns: {"count": str(n), "ns": str(ns)}  # noqa: E731 - int64s arrive as strings
@@ -133,11 +144,17 @@ def test_clone_request_happy_path_and_warnings():
     assert any("Cyrillic" in w for w in spark.warnings)
 
 
+def test_f5_without_reference_text_is_accepted_for_transcript_fill():
+    """An empty F5 transcript is filled in by speech recognition when the request runs."""
+    req = clone_request(model="f5", mode="offline", ref_audio_path=str(PROMPT), ref_text="", text="Hello.",
+                        params={}, checks=True)
+    assert req.ref_text == "" and req.checks
+
+
 @pytest.mark.parametrize("change,needle", [
     (dict(text="   "), "Type the text"),
     (dict(text="x" * 6000), "at most 5000"),
     (dict(ref_audio_path=None), "Upload or record a prompt clip"),
-    (dict(ref_text=""), "F5-TTS needs the reference text"),
     (dict(model="bark"), "Choose a model"),
     (dict(mode="fast"), "Choose a mode"),
     (dict(ref_audio_path="/no/such/file.wav"), "not found"),
@@ -416,9 +433,12 @@ def test_handlers_generate_export_and_voices(rt):
     from studio.ui import Handlers
 
     h = Handlers(rt, autostart=False)
-    audio, html, download, record_id, seed = h.clone(
+    audio, html, download, record_id, seed, figures = h.clone(
         str(PROMPT), "The quiet harbour wakes up.", "Hello there.", "f5", "offline", 16, 2.0, -1.0, 1.0,
-        0.8, 50, 0.95, 3000, 5, "mp3", "sample:en_female", "")
+        0.8, 50, 0.95, 3000, 5, "mp3", "sample:en_female", True, "")
+    # objective checks on: the fake ASR heard 4 words for 2 -> WER 2 (2 substitutions + 2 insertions) / 2
+    assert figures["metrics"]["wer"] == pytest.approx(2.0) and 'data-metric="wer"' in html
+    assert -1.0 <= figures["metrics"]["speaker_sim"] <= 1.0 and 'data-metric="speaker_sim"' in html
     picture = h.picture(record_id)
     assert seed == 5 and Path(audio).is_file() and Path(picture).is_file()
     assert 'data-metric="latency_s"' in html
@@ -449,10 +469,13 @@ def test_handlers_turn_problems_into_user_errors(tmp_path):
     from studio.ui import Handlers
 
     h = Handlers(FakeRuntime(tmp_path), autostart=False)
-    with pytest.raises(gr.Error, match="F5-TTS needs the reference text"):
-        h.clone(str(PROMPT), "", "Hello.", "f5", "offline", 16, 2, -1, 1, 0.8, 50, 0.95, 3000, -1, "wav", None, "")
+    rt_no_asr = FakeRuntime(tmp_path / "no-asr", FakeClient(served=("f5_tts", "f5_tts_stream")))
+    with pytest.raises(gr.Error, match="F5-TTS needs the prompt's transcript"):
+        Handlers(rt_no_asr, autostart=False).clone(str(PROMPT), "", "Hello.", "f5", "offline", 16, 2, -1, 1, 0.8, 50,
+                                                   0.95, 3000, -1, "wav", None, False, "")
     with pytest.raises(gr.Error, match="could not generate"):
-        h.clone(str(PROMPT), "hi", "FAIL now", "f5", "offline", 16, 2, -1, 1, 0.8, 50, 0.95, 3000, -1, "wav", None, "")
+        h.clone(str(PROMPT), "hi", "FAIL now", "f5", "offline", 16, 2, -1, 1, 0.8, 50, 0.95, 3000, -1, "wav", None,
+                False, "")
     with pytest.raises(gr.Error, match="usable voice name"):
         h.save_voice("///", str(PROMPT), "")
     with pytest.raises(gr.Error, match="shipped sample"):
