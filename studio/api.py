@@ -34,13 +34,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import calendar
 import json
 import math
 import os
 import re
 import secrets
+import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,9 +59,8 @@ PREFIX = "/v1"
 MAX_INPUT_CHARS = 4096
 #: `instructions` longer than this are refused (OpenAI's own limit is the same order).
 MAX_INSTRUCTIONS_CHARS = 4096
-#: A speech request body (JSON, with a base64 prompt clip) and a voice upload, at most (bytes).
-MAX_BODY_BYTES = 40 * 1024 * 1024
-MAX_VOICE_UPLOAD_BYTES = 30 * 1024 * 1024
+#: Room for the multipart framing and the text fields of a voice upload, beyond the clip itself.
+FORM_OVERHEAD_BYTES = 64 * 1024
 #: OpenAI's accepted `speed` range.
 OPENAI_SPEED_RANGE = (0.25, 4.0)
 DEFAULT_FORMAT = "mp3"
@@ -77,8 +79,9 @@ OPENAI_VOICES = {
 }
 #: The voice name that asks spark-tts for voice creation (no prompt clip).
 CREATE_VOICE = "create"
-#: Extension fields of a speech request: the families' own controls (system grammar keys).
-EXTENSION_KEYS = tuple(dict.fromkeys(k.name for keys in KEYS.values() for k in keys))
+#: Extension fields of a speech request: the families' own controls (system grammar keys), except F5's
+#: `speed`, which is OpenAI's own field here (0.25-4, clamped for F5).
+EXTENSION_KEYS = tuple(dict.fromkeys(k.name for keys in KEYS.values() for k in keys if k.name != "speed"))
 OPENAI_FIELDS = ("model", "input", "voice", "response_format", "speed", "instructions", "stream_format")
 CLONE_FIELDS = ("ref_audio", "ref_text")
 #: Speaking-rate factor of each Spark speed level (moderate = the model's natural rate), for mapping
@@ -88,8 +91,8 @@ SPEED_LEVEL_FACTORS = {"very_low": 0.5, "low": 0.75, "moderate": 1.0, "high": 1.
 #: "very ..." is tried before the plain word).
 INSTRUCTION_WORDS = {
     "gender": (("female", r"\b(female|woman|girl|feminine|she)\b"), ("male", r"\b(male|man|boy|masculine|he)\b")),
-    "pitch_level": (("very_high", r"\bvery\s+high[\s-]*pitch"), ("very_low", r"\bvery\s+(low|deep)[\s-]*(pitch|voice)"),
-                    ("high", r"\bhigh[\s-]*pitch"), ("low", r"\b(low[\s-]*pitch|deep\s+voice)"),
+    "pitch_level": (("very_high", r"\bvery\s+high[\s-]*pitch"), ("very_low", r"\bvery\s+(low[\s-]*pitch|deep)\b"),
+                    ("high", r"\bhigh[\s-]*pitch"), ("low", r"\b(low[\s-]*pitch|deep)\b"),
                     ("moderate", r"\b(moderate|medium|normal|average)[\s-]*pitch")),
     "speed_level": (("very_high", r"\bvery\s+(fast|quick)"), ("very_low", r"\bvery\s+slow"),
                     ("high", r"\b(fast|quick(ly)?|rapid(ly)?)\b"), ("low", r"\bslow(ly)?\b"),
@@ -237,14 +240,19 @@ def extension_params(body: dict, family: str) -> dict:
         try:
             parse_system(alone)
         except SystemSpecError as exc:
-            raise bad(str(exc), key) from None
+            raise bad(grammar_message(exc), key) from None
         items[key] = text
     if not items:
         return {}
     try:
         return parse_system(f"{family}:" + ",".join(f"{k}={v}" for k, v in items.items())).options
     except SystemSpecError as exc:
-        raise bad(str(exc)) from None
+        raise bad(grammar_message(exc)) from None
+
+
+def grammar_message(exc: SystemSpecError) -> str:
+    """The grammar's message without its "system 'f5:...': " lead (the API caller wrote no system string)."""
+    return re.sub(r"^system '[^']*': ", "", str(exc))
 
 
 def nearest_speed_level(speed: float) -> str:
@@ -357,11 +365,28 @@ def parse_speech(body: dict, rt) -> SpeechPlan:
         raise bad("F5-TTS needs the transcript of the prompt clip: send 'ref_text' (or save the voice with its "
                   "transcript)", "ref_text", "missing_required_parameter")
     try:
-        req = clone_request(model=family, mode=mode, ref_audio_path=source, ref_text=prompt_text, text=text,
-                            params=params, voice=label)
+        with prompt_file(source) as path:
+            req = clone_request(model=family, mode=mode, ref_audio_path=path, ref_text=prompt_text, text=text,
+                                params=params, voice=label)
     except InputProblem as exc:
         raise bad(str(exc), where, "invalid_audio" if where == "ref_audio" else "invalid_value") from None
     return SpeechPlan(model_id, requested, req, fmt, stream_format, voice, notes + list(req.warnings))
+
+
+@contextmanager
+def prompt_file(source):
+    """A path for the page's prompt checks (size limit, decoding, validation): a library voice's own file,
+    or the decoded `ref_audio` bytes in a temporary file removed afterwards."""
+    if not isinstance(source, (bytes, bytearray)):
+        yield source
+        return
+    fd, name = tempfile.mkstemp(prefix="studio-api-prompt-")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(source)
+        yield name
+    finally:
+        os.unlink(name)
 
 
 def _is_voice(rt, name: str) -> bool:
@@ -652,10 +677,15 @@ def check_auth(rt, request) -> None:
 
 
 async def json_body(request) -> dict:
+    from studio.limits import current_limits
+
     size = request.headers.get("content-length")
-    if size and size.isdigit() and int(size) > MAX_BODY_BYTES:
-        raise ApiError(413, f"the request body is {int(size) // 1_000_000} MB; the most is "
-                       f"{MAX_BODY_BYTES // 1_000_000} MB", code="request_too_large")
+    # A base64 prompt clip is 4/3 of the file, which the studio's upload limit bounds.
+    cap = current_limits().max_upload_bytes * 4 // 3 + FORM_OVERHEAD_BYTES
+    if size and size.isdigit() and int(size) > cap:
+        raise ApiError(413, f"the request body is {int(size) / 1e6:.1f} MB; the most is {cap / 1e6:.1f} MB (a "
+                       f"base64 prompt clip of STUDIO_MAX_UPLOAD_MB={current_limits().max_upload_mb:g})",
+                       code="request_too_large")
     raw = await request.body()
     try:
         body = json.loads(raw or b"null")
@@ -670,7 +700,7 @@ def voice_object(v) -> dict:
     created = None
     if v.created:
         try:
-            created = int(time.mktime(time.strptime(v.created, "%Y-%m-%dT%H:%M:%SZ")) - time.timezone)
+            created = calendar.timegm(time.strptime(v.created, "%Y-%m-%dT%H:%M:%SZ"))
         except ValueError:
             created = None
     return {"id": v.name, "object": "audio.voice", "name": v.name, "key": v.key,
@@ -697,6 +727,12 @@ def api_routes(rt) -> list:
                 return await fn(request)
             except ApiError as err:
                 return error_response(err)
+            except Exception as exc:  # noqa: BLE001 - a bug must still answer in the shape clients parse
+                import traceback
+
+                traceback.print_exc()
+                return error_response(ApiError(500, f"internal error ({type(exc).__name__}: {exc})",
+                                               code="internal_error"))
         handler.__name__ = fn.__name__
         return handler
 
@@ -730,10 +766,13 @@ def api_routes(rt) -> list:
         return JSONResponse({"object": "list", "data": listed + aliases + [creation]})
 
     async def add_voice(request):
+        from studio.limits import current_limits
+
         size = request.headers.get("content-length")
-        if size and size.isdigit() and int(size) > MAX_VOICE_UPLOAD_BYTES:
-            raise ApiError(413, f"the upload is {int(size) // 1_000_000} MB; a voice clip may be at most "
-                           f"{MAX_VOICE_UPLOAD_BYTES // 1_000_000} MB", code="request_too_large")
+        cap = current_limits().max_upload_bytes + FORM_OVERHEAD_BYTES
+        if size and size.isdigit() and int(size) > cap:
+            raise ApiError(413, f"the upload is {int(size) / 1e6:.1f} MB; a voice clip may be at most "
+                           f"{current_limits().max_upload_mb:g} MB (STUDIO_MAX_UPLOAD_MB)", code="request_too_large")
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
             raise bad("send the voice as multipart/form-data with fields name, audio (a file) and transcript",
                       None, "invalid_content_type")
@@ -761,8 +800,10 @@ def api_routes(rt) -> list:
         try:
             await asyncio.to_thread(rt.voices.delete, name)
         except VoiceError as exc:
-            if "shipped sample" in str(exc):
-                raise ApiError(403, str(exc), param="name", code="voice_read_only", type_="permission_error") from None
+            samples = {v.name for v in rt.voices.samples()}
+            if "shipped sample" in str(exc) or name in samples:
+                raise ApiError(403, f"{name!r} is a shipped sample voice; samples cannot be deleted", param="name",
+                               code="voice_read_only", type_="permission_error") from None
             raise ApiError(404, str(exc), param="name", code="voice_not_found") from None
         return JSONResponse({"id": name, "object": "audio.voice.deleted", "deleted": True})
 
@@ -797,10 +838,12 @@ def api_routes(rt) -> list:
 def save_voice(rt, name: str, data: bytes, transcript: str):
     """Decode an uploaded clip and store it in the voice library; 400/409 saying what is wrong."""
     from studio.audio_io import AudioInputError, load_audio
+    from studio.limits import LimitError, check_upload
 
-    if len(data) > MAX_VOICE_UPLOAD_BYTES:
-        raise ApiError(413, f"the clip is {len(data) // 1_000_000} MB; at most {MAX_VOICE_UPLOAD_BYTES // 1_000_000} "
-                       "MB", param="audio", code="request_too_large")
+    try:
+        check_upload(len(data), "voice clip")
+    except LimitError as exc:
+        raise ApiError(413, str(exc), param="audio", code="request_too_large") from None
     try:
         wav = load_audio(data, VOICE_SAMPLE_RATE)
     except AudioInputError as exc:
