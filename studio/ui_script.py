@@ -9,8 +9,9 @@ and every earlier one are ready, preceded by its pause. A segment frame ('S', JS
 segment's audio tells the player which line is speaking when that audio starts.
 
 Generate is also the Gradio API endpoint `/script` (inputs: script, default family, mode, speaker
-pause ms, paragraph pause ms, concurrency, job id (may be empty); outputs include the plan and the
-metrics as JSON), and Preview is `/script_plan`.
+pause ms, paragraph pause ms, concurrency, job id (may be empty); outputs: problems HTML, plan table,
+audio, metrics HTML, two button updates, the plan + metrics + segments as JSON, and the WAV and ZIP
+as files), and Preview is `/script_plan`.
 """
 
 from __future__ import annotations
@@ -165,7 +166,7 @@ class ScriptHandlers:
 
     def generate(self, text, family, mode, speaker_ms, paragraph_ms, concurrency, job_id):
         """Parse, generate (streaming every finished segment in order into the browser's job), record,
-        and return the preview, the replay audio, metrics, downloads and the plan+metrics JSON."""
+        and return the preview, the replay audio, metrics, downloads, the plan+metrics JSON and the files."""
         from studio.client import SynthesisError
         from studio.ui_runtime import NotReady
 
@@ -255,7 +256,7 @@ class ScriptHandlers:
                 metrics_html(metrics, rec["segments"], demo=demo, status=status, job=job.id),
                 gr.DownloadButton("Download WAV", value=wav, visible=wav is not None),
                 gr.DownloadButton("Download ZIP (segments + lines.csv)", value=archive, visible=archive is not None),
-                payload)
+                payload, [p for p in (wav, archive) if p])
 
     # downloads ----------------------------------------------------------------------------------
     def export_wav(self, rec: dict) -> str | None:
@@ -324,6 +325,9 @@ def script_tab(rt, hist_outs: list | None = None, history_view=None) -> ScriptHa
                     dl_wav = gr.DownloadButton("Download WAV", visible=False, elem_id="script-download")
                     dl_zip = gr.DownloadButton("Download ZIP", visible=False, elem_id="script-zip")
                 details = gr.JSON(label="Plan and metrics", elem_id="script-json")
+                # Hidden: the WAV and the ZIP as files, which gradio_client downloads (it does not for the
+                # buttons' updates).
+                files = gr.File(label="Downloads", file_count="multiple", visible=False, elem_id="script-files")
                 job = gr.Textbox(visible=False, elem_id="script-job")
     inputs = [text, family, mode, speaker, paragraph, concurrency, job]
     begin = f"(...args) => window.studioPlayer ? window.studioPlayer.begin('{KEY}', args, {len(inputs) - 1}) : args"
@@ -333,7 +337,7 @@ def script_tab(rt, hist_outs: list | None = None, history_view=None) -> ScriptHa
     # The preview answers at once beside the generation, so problems show even while it waits in the queue.
     generate.click(h.preview, inputs=[text, family, speaker, paragraph], outputs=[problems, table], **quiet)
     event = generate.click(h.generate, inputs=inputs, outputs=[problems, table, audio, metrics, dl_wav, dl_zip,
-                                                               details],
+                                                               details, files],
                            js=begin, api_name="script", show_progress_on=[metrics],
                            concurrency_limit=GENERATE_CONCURRENCY, concurrency_id="generate"
                            ).then(None, js=fill_js(KEY))

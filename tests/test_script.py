@@ -278,14 +278,15 @@ def test_cli_and_gradio_client_produce_the_same_segment_plan(page, triton_server
                            "--data-dir", str(data), "--speaker-pause-ms", "300", "--paragraph-pause-ms", "800"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
-    assert "segment 4 (line 5)" in proc.stdout and "DEMO WEIGHTS" in proc.stdout
+    assert "segment 4 (line 5, created spark:" in proc.stdout and "DEMO WEIGHTS" in proc.stdout
     cli = json.loads(report.read_text())
     assert out.is_file() and (tmp_path / "out.zip").is_file()
 
     api = Client(url, verbose=False)
-    problems, table, audio, metrics, wav, archive, details = api.predict(
+    problems, table, audio, metrics, _, _, details, files = api.predict(
         THREE_VOICES, "f5", "offline", 300, 800, 3, "", api_name="/script")
-    assert details["status"] == "ok" and Path(audio).is_file() and Path(archive).suffix == ".zip"
+    assert details["status"] == "ok" and Path(audio).is_file()
+    assert sorted(Path(f).suffix for f in files) == [".wav", ".zip"] and all(Path(f).is_file() for f in files)
     assert details["plan"]["segments"] == cli["plan"]["segments"]
     assert [s["segment"] for s in details["segments"]] == [1, 2, 3, 4]
     plan_only = api.predict(THREE_VOICES, "f5", 300, 800, api_name="/script_plan")
