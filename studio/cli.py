@@ -273,6 +273,12 @@ def cmd_make_demo_weights(args) -> int:
     return 0
 
 
+def cmd_loadtest(args) -> int:
+    from studio.loadtest import main as loadtest_main
+
+    return loadtest_main(args)
+
+
 def cmd_bench(args) -> int:
     from studio.bench import main as bench_main
 
@@ -449,6 +455,13 @@ def build_parser() -> argparse.ArgumentParser:
     from studio.script_cli import add_script_parser  # multi-voice scripts
 
     add_script_parser(sub, add_server_args)
+
+    p = sub.add_parser("loadtest", help="a bounded load run through the page's API on loopback (failures, "
+                       "latency percentiles, server memory)")
+    from studio.loadtest import add_loadtest_args
+
+    add_loadtest_args(p)
+    p.set_defaults(func=cmd_loadtest)
 
     p = sub.add_parser("bench", help="benchmark a model through Triton")
     try:

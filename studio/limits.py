@@ -104,3 +104,32 @@ def parse_auth(value: str | None) -> list[tuple[str, str]] | None:
     if not users:
         raise ValueError("--auth names no user")
     return users
+
+
+def page_user(request) -> str | None:
+    """The signed-in page user of a Starlette request to the Gradio app ("" when the page has no
+    login; None when it has one and the request carries no valid session cookie)."""
+    app = request.app
+    if getattr(app, "auth", None) is None and getattr(app, "auth_dependency", None) is None:
+        return ""
+    cookie_id = getattr(app, "cookie_id", "")
+    token = (request.cookies.get(f"access-token-{cookie_id}")
+             or request.cookies.get(f"access-token-unsecure-{cookie_id}"))
+    return getattr(app, "tokens", {}).get(token)
+
+
+def login_required(routes: list) -> list:
+    """The same Starlette routes, refusing (401) requests without a page login when `--auth` is on:
+    the page's own data routes (the streaming player's) are then as private as the page."""
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    def guard(endpoint):
+        async def guarded(request):
+            if page_user(request) is None:
+                return JSONResponse({"error": "log in to the studio first"}, status_code=401)
+            return await endpoint(request)
+        return guarded
+
+    return [Route(r.path, guard(r.endpoint), methods=sorted(r.methods or []), name=r.name)
+            if isinstance(r, Route) else r for r in routes]

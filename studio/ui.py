@@ -15,7 +15,7 @@ from pathlib import Path
 import gradio as gr
 
 from studio.api import api_routes
-from studio.limits import ClientSlots, LimitError, current_limits
+from studio.limits import ClientSlots, LimitError, current_limits, login_required
 from studio.ui_files import page_copy
 from studio.ui_generate import (GENDERS, LEVELS, InputProblem, clone_request, design_request, f5_params,
                                 load_prompt, read_text_file, run_generation, spark_params)
@@ -714,7 +714,8 @@ def private_call_routes(demo: gr.Blocks) -> list:
 def launch_kwargs(rt: StudioRuntime, demo: gr.Blocks | None = None) -> dict:
     """What `demo.launch()` needs besides host/port: the streaming and rater routes, the OpenAI-compatible
     API (studio/api.py), the refusal of by-name calls to private events, and the folders it may serve."""
-    routes = rt.jobs.routes() + rater_routes(rt) + api_routes(rt)
+    # the player's routes need the page login when --auth is on; raters and the API have their own keys
+    routes = login_required(rt.jobs.routes()) + rater_routes(rt) + api_routes(rt)
     if demo is not None:
         routes += private_call_routes(demo)
     return {"app_kwargs": {"routes": routes}, "allowed_paths": rt.allowed_paths(),
