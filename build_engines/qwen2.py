@@ -42,6 +42,12 @@ def trtllm_config(hf: dict, dtype: str) -> dict:
     if any(t != "full_attention" for t in hf.get("layer_types") or ["full_attention"]):
         raise ValueError("sliding-window layers are not supported by this converter")
     heads = int(hf["num_attention_heads"])
+    # transformers < 5 writes rope_theta / rope_scaling at the top; 5.x nests them in rope_parameters
+    rope = hf.get("rope_parameters") or {}
+    theta = float(hf.get("rope_theta", rope.get("rope_theta", 10000.0)))
+    scaling = hf.get("rope_scaling")
+    if scaling is None and rope.get("rope_type", "default") != "default":
+        scaling = {"type": rope["rope_type"], **{k: v for k, v in rope.items() if k not in ("rope_type", "rope_theta")}}
     return {
         "architecture": "Qwen2ForCausalLM",
         "dtype": dtype,
@@ -57,8 +63,8 @@ def trtllm_config(hf: dict, dtype: str) -> dict:
         "norm_epsilon": float(hf["rms_norm_eps"]),
         "position_embedding_type": "rope_gpt_neox",
         "max_position_embeddings": int(hf["max_position_embeddings"]),
-        "rotary_base": float(hf.get("rope_theta", 10000.0)),
-        "rotary_scaling": hf.get("rope_scaling"),
+        "rotary_base": theta,
+        "rotary_scaling": scaling,
         "use_parallel_embedding": False,
         "embedding_sharding_dim": 0,
         "tie_word_embeddings": bool(hf.get("tie_word_embeddings", False)),
