@@ -571,8 +571,22 @@ class PromptCache:
         return wav
 
 
+def check_metrics(client, audio: np.ndarray, sample_rate: int, target_text: str, prompts: PromptCache,
+                  row_id: str) -> dict:
+    """Objective checks of one output (studio/objective.py) as flat metrics; notes under `check_notes`."""
+    from studio.objective import CHECK_SAMPLE_RATE, run_checks
+
+    prompt = prompts.get(row_id, CHECK_SAMPLE_RATE) if row_id in prompts.paths else None
+    checked = run_checks(client, audio, sample_rate, target_text, prompt, CHECK_SAMPLE_RATE if prompt is not None
+                         else None)
+    out = checked.metrics()
+    if checked.notes:
+        out["check_notes"] = checked.notes
+    return out
+
+
 def _generate_one(store: Store, run: Run, system: System, row: TestRow, client, prompts: PromptCache,
-                  voices_of: dict[str, str | None], cancel: threading.Event) -> str | None:
+                  voices_of: dict[str, str | None], cancel: threading.Event, checks: bool = False) -> str | None:
     """Generate, store and commit one model output. Returns None when done, else the error message."""
     from studio.client import SAMPLE_RATES, GenerationCancelled, SynthesisError
 
@@ -593,6 +607,10 @@ def _generate_one(store: Store, run: Run, system: System, row: TestRow, client, 
     rel = output_path(run, system, row.row_id)
     store.write_wav(rel, result.audio, result.sample_rate)  # renamed into place before the commit below
     metrics = output_metrics(result)
+    if checks:
+        # a created voice has no prompt to compare with: error rate only
+        metrics.update(check_metrics(client, result.audio, result.sample_rate, row.target_text,
+                                     PromptCache({}) if system.voice_creation else prompts, row.row_id))
     generation = {"id": new_id(), "kind": "design" if system.voice_creation else "clone", "model": system.family,
                   "mode": "streaming" if system.stream else "offline", "status": "ok", "text": row.target_text,
                   "ref_text": ref_text, "voice": voices_of.get(row.row_id), "params": params, "seed": result.seed,
@@ -613,7 +631,8 @@ def _inside(store: Store, path: Path) -> str | None:
         return None
 
 
-def _import_one(store: Store, run: Run, system: System, row: TestRow) -> str | None:
+def _import_one(store: Store, run: Run, system: System, row: TestRow, client=None, prompts: PromptCache | None = None,
+                checks: bool = False) -> str | None:
     """A files: output: check the WAV, copy it beside the database, commit. None when done, else the error."""
     path = _find_wav(Path(system.folder), row.row_id)
     try:
@@ -625,19 +644,25 @@ def _import_one(store: Store, run: Run, system: System, row: TestRow) -> str | N
         return str(exc)
     rel = output_path(run, system, row.row_id)
     store.write_file(rel, path.read_bytes())
-    _save_output(store, run, system, row.row_id, status="done", audio_path=rel, sample_rate=sr,
-                 metrics={"audio_s": round(frames / sr, 4), "source": str(path)})
+    metrics = {"audio_s": round(frames / sr, 4), "source": str(path)}
+    if checks and client is not None and prompts is not None:  # recordings get the same checks as outputs
+        from studio.audio_io import load_audio
+
+        metrics.update(check_metrics(client, load_audio(path, sr), sr, row.target_text, prompts, row.row_id))
+    _save_output(store, run, system, row.row_id, status="done", audio_path=rel, sample_rate=sr, metrics=metrics)
     return None
 
 
 def run_batch(store: Store, run: Run, client=None, *, concurrency: int | None = None,
               on_progress: Callable[[Progress], None] | None = None, voices=None,
-              stop: threading.Event | None = None) -> Progress:
+              stop: threading.Event | None = None, checks: bool = False) -> Progress:
     """Produce every output of `run` not yet done; returns the final Progress.
 
     `client` (a StudioClient, shared by the threads) is needed only when model outputs remain.
     `on_progress(progress)` is called (serialised) at the start, after each output and at the end.
     Set `stop` to finish the outputs in flight and start no more (the run's status becomes stopped).
+    `checks`: objective checks (WER/CER, speaker similarity) on each new output, `files:` ones included,
+    stored with its metrics (needs `client`).
     """
     stop = stop or threading.Event()
     workers = concurrency or run.concurrency
@@ -669,16 +694,18 @@ def run_batch(store: Store, run: Run, client=None, *, concurrency: int | None = 
     # Stored prompts are voice names or absolute paths; resolve them before the run counts as running.
     prompts: dict[str, Path] = {}
     voice_names: dict[str, str | None] = {}
-    for row_id in {r.row_id for s, r in model_todo if not s.voice_creation}:
+    checked_rows = {r.row_id for s, r in todo if s.is_files} if checks and client is not None else set()
+    for row_id in {r.row_id for s, r in model_todo if not s.voice_creation} | checked_rows:
         row = next(r for r in run.rows if r.row_id == row_id)
         p = resolve_prompt(row.prompt, voices, Path("/"))
         prompts[row_id], voice_names[row_id] = p.path, p.voice
     _set_status(store, run.run_id, "running")
     report()
+    files_prompts = PromptCache(prompts)
     for system, row in [(s, r) for s, r in todo if s.is_files]:
         if stop.is_set():
             break
-        error = _import_one(store, run, system, row)
+        error = _import_one(store, run, system, row, client, files_prompts, checks)
         report(error, produced=error is None)
     if model_todo and not stop.is_set():
         cache = PromptCache(prompts)
@@ -688,7 +715,7 @@ def run_batch(store: Store, run: Run, client=None, *, concurrency: int | None = 
             if stop.is_set():
                 return
             try:
-                error = _generate_one(store, run, system, row, client, cache, voice_names, stop)
+                error = _generate_one(store, run, system, row, client, cache, voice_names, stop, checks)
             except Exception as exc:  # noqa: BLE001 - one output's bug must not end the whole run
                 error = f"{type(exc).__name__}: {exc}"
                 _save_output(store, run, system, row.row_id, status="failed", error=error)
@@ -718,8 +745,9 @@ class BatchJob:
         job.progress()   # {"run", "total", "done", "failed", "eta_s", "finished", ...}
     """
 
-    def __init__(self, store: Store, run: Run, client=None, *, concurrency: int | None = None, voices=None):
-        self.store, self.run, self.client, self.voices = store, run, client, voices
+    def __init__(self, store: Store, run: Run, client=None, *, concurrency: int | None = None, voices=None,
+                 checks: bool = False):
+        self.store, self.run, self.client, self.voices, self.checks = store, run, client, voices, checks
         self.concurrency = concurrency
         self._stop = threading.Event()
         self._latest: dict = Progress(run.name, total=len(run.systems) * len(run.rows)).as_dict()
@@ -738,7 +766,7 @@ class BatchJob:
     def _work(self) -> None:
         try:
             run_batch(self.store, self.run, self.client, concurrency=self.concurrency, voices=self.voices,
-                      stop=self._stop, on_progress=self._keep)
+                      stop=self._stop, on_progress=self._keep, checks=self.checks)
         except Exception as exc:  # noqa: BLE001 - shown by the page through progress()
             self.error = str(exc)
             with self._lock:

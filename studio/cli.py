@@ -310,9 +310,10 @@ def cmd_batch(args) -> int:
     summary = run_summary(store, run.name)
     left = {spec for spec, c in summary["systems"].items() if c["done"] < c["rows"]}
     families = sorted({s.family for s in run.systems if not s.is_files and s.spec in left})
+    checked = ["asr", "sim"] if args.check and left else []
     server, url = None, args.triton_url
-    if families and not url:
-        server = make_server(args, families=families)
+    if (families or checked) and not url:
+        server = make_server(args, families=families + checked)
         try:
             server.start()
         except ServerStartError as exc:
@@ -323,10 +324,11 @@ def cmd_batch(args) -> int:
     outcome: dict = {}
 
     def work():
-        client = StudioClient(url) if families else None
+        client = StudioClient(url) if families or checked else None
         try:
             outcome["progress"] = run_batch(store, run, client, concurrency=args.concurrency, voices=voices,
-                                            stop=stop, on_progress=lambda p: print(p.line(), flush=True))
+                                            stop=stop, on_progress=lambda p: print(p.line(), flush=True),
+                                            checks=bool(checked))
         except BaseException as exc:  # noqa: BLE001 - reported by the main thread
             outcome["error"] = exc
         finally:
@@ -443,6 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="e.g. f5:nfe_steps=16, spark:temperature=0.6,stream, files:DIR (repeat for several)")
     p.add_argument("-o", "--name", required=True, help="the run's name; the same name resumes it")
     p.add_argument("--concurrency", type=int, default=4, help="generations at once (default 4)")
+    p.add_argument("--check", action="store_true",
+                   help="objective checks on each new output (WER/CER by the asr model, speaker similarity)")
     add_server_args(p)
     p.set_defaults(func=cmd_batch)
 

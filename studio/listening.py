@@ -586,12 +586,37 @@ def answer_records(store: Store, session: Session) -> list[dict]:
     return out
 
 
+#: Objective figures of the session's outputs shown beside the ratings (per-system means with CIs):
+#: client timings from the batch run, and the objective checks when the run had them (--check).
+OBJECTIVE_FIELDS = ("latency_s", "first_chunk_s", "rtf", "wer", "cer", "speaker_sim")
+
+
+def objective_records(store: Store, session: Session) -> list[dict]:
+    """One record per finished output of the session's systems: {"system", <OBJECTIVE_FIELDS present>}."""
+    import json
+
+    out = []
+    for r in store.query("SELECT system, metrics FROM batch_outputs WHERE run_id = ? AND status = 'done'",
+                         (session.run_id,)):
+        if r["system"] not in session.systems:
+            continue
+        metrics = json.loads(r["metrics"]) if r["metrics"] else {}
+        rec = {k: metrics[k] for k in OBJECTIVE_FIELDS
+               if isinstance(metrics.get(k), (int, float)) and not isinstance(metrics.get(k), bool)}
+        if rec:
+            out.append({"system": r["system"], **rec})
+    return out
+
+
 def report(store: Store, session: Session) -> dict:
-    """The session's statistics (`qa_stats.qa_report`) with the session's settings and answer count."""
+    """The session's statistics (`qa_stats.qa_report`) with the session's settings and answer count,
+    and the outputs' objective figures per system beside them."""
     from studio import qa_stats
 
     records = answer_records(store, session)
-    rep = qa_stats.qa_report(**{session.kind: records})  # its keyword names are the kinds: mos, smos, ab
+    # its keyword names are the kinds: mos, smos, ab
+    rep = qa_stats.qa_report(**{session.kind: records}, objective=objective_records(store, session),
+                             objective_fields=list(OBJECTIVE_FIELDS))
     rep["session"] = session_summary(session)
     rep["answers"] = len(records)
     return rep

@@ -330,19 +330,19 @@ class Handlers:
                 gr.Dropdown(choices=choices))
 
     # transcript fill ----------------------------------------------------------------------------
-    def transcribe_prompt(self, ref_audio, model, ref_text="", only_if_empty=False):
-        """The prompt clip's transcript from the `asr` model into the reference-text field (F5 needs it).
+    def transcribe_prompt(self, ref_audio, model="f5", ref_text="", only_if_empty=False):
+        """The prompt clip's transcript from the `asr` model: (text, a note for under the field).
 
-        On upload or recording (`only_if_empty`): only for F5 with an empty field, and quietly when no
-        speech recognition is served. Transcripts are cached per clip (by its bytes). A transcript from
-        the demo model is labelled so in the field's label and info."""
+        On upload or recording (`only_if_empty`): only for F5 with an empty field, and quietly ("", "")
+        when no speech recognition is served; the page then puts the text in the field only if the
+        person has not typed one meanwhile. Transcripts are cached per clip (by its bytes). A transcript
+        from the demo model is said to be noise in the note."""
         import hashlib
 
         from studio.objective import DEMO_TRANSCRIPT_NOTE, fill_transcript
 
-        keep = gr.Textbox()
         if only_if_empty and (model != "f5" or (ref_text or "").strip() or not ref_audio):
-            return keep
+            return "", ""
         if not ref_audio:
             raise user_error("Upload or record a prompt clip first.", title="Nothing to transcribe")
         key = hashlib.sha1(Path(ref_audio).read_bytes()).hexdigest()
@@ -353,15 +353,13 @@ class Handlers:
                 text, info, _ = fill_transcript(self.rt.client(), wav, TRANSCRIBE_RATE)
             except (InputProblem, ValueError, NotReady) as exc:
                 if only_if_empty:
-                    return keep
+                    return "", ""
                 raise user_error(str(exc), title="Cannot transcribe") from None
             hit = self.transcripts[key] = (text, bool(info.get("demo_weights")))
         text, demo = hit
-        if demo:
-            return gr.Textbox(value=text, label=f"{REF_TEXT_LABEL} ({DEMO_TRANSCRIPT_NOTE})",
-                              info="Replace it with what the clip really says.")
-        return gr.Textbox(value=text, label=f"{REF_TEXT_LABEL} (filled by speech recognition: check it)",
-                          info=REF_TEXT_INFO)
+        note = (f"Transcript {DEMO_TRANSCRIPT_NOTE}. Replace it with what the clip really says." if demo else
+                "Transcript filled in by speech recognition: check it against the clip.")
+        return text, f'<p class="studio-ref-note" data-demo="{str(demo).lower()}">{note}</p>'
 
     def pick_voice(self, key):
         """Clone tab's library picker: the clip and its transcript into the inputs."""
@@ -487,6 +485,8 @@ def build_demo(rt: StudioRuntime, *, autostart: bool = True) -> gr.Blocks:
                                              label="Prompt clip (3-12 s of clear speech)", elem_id="clone-ref-audio")
                         ref_text = gr.Textbox(label=REF_TEXT_LABEL, lines=2,
                                               info=REF_TEXT_INFO, elem_id="clone-ref-text")
+                        ref_note = gr.HTML("", elem_id="clone-ref-note")
+                        asr_heard = gr.Textbox(visible=False, elem_id="clone-asr-heard")
                         transcribe = gr.Button("Transcribe the prompt clip", size="sm", elem_id="clone-transcribe")
                         text = gr.Textbox(label="Text to speak", lines=6, max_lines=20,
                                           placeholder="Type or paste the text; long text is split into sentences.",
@@ -631,9 +631,12 @@ def build_demo(rt: StudioRuntime, *, autostart: bool = True) -> gr.Blocks:
         for ev in (ref_audio.upload, ref_audio.stop_recording, ref_audio.clear):
             ev(lambda: None, inputs=None, outputs=[voice_pick], **quiet)
         for ev in (ref_audio.upload, ref_audio.stop_recording):
+            # heard text goes to a hidden box; the field takes it only if still empty when it arrives
             ev(lambda a, m, t: h.transcribe_prompt(a, m, t, only_if_empty=True), inputs=[ref_audio, model, ref_text],
-               outputs=[ref_text], **light)
-        transcribe.click(h.transcribe_prompt, inputs=[ref_audio, model], outputs=[ref_text], **light)
+               outputs=[asr_heard, ref_note], **light
+               ).then(None, inputs=[asr_heard, ref_text], outputs=[ref_text],
+                      js="(heard, current) => (current && current.trim()) ? current : heard")
+        transcribe.click(h.transcribe_prompt, inputs=[ref_audio, model], outputs=[ref_text, ref_note], **light)
         reuse_seed.click(lambda s: s if s is not None else -1, inputs=[out.seed], outputs=[seed], **quiet)
 
         gen_inputs = [ref_audio, ref_text, text, model, mode, nfe, cfg, sway, speed, temperature, top_k, top_p,

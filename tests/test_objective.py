@@ -135,3 +135,47 @@ def test_cli_f5_without_ref_text_fills_it_and_checks(triton_server, tmp_path):
     assert out.is_file()
     assert "transcript was filled by the DEMO speech-recognition model" in proc.stdout
     assert "objective checks: WER" in proc.stdout and "speaker similarity" in proc.stdout
+
+
+def test_batch_checks_and_listening_objective_columns(client, tmp_path):
+    """A batch run with checks stores WER and speaker similarity per output (model and files: outputs);
+    the figures follow from the stored recognised text; a listening session's report lists them per
+    system with confidence intervals."""
+    import soundfile as sf
+
+    from studio import listening
+    from studio.batch import parse_test_set, prepare_run, run_batch, run_outputs
+    from studio.store import Store
+    from studio.voices import SAMPLES_DIR, VoiceLibrary
+    from tests.conftest import speech_like
+
+    store, voices = Store(tmp_path / "data"), VoiceLibrary(tmp_path / "data", SAMPLES_DIR)
+    prompt = SAMPLES_DIR / "en_female.wav"
+    ref = (SAMPLES_DIR / "en_female.txt").read_text("utf-8").strip()
+    rows = "id,prompt,reference_text,target_text,seed\n" + "".join(
+        f'r{i},{prompt},"{ref}","Row {i}, short.",{i}\n' for i in range(3))
+    folder = tmp_path / "rec"
+    folder.mkdir()
+    for i in range(3):
+        sf.write(folder / f"r{i}.wav", speech_like(1.5, 24000, seed=10 + i), 24000)
+    run = prepare_run(store, "checked", parse_test_set(rows, base_dir=tmp_path), ["f5:nfe_steps=2", f"files:{folder}"],
+                      voices)
+    progress = run_batch(store, run, client, concurrency=2, voices=voices, checks=True)
+    assert progress.done == 6 and progress.failed == 0
+    outputs = run_outputs(store, "checked")
+    for out in outputs:
+        m = out["metrics"]
+        assert {"wer", "speaker_sim", "asr_text", "check_ms"} <= set(m), m
+        assert m["checks_demo"] is True and -1.0 <= m["speaker_sim"] <= 1.0
+        metric, rate, _ = ob.error_rate(out["target_text"], m["asr_text"])
+        assert metric == "wer" and m["wer"] == pytest.approx(rate, abs=1e-4)
+    systems = sorted({o["system"] for o in outputs})
+    session = listening.create_session(store, name="objective", kind="mos", run_id=run.run_id, systems=systems,
+                                       items_per_rater=3)
+    rep = listening.report(store, session)
+    table = {(r["system"], r["field"]): r for r in rep["tables"]["objective"]}
+    for system in systems:
+        wers = [o["metrics"]["wer"] for o in outputs if o["system"] == system]
+        assert table[(system, "wer")]["n"] == 3
+        assert table[(system, "wer")]["mean"] == pytest.approx(sum(wers) / 3)
+        assert (system, "speaker_sim") in table
