@@ -249,7 +249,7 @@ def test_stop_keeps_what_was_handed_out(client, data_dir):
 
 # --- the CLI and the Gradio API give the same plan ----------------------------------------------------------
 @pytest.fixture(scope="module")
-def page(triton_server, tmp_path_factory):
+def script_page(triton_server, tmp_path_factory):
     """The page in this process over the session's tritonserver (the path gradio_client takes)."""
     from studio.ui import build_demo, launch_kwargs
     from studio.ui_runtime import RuntimeOptions, StudioRuntime
@@ -266,10 +266,10 @@ def page(triton_server, tmp_path_factory):
     rt.stop()
 
 
-def test_cli_and_gradio_client_produce_the_same_segment_plan(page, triton_server, tmp_path):
+def test_cli_and_gradio_client_produce_the_same_segment_plan(script_page, triton_server, tmp_path):
     from gradio_client import Client
 
-    url, rt, data = page
+    url, rt, data = script_page
     script = tmp_path / "dialogue.txt"
     script.write_text(THREE_VOICES, encoding="utf-8")
     out, report = tmp_path / "out.wav", tmp_path / "out.json"
@@ -296,10 +296,10 @@ def test_cli_and_gradio_client_produce_the_same_segment_plan(page, triton_server
     assert len(scripts) == 2 and all(len(r["segments"]) == 4 for r in scripts)
 
 
-def test_gradio_client_gets_the_problems_by_line(page):
+def test_gradio_client_gets_the_problems_by_line(script_page):
     from gradio_client import Client
 
-    url, _, _ = page
+    url, _, _ = script_page
     with pytest.raises(Exception) as err:
         Client(url, verbose=False).predict("{en_male} Fine.\n{en_mail} Typo.", "f5", "offline", 300, 700, 2, "",
                                            api_name="/script")
