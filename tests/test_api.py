@@ -310,7 +310,7 @@ def test_gradio_client_clone_and_voice_creation(app):
     assert {"/clone", "/create_voice"} <= set(endpoints)
     assert not [e for e in endpoints if "voice" in e and e != "/create_voice"]  # save / rename / delete: private
     audio, html, download, figures = page.predict(
-        ref_audio=handle_file(str(PROMPT)), ref_text=PROMPT_TEXT, text=SHORT, model="f5", mode="offline", nfe=2,
+        ref_audio=handle_file(str(PROMPT)), ref_text=PROMPT_TEXT, text=SHORT, model="f5", mode="offline", nfe=4,
         seed=3, voice_key=None, job_id="", api_name="/clone")
     samples, rate = decode(open(audio, "rb").read(), "wav")
     assert rate == 24000 and figures["status"] == "ok" and figures["seed"] == 3 and figures["demo_weights"] is True
