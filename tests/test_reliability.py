@@ -1,0 +1,499 @@
+"""Issue 17: faults, limits, errors and access, against real tritonservers on demo weights.
+
+Fault tests kill stub processes, so they run on a server of their own (`fault_server`, shared by
+the tests here that leave it serving; the test that kills tritonserver itself runs last). Only
+pids this module started, or stubs of servers it started, are ever signalled. Limits are set low
+on the fault server through the environment it starts with (the Triton models read it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import speech_like
+from tts.audio import F5_SAMPLE_RATE, SPARK_SAMPLE_RATE
+
+ROOT = Path(__file__).resolve().parent.parent
+REF = speech_like(2.5, F5_SAMPLE_RATE)
+SPARK_REF = speech_like(2.5, SPARK_SAMPLE_RATE)
+REF_TEXT = "Some call me nature, others call me mother nature."
+LONG = ("I don't really care what you call me. I've been a silent spectator, watching species evolve, "
+        "empires rise and fall. But always remember, I am mighty and enduring.")
+#: The fault server's limits (inherited by its stubs): low enough to test, high enough for LONG x 2.
+FAULT_LIMITS = {"STUDIO_MAX_TEXT_CHARS_F5": "400", "STUDIO_MAX_TEXT_CHARS_SPARK": "300",
+                "STUDIO_MAX_REF_TEXT_CHARS": "200", "STUDIO_MAX_PROMPT_S": "20"}
+#: The issue's liveness bounds (generous on purpose: two slow shared cores).
+ERROR_WITHIN_S = 30
+RECOVER_WITHIN_S = 60
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+def stub_pids(server, instance: str) -> list[int]:
+    """Stub processes of `server`'s instance (e.g. f5_engine_0_0), by the run folder in their command line."""
+    from studio.server import run_processes
+
+    return [pid for pid, argv in run_processes(server.run_dir) if any(a.startswith(instance) for a in argv[1:])]
+
+
+def kill_stub(server, instance: str) -> None:
+    pids = stub_pids(server, instance)
+    assert pids, f"no stub process for {instance}"
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+
+
+def f5(client, text="Hello there.", stream=False, **kw):
+    params = {"nfe_steps": 4, "seed": 1, **kw.pop("params", {})}
+    return client.synthesize("f5", text, REF, REF_TEXT, stream=stream, params=params, **kw)
+
+
+def spark(client, text="Hello there.", stream=False, **kw):
+    params = {"max_new_tokens": 60, "min_new_tokens": 60, "seed": 1, **kw.pop("params", {})}
+    return client.synthesize("spark", text, SPARK_REF, REF_TEXT, stream=stream, params=params, **kw)
+
+
+def run_in_thread(fn):
+    """Start fn() in a thread; returns a function giving (result or exception, seconds it took)."""
+    out = {}
+
+    def body():
+        t0 = time.monotonic()
+        try:
+            out["value"] = fn()
+        except Exception as exc:  # noqa: BLE001 - the test inspects it
+            out["value"] = exc
+        out["took"] = time.monotonic() - t0
+
+    thread = threading.Thread(target=body, daemon=True)
+    thread.start()
+
+    def result(timeout):
+        thread.join(timeout)
+        assert not thread.is_alive(), f"the request did not end within {timeout} s"
+        return out["value"], out["took"]
+    return result
+
+
+def serves_again(client, call, within_s=RECOVER_WITHIN_S):
+    """The next request succeeds with no user action within `within_s` (several tries are one request
+    each: the client itself reloads and resends on a dead instance)."""
+    deadline = time.monotonic() + within_s
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            result = call(client)
+            assert result.audio.size > 0
+            return result
+        except Exception as exc:  # noqa: BLE001
+            last = exc
+            time.sleep(1)
+    raise AssertionError(f"no request succeeded within {within_s} s after the fault: {last}")
+
+
+@pytest.fixture(scope="module")
+def fault_server(tmp_path_factory):
+    from studio.server import TritonServer
+
+    saved = {k: os.environ.get(k) for k in FAULT_LIMITS}
+    os.environ.update(FAULT_LIMITS)  # the server and its stubs inherit them
+    try:
+        server = TritonServer(tmp_path_factory.mktemp("fault-data"), demo_weights=True, no_download=True,
+                              instances=2, gpus=[])
+        server.start(timeout_s=600)
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def fclient(fault_server):
+    from studio.client import StudioClient
+
+    c = StudioClient(fault_server.grpc_url)
+    yield c
+    c.close()
+
+
+# --- supervision: dead stubs at any moment -----------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("family,instance", [("f5", "f5_engine_0_0"), ("f5", "f5_tts_stream_0_0"),
+                                             ("spark", "spark_llm_0_0")])
+def test_stub_killed_mid_stream_errors_promptly_and_the_next_request_is_served(fault_server, fclient, family,
+                                                                               instance):
+    from studio.client import SynthesisError
+
+    first_chunk = threading.Event()
+    text = " ".join([LONG] * 2) if family == "f5" else LONG[:250]
+    call = (lambda: f5(fclient, text, stream=True, params={"nfe_steps": 8},
+                       on_chunk=lambda *_: first_chunk.set())) if family == "f5" else \
+        (lambda: spark(fclient, text, stream=True, params={"max_new_tokens": 600, "min_new_tokens": 600},
+                       on_chunk=lambda *_: first_chunk.set()))
+    if instance.startswith("f5_tts_stream"):  # every instance: the request is on one of them
+        instance = "f5_tts_stream_0_"
+    result = run_in_thread(call)
+    assert first_chunk.wait(120), "no first chunk"
+    killed = time.monotonic()
+    kill_stub(fault_server, instance)
+    err, _ = result(ERROR_WITHIN_S + 5)
+    assert isinstance(err, SynthesisError), err
+    assert time.monotonic() - killed < ERROR_WITHIN_S
+    assert "not healthy" in str(err) or "stopped" in str(err)
+    serves_again(fclient, (lambda c: f5(c, stream=True)) if family == "f5" else (lambda c: spark(c, stream=True)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("instance", ["f5_engine_0_0", "f5_tts_0_"])
+def test_stub_killed_mid_batch_offline(fault_server, fclient, instance):
+    """Two offline requests in one engine batch; the engine (or their fronts) killed while they run:
+    each ends within the bound, with audio (sent again after a reload) or a clear error."""
+    from studio.client import SynthesisError
+
+    results = [run_in_thread(lambda: f5(fclient, LONG, params={"nfe_steps": 16})) for _ in range(2)]
+    time.sleep(1.0)
+    kill_stub(fault_server, instance)
+    for result in results:
+        value, took = result(ERROR_WITHIN_S + RECOVER_WITHIN_S)
+        assert isinstance(value, SynthesisError) or value.audio.size > 0, value
+    serves_again(fclient, lambda c: f5(c))
+
+
+@pytest.mark.slow
+def test_idle_engine_death_is_repaired_before_the_next_request(fault_server, fclient):
+    kill_stub(fault_server, "f5_engine_0_0")
+    deadline = time.monotonic() + RECOVER_WITHIN_S
+    while fault_server.dead_instances() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not fault_server.dead_instances()
+    r = f5(fclient)
+    assert r.audio.size > 0 and not r.recovered  # the supervisor had reloaded it already
+
+
+# --- access --------------------------------------------------------------------------------------------
+def test_repository_api_refuses_without_the_secret(triton_server, client):
+    """Any local process could unload models through the repository API; now only the studio can."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    for action in ("unload", "load"):
+        req = urllib.request.Request(f"http://{triton_server.http_url}/v2/repository/models/f5_tts_stream/{action}",
+                                     data=b"{}", method="POST")
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(req, timeout=10)
+        assert err.value.code == 403
+    raw = grpcclient.InferenceServerClient(triton_server.grpc_url)
+    for call in (lambda: raw.unload_model("f5_tts_stream"), lambda: raw.load_model("f5_tts_stream"),
+                 lambda: raw.get_model_repository_index()):
+        with pytest.raises(InferenceServerException, match="restricted"):
+            call()
+    raw.close()
+    assert client.model_ready("f5_tts_stream")
+    # the studio's own client holds the secret (a forced reload goes through)
+    client.reload_model("f5_tts_stream")
+    assert f5(client, stream=True).audio.size > 0
+
+
+def test_readiness_is_this_runs_server(triton_server):
+    assert triton_server._is_ours()
+    other_run = triton_server.run_id
+    try:
+        triton_server.run_id = "someone-else"
+        assert not triton_server._is_ours()
+    finally:
+        triton_server.run_id = other_run
+
+
+# --- errors: invalid requests get the invalid-argument status ----------------------------------------
+def http_infer(server, model: str, inputs: list[dict]) -> tuple[int, dict]:
+    req = urllib.request.Request(f"http://{server.http_url}/v2/models/{model}/infer",
+                                 data=json.dumps({"inputs": inputs}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def f5_inputs(text="Hello.", ref_text=REF_TEXT, wav=REF, **extra) -> list[dict]:
+    wav = np.asarray(wav, np.float32).reshape(1, -1)
+    out = [{"name": "reference_wav", "shape": list(wav.shape), "datatype": "FP32", "data": wav.ravel().tolist()},
+           {"name": "reference_wav_len", "shape": [1, 1], "datatype": "INT32", "data": [wav.shape[1]]},
+           {"name": "reference_text", "shape": [1, 1], "datatype": "BYTES", "data": [ref_text]},
+           {"name": "target_text", "shape": [1, 1], "datatype": "BYTES", "data": [text]}]
+    for name, (dtype, value) in extra.items():
+        out.append({"name": name, "shape": [1, 1], "datatype": dtype, "data": [value]})
+    return out
+
+
+def test_offline_models_answer_invalid_requests_with_400_and_invalid_argument(fault_server, fclient):
+    from studio.client import SynthesisError
+
+    status, body = http_infer(fault_server, "f5_tts", f5_inputs(text="   "))
+    assert status == 400, body
+    status, body = http_infer(fault_server, "f5_tts", f5_inputs(nfe_steps=("INT32", 0)))
+    assert status == 400 and "nfe_steps" in body["error"]
+    with pytest.raises(SynthesisError) as err:
+        f5(fclient, params={"speed": 50.0})
+    assert err.value.status == "StatusCode.INVALID_ARGUMENT"
+    with pytest.raises(SynthesisError) as err:
+        spark(fclient, params={"top_p": 7.0})
+    assert err.value.status == "StatusCode.INVALID_ARGUMENT"
+    with pytest.raises(SynthesisError, match="speed"):  # streaming: a clear message
+        f5(fclient, stream=True, params={"speed": 50.0})
+
+
+def test_messages_never_show_server_paths():
+    from studio.client import clean_message
+
+    msg = clean_message("[StatusCode.INTERNAL] failed to open /tmp/pytest-of-root/run-1/models/f5_engine/1/x.wav")
+    assert "/tmp" not in msg and "x.wav" in msg
+
+
+# --- limits on every surface ---------------------------------------------------------------------------
+@pytest.mark.parametrize("stream", [False, True], ids=["offline", "stream"])
+def test_triton_models_apply_the_limits(fault_server, fclient, stream):
+    from studio.client import SynthesisError
+
+    cases = [
+        (lambda: f5(fclient, "word " * 100, stream=stream), "STUDIO_MAX_TEXT_CHARS_F5"),
+        (lambda: spark(fclient, "word " * 80, stream=stream), "STUDIO_MAX_TEXT_CHARS_SPARK"),
+        (lambda: fclient.synthesize("f5", "Hi there.", REF, "x" * 300, stream=stream, params={"nfe_steps": 4}),
+         "STUDIO_MAX_REF_TEXT_CHARS"),
+        (lambda: fclient.synthesize("f5", "Hi there.", speech_like(25, F5_SAMPLE_RATE), REF_TEXT, stream=stream,
+                                    params={"nfe_steps": 4}), "STUDIO_MAX_PROMPT_S"),
+        (lambda: fclient.synthesize("spark", "Hi there.", speech_like(25, SPARK_SAMPLE_RATE), REF_TEXT,
+                                    stream=stream, params={"max_new_tokens": 5}), "STUDIO_MAX_PROMPT_S"),
+    ]
+    for call, variable in cases:
+        with pytest.raises(SynthesisError) as err:
+            call()
+        assert variable in str(err.value) and "limit" in str(err.value)
+        if not stream:
+            assert err.value.status == "StatusCode.INVALID_ARGUMENT"
+    assert f5(fclient, stream=stream).audio.size > 0
+
+
+def test_client_deadline(fclient, monkeypatch):
+    from studio.client import SynthesisError
+
+    monkeypatch.setenv("STUDIO_REQUEST_DEADLINE_S", "0.3")
+    with pytest.raises(SynthesisError, match="in time"):
+        f5(fclient, " ".join([LONG] * 2), params={"nfe_steps": 16})
+
+
+def test_limits_module(monkeypatch):
+    from studio.limits import ClientSlots, LimitError, check_upload, current_limits, limits_table, parse_auth
+
+    monkeypatch.setenv("STUDIO_MAX_UPLOAD_MB", "1")
+    assert current_limits().max_upload_bytes == 1_000_000
+    with pytest.raises(LimitError, match="STUDIO_MAX_UPLOAD_MB"):
+        check_upload(2_000_000)
+    monkeypatch.setenv("STUDIO_MAX_CLIENT_REQUESTS", "2")
+    slots = ClientSlots()
+    with slots.hold("a"), slots.hold("a"):
+        with pytest.raises(LimitError, match="busy: .*STUDIO_MAX_CLIENT_REQUESTS"):
+            with slots.hold("a"):
+                pass
+        with slots.hold("b"):  # another client is not affected
+            pass
+    assert slots.in_use("a") == 0
+    monkeypatch.setenv("STUDIO_MAX_PROMPT_S", "-3")
+    with pytest.raises(LimitError, match="STUDIO_MAX_PROMPT_S"):
+        current_limits()
+    monkeypatch.delenv("STUDIO_MAX_PROMPT_S")
+    assert {row[0] for row in limits_table()} >= {"STUDIO_MAX_TEXT_CHARS_F5", "STUDIO_REQUEST_DEADLINE_S"}
+    assert parse_auth("ann:pw1,bob:pw:2") == [("ann", "pw1"), ("bob", "pw:2")]
+    assert parse_auth(None) is None
+    with pytest.raises(ValueError, match="entry 1"):
+        parse_auth("nobody:")
+
+
+def test_page_applies_the_limits(tmp_path, monkeypatch):
+    import soundfile as sf
+
+    from studio.ui_generate import InputProblem, clone_request, design_request, f5_params
+
+    clip = tmp_path / "clip.wav"
+    sf.write(clip, REF, F5_SAMPLE_RATE)
+    params = f5_params(4, 2, -1, 1, -1)
+    monkeypatch.setenv("STUDIO_MAX_TEXT_CHARS_F5", "50")
+    with pytest.raises(InputProblem, match="STUDIO_MAX_TEXT_CHARS_F5"):
+        clone_request(model="f5", mode="offline", ref_audio_path=str(clip), ref_text=REF_TEXT, text="x " * 40,
+                      params=params)
+    monkeypatch.setenv("STUDIO_MAX_TEXT_CHARS_SPARK", "20")
+    with pytest.raises(InputProblem, match="STUDIO_MAX_TEXT_CHARS_SPARK"):
+        design_request(mode="offline", text="y " * 20, gender="male", pitch="low", speed="low", params={})
+    monkeypatch.setenv("STUDIO_MAX_PROMPT_S", "1")
+    with pytest.raises(InputProblem, match="STUDIO_MAX_PROMPT_S"):
+        clone_request(model="f5", mode="offline", ref_audio_path=str(clip), ref_text=REF_TEXT, text="Hi.",
+                      params=params)
+    monkeypatch.setenv("STUDIO_MAX_UPLOAD_MB", "0.01")
+    with pytest.raises(InputProblem, match="STUDIO_MAX_UPLOAD_MB"):
+        clone_request(model="f5", mode="offline", ref_audio_path=str(clip), ref_text=REF_TEXT, text="Hi.",
+                      params=params)
+
+
+def test_page_busy_answer_per_client(tmp_path, monkeypatch):
+    """A client over STUDIO_MAX_CLIENT_REQUESTS gets a busy answer naming the limit at once."""
+    import gradio as gr
+
+    from studio.ui import Handlers, client_key
+    from studio.ui_runtime import RuntimeOptions, StudioRuntime
+
+    monkeypatch.setenv("STUDIO_MAX_CLIENT_REQUESTS", "1")
+    h = Handlers(StudioRuntime(RuntimeOptions(data_dir=tmp_path, triton_url="127.0.0.1:1")), autostart=False)
+
+    class Req:
+        username = None
+        client = type("C", (), {"host": "10.0.0.7"})()
+
+    with h.client_slots.hold(client_key(Req())):
+        with pytest.raises(gr.Error, match="busy: .*STUDIO_MAX_CLIENT_REQUESTS"):
+            h.design(text="Hello.", gender="male", pitch="low", speed_level="low", mode="offline", temperature=0.8,
+                     top_k=50, top_p=0.95, max_new_tokens=20, seed=-1, fmt="wav", job_id="a" * 32, request=Req())
+
+
+# --- the CLI: user errors are messages, checked before synthesising ----------------------------------
+def run_cli(*args, env=None, timeout=120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "studio", *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def test_cli_user_errors_are_messages_not_tracebacks(tmp_path):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"\xff\xfe\xfa not utf-8 \xc3\x28")
+    clip = ROOT / "samples" / "voices" / "en_female.wav"
+    base = ["synth", "--model", "f5", "--ref-audio", str(clip), "--ref-text", "hello", "--demo-weights",
+            "--data-dir", str(tmp_path / "data")]
+    cases = [
+        (["--text-file", str(bad)], "not UTF-8"),
+        (["--text-file", str(tmp_path / "missing.txt")], "does not exist"),
+        (["--text", "Hello.", "-o", str(tmp_path / "out.xyz")], "cannot tell the audio format"),
+        (["--text", "x" * 6000], "STUDIO_MAX_TEXT_CHARS_F5"),
+    ]
+    for extra, needle in cases:
+        t0 = time.monotonic()
+        proc = run_cli(*base, *extra)
+        assert proc.returncode == 2, (extra, proc.stderr)
+        assert needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert "starting tritonserver" not in proc.stderr  # refused before any server or synthesis
+        assert time.monotonic() - t0 < 60
+    proc = run_cli(*base, "--text", "Hi.", env={"STUDIO_MAX_UPLOAD_MB": "0.01"})
+    assert proc.returncode == 2 and "STUDIO_MAX_UPLOAD_MB" in proc.stderr
+
+
+# --- orphans: the run registry ----------------------------------------------------------------------------
+def test_registry_clears_only_dead_runs(tmp_path):
+    """A run whose app is gone has its processes stopped; a live app's run (this process) is kept."""
+    from studio.server import RunRegistry, process_start_time
+
+    runs = tmp_path / "runs"
+    dead_run, live_run = runs / "run-1-1", runs / "run-2-2"
+    for run in (dead_run, live_run):
+        (run / "models").mkdir(parents=True)
+    # stand-ins for a server left behind: processes naming the run folder in their command lines
+    left = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", f"{dead_run}/models"])
+    kept = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", f"{live_run}/models"])
+    try:
+        reg = RunRegistry(runs)
+        gone = subprocess.Popen(["true"])
+        gone.wait()
+        reg.update(dead_run.name, app_pid=gone.pid, app_start=12345)
+        reg.update(live_run.name, app_pid=os.getpid(), app_start=process_start_time(os.getpid()))
+        time.sleep(0.5)
+        live = reg.clear_orphans(lambda msg: None)
+        assert live == {live_run.name}
+        assert left.wait(10) is not None
+        assert kept.poll() is None
+        assert set(json.loads((runs / "registry.json").read_text())) == {live_run.name}
+    finally:
+        for p in (left, kept):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+# --- the app killed with SIGKILL; tritonserver killed --------------------------------------------------------
+def _serve(data_dir: Path, http_port: int, grpc_port: int, log: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "studio", "serve", "--demo-weights", "--no-download", "--data-dir", str(data_dir),
+           "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--instances", "1"]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=open(log, "ab"), stderr=subprocess.STDOUT,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def _wait_serving(proc, grpc_port: int, log: Path, timeout_s=300) -> None:
+    from studio.client import StudioClient
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        if "Triton serving" in log.read_text(errors="replace").split("=== restart ===")[-1]:
+            with StudioClient(f"127.0.0.1:{grpc_port}") as c:
+                assert f5(c).audio.size > 0
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"not serving in {timeout_s} s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.mark.slow
+def test_app_killed_with_sigkill_leaves_no_server_and_a_restart_serves(tmp_path):
+    """`studio serve` (the same server manager as app.py) killed with SIGKILL: its watchdog stops
+    tritonserver and every stub; a new process on the same data folder and ports serves."""
+    from studio.server import free_port, run_processes
+
+    data, log = tmp_path / "data", tmp_path / "serve.log"
+    http_port, grpc_port = free_port(), free_port()
+    proc = _serve(data, http_port, grpc_port, log)
+    try:
+        _wait_serving(proc, grpc_port, log)
+        runs = [p for p in (data / "runs").glob("run-*") if p.is_dir()]
+        assert runs and run_processes(runs[0])
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(run_processes(r) for r in runs):
+            time.sleep(0.5)
+        assert not any(run_processes(r) for r in runs), "tritonserver or stubs outlived the app"
+        with open(log, "a") as fh:
+            fh.write("=== restart ===\n")
+        proc = _serve(data, http_port, grpc_port, log)
+        _wait_serving(proc, grpc_port, log)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+
+
+@pytest.mark.slow
+def test_tritonserver_killed_comes_back_without_leftover_stubs(fault_server, fclient):
+    """Runs last on the fault server: killing tritonserver itself."""
+    from studio.server import run_processes
+
+    old = fault_server._proc.pid
+    old_stubs = [pid for pid, argv in run_processes(fault_server.run_dir) if "triton_python_backend_stub" in argv[0]]
+    os.kill(old, signal.SIGKILL)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        if fault_server._proc is not None and fault_server._proc.pid != old and fault_server.status()["state"] == "ready":
+            break
+        time.sleep(0.5)
+    assert fault_server.status()["state"] == "ready"
+    from studio.server import process_start_time
+
+    assert old_stubs and not [pid for pid in old_stubs if process_start_time(pid) is not None], \
+        "a stub of the killed server is still running"
+    assert f5(fclient).audio.size > 0
