@@ -138,7 +138,13 @@ class VoiceRef:
 
     @property
     def label(self) -> str:
-        return self.name if self.kind == "library" else "created " + self.system.spec
+        """Short name for tables and the player: the library name, or what a created voice was asked for
+        (its full settings are in `settings`)."""
+        if self.kind == "library":
+            return self.name
+        asked = self.system.options
+        levels = ", ".join(f"{k.split('_')[0]} {asked[k]}" for k in ("pitch_level", "speed_level") if k in asked)
+        return f"created {asked['gender']}" + (f" ({levels})" if levels else "")
 
     @property
     def settings(self) -> str:

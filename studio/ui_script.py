@@ -34,7 +34,7 @@ KEY = "script"
 #: The player's segment frame: JSON {segment, line, voice, text} sent right before a segment's audio.
 FRAME_SEGMENT = b"S"
 PLAN_HEADERS = ["Segment", "Line", "Voice", "Family / settings", "Est. s", "Pause before ms", "Text"]
-SEGMENT_HEADERS = ["Segment", "Line", "Voice", "Latency s", "First chunk s", "Ready at s", "Audio s", "RTF",
+SEGMENT_HEADERS = ["Segment", "Line", "Voice", "Latency s", "First chunk s", "Plays from s", "Audio s", "RTF",
                    "LUFS in", "Gain dB"]
 #: How long the handler waits after the last segment for the browser's first-sound report (s).
 PLAYED_WAIT_S = 1.5
@@ -127,12 +127,15 @@ def metrics_html(metrics: dict, segments: list[dict], *, demo: bool | None, stat
     seg_rows = ""
     for row in segments:
         m = row.get("metrics") or {}
+        # "Plays from": when the segment was handed to the player (it and every earlier one ready), on the
+        # script's clock: the segment's own first-sound time on the server's side.
         cells = [row["segment"], row["line"], esc(row["voice"]), _num(m.get("latency_s")), _num(m.get("first_chunk_s")),
-                 _num(m.get("ready_s")), _num(m.get("audio_s"), 2), _num(m.get("rtf")), _num(m.get("lufs_in"), 1),
+                 _num(m.get("emitted_s")), _num(m.get("audio_s"), 2), _num(m.get("rtf")), _num(m.get("lufs_in"), 1),
                  _num(m.get("gain_db"), 1)]
         seg_rows += f'<tr data-segment="{row["segment"]}">' + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
     return (f'{head}<table class="studio-metrics" data-status="{esc(status)}" data-job="{esc(job)}">{body}</table>'
-            f'<table class="studio-script-segments" id="script-segment-table"><tr>{seg_head}</tr>{seg_rows}</table>')
+            f'<div style="overflow-x:auto"><table class="studio-script-segments" id="script-segment-table">'
+            f"<tr>{seg_head}</tr>{seg_rows}</table></div>")
 
 
 # --- handlers ---------------------------------------------------------------------------------------
@@ -324,7 +327,8 @@ def script_tab(rt, hist_outs: list | None = None, history_view=None) -> ScriptHa
                 with gr.Row():
                     dl_wav = gr.DownloadButton("Download WAV", visible=False, elem_id="script-download")
                     dl_zip = gr.DownloadButton("Download ZIP", visible=False, elem_id="script-zip")
-                details = gr.JSON(label="Plan and metrics", elem_id="script-json")
+                with gr.Accordion("Plan and metrics (JSON)", open=False):
+                    details = gr.JSON(label="Plan and metrics", elem_id="script-json")
                 # Hidden: the WAV and the ZIP as files, which gradio_client downloads (it does not for the
                 # buttons' updates).
                 files = gr.File(label="Downloads", file_count="multiple", visible=False, elem_id="script-files")

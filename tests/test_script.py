@@ -278,7 +278,7 @@ def test_cli_and_gradio_client_produce_the_same_segment_plan(script_page, triton
                            "--data-dir", str(data), "--speaker-pause-ms", "300", "--paragraph-pause-ms", "800"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
-    assert "segment 4 (line 5, created spark:" in proc.stdout and "DEMO WEIGHTS" in proc.stdout
+    assert "segment 4 (line 5, created female (pitch high, speed moderate))" in proc.stdout and "DEMO WEIGHTS" in proc.stdout
     cli = json.loads(report.read_text())
     assert out.is_file() and (tmp_path / "out.zip").is_file()
 
