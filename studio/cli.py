@@ -368,8 +368,8 @@ def cmd_batch(args) -> int:
 
 def cmd_results(args) -> int:
     """`results NAME`: a listening session's table on stdout; JSON, CSV and a plot written to --out."""
-    from studio.listening import (ListeningError, agreement_line, export, format_table, get_session, pairs_table,
-                                  report, results_table)
+    from studio.listening import (ListeningError, agreement_line, export, format_table, get_session,
+                                  objective_table, pairs_table, report, results_table)
     from studio.store import open_store
 
     store = open_store(args.data_dir or default_data_dir())
@@ -388,6 +388,10 @@ def cmd_results(args) -> int:
         print(format_table(*pairs_table(rep)))
     if agreement_line(rep):
         print(agreement_line(rep))
+    objective = objective_table(rep)
+    if objective[1]:
+        print()
+        print(format_table(*objective))
     print(f"wrote {files['json']}, {files['csv_dir']}/*.csv, {files['plot']}")
     return 0
 

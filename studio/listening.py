@@ -686,6 +686,19 @@ def pairs_table(rep: dict) -> tuple[list[str], list[list]]:
     return headers, rows
 
 
+def objective_table(rep: dict) -> tuple[list[str], list[list]]:
+    """The outputs' objective figures as one row per system, one column per measured field (means over the
+    system's finished outputs; intervals are in the exports). Empty when the run measured nothing."""
+    fields = [f for f in OBJECTIVE_FIELDS if any(t["field"] == f for t in rep["tables"].get("objective", []))]
+    means: dict[str, dict[str, float]] = {}
+    for t in rep["tables"].get("objective", []):
+        means.setdefault(t["system"], {})[t["field"]] = t["mean"]
+    headers = ["System"] + [f"{f} (mean)" for f in fields]
+    rows = [[system] + [None if by_field.get(f) is None else round(float(by_field[f]), 3) for f in fields]
+            for system, by_field in means.items()]
+    return (headers, rows) if fields else (headers, [])
+
+
 def agreement_line(rep: dict) -> str:
     """Rater agreement in words (Krippendorff's ordinal alpha for MOS/SMOS), or '' when there is none."""
     parts = []

@@ -338,7 +338,9 @@ class QAHandlers:
             summary += f" {listening.agreement_line(rep)}."
         pair_headers, pair_rows = listening.pairs_table(rep)
         pairs = gr.Dataframe(value=pair_rows, headers=pair_headers, visible=s.kind != "ab" and bool(pair_rows))
-        return (summary, gr.Dataframe(value=rows, headers=headers), pairs, page_copy(files["plot"]),
+        obj_headers, obj_rows = listening.objective_table(rep)
+        objective = gr.Dataframe(value=obj_rows, headers=obj_headers, visible=bool(obj_rows))
+        return (summary, gr.Dataframe(value=rows, headers=headers), pairs, objective, page_copy(files["plot"]),
                 gr.DownloadButton("Download JSON", value=page_copy(files["json"]), visible=True),
                 gr.DownloadButton("Download CSV (zip)", value=page_copy(archive), visible=True))
 
@@ -435,6 +437,8 @@ def qa_tabs(rt) -> QAHandlers:
         l_table = gr.Dataframe(interactive=False, wrap=True, elem_id="qa-results-table")
         l_pairs = gr.Dataframe(interactive=False, wrap=True, visible=False, label="Pairs of systems",
                                elem_id="qa-results-pairs")
+        l_objective = gr.Dataframe(interactive=False, wrap=True, visible=False, elem_id="qa-results-objective",
+                                   label="Objective figures of the rated outputs (from the batch run)")
         l_plot = gr.Image(type="filepath", interactive=False, label="Results", elem_id="qa-plot", height=360)
         with gr.Row():
             l_json = gr.DownloadButton("Download JSON", visible=False, elem_id="qa-json")
@@ -463,7 +467,7 @@ def qa_tabs(rt) -> QAHandlers:
     l_timer.tick(q.session_progress, inputs=[l_session], outputs=[l_progress], concurrency_limit=None,
                  show_progress="hidden", api_visibility="private")
     l_add.click(q.add_links, inputs=[l_session, l_add_n], outputs=[l_links, l_progress], **LIGHT)
-    l_results.click(q.results, inputs=[l_session], outputs=[l_summary, l_table, l_pairs, l_plot, l_json, l_csv],
+    l_results.click(q.results, inputs=[l_session], outputs=[l_summary, l_table, l_pairs, l_objective, l_plot, l_json, l_csv],
                       **LIGHT)
     return q
 

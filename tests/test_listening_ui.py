@@ -86,6 +86,12 @@ def test_batch_tab_runs_shows_progress_and_browses_outputs(q, tmp_path):
     shown = [p for p in players[1:] if p.visible]
     assert len(shown) == 2 and all(Path(path_of(p)).is_file() for p in shown)
     assert all(not path_of(p).startswith(str(q.rt.options.data_dir)) for p in shown), "cache copies, not data"
+    # a session over it shows the model system's timings beside the (still empty) ratings
+    q.create_session("timings", "mos", name, ["f5:nfe_steps=4"], 2, 1, "", FakeRequest())
+    *_, objective, _, _, _ = q.results("timings")
+    assert objective.visible and objective.value["headers"][:3] == ["System", "latency_s (mean)",
+                                                                     "first_chunk_s (mean)"]
+    assert [row[0] for row in objective.value["data"]] == ["f5:nfe_steps=4"]
     # resuming a finished run by name has nothing left to do
     q.batch_clicked(None, "", "", "tab run", 1)
     wait_for(q.jobs[name])
@@ -139,8 +145,9 @@ def test_listening_tab_from_session_to_exports(q, tmp_path):
                 listening.clip_file(store, r["token"], view.item.id, clip)
                 listening.record_played(store, r["token"], view.item.id, clip)
             listening.submit_answer(store, r["token"], view.item.id, choice=rng.choice(listening.AB_CHOICES))
-    summary, table, pairs, plot, json_btn, csv_btn = q.results("ab session")
+    summary, table, pairs, objective, plot, json_btn, csv_btn = q.results("ab session")
     assert not pairs.visible, "A/B has its own table"
+    assert not objective.visible, "files: outputs carry no timings"
     assert "6 answers" in summary and table.value["data"][0][:2] == sorted(systems)
     assert Path(plot).read_bytes()[:4] == b"\x89PNG"
     data = json.loads(Path(path_of(json_btn)).read_text())
