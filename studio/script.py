@@ -100,6 +100,7 @@ class ScriptError(ValueError):
 
     def __init__(self, problems: list[tuple[int | None, str]]):
         self.problems = list(problems)
+        self.done: list[SegmentOutcome] = []  # segments handed out before a failure during generation
         super().__init__(format_problems(self.problems))
 
 
@@ -612,10 +613,12 @@ def generate_script(plan: ScriptPlan, client, voices, *, stream: bool = False,
                     emitted.append(outcome)
                     if on_segment is not None:
                         on_segment(outcome, pause)
-        except BaseException:
+        except BaseException as exc:
             stop.set()
             for future in running:
                 future.cancel()
+            if isinstance(exc, ScriptError):
+                exc.done = list(emitted)  # already played: kept in the history entry
             raise
     latency = time.perf_counter() - t0
     audio = np.concatenate(parts) if parts else np.zeros(0, np.float32)

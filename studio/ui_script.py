@@ -227,7 +227,9 @@ class ScriptHandlers:
             outcomes = result.segments
         except ScriptCancelled as exc:
             status, outcomes = "cancelled", exc.done
-        except (ScriptError, SynthesisError) as exc:
+        except ScriptError as exc:
+            status, error, outcomes = "error", str(exc), exc.done
+        except SynthesisError as exc:
             status, error = "error", str(exc)
         except BaseException as exc:
             finished.set()

@@ -225,6 +225,7 @@ def test_a_voice_deleted_while_the_script_runs_is_named_by_line(client, tmp_path
     with pytest.raises(sc.ScriptError) as err:
         sc.generate_script(plan, client, library, concurrency=1, on_segment=delete_after_first)
     assert err.value.problems[0][0] == 3 and "{Temp} was deleted" in str(err.value)
+    assert [o.segment.index for o in err.value.done] == [1, 2], "what was handed out is kept"
 
 
 def test_nothing_is_generated_for_a_script_that_does_not_parse(library):
@@ -320,3 +321,51 @@ def test_cli_plan_only_and_bad_scripts(tmp_path):
                            "--data-dir", str(tmp_path / "d")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "line 2:" in proc.stderr and "speed" in proc.stderr
     assert not (tmp_path / "x.wav").exists()
+
+
+# --- the page's handler over a fake client (frames, history, errors) ----------------------------------------
+def test_page_handler_streams_whole_segments_in_order_with_line_frames(tmp_path):
+    import struct
+
+    from studio.ui_script import FRAME_SEGMENT, ScriptHandlers
+    from studio.ui_stream import FRAME_AUDIO, FRAME_END, FRAME_META, parse_frames
+    from tests.test_ui import FakeClient, FakeRuntime
+
+    rt = FakeRuntime(tmp_path / "data", FakeClient(chunks=2, chunk_s=0.3, delay_s=0.05))
+    h = ScriptHandlers(rt)
+    job_id = "a" * 32
+    out = h.generate("{en_female} One.\n{en_male} Two.\n\n{spark:gender=male} Three.", "f5", "streaming", 200, 500,
+                     2, job_id)
+    frames = parse_frames(b"".join(rt.jobs.get(job_id)._frames))
+    kinds = [k for k, _ in frames]
+    assert kinds == [FRAME_META, FRAME_SEGMENT, FRAME_AUDIO, FRAME_AUDIO, FRAME_SEGMENT, FRAME_AUDIO, FRAME_AUDIO,
+                     FRAME_SEGMENT, FRAME_AUDIO, FRAME_END]
+    segs = [json.loads(p) for k, p in frames if k == FRAME_SEGMENT]
+    assert [(s["segment"], s["line"]) for s in segs] == [(1, 1), (2, 2), (3, 4)]
+    pauses = [p for k, p in frames if k == FRAME_AUDIO][1::2]
+    for payload, ms in zip(pauses, (200, 500)):
+        samples = np.frombuffer(payload[4:], "<f4")
+        assert struct.unpack("<I", payload[:4])[0] == 24000 and samples.size == ms * 24 and not samples.any()
+    payload, files = out[6], out[7]
+    assert payload["status"] == "ok" and [s["line"] for s in payload["segments"]] == [1, 2, 4]
+    assert sorted(Path(f).suffix for f in files) == [".wav", ".zip"]
+    rec = rt.history.get(payload["record_id"])
+    assert rec["kind"] == "script" and rec["mode"] == "streaming" and rec["params"]["speaker_pause_ms"] == 200
+    assert [c["stream"] for c in rt.fake.calls] == [True, True, True]
+
+
+def test_page_handler_refuses_a_bad_script_by_line(tmp_path):
+    import gradio as gr
+
+    from studio.ui_script import ScriptHandlers
+    from studio.ui_stream import parse_frames
+    from tests.test_ui import FakeRuntime
+
+    rt = FakeRuntime(tmp_path / "data")
+    h = ScriptHandlers(rt)
+    with pytest.raises(gr.Error, match="line 2: unknown voice"):
+        h.generate("{en_male} Fine.\n{en_mal} Typo.", "f5", "offline", 300, 700, 2, "b" * 32)
+    end = parse_frames(b"".join(rt.jobs.get("b" * 32)._frames))[-1]
+    assert json.loads(end[1])["status"] == "error" and not rt.fake.calls and not rt.history.records()
+    problems, rows = h.preview("{en_male} Fine.\n{en_mal} Typo.", "f5", 300, 700)
+    assert 'data-line="2"' in problems and rows[0][:2] == [1, 1]
