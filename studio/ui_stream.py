@@ -15,6 +15,7 @@ Frame: 1 byte type, uint32 little-endian payload length, payload.
     'M' JSON: the generation started (model, mode)
     'A' uint32 LE sample rate + float32 LE samples: the next samples to play, in order
     'E' JSON: the end ({"status": "ok" | "cancelled" | "error", "message": ...})
+    'S' JSON: a script segment starts with the next audio ({"segment", "line", "voice", "text"}; studio/ui_script.py)
     'K' empty: keep-alive while the request waits in the queue (proxies drop idle connections)
 """
 

@@ -148,6 +148,8 @@ def history_rows(records: list[dict]) -> list[list]:
         label = FAMILIES.get(r.get("model"), (r.get("model", "?"),))[0]
         if r.get("kind") == "design":
             label += " (voice creation)"
+        elif r.get("kind") == "script":
+            label = f"Script ({r.get('model', '?')})"  # several families: model is e.g. "f5+spark"
         num = lambda k, d=3: round(m[k], d) if isinstance(m.get(k), (int, float)) else None  # noqa: E731
         out.append([r.get("time", "").replace("T", " ").rstrip("Z"), label, r.get("mode", ""), r.get("status", ""),
                     text if len(text) <= 60 else text[:57] + "...", num("latency_s"), num("first_chunk_s"),
