@@ -2,7 +2,7 @@
 
 The start: a Hugging Face cache laid out as huggingface_hub leaves it after `preload_from_hub`
 (models--ORG--NAME/{blobs,snapshots/COMMIT,refs/main}), holding the project's tiny demo checkpoints
-under the published file names; `python app.py` with no flags and the Space's environment (SPACE_ID,
+(TTS families and the objective checks' Whisper and WavLM) under the published file names; `python app.py` with no flags and the Space's environment (SPACE_ID,
 GRADIO_SERVER_NAME, GRADIO_SERVER_PORT; HF_HUB_OFFLINE so nothing is fetched). The studio must take
 the weights from that cache, as real ones (`X-Studio-Demo-Weights: false`), and generate.
 
@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from studio.weights import F5_CHECKPOINT_FILES, F5_REPO, SPARK_REPO, VOCOS_FILES, VOCOS_REPO, _f5_files
+from studio.weights import CHECK_MODELS, F5_CHECKPOINT_FILES, F5_REPO, SPARK_REPO, VOCOS_FILES, VOCOS_REPO, _f5_files
 from tests.app_process import ROOT, base_env, free_port, start_app, stop_app
 
 README = ROOT / "README.md"
@@ -70,6 +70,8 @@ def test_front_matter_is_what_a_gradio_space_reads():
     assert pre[F5_REPO] == _f5_files("F5TTS_v1_Base")
     assert pre[VOCOS_REPO] == list(VOCOS_FILES)
     assert pre[SPARK_REPO] is None  # as `snapshot_download`, the studio's own download, fetches it
+    for repo, _, _ in CHECK_MODELS.values():  # the objective checks' models (asr, sim), likewise whole
+        assert pre[repo] is None
     for line in (ROOT / "packages.txt").read_text().splitlines():
         assert re.fullmatch(r"[a-z0-9][a-z0-9+.-]+", line.strip()), line
 
@@ -110,6 +112,9 @@ def preloaded_cache(root: Path) -> Path:
     write_snapshot(hub, VOCOS_REPO, {name: demo / "vocos-mel-24khz" / name for name in VOCOS_FILES})
     spark = demo / "Spark-TTS-0.5B"
     write_snapshot(hub, SPARK_REPO, {str(p.relative_to(spark)): p for p in spark.rglob("*") if p.is_file()})
+    for repo, folder, _ in CHECK_MODELS.values():
+        src = demo / folder
+        write_snapshot(hub, repo, {str(p.relative_to(src)): p for p in src.rglob("*") if p.is_file()})
     return root / "hf"
 
 
@@ -137,7 +142,8 @@ def test_space_start_serves_from_the_preloaded_cache(tmp_path):
             config = r.read().decode()
         assert "will be lost when the Space restarts" in config  # no /data here: the page says so
         data_dir = home / ".cache" / "voice-studio"  # the default data folder (no persistent storage)
-        assert (data_dir / "studio.db").is_file() and not (data_dir / "demo-weights").exists()
+        assert (data_dir / "studio.db").is_file()
+        assert not (data_dir / "demo-weights").exists()  # every family came from the cache
         log = app.log_tail(200_000)
         assert "DEMO WEIGHTS" not in log, log[-3000:]
     finally:
