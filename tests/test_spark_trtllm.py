@@ -12,8 +12,10 @@ TensorRT-LLM.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -259,3 +261,72 @@ def test_stream_ending_without_tokens_is_an_end(spark_pipeline):
     tok = batch.add(seq)
     assert tok == seq.end_ids[0] and seq.finished and seq.finish_reason == "end" and seq.tokens == []
     assert batch.free_slots == 2
+
+
+# -- through a real tritonserver: spark_llm -> BLS -> a stand-in named spark_trtllm -------------------
+
+STAND_IN = Path(__file__).resolve().parent / "data" / "trtllm_stand_in" / "model.py"
+
+
+@pytest.mark.slow
+def test_trtllm_runtime_through_triton_with_a_stand_in_llm_model(tmp_path, monkeypatch):
+    """The rendered `runtime=trtllm` repository on the real tritonserver, with `spark_trtllm`'s
+    backend swapped for the Python stand-in (same name, inputs, outputs, decoupled): spark_tts and
+    spark_tts_stream answer with exactly the torch runtime's audio for the same request, and the
+    stand-in received the tensors the template declares."""
+    import shutil
+
+    import studio.server as S
+    from studio.client import StudioClient
+    from tests.conftest import speech_like
+    from tts.spark.pipeline import SparkPipeline
+
+    monkeypatch.setattr(S, "check_runtime", lambda *a, **k: None)  # no tensorrtllm backend here
+    render = S.render_model_repository
+
+    def render_with_stand_in(dest, families, **kw):
+        names = render(dest, families, **kw)
+        cfg = dest / "spark_trtllm" / "config.pbtxt"
+        cfg.write_text(cfg.read_text().replace('backend: "tensorrtllm"', 'backend: "python"'))
+        shutil.copy(STAND_IN, dest / "spark_trtllm" / "1" / "model.py")
+        return names
+
+    monkeypatch.setattr(S, "render_model_repository", render_with_stand_in)
+    data, engines, log = tmp_path / "data", tmp_path / "engines", tmp_path / "requests.jsonl"
+    model_dir = data / "demo-weights" / "Spark-TTS-0.5B"  # where the server writes its demo weights
+    eng = engines / "spark" / "engine"
+    eng.mkdir(parents=True)
+    (eng / "config.json").write_text(json.dumps({
+        "build_config": {"max_batch_size": 4, "max_seq_len": 1024},
+        "stand_in": {"project_root": str(Path(__file__).resolve().parent.parent), "llm_dir": str(model_dir / "LLM"),
+                     "log_path": str(log)}}))
+    server = S.TritonServer(data, demo_weights=True, no_download=True, instances=2, gpus=[], families=["spark"],
+                            runtime="trtllm", engines_dir=engines)
+    server.start(timeout_s=600)
+    try:
+        assert "spark_trtllm" in server.models and server.status()["runtime"] == "trtllm"
+        ref_wav = speech_like(2.0, 16000, seed=1)
+        params = {"top_k": 1, "seed": 5, "max_new_tokens": 120}
+        client = StudioClient(server.grpc_url)
+        try:
+            off = client.synthesize("spark", "Hello from the stand-in.", ref_wav, "A reference.", params=params)
+            st = client.synthesize("spark", "Hello from the stand-in.", ref_wav, "A reference.", stream=True,
+                                   params=params)
+        finally:
+            client.close()
+        pipe = SparkPipeline(model_dir, device="cpu", demo_weights=True, max_batch_size=4, max_seq_len=1024)
+        ref = pipe.synthesize(SparkRequest("Hello from the stand-in.", ref_wav, "A reference.",
+                                           options=SparkOptions(top_k=1, seed=5, max_new_tokens=120)))
+        assert off.info["tokens"] == ref.info["tokens"] == st.info["tokens"]
+        assert off.audio.shape == ref.wav.shape and np.abs(off.audio - ref.wav).max() <= 1e-4
+        sent = [json.loads(line) for line in log.read_text().splitlines()]
+        assert len(sent) == 2
+        for name, spec in sent[0].items():
+            dtype, dims, _ = TEMPLATE_INPUTS[name]
+            # [1]-dims inputs carry `reshape: { shape: [ ] }`: the model sees [batch] (as TensorRT-LLM's does)
+            want = [1] if dims == [1] else None
+            assert spec["dtype"] == np.dtype(NP_OF[dtype]).name, name
+            assert spec["shape"] == want if want else len(spec["shape"]) == len(dims) + 1, name
+        assert sent[0]["streaming"]["value"] == [True] and sent[0]["request_output_len"]["value"] == [120]
+    finally:
+        server.stop()
