@@ -548,7 +548,8 @@ def generate_script(plan: ScriptPlan, client, voices, *, stream: bool = False,
     def run(segment: Segment) -> SegmentOutcome:
         with lock:
             family, ref_audio, ref_text, params = _request(segment, voices, done)
-        if family == "spark" and ref_audio is not None and ref_audio.size < MIN_CREATED_PROMPT_S * FAMILY_RATES["spark"]:
+        too_short = MIN_CREATED_PROMPT_S * FAMILY_RATES["spark"]
+        if segment.clone_of is not None and ref_audio.size < too_short:
             raise ScriptError([(segment.line, f"the created voice's first segment (line "
                                               f"{done[segment.clone_of].segment.line}) came out "
                                               f"{ref_audio.size / FAMILY_RATES['spark']:.2f} s long; cloning it needs "
@@ -687,7 +688,8 @@ def join_outcomes(outcomes: list[SegmentOutcome], sample_rate: int) -> np.ndarra
 
 
 CSV_FIELDS = ("segment", "line", "paragraph", "voice", "voice_kind", "family", "settings", "pause_before_ms",
-              "start_s", "duration_s", "latency_s", "first_chunk_s", "rtf", "lufs_in", "gain_db", "seed", "file", "text")
+              "start_s", "duration_s", "latency_s", "first_chunk_s", "rtf", "lufs_in", "gain_db", "seed", "file",
+              "text")
 
 
 def lines_csv(record: dict) -> str:

@@ -16,7 +16,8 @@ from pathlib import Path
 from studio.script import (DEFAULT_CONCURRENCY, DEFAULT_PARAGRAPH_PAUSE_MS, DEFAULT_SPEAKER_PAUSE_MS, MAX_CONCURRENCY,
                            TARGET_LUFS)
 
-TAG_HELP = """tags (one at the start of a line; untagged lines continue the voice above; a blank line starts a paragraph):
+TAG_HELP = """tags, one at the start of a line (untagged lines continue the voice above; a blank line starts a
+paragraph):
   {Name}                          a saved or sample voice, with --family
   {Name|f5:nfe_steps=32}          a voice with a family and settings (the system grammar of batch runs)
   {spark:gender=female,pitch_level=high,speed_level=moderate}

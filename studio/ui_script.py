@@ -349,7 +349,8 @@ def script_tab(rt, hist_outs: list | None = None, history_view=None) -> ScriptHa
                            ).then(None, js=fill_js(KEY))
     if history_view is not None and hist_outs:
         event.then(history_view, outputs=hist_outs, **quiet)
-    stop.click(h.stop_script, inputs=[job], outputs=None, js=stop_js(KEY), concurrency_limit=None, api_visibility="private")
+    stop.click(h.stop_script, inputs=[job], outputs=None, js=stop_js(KEY), concurrency_limit=None,
+               api_visibility="private")
     return h
 
 

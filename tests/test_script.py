@@ -17,7 +17,7 @@ import pytest
 
 from studio import script as sc
 from studio.voices import VoiceLibrary
-from tests.conftest import SAMPLES, speech_like
+from tests.conftest import speech_like
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Demo weights: quality is moot, time is not. Spark's demo LLM rarely emits its end token early, but a
@@ -147,7 +147,8 @@ class Spy:
 
     def synthesize(self, model, text, ref_audio, ref_text, **kw):
         with self.lock:
-            self.calls.append({"model": model, "text": text, "ref_text": ref_text, "params": dict(kw.get("params") or {}),
+            self.calls.append({"model": model, "text": text, "ref_text": ref_text,
+                               "params": dict(kw.get("params") or {}),
                                "ref": None if ref_audio is None else np.array(ref_audio)})
         return self.client.synthesize(model, text, ref_audio, ref_text, **kw)
 
@@ -279,7 +280,8 @@ def test_cli_and_gradio_client_produce_the_same_segment_plan(script_page, triton
                            "--data-dir", str(data), "--speaker-pause-ms", "300", "--paragraph-pause-ms", "800"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
-    assert "segment 4 (line 5, created female (pitch high, speed moderate))" in proc.stdout and "DEMO WEIGHTS" in proc.stdout
+    assert "segment 4 (line 5, created female (pitch high, speed moderate))" in proc.stdout
+    assert "DEMO WEIGHTS" in proc.stdout
     cli = json.loads(report.read_text())
     assert out.is_file() and (tmp_path / "out.zip").is_file()
 
@@ -369,3 +371,13 @@ def test_page_handler_refuses_a_bad_script_by_line(tmp_path):
     assert json.loads(end[1])["status"] == "error" and not rt.fake.calls and not rt.history.records()
     problems, rows = h.preview("{en_male} Fine.\n{en_mal} Typo.", "f5", 300, 700)
     assert 'data-line="2"' in problems and rows[0][:2] == [1, 1]
+
+
+def test_a_created_voice_too_short_to_clone_names_both_lines(library):
+    from tests.test_ui import FakeClient
+
+    plan = plan_of("{spark:gender=male} Hi.\n{en_male} Between.\n{spark:gender=male} Again.", library)
+    with pytest.raises(sc.ScriptError) as err:
+        sc.generate_script(plan, FakeClient(chunks=1, chunk_s=0.2, delay_s=0.01), library, concurrency=2)
+    assert err.value.problems[0][0] == 3 and "first segment (line 1)" in str(err.value)
+    assert "at least 0.5 s" in str(err.value)
