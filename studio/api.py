@@ -35,6 +35,7 @@ import asyncio
 import base64
 import binascii
 import calendar
+import hashlib
 import json
 import math
 import os
@@ -504,15 +505,46 @@ def synthesis_error(exc: Exception) -> ApiError:
     return ApiError(500, f"generation failed unexpectedly ({type(exc).__name__}: {exc})", code="internal_error")
 
 
-async def take_slot(rt, cancel: threading.Event) -> None:
-    """Wait for one of the process's generation slots; 429 when too many already wait."""
+def client_key(request) -> str:
+    """Who an API request comes from, for STUDIO_MAX_CLIENT_REQUESTS: its bearer key (hashed: keys are
+    not kept in memory as text), else its address."""
+    auth = request.headers.get("authorization", "")
+    if auth:
+        return "api-key:" + hashlib.sha256(auth.encode()).hexdigest()[:16]
+    return f"address:{request.client.host if request.client else 'unknown'}"
+
+
+async def take_slot(rt, cancel: threading.Event, client_slots, client: str):
+    """Admit one generation: at most STUDIO_MAX_CLIENT_REQUESTS at once for this client (429 at once
+    beyond), then one of the process's generation slots (429 when too many already wait). Returns the
+    function that gives both back, to be called with the seconds the generation slot was held."""
+    from studio.limits import LimitError
+
+    hold = client_slots.hold(client)
+    try:
+        hold.__enter__()
+    except LimitError as exc:
+        raise ApiError(429, str(exc), code="rate_limit_exceeded", type_="requests",
+                       headers={"Retry-After": str(rt.slots.retry_after_s())}) from None
     try:
         taken = await asyncio.to_thread(rt.slots.acquire, API_QUEUE, cancel)
     except SlotsFull as exc:
+        hold.__exit__(None, None, None)
         raise ApiError(429, f"the studio is busy: {exc}", code="rate_limit_exceeded", type_="requests",
                        headers={"Retry-After": str(exc.retry_after_s)}) from None
+    except BaseException:
+        hold.__exit__(None, None, None)
+        raise
     if not taken:
+        hold.__exit__(None, None, None)
         raise ApiError(499, "the request was cancelled while waiting", code="cancelled")
+
+    def release(seconds: float) -> None:
+        try:
+            rt.slots.release(seconds)
+        finally:
+            hold.__exit__(None, None, None)
+    return release
 
 
 def require(rt, plan: SpeechPlan) -> None:
@@ -524,12 +556,12 @@ def require(rt, plan: SpeechPlan) -> None:
         raise ApiError(503, str(exc), code="model_not_ready", headers={"Retry-After": "10"}) from None
 
 
-async def run_whole(rt, plan: SpeechPlan, request, request_id: str):
+async def run_whole(rt, plan: SpeechPlan, request, request_id: str, client_slots):
     """Generate (offline model), encode the finished audio, answer with the figures in headers."""
     from starlette.responses import Response
 
     cancel = threading.Event()
-    await take_slot(rt, cancel)
+    release = await take_slot(rt, cancel, client_slots, client_key(request))
     started = time.monotonic()
     task = asyncio.ensure_future(asyncio.to_thread(synthesize, rt, plan, cancel))
     try:
@@ -548,7 +580,7 @@ async def run_whole(rt, plan: SpeechPlan, request, request_id: str):
                            code="cancelled") from None
         raise synthesis_error(exc) from None
     finally:
-        rt.slots.release(time.monotonic() - started)
+        release(time.monotonic() - started)
     rt.note_demo(plan.family, result.demo_weights)
     data = await asyncio.to_thread(encode_whole, result.audio, result.sample_rate, plan.response_format)
     await asyncio.to_thread(record, rt, request_id, plan, "ok", result)
@@ -560,7 +592,7 @@ def sse_event(obj: dict) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":")).encode("utf-8") + b"\n\n"
 
 
-async def run_streamed(rt, plan: SpeechPlan, request_id: str):
+async def run_streamed(rt, plan: SpeechPlan, request, request_id: str, client_slots):
     """Generate through the streaming model; encode and send every chunk as it arrives (raw bytes, or
     SSE delta events), then record the figures under `request_id` (and, for SSE, send them)."""
     from starlette.responses import StreamingResponse
@@ -568,7 +600,7 @@ async def run_streamed(rt, plan: SpeechPlan, request_id: str):
     from studio.client import SAMPLE_RATES, GenerationCancelled
 
     cancel = threading.Event()
-    await take_slot(rt, cancel)
+    release = await take_slot(rt, cancel, client_slots, client_key(request))
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
     received: list[np.ndarray] = []
@@ -584,7 +616,7 @@ async def run_streamed(rt, plan: SpeechPlan, request_id: str):
         except BaseException as exc:  # noqa: BLE001 - handed to the response generator
             outcome = ("error", exc)
         finally:
-            rt.slots.release(time.monotonic() - started)
+            release(time.monotonic() - started)
         loop.call_soon_threadsafe(events.put_nowait, outcome)
 
     threading.Thread(target=work, name=f"api-{request_id}", daemon=True).start()
@@ -720,6 +752,10 @@ def api_routes(rt) -> list:
     from starlette.responses import JSONResponse
     from starlette.routing import Route
 
+    from studio.limits import ClientSlots
+
+    client_slots = ClientSlots()  # STUDIO_MAX_CLIENT_REQUESTS per API key (or address), like the page's visitors
+
     def endpoint(fn):
         async def handler(request):
             try:
@@ -744,8 +780,8 @@ def api_routes(rt) -> list:
 
         request_id = new_id()
         if plan.stream_format is None:
-            return await run_whole(rt, plan, request, request_id)
-        return await run_streamed(rt, plan, request_id)
+            return await run_whole(rt, plan, request, request_id, client_slots)
+        return await run_streamed(rt, plan, request, request_id, client_slots)
 
     async def models(request):
         return JSONResponse({"object": "list", "data": [model_object(m) for m in (*MODELS, *OPENAI_MODELS)]})

@@ -432,3 +432,23 @@ def test_space_storage_choice(tmp_path, monkeypatch):
     monkeypatch.setattr(config, "SPACE_PERSISTENT_DIR", persistent)
     assert config.default_data_dir() == persistent / "voice-studio"
     assert config.ephemeral_storage_note(config.default_data_dir()) is None
+
+
+def test_one_client_over_its_own_limit_gets_429(fake_api, monkeypatch):
+    from studio.slots import GenerationSlots
+
+    rt, http = fake_api
+    monkeypatch.setenv("STUDIO_MAX_CLIENT_REQUESTS", "1")
+    rt.slots = GenerationSlots(4)
+    rt.fake.delay_s = 1.0  # each of the 3 chunks: a 3 s generation
+    body = {"model": "f5-tts", "voice": "alloy", "input": SHORT, "response_format": "pcm", "stream_format": "audio"}
+    with http.stream("POST", "/v1/audio/speech", json=body, headers={"Authorization": "Bearer one"}) as first:
+        assert first.status_code == 200
+        again = http.post("/v1/audio/speech", json=body, headers={"Authorization": "Bearer one"})
+        assert again.status_code == 429 and "STUDIO_MAX_CLIENT_REQUESTS" in again.json()["error"]["message"]
+        assert int(again.headers["retry-after"]) >= 1
+        other = http.post("/v1/audio/speech", json={**body, "stream_format": None},
+                          headers={"Authorization": "Bearer two"})
+        assert other.status_code == 200  # another client is not held up
+        assert len(b"".join(first.iter_bytes())) > 0
+    assert http.post("/v1/audio/speech", json=body, headers={"Authorization": "Bearer one"}).status_code == 200
