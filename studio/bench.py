@@ -65,6 +65,11 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cold-cache", action="store_true", help="send use_prompt_cache=false (cold prompt)")
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for JSON and PNG")
     p.add_argument("--label", default="", help="a name for this run in the JSON")
+    p.add_argument("--check", action="store_true",
+                   help="objective checks after each request (WER/CER, speaker similarity); their time is reported "
+                        "per request and counts in the wall time (rtf_aggregate)")
+    p.add_argument("--check-tokens", type=int, default=None,
+                   help="with --check: recognition decodes exactly this many tokens (random weights never stop)")
 
 
 class GpuSampler:
@@ -147,8 +152,15 @@ def run_level(url: str, args, items, prompts, concurrency: int) -> dict:
             item = items[i % len(items)]
             c = clients[i % concurrency]
             try:
-                return c.synthesize(args.model, item.target_text, prompts[item.prompt], item.reference_text,
-                                    stream=stream, params=params)
+                result = c.synthesize(args.model, item.target_text, prompts[item.prompt], item.reference_text,
+                                      stream=stream, params=params)
+                if getattr(args, "check", False):
+                    from studio.objective import run_checks
+
+                    result.checks = run_checks(c, result.audio, result.sample_rate, item.target_text,
+                                               prompts[item.prompt], result.sample_rate,
+                                               fixed_tokens=getattr(args, "check_tokens", None))
+                return result
             except Exception as exc:  # noqa: BLE001 - reported in the row
                 return exc
 
@@ -191,6 +203,15 @@ def run_level(url: str, args, items, prompts, concurrency: int) -> dict:
         row["engine_queue_ms_mean"] = round((after["queue_ns"] - before["queue_ns"]) / n / 1e6, 3)
         row["engine_compute_ms_mean"] = round((after["compute_ns"] - before["compute_ns"]) / n / 1e6, 3)
         row["engine_executions"] = after["execution_count"] - before["execution_count"]
+    checked = [r.checks for r in results if getattr(r, "checks", None) is not None]
+    if checked:
+        row["check_ms_p50"] = _pct([c.check_ms for c in checked], 50)
+        row["check_ms_p90"] = _pct([c.check_ms for c in checked], 90)
+        for key in ("wer", "cer"):
+            rates = [c.error_rate for c in checked if c.metric == key and c.error_rate is not None]
+            row[f"{key}_mean"] = round(float(np.mean(rates)), 4) if rates else None
+        sims = [c.similarity for c in checked if c.similarity is not None]
+        row["speaker_sim_mean"] = round(float(np.mean(sims)), 4) if sims else None
     if args.model == "spark":
         toks = [r.info.get("tokens", 0) for r in results]
         dec = [r.info.get("decode_ms", 0) for r in results]
@@ -207,6 +228,8 @@ def print_table(rows: list[dict], model: str, mode: str) -> None:
     cols += ["requests_per_s", "audio_s_per_s", "engine_compute_ms_mean", "engine_queue_ms_mean"]
     if model == "spark":
         cols.append("decode_tokens_per_s_per_stream")
+    if any("check_ms_p50" in r for r in rows):
+        cols += ["check_ms_p50", "check_ms_p90", "wer_mean", "cer_mean", "speaker_sim_mean"]
     cols += ["failed", "recovered"]
     print(" | ".join(cols))
     print(" | ".join("---" for _ in cols))
@@ -254,7 +277,7 @@ def main(args) -> int:
     server = None
     url = args.triton_url
     if not url:
-        server = make_server(args, families=[args.model])
+        server = make_server(args, families=[args.model] + (["asr", "sim"] if getattr(args, "check", False) else []))
         server.start()
         url = server.grpc_url
     try:

@@ -106,10 +106,12 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def run_checks(client, output: np.ndarray, output_sr: int, target_text: str, prompt: np.ndarray | None = None,
-               prompt_sr: int | None = None, language: str | None = None, prompt_embedding=None) -> CheckResult:
+               prompt_sr: int | None = None, language: str | None = None, prompt_embedding=None,
+               fixed_tokens: int | None = None) -> CheckResult:
     """Read `output` back with the `asr` model and compare it with `target_text`; embed the output and
     the prompt with `speaker_sim` and compare them. `client` is a StudioClient. Each part that cannot
-    be measured (model not served, audio too short, ...) leaves a note instead of a number."""
+    be measured (model not served, audio too short, ...) leaves a note instead of a number.
+    `fixed_tokens` makes recognition decode exactly that many tokens (benchmarks on random weights)."""
     import time
 
     from studio.audio_io import resample
@@ -120,7 +122,7 @@ def run_checks(client, output: np.ndarray, output_sr: int, target_text: str, pro
     out16 = resample(np.asarray(output, np.float32), output_sr, CHECK_SAMPLE_RATE)
     if client.model_ready("asr"):
         try:
-            text, info = client.transcribe(out16, CHECK_SAMPLE_RATE, language=language)
+            text, info = client.transcribe(out16, CHECK_SAMPLE_RATE, language=language, fixed_tokens=fixed_tokens)
             result.asr_text, result.asr_language = text, info.get("language")
             result.demo_weights |= bool(info.get("demo_weights"))
             result.metric, result.error_rate, note = error_rate(target_text, text)

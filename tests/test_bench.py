@@ -88,3 +88,15 @@ def test_bad_workload_is_refused_clearly(triton_server, tmp_path):
     work.write_text('{"prompt": "x.wav"}\n')
     run = bench(triton_server, tmp_path, "--model", "f5", "--workload", str(work), timeout=60)
     assert run.returncode == 2 and "bad workload line" in run.stderr
+
+
+@pytest.mark.slow
+def test_bench_with_objective_checks(triton_server, tmp_path):
+    """--check: each request is read back and compared; the row reports the checks' time and means."""
+    run = bench(triton_server, tmp_path, "--model", "f5", "--mode", "offline", "--concurrency", "1",
+                "--requests", "2", "--warmup", "0", "--nfe", "2", "--check", "--check-tokens", "6")
+    assert run.returncode == 0, run.stderr[-3000:]
+    row = report(tmp_path, "f5", "offline")["rows"][0]
+    assert 0 < row["check_ms_p50"] <= row["check_ms_p90"]
+    assert row["wer_mean"] is not None and -1.0 <= row["speaker_sim_mean"] <= 1.0
+    assert "check_ms_p50" in run.stdout
