@@ -29,6 +29,7 @@ from studio.script import (DEFAULT_CONCURRENCY, DEFAULT_PARAGRAPH_PAUSE_MS, DEFA
                            format_problems, generate_script, plan_json, plan_script, record_script, script_zip)
 from studio.ui_files import page_copy
 from studio.ui_stream import FRAME_META, json_frame
+from studio.ui_views import STYLES
 
 KEY = "script"
 #: The player's segment frame: JSON {segment, line, voice, text} sent right before a segment's audio.
@@ -85,19 +86,22 @@ def plan_rows(plan: ScriptPlan) -> list[list]:
 def problems_html(plan: ScriptPlan | None, error: str | None = None) -> str:
     """The problems by line (nothing is generated while there are any), or a one-line summary."""
     if error:
-        return f'<div class="studio-box studio-error" data-kind="error">{esc(error)}</div>'
+        return f'<div class="studio-box studio-error" data-kind="error" style="{STYLES["error"]}">{esc(error)}</div>'
     if plan is None:
         return ""
     if plan.problems:
         items = "".join(f'<li data-line="{line or ""}">{esc(f"line {line}: " if line else "")}{esc(msg)}</li>'
                         for line, msg in plan.problems)
-        return (f'<div class="studio-box studio-error" data-kind="error" id="script-problem-list">'
+        return (f'<div class="studio-box studio-error" data-kind="error" id="script-problem-list" '
+                f'style="{STYLES["error"]}">'
                 f"<b>{len(plan.problems)} problem{'s' if len(plan.problems) != 1 else ''}; nothing will be "
                 f"generated until they are fixed:</b><ul>{items}</ul></div>")
     if not plan.segments:
-        return '<div class="studio-box studio-info" data-kind="info">Type a script: start a line with {Name}.</div>'
+        return (f'<div class="studio-box studio-info" data-kind="info" style="{STYLES["info"]}">Type a script: start a '
+                "line with {Name}.</div>")
     voices = len({s.voice.identity for s in plan.segments})
-    return (f'<div class="studio-box studio-ok" data-kind="ok">{len(plan.segments)} segments, {voices} voice'
+    return (f'<div class="studio-box studio-ok" data-kind="ok" style="{STYLES["ok"]}">{len(plan.segments)} segments, '
+            f"{voices} voice"
             f"{'s' if voices != 1 else ''}, about {plan.est_s:.0f} s of audio ({', '.join(plan.families)}).</div>")
 
 
