@@ -594,7 +594,9 @@ def sse_event(obj: dict) -> bytes:
 
 async def run_streamed(rt, plan: SpeechPlan, request, request_id: str, client_slots):
     """Generate through the streaming model; encode and send every chunk as it arrives (raw bytes, or
-    SSE delta events), then record the figures under `request_id` (and, for SSE, send them)."""
+    SSE delta events). The generating thread records the outcome under `request_id` (also when the
+    client leaves midway, which cancels the generation) before the stream's last bytes go out, so
+    the figures are in the history when the client has the whole stream; SSE also sends them."""
     from starlette.responses import StreamingResponse
 
     from studio.client import SAMPLE_RATES, GenerationCancelled
@@ -603,21 +605,31 @@ async def run_streamed(rt, plan: SpeechPlan, request, request_id: str, client_sl
     release = await take_slot(rt, cancel, client_slots, client_key(request))
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
-    received: list[np.ndarray] = []
     rate = SAMPLE_RATES[plan.family]
+    received: list[np.ndarray] = []  # for the history row of a stream that ends early
 
     def on_chunk(samples: np.ndarray, info: dict) -> None:
+        received.append(samples)
         loop.call_soon_threadsafe(events.put_nowait, ("audio", samples))
 
     def work() -> None:
         started = time.monotonic()
         try:
             outcome = ("done", synthesize(rt, plan, cancel, on_chunk))
-        except BaseException as exc:  # noqa: BLE001 - handed to the response generator
+        except BaseException as exc:  # noqa: BLE001 - recorded, then handed to the response generator
             outcome = ("error", exc)
         finally:
             release(time.monotonic() - started)
-        loop.call_soon_threadsafe(events.put_nowait, outcome)
+        try:
+            if outcome[0] == "done":
+                rt.note_demo(plan.family, outcome[1].demo_weights)
+                record(rt, request_id, plan, "ok", outcome[1])
+            else:
+                status = "cancelled" if isinstance(outcome[1], GenerationCancelled) else "error"
+                record(rt, request_id, plan, status, None, str(outcome[1]),
+                       np.concatenate(received) if received else None, rate)
+        finally:
+            loop.call_soon_threadsafe(events.put_nowait, outcome)
 
     threading.Thread(target=work, name=f"api-{request_id}", daemon=True).start()
     sse = plan.stream_format == "sse"
@@ -634,26 +646,19 @@ async def run_streamed(rt, plan: SpeechPlan, request, request_id: str, client_sl
             while True:
                 kind, payload = await events.get()
                 if kind == "audio":
-                    received.append(payload)
                     chunk = wrap(encoder.encode(payload))
                     if chunk:
                         yield chunk
                     continue
                 finished = True
                 if kind == "done":
-                    result = payload
-                    rt.note_demo(plan.family, result.demo_weights)
                     tail = wrap(encoder.finish())
                     if tail:
                         yield tail
-                    await asyncio.to_thread(record, rt, request_id, plan, "ok", result)
                     if sse:
-                        yield sse_event(done_event(request_id, plan, result))
+                        yield sse_event(done_event(request_id, plan, payload))
                     return
                 encoder.close()
-                status = "cancelled" if isinstance(payload, GenerationCancelled) else "error"
-                audio = np.concatenate(received) if received else None
-                await asyncio.to_thread(record, rt, request_id, plan, status, None, str(payload), audio, rate)
                 if sse:  # a raw audio stream can only end early; SSE can say why
                     yield sse_event({"type": "error", **synthesis_error(payload).body()})
                 return

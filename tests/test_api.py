@@ -452,3 +452,21 @@ def test_one_client_over_its_own_limit_gets_429(fake_api, monkeypatch):
         assert other.status_code == 200  # another client is not held up
         assert len(b"".join(first.iter_bytes())) > 0
     assert http.post("/v1/audio/speech", json=body, headers={"Authorization": "Bearer one"}).status_code == 200
+
+
+def test_a_client_leaving_a_stream_cancels_and_records_it(fake_api):
+    rt, http = fake_api
+    rt.fake.delay_s = 0.5
+    body = {"model": "spark-tts", "voice": "alloy", "input": SHORT, "response_format": "mp3", "stream_format": "audio"}
+    with http.stream("POST", "/v1/audio/speech", json=body) as resp:
+        request_id = resp.headers["x-request-id"]
+        next(resp.iter_bytes())  # the first chunk, then hang up
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            rec = rt.history.get(request_id)
+            break
+        except KeyError:
+            time.sleep(0.1)
+    assert rec["status"] == "cancelled" and rec["audio"]  # what was generated before the hang-up is kept
+    assert rt.slots.running == 0
