@@ -624,7 +624,9 @@ def generate_script(plan: ScriptPlan, client, voices, *, stream: bool = False,
     latency = time.perf_counter() - t0
     audio = np.concatenate(parts) if parts else np.zeros(0, np.float32)
     audio_s = audio.size / rate
-    metrics = {"latency_s": round(latency, 4), "first_sound_s": first_sound_s, "audio_s": round(audio_s, 4),
+    # first_chunk_s as everywhere else (start -> first audio handed out): the first segment, whole.
+    metrics = {"latency_s": round(latency, 4), "first_sound_s": first_sound_s, "first_chunk_s": first_sound_s,
+               "audio_s": round(audio_s, 4),
                "speech_s": round(sum(o.audio.size for o in emitted) / rate, 4),
                "rtf": round(latency / audio_s, 4) if audio_s else None, "segments": len(emitted),
                "concurrency": int(concurrency), "target_lufs": target_lufs,
