@@ -70,7 +70,7 @@ class QAHandlers:
     def run_names(self) -> list[str]:
         return [r["name"] for r in self.store().query("SELECT name FROM batch_runs ORDER BY id DESC")]
 
-    def start_batch(self, file, pasted, systems_text, name, concurrency):
+    def start_batch(self, file, pasted, systems_text, name, concurrency, checks=False):
         """Check everything, create (or resume) the run, start it in a thread; returns the run's name."""
         from studio.batch import BatchInputError, BatchJob, parse_test_set, prepare_run, read_test_set
 
@@ -91,6 +91,8 @@ class QAHandlers:
         families = sorted({s.family for s in run.systems if not s.is_files})
         streams = {s.family: s.stream for s in run.systems if not s.is_files}
         client = None
+        if checks and not families:  # files: systems only: the checks still need the check models' client
+            client = self.rt.client()
         if families:
             from studio.ui_runtime import NotReady
 
@@ -101,7 +103,8 @@ class QAHandlers:
             except NotReady as exc:
                 raise user_error(str(exc), "Cannot start the batch") from None
         with self._lock:
-            self.jobs[run.name] = BatchJob(self.store(), run, client, voices=self.rt.voices).start()
+            self.jobs[run.name] = BatchJob(self.store(), run, client, voices=self.rt.voices,
+                                           checks=bool(checks)).start()
         return run.name
 
     def stop_batch(self, name):
@@ -148,8 +151,8 @@ class QAHandlers:
             errors += f'<p style="color:#b91c1c"><b>The run stopped with an error:</b> {esc(job.error)}</p>'
         return head + meter + table + errors
 
-    def batch_clicked(self, file, pasted, systems_text, name, concurrency):
-        started = self.start_batch(file, pasted, systems_text, name, concurrency)
+    def batch_clicked(self, file, pasted, systems_text, name, concurrency, checks=False):
+        started = self.start_batch(file, pasted, systems_text, name, concurrency, checks)
         return (started, self.progress_html(started), gr.Timer(active=True),
                 gr.Dropdown(choices=self.run_names(), value=started))
 
@@ -383,6 +386,8 @@ def qa_tabs(rt) -> QAHandlers:
                                         scale=3)
                     b_conc = gr.Slider(1, 8, value=2, step=1, label="Generations at once", scale=2,
                                        elem_id="batch-concurrency")
+                    b_checks = gr.Checkbox(value=False, label="Objective checks", scale=2, elem_id="batch-checks",
+                                           info="WER/CER and speaker similarity of every new output")
                 with gr.Row():
                     b_run = gr.Button("Run", variant="primary", elem_id="batch-run")
                     b_stop = gr.Button("Stop", variant="stop", elem_id="batch-stop")
@@ -447,7 +452,7 @@ def qa_tabs(rt) -> QAHandlers:
     # --- wiring ---------------------------------------------------------------------------------------------
     runs_update = lambda: gr.Dropdown(choices=q.run_names())  # noqa: E731
     tab_batch.select(runs_update, outputs=[b_runs], **QUIET)
-    b_run.click(q.batch_clicked, inputs=[b_file, b_text, b_systems, b_name, b_conc],
+    b_run.click(q.batch_clicked, inputs=[b_file, b_text, b_systems, b_name, b_conc, b_checks],
                 outputs=[b_current, b_progress, b_timer, b_runs], **LIGHT)
     b_stop.click(q.stop_batch, inputs=[b_current], **LIGHT)
     b_timer.tick(q.batch_tick, inputs=[b_current, b_runs], outputs=[b_progress, b_timer, b_table, b_rows],
