@@ -181,3 +181,19 @@ def test_prompt_cache_is_keyed_by_raw_samples(demo_pipeline):
     again, cached_again = demo_pipeline.prepare_reference(prompt.copy())
     assert cached_again and again is first
     assert first.wav_len == UPSTREAM_PREPARED_SAMPLES["inner_gap"] + 2  # 50 ms = 1200 samples here
+
+
+@pytest.mark.parametrize("ref_text, seconds, target, first", [
+    # the first clause is 3 bytes over the 2 s head budget: cutting would leave a lone "。"
+    ("今天天气很好，我们去公园散步吧。", 2.987, "我不在乎你怎么称呼我。我一直是一个沉默的旁观者，看着物种进化。", "我不在乎你怎么称呼我。"),
+    # cutting at the last space would leave "me." alone
+    ("The quiet harbour wakes up slowly before sunrise.", 2.848, "I don't really care what you call me. I've been "
+     "a silent spectator, watching species evolve.", "I don't really care what you call me."),
+    # a long first clause is cut at a word boundary near 2 s, the rest keeps its words
+    ("The quiet harbour wakes up slowly before sunrise.", 2.848, "I have been a silent spectator watching species "
+     "evolve and empires rise and fall for ages.", "I have been a silent spectator"),
+])
+def test_streaming_head_never_leaves_a_fragment(ref_text, seconds, target, first):
+    plan = P.plan_chunks(text.fix_reference_text(ref_text), seconds, target, 1.0, streaming=True)
+    assert plan[0] == first
+    assert all(len(c.encode()) >= P.SHORT_TEXT_BYTES and text.speakable(c) for c in plan)

@@ -164,7 +164,8 @@ def _is_spaced(text: str) -> bool:
 
 
 def _cut_head(clause: str, budget: int) -> tuple[str, str]:
-    """Split a clause into (head within `budget` bytes, rest), at a space when there is one."""
+    """Split a clause into (head within `budget` bytes, rest), at a space when there is one; the clause
+    stays whole when the rest would be under SHORT_TEXT_BYTES or have nothing to speak."""
     if utf8_len(clause) <= budget:
         return clause, ""
     head, used = "", 0
@@ -176,9 +177,12 @@ def _cut_head(clause: str, budget: int) -> tuple[str, str]:
     cut = head.rfind(" ")
     if cut > 0:
         head = head[:cut]
-    if not head.strip():
+    rest = clause[len(head):].strip()
+    # a head with nothing to say, or a rest too short to stand alone ("me.", a lone "。"), keeps the
+    # clause whole: a fragment that small would be its own chunk, slowed to speed 0.3 or empty
+    if not head.strip() or utf8_len(rest) < SHORT_TEXT_BYTES or not text_mod.speakable(rest):
         return clause, ""
-    return head.strip(), clause[len(head):].strip()
+    return head.strip(), rest
 
 
 def chunk_frames(ref: PreparedReference, ref_text: str, chunk_text: str, speed: float, n_ids: int) -> int:
