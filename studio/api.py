@@ -52,7 +52,7 @@ import numpy as np
 
 from studio.api_audio import FORMATS, AudioEncoder, encode_whole
 from studio.slots import API_QUEUE, SlotsFull
-from studio.systems import KEYS, LEVELS, SystemSpecError, format_value, parse_system
+from studio.systems import KEYS, SystemSpecError, format_value, parse_system
 from studio.voices import VOICE_SAMPLE_RATE, VoiceError
 
 PREFIX = "/v1"
@@ -710,7 +710,8 @@ def check_auth(rt, request) -> None:
                        "was started with, --api-key or STUDIO_API_KEY)", code="missing_api_key",
                        headers={"WWW-Authenticate": "Bearer"})
     if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), key.encode()):
-        raise ApiError(401, "incorrect API key provided", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        raise ApiError(401, "incorrect API key provided", code="invalid_api_key",
+                       headers={"WWW-Authenticate": "Bearer"})
 
 
 async def json_body(request) -> dict:
@@ -897,5 +898,5 @@ def save_voice(rt, name: str, data: bytes, transcript: str):
         raise bad(str(exc), "audio" if "clip" in str(exc) else "name") from None
 
 
-__all__ = ["ApiError", "LEVELS", "MAX_INPUT_CHARS", "MODELS", "OPENAI_VOICES", "SpeechPlan", "api_routes",
+__all__ = ["ApiError", "MAX_INPUT_CHARS", "MODELS", "OPENAI_VOICES", "SpeechPlan", "api_routes",
            "nearest_speed_level", "parse_speech", "read_instructions"]

@@ -2,8 +2,9 @@
 
 The start: a Hugging Face cache laid out as huggingface_hub leaves it after `preload_from_hub`
 (models--ORG--NAME/{blobs,snapshots/COMMIT,refs/main}), holding the project's tiny demo checkpoints
-(TTS families and the objective checks' Whisper and WavLM) under the published file names; `python app.py` with no flags and the Space's environment (SPACE_ID,
-GRADIO_SERVER_NAME, GRADIO_SERVER_PORT; HF_HUB_OFFLINE so nothing is fetched). The studio must take
+(TTS families and the objective checks' Whisper and WavLM) under the published file names;
+`python app.py` with no flags and the Space's environment (SPACE_ID, GRADIO_SERVER_NAME,
+GRADIO_SERVER_PORT; HF_HUB_OFFLINE so nothing is fetched). The studio must take
 the weights from that cache, as real ones (`X-Studio-Demo-Weights: false`), and generate.
 
 F5's published checkpoint carries no architecture: the name F5TTS_v1_Base means the full-size DiT
