@@ -14,8 +14,9 @@ TensorRT runtime (`tts.f5.trt_runner`) only swaps the module and keeps the pipel
   audio [B, (T - 1) * hop] float32, item i exact on its first (lengths_i - 1) * hop samples and zero
   after (as `tts.f5.fast.vocode_batch`). The inverse STFT is written with operators TensorRT runs:
   the inverse real DFT as two products with fixed cosine / sine bases (window folded in) and the
-  overlap-add as a transposed convolution with an identity kernel (stride = hop), the window
-  envelope the same way. No FFT and no Col2Im operator.
+  overlap-add as a sum of shifted hop-sized blocks (n_fft = 4 hops: pads, slices and adds), the
+  window envelope the same way. No FFT, no Col2Im, and no transposed convolution (a 1,024-tap
+  deconvolution kernel is past what TensorRT's deconvolution layer is known to accept).
 
 Exported with torch's dynamo exporter at `OPSET`; `check_*` helpers compare an export against the
 torch module with onnxruntime (CPU), which is how the tests and `build_engines --check` prove them.
@@ -134,9 +135,10 @@ class VocosGraph(nn.Module):
         cos, sin = inverse_dft_bases(cfg.n_fft, window)
         self.register_buffer("idft_cos", cos, persistent=False)
         self.register_buffer("idft_sin", sin, persistent=False)
-        self.register_buffer("window_sq", (window * window)[None, :, None], persistent=False)  # [1, N, 1]
-        # overlap-add: ConvTranspose1d with one input channel per frame sample and the identity as kernel
-        self.register_buffer("ola_kernel", torch.eye(cfg.n_fft)[:, None, :], persistent=False)  # [N, 1, N]
+        self.register_buffer("window_sq", (window * window)[None, None, :], persistent=False)  # [1, 1, N]
+        if cfg.n_fft % cfg.hop_length:
+            raise ValueError(f"overlap-add by blocks needs n_fft ({cfg.n_fft}) to be a multiple of the hop "
+                             f"({cfg.hop_length})")
 
     def forward(self, mel: Tensor, lengths: Tensor) -> Tensor:
         """mel [B, C, T] float32, lengths [B] int64 (2 <= lengths <= T) -> audio [B, (T - 1) * hop]."""
@@ -157,15 +159,26 @@ class VocosGraph(nn.Module):
         mag = torch.clamp(torch.exp(log_mag), max=MAX_MAGNITUDE)
         frames = (mag * torch.cos(phase)) @ self.idft_cos - (mag * torch.sin(phase)) @ self.idft_sin  # [B, T, N]
         keep_t = keep.transpose(1, 2).float()  # [B, T, 1]
-        frames = (frames * keep_t).transpose(1, 2)  # [B, N, T]
-        wsq = self.window_sq * keep.float()  # [B, N, T]
-        y = F.conv_transpose1d(frames, self.ola_kernel, stride=self.hop)[:, 0]  # [B, (T - 1) hop + N]
-        env = F.conv_transpose1d(wsq, self.ola_kernel, stride=self.hop)[:, 0]
+        y = overlap_add_blocks(frames * keep_t, self.hop)  # [B, (T - 1) hop + N]
+        env = overlap_add_blocks(self.window_sq * keep_t, self.hop)
         pad, n_out = self.n_fft // 2, (t - 1) * self.hop
         y, env = y[:, pad: pad + n_out], env[:, pad: pad + n_out]
         inside = (env > ENVELOPE_FLOOR) & (torch.arange(n_out, device=mel.device)[None, :]
                                            < ((lengths - 1) * self.hop)[:, None])
         return torch.where(inside, y / env.clamp_min(ENVELOPE_FLOOR), 0.0)
+
+
+def overlap_add_blocks(frames: Tensor, hop: int) -> Tensor:
+    """frames [B, T, N] (N = k hops) -> [B, (T - 1) hop + N]: frame t added at sample t hop, as
+    `tts.f5.vocos.overlap_add`. Block j of frame t lands on output block t + j, so the output is the
+    sum over j of the frames' j-th blocks shifted by j blocks: k pads, slices and adds."""
+    b, t, n = frames.shape
+    k = n // hop
+    blocks = frames.reshape(b, t, k, hop)
+    out = F.pad(blocks[:, :, 0], (0, 0, 0, k - 1))  # [B, T + k - 1, hop]
+    for j in range(1, k):
+        out = out + F.pad(blocks[:, :, j], (0, 0, j, k - 1 - j))
+    return out.reshape(b, (t + k - 1) * hop)
 
 
 def vocos_example_inputs(vocos: Vocos, lengths: tuple[int, ...] = (40, 27), seed: int = 0) -> dict[str, Tensor]:
