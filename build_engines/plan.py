@@ -106,7 +106,8 @@ def f5_stages(opts: Options, weights) -> list[Stage]:
                     settings, inputs, [dit_onnx, vocos_onnx], action=export)]
     trtexec = f5_stage.find_trtexec()
     dims = _f5_dims(p, model_name)
-    build_settings = {**settings, "max_batch": opts.f5_max_batch}
+    # an engine only loads in the TensorRT that built it: a new image's TensorRT means a rebuild
+    build_settings = {**settings, "max_batch": opts.f5_max_batch, "tensorrt": mf.tool_versions()["tensorrt"]}
     cache = folder / "timing.cache"
     stages.append(Stage(
         "f5-build", f"TensorRT engines for the DiT and Vocos", build_settings, [dit_onnx, vocos_onnx],
@@ -138,8 +139,10 @@ def spark_stages(opts: Options, weights) -> list[Stage]:
         cfg = convert_llm(llm, ck, opts.precision)
         return {"llm_config": cfg}
 
+    versions = mf.tool_versions()
     build_settings = {**settings, "max_batch": opts.spark_max_batch, "max_input_len": opts.spark_max_input_len,
-                      "max_seq_len": opts.spark_max_seq_len}
+                      "max_seq_len": opts.spark_max_seq_len, "tensorrt": versions["tensorrt"],
+                      "tensorrt_llm": versions["tensorrt_llm"]}
     return [
         Stage("spark-convert", f"convert {llm} (Hugging Face Qwen2) to a TensorRT-LLM checkpoint in {ck}",
               settings, [llm / "config.json"] + sorted(llm.glob("*.safetensors")),

@@ -176,6 +176,14 @@ def test_stage_runs_when_absent_skips_when_unchanged_and_reruns_on_change(tmp_pa
     assert P.run_plan([other], out, force=True, log=logs.append) == ["fake"] and len(calls) == 5
 
 
+def test_build_stages_record_the_tensorrt_versions(tmp_path):
+    """A new image's TensorRT / TensorRT-LLM changes the build stages' settings: they rebuild."""
+    opts = P.Options(checkpoints=None, out=tmp_path, demo_weights=True, data_dir=tmp_path / "d")
+    stages = {s.name: s for s in P.make_plan(opts, log=lambda m: None)}
+    assert "tensorrt" in stages["f5-build"].settings
+    assert {"tensorrt", "tensorrt_llm"} <= set(stages["spark-build"].settings)
+
+
 def test_command_stage_runs_its_commands_and_stops_on_failure(tmp_path):
     src = tmp_path / "model.onnx"
     src.write_bytes(b"onnx")
