@@ -625,13 +625,29 @@ class TritonServer:
         reload failed is tried again after a minute."""
         from studio.client import ENGINE_MODELS, StudioClient, SynthesisError
 
+        from triton_models.shared import BUSY_SUFFIX, read_stub
+
         dead = self.dead_instances()
+        stubs = self.run_dir / "stubs"
+        engines = set(ENGINE_MODELS.values())
+        stuck = {}  # engine -> its stub records before the reload (their processes may be blocked)
+        for name in list(dead):
+            busy = [inst for inst in dead[name] if (stubs / (inst + BUSY_SUFFIX)).exists()]
+            engine = next((e for fam, e in ENGINE_MODELS.items() if name in FAMILY_MODELS.get(fam, ())), None)
+            if busy and engine and name != engine and engine in self.models:
+                # a front died while it waited on its engine: the engine is blocked in a send to it
+                self._log_fn(f"{', '.join(busy)} died during a request; {engine} is reloaded too")
+                dead.setdefault(engine, [])
+                stuck[engine] = [r for r in (read_stub(p) for p in stubs.glob(f"{engine}_*")) if r]
+            for inst in busy:
+                (stubs / (inst + BUSY_SUFFIX)).unlink(missing_ok=True)
         now = time.monotonic()
-        order = sorted(dead, key=lambda name: name not in ENGINE_MODELS.values())
+        order = sorted(dead, key=lambda name: name not in engines)
         for name in order:
             if now - self._reload_failed.get(name, -1e9) < 60:
                 continue
-            self._log_fn(f"{', '.join(dead[name])}: stub process died; reloading {name}")
+            self._log_fn(f"{', '.join(dead[name])}: stub process died; reloading {name}"
+                         if dead[name] else f"reloading {name} (blocked by a front that died)")
             started = time.monotonic()
             try:
                 with StudioClient(self.grpc_url, repository_headers=self.repository_headers) as client:
@@ -642,6 +658,10 @@ class TritonServer:
                 continue
             self._reload_failed.pop(name, None)
             self._log_fn(f"{name} reloaded in {time.monotonic() - started:.1f} s")
+            for pid, start in stuck.get(name, []):
+                # the replaced engine's blocked stub would hold its memory (GPU memory too) for good
+                if process_alive(pid, start):
+                    os.kill(pid, signal.SIGKILL)
 
     def _kill_group(self) -> None:
         proc, pgid, watchdog = self._proc, self._pgid, self._watchdog

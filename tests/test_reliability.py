@@ -427,6 +427,228 @@ def test_registry_clears_only_dead_runs(tmp_path):
                 p.wait()
 
 
+# --- a fuzz-style suite of hostile inputs: CLI, Triton models, page API -----------------------------------------
+def _wav_json(wav) -> dict:
+    wav = np.asarray(wav, np.float32).reshape(1, -1)
+    return {"name": "reference_wav", "shape": list(wav.shape), "datatype": "FP32", "data": wav.ravel().tolist()}
+
+
+def _b(name, value, shape=(1, 1)) -> dict:
+    return {"name": name, "shape": list(shape), "datatype": "BYTES", "data": [value]}
+
+
+def _n(name, dtype, value) -> dict:
+    return {"name": name, "shape": [1, 1], "datatype": dtype, "data": [value]}
+
+
+SHORT_REF = speech_like(1.5, F5_SAMPLE_RATE)
+SPARK_SHORT_REF = speech_like(1.5, SPARK_SAMPLE_RATE)
+
+
+def _f5_base(**drop):
+    parts = {"wav": _wav_json(SHORT_REF), "len": _n("reference_wav_len", "INT32", SHORT_REF.size),
+             "ref": _b("reference_text", REF_TEXT), "text": _b("target_text", "Hello.")}
+    return [v for k, v in parts.items() if k not in drop]
+
+
+def _spark_base(**drop):
+    parts = {"wav": _wav_json(SPARK_SHORT_REF), "len": _n("reference_wav_len", "INT32", SPARK_SHORT_REF.size),
+             "ref": _b("reference_text", REF_TEXT), "text": _b("target_text", "Hello."),
+             "max": _n("max_new_tokens", "INT32", 20)}
+    return [v for k, v in parts.items() if k not in drop]
+
+
+#: (model, inputs, whether success is an accepted answer) - every other answer must be an error naming it.
+TRITON_FUZZ = {
+    "f5 no target_text": ("f5_tts", _f5_base(text=1), False),
+    "f5 no reference_text": ("f5_tts", _f5_base(ref=1), False),
+    "f5 no reference_wav": ("f5_tts", _f5_base(wav=1, len=1), False),
+    "f5 text as INT32": ("f5_tts", _f5_base(text=1) + [_n("target_text", "INT32", 5)], False),
+    "f5 text shape 1x2": ("f5_tts", _f5_base(text=1) + [_b("target_text", "a", (1, 2)) | {"data": ["a", "b"]}],
+                          False),
+    "f5 wav as BYTES": ("f5_tts", _f5_base(wav=1) + [_b("reference_wav", "abc")], False),
+    "f5 wav_len negative": ("f5_tts", _f5_base(len=1) + [_n("reference_wav_len", "INT32", -5)], False),
+    "f5 wav_len too big": ("f5_tts", _f5_base(len=1) + [_n("reference_wav_len", "INT32", 10**9)], False),
+    "f5 wav empty": ("f5_tts", _f5_base(wav=1, len=1) + [{"name": "reference_wav", "shape": [1, 0],
+                                                         "datatype": "FP32", "data": []},
+                                                        _n("reference_wav_len", "INT32", 0)], False),
+    "f5 wav silent": ("f5_tts", _f5_base(wav=1, len=1) + [_wav_json(np.zeros(24000)),
+                                                         _n("reference_wav_len", "INT32", 24000)], False),
+    "f5 wav huge values": ("f5_tts", _f5_base(wav=1) + [_wav_json(SHORT_REF * 1e30)], False),
+    "f5 nfe 1e9": ("f5_tts", _f5_base() + [_n("nfe_steps", "INT32", 10**9)], False),
+    "f5 nfe -3": ("f5_tts", _f5_base() + [_n("nfe_steps", "INT32", -3)], False),
+    "f5 cfg 1e30": ("f5_tts", _f5_base() + [_n("cfg_strength", "FP32", 1e30)], False),
+    "f5 sway 5": ("f5_tts", _f5_base() + [_n("sway_coef", "FP32", 5.0)], False),
+    "f5 speed -1": ("f5_tts", _f5_base() + [_n("speed", "FP32", -1.0)], False),
+    "f5 seed -1": ("f5_tts", _f5_base() + [_n("seed", "INT64", -1)], True),
+    "f5 text nul bytes": ("f5_tts", _f5_base(text=1) + [_b("target_text", "\x00\x00\x00")], False),
+    "f5 text control chars": ("f5_tts", _f5_base(text=1) + [_b("target_text", "\x1b[31m\x07\x08")], False),
+    "f5 text over limit": ("f5_tts", _f5_base(text=1) + [_b("target_text", "a" * 5000)], False),
+    "f5 ref text over limit": ("f5_tts", _f5_base(ref=1) + [_b("reference_text", "b" * 5000)], False),
+    "f5 zalgo text": ("f5_tts", _f5_base(text=1) + [_b("target_text", "he\u0301\u0302\u0303llo wo\u0334rld")], True),
+    "f5 rtl text": ("f5_tts", _f5_base(text=1) + [_b("target_text", "\u202eHello \u05e9\u05dc\u05d5\u05dd.")], True),
+    "f5 unknown input": ("f5_tts", _f5_base() + [_n("evil", "INT32", 1)], False),
+    "f5 batch of two": ("f5_tts", [_b("target_text", "a", (2, 1)) | {"data": ["a", "b"]}] + _f5_base(text=1),
+                        False),
+    "f5 FP32 data as strings": ("f5_tts", _f5_base(wav=1) + [{"name": "reference_wav", "shape": [1, 2],
+                                                             "datatype": "FP32", "data": ["x", "y"]}], False),
+    "f5 shape/data mismatch": ("f5_tts", _f5_base(wav=1) + [{"name": "reference_wav", "shape": [1, 100],
+                                                            "datatype": "FP32", "data": [0.1, 0.2]}], False),
+    "f5 use_prompt_cache as INT32": ("f5_tts", _f5_base() + [_n("use_prompt_cache", "INT32", 7)], False),
+    "f5 emoji text": ("f5_tts", _f5_base(text=1) + [_b("target_text", "\U0001F600" * 30)], False),
+    "f5 stream model over HTTP": ("f5_tts_stream", _f5_base(), False),
+    "f5 engine called directly": ("f5_engine", _f5_base(), False),
+    "no such model": ("nope", _f5_base(), False),
+    "spark no target_text": ("spark_tts", _spark_base(text=1), False),
+    "spark text as INT32": ("spark_tts", _spark_base(text=1) + [_n("target_text", "INT32", 1)], False),
+    "spark wav_len negative": ("spark_tts", _spark_base(len=1) + [_n("reference_wav_len", "INT32", -1)], False),
+    "spark wav short": ("spark_tts", _spark_base(wav=1, len=1) + [_wav_json(SPARK_SHORT_REF[:100]),
+                                                                _n("reference_wav_len", "INT32", 100)], False),
+    "spark temperature 0": ("spark_tts", _spark_base() + [_n("temperature", "FP32", 0.0)], False),
+    "spark temperature 1e9": ("spark_tts", _spark_base() + [_n("temperature", "FP32", 1e9)], False),
+    "spark top_k 0": ("spark_tts", _spark_base() + [_n("top_k", "INT32", 0)], False),
+    "spark top_p 0": ("spark_tts", _spark_base() + [_n("top_p", "FP32", 0.0)], False),
+    "spark max tokens 0": ("spark_tts", _spark_base(max=1) + [_n("max_new_tokens", "INT32", 0)], False),
+    "spark max tokens 1e9": ("spark_tts", _spark_base(max=1) + [_n("max_new_tokens", "INT32", 10**9)], False),
+    "spark min over max": ("spark_tts", _spark_base() + [_n("min_new_tokens", "INT32", 50)], False),
+    "spark gender robot": ("spark_tts", _spark_base(wav=1, len=1, ref=1) + [_b("gender", "robot"),
+                                                                          _b("reference_text", "")], False),
+    "spark pitch bogus": ("spark_tts", _spark_base(wav=1, len=1, ref=1) + [_b("gender", "male"),
+                                                                         _b("pitch_level", "x" * 1000),
+                                                                         _b("reference_text", "")], False),
+    "spark gender with clip": ("spark_tts", _spark_base() + [_b("gender", "male")], False),
+    "spark nothing to clone": ("spark_tts", _spark_base(wav=1, len=1), False),
+    "spark text over limit": ("spark_tts", _spark_base(text=1) + [_b("target_text", "z" * 5000)], False),
+    "spark unknown input": ("spark_tts", _spark_base() + [_b("evil", "rm -rf /")], False),
+}
+
+
+def test_fuzz_triton_models(fault_server, fclient):
+    """Hostile requests straight at the Triton models over HTTP: each answers an error that names the
+    problem (no traceback) or a documented acceptance, within a bound; a normal request works after."""
+    assert len(TRITON_FUZZ) >= 45
+    for name, (model, inputs, may_succeed) in TRITON_FUZZ.items():
+        t0 = time.monotonic()
+        status, body = http_infer(fault_server, model, inputs)
+        assert time.monotonic() - t0 < 60, name
+        if status == 200:
+            assert may_succeed, f"{name}: accepted"
+            continue
+        message = body.get("error", "")
+        assert 400 <= status < 600 and message, (name, status, body)
+        assert "Traceback" not in message and "/tmp/" not in message, (name, message)
+        if model in ("f5_tts", "spark_tts") and not name.startswith(("no such",)):
+            assert status in (400, 404), (name, status, message)  # the request's fault, not the server's
+    # invalid UTF-8 in a BYTES input, over gRPC (JSON cannot carry it), offline and streaming
+    from studio.client import SynthesisError, build_inputs
+
+    import tritonclient.grpc as grpcclient
+
+    raw = grpcclient.InferenceServerClient(fault_server.grpc_url)
+    inputs = build_inputs("f5", "x", SHORT_REF, REF_TEXT, {"nfe_steps": 2})
+    inputs[-1].set_data_from_numpy(np.array([[b"\xff\xfe\xfa\xc3\x28"]], dtype=np.object_))
+    try:
+        raw.infer("f5_tts", inputs, client_timeout=60)
+    except Exception as exc:  # noqa: BLE001 - an error naming the problem is the expected answer
+        assert "Traceback" not in str(exc)
+    raw.close()
+    for stream in (False, True):
+        with pytest.raises(SynthesisError):
+            fclient.synthesize("f5", "\x00", SHORT_REF, REF_TEXT, stream=stream, params={"nfe_steps": 2})
+        with pytest.raises(SynthesisError):
+            fclient.synthesize("spark", "Hi.", None, "", stream=stream, params={"gender": "robot"})
+    assert f5(fclient).audio.size > 0 and spark(fclient).audio.size > 0
+
+
+def test_fuzz_cli(fault_server, tmp_path, capsys):
+    """Hostile command lines, in process against the fault server: an `error:` (or argparse usage)
+    message and a non-zero status each, never a traceback or a hang."""
+    from studio.cli import main
+
+    clip = ROOT / "samples" / "voices" / "en_female.wav"
+    empty, binary, notaudio = tmp_path / "empty.wav", tmp_path / "bin.txt", tmp_path / "notaudio.wav"
+    empty.write_bytes(b"")
+    binary.write_bytes(bytes(range(256)) * 10)
+    notaudio.write_text("this is not audio")
+    url = ["--triton-url", fault_server.grpc_url]
+    base = ["synth", "--model", "f5", "--ref-audio", str(clip), "--ref-text", "hello", "-o", str(tmp_path / "o.wav")]
+    cases = [
+        ["synth", "--model", "gpt"], base + ["--text", "hi", "--nfe", "abc"], base + ["--text", "hi", "--nfe", "-5"],
+        base + ["--text", "hi", "--seed", "x"], base + ["--text", "hi", "--speed", "nan"],
+        base + ["--text", "hi", "--speed", "0"], base + ["--text", "hi", "--cfg", "1e40"],
+        ["synth", "--ref-audio", str(tmp_path / "missing.wav"), "--ref-text", "a", "--text", "hi"],
+        ["synth", "--ref-audio", str(empty), "--ref-text", "a", "--text", "hi"],
+        ["synth", "--ref-audio", str(notaudio), "--ref-text", "a", "--text", "hi"],
+        ["synth", "--ref-audio", str(tmp_path), "--ref-text", "a", "--text", "hi"],
+        base + ["--text", ""], base + ["--text", "   \n\t "], base + ["--text-file", str(empty)],
+        base + ["--text-file", str(binary)], base + ["--text", "\x00\x01"],
+        base[:-2] + ["-o", str(tmp_path), "--text", "hi"], base[:-2] + ["-o", "", "--text", "hi"],
+        ["synth", "--model", "spark", "--gender", "robot", "--text", "hi"],
+        ["synth", "--model", "spark", "--gender", "male", "--pitch-level", "x", "--text", "hi"],
+        ["synth", "--model", "spark", "--gender", "male", "--ref-audio", str(clip), "--text", "hi"],
+        ["synth", "--model", "spark", "--ref-audio", str(clip), "--text", "hi", "--top-k", "abc"],
+        ["synth", "--model", "spark", "--ref-audio", str(clip), "--text", "hi", "--top-p", "9"],
+        ["synth", "--model", "spark", "--ref-audio", str(clip), "--text", "hi", "--max-new-tokens", "0"],
+        ["synth", "--gpus", "a,b", "--text", "hi"], ["loadtest", "--requests", "0"],
+        ["loadtest", "--concurrency", "1000"], ["loadtest", "--prompt", str(tmp_path / "none.wav")],
+        ["nonsense-command"], base + ["--text", "y" * 6000],
+    ]
+    for argv in cases:
+        full = argv + (url if argv[0] == "synth" else [])
+        try:
+            code = main(full)
+        except SystemExit as exc:  # argparse's own usage error
+            code = exc.code
+        out = capsys.readouterr()
+        assert code not in (0, None), full
+        assert "Traceback" not in out.err and ("error" in out.err.lower()), (full, out.err)
+    assert len(cases) >= 30
+
+
+def test_fuzz_page_api(fault_server, tmp_path):
+    """Hostile values for the page's generate events (what gradio_client or the queue would hand the
+    handlers): each a `gr.Error` with a message; a normal generation works after."""
+    import gradio as gr
+
+    from studio.ui import Handlers
+    from studio.ui_runtime import RuntimeOptions, StudioRuntime
+
+    rt = StudioRuntime(RuntimeOptions(data_dir=tmp_path / "data", triton_url=fault_server.grpc_url))
+    rt.start()
+    h = Handlers(rt, autostart=False)
+    clip = str(ROOT / "samples" / "voices" / "en_female.wav")
+    notaudio = tmp_path / "x.wav"
+    notaudio.write_text("nope")
+    good = dict(ref_audio=clip, ref_text="Hello there.", text="Hello.", model="f5", mode="offline", nfe=2, cfg=2,
+                sway=-1, speed=1, temperature=0.8, top_k=50, top_p=0.95, max_new_tokens=20, seed=1, fmt="wav",
+                voice_key=None, job_id="")
+    clone_cases = [
+        {"ref_audio": None}, {"ref_audio": str(tmp_path / "missing.wav")}, {"ref_audio": str(notaudio)},
+        {"ref_audio": str(tmp_path)}, {"text": ""}, {"text": None}, {"text": "x" * 6000}, {"ref_text": "r" * 2000},
+        {"model": "gpt"}, {"mode": "sideways"}, {"nfe": "abc"}, {"nfe": 10**9}, {"nfe": float("nan")},
+        {"cfg": float("inf")}, {"speed": -1}, {"sway": 7}, {"seed": "1.5"}, {"seed": 2**70}, {"seed": "drop table"},
+        {"model": "spark", "temperature": -1}, {"model": "spark", "top_k": 0}, {"model": "spark", "top_p": 2},
+        {"model": "spark", "max_new_tokens": 0}, {"model": "spark", "max_new_tokens": "many"},
+        {"text": "\U0001F600\U0001F389"}, {"text": "?!... ,"}, {"ref_text": "", "model": "f5", "ref_audio": None},
+    ]
+    for change in clone_cases:
+        with pytest.raises(gr.Error) as err:
+            h.clone(**{**good, **change})
+        assert err.value.message and "Traceback" not in err.value.message, change
+    design = dict(text="Hello.", gender="male", pitch="low", speed_level="low", mode="offline", temperature=0.8,
+                  top_k=50, top_p=0.95, max_new_tokens=20, seed=-1, fmt="wav", job_id="")
+    design_cases = [{"gender": "robot"}, {"pitch": None}, {"speed_level": "warp"}, {"text": ""},
+                    {"mode": None}, {"temperature": "hot"}, {"text": "q" * 6000}]
+    for change in design_cases:
+        with pytest.raises(gr.Error) as err:
+            h.design(**{**design, **change})
+        assert err.value.message, change
+    assert len(clone_cases) + len(design_cases) >= 30
+    out = h.clone(**good)
+    assert out[-1]["status"] == "ok"
+    rt.stop()
+
+
 # --- the app killed with SIGKILL; tritonserver killed --------------------------------------------------------
 def _serve(data_dir: Path, http_port: int, grpc_port: int, log: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "studio", "serve", "--demo-weights", "--no-download", "--data-dir", str(data_dir),

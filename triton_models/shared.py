@@ -303,13 +303,38 @@ def stubs_dir(args: dict):
     return folder
 
 
+#: This stub's record (a stub process hosts exactly one model instance), set by register_stub.
+_STUB_RECORD = None
+#: Suffix of the marker a front keeps beside its record while it waits on its engine through BLS.
+BUSY_SUFFIX = ".busy"
+
+
 def register_stub(args: dict) -> None:
     """Record this stub process under its instance name (called from every model's `initialize`)."""
+    global _STUB_RECORD
     pid = os.getpid()
     path = stubs_dir(args) / args["model_instance_name"]
     tmp = path.with_name(f".{path.name}.{pid}")
     tmp.write_text(f"{pid} {process_start_time(pid)}\n")
     os.replace(tmp, path)  # atomic: a reader never sees half a record
+    _STUB_RECORD = path
+
+
+class BusyMarker:
+    """`<instance>.busy` beside the stub's record while a front waits on its engine. Measured in
+    2.51 (issue 17): when a front's stub dies during a BLS request, the engine blocks for good in
+    its next send to that request; so the server manager reloads the engine too when a dead front
+    was busy."""
+
+    def __enter__(self):
+        self.path = _STUB_RECORD.with_name(_STUB_RECORD.name + BUSY_SUFFIX) if _STUB_RECORD else None
+        if self.path is not None:
+            self.path.touch()
+        return self
+
+    def __exit__(self, *exc):
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
 
 
 def read_stub(path) -> tuple[int, int] | None:
@@ -331,6 +356,17 @@ def dead_instances(folder, model: str) -> list[str]:
         if record is None or process_start_time(record[0]) != record[1]:
             dead.append(path.name)
     return sorted(dead)
+
+
+def engine_records(folder, model: str) -> dict:
+    """instance name -> (pid, start time) of `model`'s recorded stubs."""
+    out = {}
+    for path in folder.glob(f"{model}_*"):
+        rest = path.name[len(model) + 1:].split("_")
+        record = read_stub(path) if len(rest) == 2 and all(part.isdigit() for part in rest) else None
+        if record is not None:
+            out[path.name] = record
+    return out
 
 
 def dead_stub_message(instances: list[str]) -> str:
@@ -366,14 +402,17 @@ def bounded_responses(bls, decoupled: bool, engine: str, folder, deadline: float
             answers.put(exc)
         answers.put(done)
 
+    # The engine's stubs as they are now: a reload replaces the records, but this request stays with
+    # the processes that took it (a replaced engine's stub is stopped after the reload).
+    serving = engine_records(folder, engine)
     threading.Thread(target=pump, daemon=True, name=f"bls-{engine}").start()
     while True:
         try:
             item = answers.get(timeout=LIVENESS_POLL_S)
         except queue.Empty:
-            dead = dead_instances(folder, engine)
-            if dead:
-                raise EngineDied(dead_stub_message(dead)) from None
+            dead = [name for name, (pid, start) in serving.items() if process_start_time(pid) != start]
+            if dead or not serving:
+                raise EngineDied(dead_stub_message(dead or [f"{engine}_0_0"])) from None
             if time.monotonic() > deadline:
                 raise DeadlineExceeded() from None
             continue
@@ -438,7 +477,7 @@ def offline_front(pb_utils, request, engine: str, input_names: list[str], join, 
     wait on the engine is bounded: a dead engine stub ends it within LIVENESS_POLL_S with Triton's
     dead-stub wording, so the client reloads the engine and sends again."""
     try:
-        with CancelWatch(request, on_cancel) as watch:
+        with BusyMarker(), CancelWatch(request, on_cancel) as watch:
             return _offline_front(pb_utils, request, engine, input_names, join, extra, stubs, watch)
     except EngineDied as exc:
         return error_response(pb_utils, f"{engine} stopped while serving this request: {exc}")
@@ -513,7 +552,7 @@ def stream_front(pb_utils, request, engine: str, input_names: list[str], extra: 
     t0 = time.perf_counter()
     arrivals, sends = [], []
     try:
-        with CancelWatch(request, on_cancel) as watch:
+        with BusyMarker(), CancelWatch(request, on_cancel) as watch:
             for response in _responses(bls, engine, stubs):
                 arrivals.append(ms_since(t0))
                 if watch.fired or _cancelled(request):
