@@ -110,7 +110,7 @@ def f5_stages(opts: Options, weights) -> list[Stage]:
     build_settings = {**settings, "max_batch": opts.f5_max_batch, "tensorrt": mf.tool_versions()["tensorrt"]}
     cache = folder / "timing.cache"
     stages.append(Stage(
-        "f5-build", f"TensorRT engines for the DiT and Vocos", build_settings, [dit_onnx, vocos_onnx],
+        "f5-build", "TensorRT engines for the DiT and Vocos", build_settings, [dit_onnx, vocos_onnx],
         [folder / "dit.plan", folder / "vocos.plan"],
         command=f5_stage.trtexec_command(trtexec, dit_onnx, folder / "dit.plan",
                                          f5_stage.dit_shapes(opts.f5_max_batch, opts.max_frames, *dims), cache),

@@ -75,13 +75,12 @@ def check_runtime(runtime: str, engines_dir: Path | None, families, f5_model: st
     if not engines_dir:
         raise RuntimeUnavailable("--runtime trtllm needs --engines DIR (or $STUDIO_ENGINES), the folder "
                                  "`python -m build_engines all --checkpoints DIR --out DIR` wrote")
-    missing = []
+    needed = []
     if "f5" in families:
-        missing += [p for p in (f5_dir(engines_dir, f5_model) / "dit.plan", f5_dir(engines_dir, f5_model) / "vocos.plan")
-                    if not p.is_file()]
+        needed += [f5_dir(engines_dir, f5_model) / name for name in ("dit.plan", "vocos.plan")]
     if "spark" in families:
-        missing += [p for p in (spark_engine_dir(engines_dir) / "config.json", spark_engine_dir(engines_dir) / "rank0.engine")
-                    if not p.is_file()]
+        needed += [spark_engine_dir(engines_dir) / name for name in ("config.json", "rank0.engine")]
+    missing = [p for p in needed if not p.is_file()]
     if missing:
         raise RuntimeUnavailable(f"--runtime trtllm: engines missing: {', '.join(map(str, missing))}; build them "
                                  f"with python -m build_engines all --checkpoints DIR --out {engines_dir}")

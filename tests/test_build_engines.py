@@ -43,7 +43,8 @@ def test_qwen2_checkpoint_names_shapes_dtypes(llm_dir, tmp_path):
     for i in range(hf["num_hidden_layers"]):
         p = f"transformer.layers.{i}."
         expected.update({p + "input_layernorm.weight": (h,), p + "post_layernorm.weight": (h,),
-                         p + "attention.qkv.weight": ((nh + 2 * nkv) * d, h), p + "attention.qkv.bias": ((nh + 2 * nkv) * d,),
+                         p + "attention.qkv.weight": ((nh + 2 * nkv) * d, h),
+                         p + "attention.qkv.bias": ((nh + 2 * nkv) * d,),
                          p + "attention.dense.weight": (h, nh * d), p + "mlp.fc.weight": (inter, h),
                          p + "mlp.gate.weight": (inter, h), p + "mlp.proj.weight": (h, inter)})
     assert {k: tuple(t.shape) for k, t in w.items()} == expected

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.test_spark_fixtures import demo_checkpoint, noise_clip, spark_one_thread, spark_pipeline  # noqa: F401
+from tests.test_spark_fixtures import demo_checkpoint, noise_clip, spark_one_thread, spark_pipeline  # noqa: F401,F811 - fixtures
 from tts.spark import trtllm as T
 from tts.spark.decode import SamplingParams, generate
 from tts.spark.request import SparkOptions, SparkRequest

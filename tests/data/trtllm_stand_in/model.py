@@ -55,7 +55,10 @@ class TritonPythonModel:
                 with open(self.meta["log_path"], "a") as fh:
                     fh.write(json.dumps({k: {"dtype": str(v.dtype), "shape": list(v.shape), "value": v.tolist()}
                                          for k, v in t.items()}) + "\n")
-            words = lambda arr: [int(x) for x, o in zip(arr.reshape(2, -1)[0], arr.reshape(2, -1)[1]) if o > 0]  # noqa: E731
+            def words(arr):  # single-token words of a [2, n] word list
+                ids, offsets = arr.reshape(2, -1)
+                return [int(x) for x, o in zip(ids, offsets) if o > 0]
+
             end = int(t["end_id"].reshape(-1)[0])
             ends = tuple([end] + words(t["stop_words_list"]) + words(t["bad_words_list"]))
             sp = self.SamplingParams(temperature=float(t["temperature"].reshape(-1)[0]),
