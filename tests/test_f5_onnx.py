@@ -165,6 +165,26 @@ def test_trtllm_runtime_without_tensorrt_says_so(demo):
                    engines_dir=demo["engines"])
 
 
+def test_engines_built_for_fewer_chunks_cap_the_pipelines_batch(demo, tmp_path):
+    import json
+    import shutil
+
+    from tts.f5.pipeline import F5Pipeline
+
+    engines = tmp_path / "engines"
+    shutil.copytree(demo["engines"], engines)
+    (engines / "manifest.json").write_text(json.dumps({"stages": {
+        "f5-export": {"config": demo["dit"].cfg.to_dict()}, "f5-build": {"settings": {"max_batch": 3}}}}))
+    pipe = F5Pipeline(demo["checkpoint"], demo["vocab"], demo["vocos_dir"], demo["name"], runtime="onnx",
+                      engines_dir=engines)
+    assert pipe.max_batch == 3
+    other = dict(demo["dit"].cfg.to_dict(), depth=demo["dit"].cfg.depth + 1)
+    (engines / "manifest.json").write_text(json.dumps({"stages": {"f5-export": {"config": other}}}))
+    with pytest.raises(tr.EngineMissing, match="another DiT config"):
+        F5Pipeline(demo["checkpoint"], demo["vocab"], demo["vocos_dir"], demo["name"], runtime="onnx",
+                   engines_dir=engines)
+
+
 def test_missing_engine_names_the_build_command(tmp_path, demo):
     with pytest.raises(tr.EngineMissing, match="python -m build_engines f5"):
         tr.load_engine_modules("trtllm", tmp_path, demo["name"], demo["dit"], demo["vocos"], "cpu")

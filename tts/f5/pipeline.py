@@ -210,12 +210,14 @@ class F5Pipeline:
         self.dit = load_dit(Path(checkpoint), self.config, self.device if runtime == "torch" else "cpu", dtype)
         self.vocos = Vocos.from_dir(Path(vocos_dir), device=self.device, dtype=torch.float32)
         if runtime != "torch":
-            from tts.f5.trt_runner import load_engine_modules
+            from tts.f5.trt_runner import built_settings, load_engine_modules
 
             if engines_dir is None:
                 raise ValueError(f"runtime {runtime!r} needs the engines folder (build_engines --out)")
             self.dit, self.vocos = load_engine_modules(runtime, engines_dir, model_name, self.dit, self.vocos,
                                                        self.device)
+            # never more chunks per call than the engines' optimisation profile holds
+            self.max_batch = min(self.max_batch, built_settings(engines_dir).get("max_batch") or self.max_batch)
         # The CUDA fast path (bucketed CUDA graphs over the same ODE step); STUDIO_F5_FAST=0 turns it off.
         fast = fast_options_from_env(max_batch)
         self.fast = (FastSampler(self.dit, fast)

@@ -4,7 +4,9 @@
 
     dit.plan      TensorRT engine of `tts.f5.onnx_export.DiTGraph` (the CFG pair, padded layout)
     vocos.plan    TensorRT engine of `tts.f5.onnx_export.VocosGraph`
-    dit.onnx, vocos.onnx, manifest.json
+    dit.onnx, vocos.onnx
+
+and records in `ENGINES/manifest.json` the DiT config it exported and the chunks per call it built for.
 
 `EngineDiT` and `EngineVocos` stand in for `tts.f5.dit.DiT` and `tts.f5.vocos.Vocos` inside
 `F5Pipeline`, so request grouping, chunk scheduling, seeds, the Euler loop and the Vocos batching
@@ -29,7 +31,6 @@ from tts.f5.vocos import Vocos
 
 DIT_ENGINE, VOCOS_ENGINE = "dit.plan", "vocos.plan"
 DIT_ONNX, VOCOS_ONNX = "dit.onnx", "vocos.onnx"
-MANIFEST = "manifest.json"
 
 
 class EngineMissing(RuntimeError):
@@ -191,6 +192,19 @@ def engine_dir(engines_root: str | Path, model_name: str) -> Path:
     return f5_dir(engines_root, model_name)
 
 
+def built_settings(engines_root: str | Path) -> dict:
+    """What `build_engines` recorded for the F5 engines (`ENGINES/manifest.json`): the exported DiT
+    `config` and the build's `max_batch` (chunks per engine call); {} when there is no manifest."""
+    from tts.engine_layout import MANIFEST
+
+    path = Path(engines_root) / MANIFEST
+    if not path.is_file():
+        return {}
+    stages = json.loads(path.read_text()).get("stages", {})
+    return {"config": stages.get("f5-export", {}).get("config"),
+            "max_batch": stages.get("f5-build", {}).get("settings", {}).get("max_batch")}
+
+
 def load_engine_modules(kind: str, engines_root: str | Path, model_name: str, dit: DiT, vocos: Vocos,
                         device: torch.device | str) -> tuple[EngineDiT, EngineVocos]:
     """(EngineDiT, EngineVocos) for a pipeline whose torch modules were just loaded (`dit`, `vocos`:
@@ -204,11 +218,10 @@ def load_engine_modules(kind: str, engines_root: str | Path, model_name: str, di
         if not (folder / name).is_file():
             raise EngineMissing(f"{folder / name} is missing: build the F5 engines first "
                                 f"(python -m build_engines f5 --checkpoints DIR --out {engines_root})")
-    manifest = folder / MANIFEST
-    if manifest.is_file():
-        built = json.loads(manifest.read_text()).get("config")
-        if built is not None and F5Config.from_dict(built) != dit.cfg:
-            raise EngineMissing(f"{folder}: the engines were built for another DiT config ({built}); rebuild them")
+    built = built_settings(engines_root)
+    if built.get("config") is not None and F5Config.from_dict(built["config"]) != dit.cfg:
+        raise EngineMissing(f"{folder}: the engines were built for another DiT config ({built['config']}); "
+                            f"rebuild them")
     dit_engine = cls(folder / dit_file, device)
     vocos_engine = cls(folder / vocos_file, device)
     return EngineDiT(dit_engine, dit, device), EngineVocos(vocos_engine, vocos.config, device)
