@@ -24,5 +24,8 @@ trap 'rm -rf "$tmp"' EXIT
 python3 -m pip download -q --no-deps -d "$tmp" "${PLAT[@]}" nvidia-pytriton==0.7.0
 python3 -m zipfile -e "$tmp"/nvidia_pytriton-*.whl "$tmp/site"
 find "$tmp/site/pytriton/tritonserver/python_backend_stubs" -mindepth 1 -maxdepth 1 ! -name 3.12 -exec rm -rf {} +
+# zip archives drop the execute bits: give them back to the server, its backends' stubs and libraries
+find "$tmp/site/pytriton/tritonserver" -type f \( -path "*/bin/*" -o -name triton_python_backend_stub \
+  -o -name "*.so" -o -name "*.so.*" \) -exec chmod 755 {} +
 tar -C "$tmp/site" -cJf "$DEST/pytriton312.tar.xz" .
 du -sh "$DEST"
