@@ -249,6 +249,7 @@ _NOISE = [
     re.compile(r"^Failed to process the request\(s\) for model(?: instance)? '[^']*', message:\s*"),
     re.compile(r"^in ensemble '[^']*', "),
     re.compile(r"^(?:TritonModelException|pb_utils\.TritonError|TritonError|ValueError|RuntimeError):\s*"),
+    re.compile(r"^\[invalid argument\]\s*"),  # triton_models.shared.INVALID_MARK, should one reach a client
 ]
 
 _TRAILERS = ("\n\nAt:\n", "\nAt:\n  ", "\nTraceback (most recent call last)")

@@ -328,6 +328,8 @@ class TritonServer:
         self._watchdog: subprocess.Popen | None = None
         self._registry = RunRegistry(self.data_dir / "runs")
         self._reload_failed: dict[str, float] = {}  # model -> monotonic time of its last failed reload
+        #: (model, wall time) of every reload the supervisor made, for the Server tab and tests
+        self.reloads: list[tuple[str, float]] = []
         atexit.register(self.stop)
 
     # -- public state -------------------------------------------------------------------------
@@ -657,6 +659,7 @@ class TritonServer:
                 self._log_fn(f"reloading {name} failed: {exc}")
                 continue
             self._reload_failed.pop(name, None)
+            self.reloads.append((name, time.time()))
             self._log_fn(f"{name} reloaded in {time.monotonic() - started:.1f} s")
             for pid, start in stuck.get(name, []):
                 # the replaced engine's blocked stub would hold its memory (GPU memory too) for good

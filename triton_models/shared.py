@@ -182,22 +182,30 @@ def audio_response(pb_utils, wav: np.ndarray, info: dict):
     return pb_utils.InferenceResponse(output_tensors=[wave_tensor(pb_utils, wav), info_tensor(pb_utils, info)])
 
 
+#: Prefix an engine puts on the message of an invalid-request error: in 2.51 the status code of a
+#: decoupled model's error does not survive BLS (the front saw INTERNAL), the message does. The
+#: front removes it and answers with the invalid-argument status itself.
+INVALID_MARK = "[invalid argument] "
+
+
 def error_response(pb_utils, message: str, invalid: bool = False, code=None):
     """An error response; `invalid` marks the client's mistake (HTTP 400 / gRPC INVALID_ARGUMENT for
-    the offline models; a decoupled model's stream client sees the message only), `code` forwards
-    an engine error's own status."""
-    if code is None and invalid:
-        code = pb_utils.TritonError.INVALID_ARG
+    the offline models, INVALID_MARK on the message for a front calling this model through BLS; a
+    decoupled model's stream client sees the message only)."""
+    if invalid:
+        message, code = INVALID_MARK + message, pb_utils.TritonError.INVALID_ARG
     error = pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
     return pb_utils.InferenceResponse(output_tensors=[], error=error)
 
 
-def error_code(error):
-    """The status code of a BLS response's error (None where the stub offers none)."""
-    try:
-        return error.code()
-    except Exception:  # noqa: BLE001 - older stubs: the message only
-        return None
+def forward_error(pb_utils, error):
+    """A BLS response's error as this model's answer: invalid-argument when the engine marked it so."""
+    message = error.message()
+    if message.startswith(INVALID_MARK):
+        message = message[len(INVALID_MARK):]
+        return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(
+            message, pb_utils.TritonError.INVALID_ARG))
+    return error_response(pb_utils, message)
 
 
 def request_error_response(pb_utils, exc: Exception):
@@ -514,7 +522,7 @@ def _offline_front(pb_utils, request, engine, input_names, join, extra, stubs, w
         if watch.fired:
             return error_response(pb_utils, "the client went away; the request was cancelled")
         if response.has_error():
-            return error_response(pb_utils, response.error().message(), code=error_code(response.error()))
+            return forward_error(pb_utils, response.error())
         wav, chunk_info = response_audio(pb_utils, response)
         if wav is None:
             continue
@@ -558,8 +566,7 @@ def stream_front(pb_utils, request, engine: str, input_names: list[str], extra: 
                 if watch.fired or _cancelled(request):
                     break
                 if response.has_error():
-                    sender.send(error_response(pb_utils, response.error().message(),
-                                               code=error_code(response.error())), flags=final)
+                    sender.send(forward_error(pb_utils, response.error()), flags=final)
                     return
                 wav, info = response_audio(pb_utils, response)
                 if wav is not None:
