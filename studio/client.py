@@ -93,6 +93,23 @@ def register_repository_headers(url: str, headers: dict) -> None:
     _repository_headers[url] = dict(headers)
 
 
+#: url -> function(instance names) stopping those stubs before their model is reloaded (embedded server)
+_before_reload: dict[str, Callable[[list[str]], None]] = {}
+
+
+def register_before_reload(url: str, stop_stubs: Callable[[list[str]], None]) -> None:
+    """A stub Triton declares unhealthy may still run (measured: a front stub that did not run for
+    3 s during a request got "not healthy" and lived on); reloading its model while it can still
+    resume crashed tritonserver 2.51 (SIGSEGV in the Python backend). The embedded server manager
+    registers how to stop such stubs first."""
+    _before_reload[url] = stop_stubs
+
+
+def dead_stub_instances(message: str) -> list[str]:
+    """Every instance named dead in a Triton error message ("f5_tts_0_9")."""
+    return re.findall(r"Stub process '(\w+_\d+_\d+)' is not healthy", message or "")
+
+
 def dead_stub_model(message: str) -> str | None:
     """The model whose instance's stub died, from a Triton error message (None: another error)."""
     m = DEAD_STUB.search(message or "")
@@ -522,6 +539,10 @@ class StudioClient:
         with lock:
             if failed_at is not None and _reloads.get(key, float("-inf")) > failed_at:
                 return
+            stop = _before_reload.get(self.url)
+            dead = [inst for inst in dead_stub_instances(cause) if inst.rsplit("_", 2)[0] == name]
+            if stop is not None and dead:
+                stop(dead)
             try:
                 config = self._client.get_model_config(name, as_json=True, client_timeout=CONTROL_TIMEOUT_S)
                 config = config.get("config", config)

@@ -542,9 +542,10 @@ class TritonServer:
         self._watchdog = subprocess.Popen(["sh", "-c", WATCHDOG_SH, "studio-watchdog", str(self._proc.pid)],
                                           stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                           stderr=subprocess.DEVNULL, process_group=self._pgid)
-        from studio.client import register_repository_headers
+        from studio.client import register_before_reload, register_repository_headers
 
         register_repository_headers(self.grpc_url, self.repository_headers)
+        register_before_reload(self.grpc_url, self.stop_stubs)
         self._registry.update(self.run_dir.name, server_pid=self._proc.pid,
                               server_start=process_start_time(self._proc.pid),
                               grpc_port=self.grpc_port, http_port=self.http_port)
@@ -621,6 +622,20 @@ class TritonServer:
             return {}
         found = {name: dead_instances(folder, name) for name in self.models}
         return {name: dead for name, dead in found.items() if dead}
+
+    def stop_stubs(self, instances: list[str]) -> None:
+        """SIGKILL the recorded stub processes of `instances` (e.g. f5_tts_0_3) that still run: called
+        before their model is reloaded, because 2.51 crashed when a stub it had declared unhealthy
+        resumed after the reload."""
+        from triton_models.shared import read_stub
+
+        if self.run_dir is None:
+            return
+        for inst in instances:
+            record = read_stub(self.run_dir / "stubs" / inst)
+            if record is not None and process_alive(*record):
+                self._log_fn(f"{inst}: declared unhealthy but still running; stopping it before the reload")
+                os.kill(record[0], signal.SIGKILL)
 
     def _reload_dead_models(self) -> None:
         """Reload each model with a dead stub (engines first: fronts wait on them). A model whose
