@@ -74,6 +74,7 @@ def options_from(args: argparse.Namespace) -> RuntimeOptions:
                           no_download=args.no_download, gpus=args.gpus, http_port=args.http_port,
                           grpc_port=args.grpc_port, f5_model=args.f5_model, instances=args.instances,
                           runtime=args.runtime, engines_dir=args.engines, triton_bind=args.triton_bind,
+                          no_asr=args.no_asr,
                           api_key=args.api_key or base.api_key)
 
 

@@ -362,15 +362,24 @@ def parse_speech(body: dict, rt) -> SpeechPlan:
         prompt_text = ref_text if ref_text is not None else found.transcript
         if ref_text is not None:
             notes.append("ref_text given: it replaces the voice's saved transcript")
-    if family == "f5" and not prompt_text.strip():
-        raise bad("F5-TTS needs the transcript of the prompt clip: send 'ref_text' (or save the voice with its "
-                  "transcript)", "ref_text", "missing_required_parameter")
     try:
         with prompt_file(source) as path:
             req = clone_request(model=family, mode=mode, ref_audio_path=path, ref_text=prompt_text, text=text,
                                 params=params, voice=label)
     except InputProblem as exc:
         raise bad(str(exc), where, "invalid_audio" if where == "ref_audio" else "invalid_value") from None
+    if family == "f5" and not req.ref_text:  # F5 needs the transcript: speech recognition fills it in
+        from dataclasses import replace
+
+        from studio.client import SAMPLE_RATES
+        from studio.objective import fill_transcript
+
+        try:
+            filled, _, note = fill_transcript(rt.client(), req.ref_audio, SAMPLE_RATES["f5"])
+        except ValueError as exc:
+            raise bad(f"{exc} (or send 'ref_text')", "ref_text", "missing_required_parameter") from None
+        req = replace(req, ref_text=filled)
+        notes.append(note)
     return SpeechPlan(model_id, requested, req, fmt, stream_format, voice, notes + list(req.warnings))
 
 

@@ -45,6 +45,7 @@ class RuntimeOptions:
     runtime: str = "torch"                  # torch | trtllm (studio.runtimes)
     engines_dir: Path | None = None          # build_engines output, for runtime trtllm
     triton_bind: str = "127.0.0.1"          # where the embedded Triton server listens
+    no_asr: bool = False                     # serve neither speech recognition nor speaker similarity
     #: Bearer key every /v1 route of the HTTP API requires (None: the API is open, like the page).
     api_key: str | None = field(default_factory=lambda: os.environ.get("STUDIO_API_KEY") or None)
 
@@ -115,7 +116,7 @@ class StudioRuntime:
                                        demo_weights=o.demo_weights, checkpoints=o.checkpoints,
                                        no_download=o.no_download, f5_model=o.f5_model, instances=o.instances,
                                        runtime=o.runtime, engines_dir=o.engines_dir, bind=o.triton_bind,
-                                       log=self._server_log)
+                                       log=self._server_log, no_asr=o.no_asr)
             self.server.start_in_background()
             return True
 
