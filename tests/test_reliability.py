@@ -491,7 +491,9 @@ TRITON_FUZZ = {
     "f5 speed -1": ("f5_tts", _f5_base() + [_n("speed", "FP32", -1.0)], False),
     "f5 seed -1": ("f5_tts", _f5_base() + [_n("seed", "INT64", -1)], True),
     "f5 text nul bytes": ("f5_tts", _f5_base(text=1) + [_b("target_text", "\x00\x00\x00")], False),
-    "f5 text control chars": ("f5_tts", _f5_base(text=1) + [_b("target_text", "\x1b[31m\x07\x08")], False),
+    # documented acceptance: control characters are dropped, the letters and digits left ("31m") are spoken
+    "f5 text control chars": ("f5_tts", _f5_base(text=1) + [_b("target_text", "\x1b[31m\x07\x08")], True),
+    "f5 only control chars": ("f5_tts", _f5_base(text=1) + [_b("target_text", "\x07\x08\x1b\x7f")], False),
     "f5 text over limit": ("f5_tts", _f5_base(text=1) + [_b("target_text", "a" * 5000)], False),
     "f5 ref text over limit": ("f5_tts", _f5_base(ref=1) + [_b("reference_text", "b" * 5000)], False),
     "f5 zalgo text": ("f5_tts", _f5_base(text=1) + [_b("target_text", "he\u0301\u0302\u0303llo wo\u0334rld")], True),
@@ -513,9 +515,10 @@ TRITON_FUZZ = {
     "spark wav_len negative": ("spark_tts", _spark_base(len=1) + [_n("reference_wav_len", "INT32", -1)], False),
     "spark wav short": ("spark_tts", _spark_base(wav=1, len=1) + [_wav_json(SPARK_SHORT_REF[:100]),
                                                                 _n("reference_wav_len", "INT32", 100)], False),
-    "spark temperature 0": ("spark_tts", _spark_base() + [_n("temperature", "FP32", 0.0)], False),
+    # documented acceptance: temperature 0 and top_k 0 mean greedy / no top-k cut, as upstream
+    "spark temperature 0": ("spark_tts", _spark_base() + [_n("temperature", "FP32", 0.0)], True),
     "spark temperature 1e9": ("spark_tts", _spark_base() + [_n("temperature", "FP32", 1e9)], False),
-    "spark top_k 0": ("spark_tts", _spark_base() + [_n("top_k", "INT32", 0)], False),
+    "spark top_k 0": ("spark_tts", _spark_base() + [_n("top_k", "INT32", 0)], True),
     "spark top_p 0": ("spark_tts", _spark_base() + [_n("top_p", "FP32", 0.0)], False),
     "spark max tokens 0": ("spark_tts", _spark_base(max=1) + [_n("max_new_tokens", "INT32", 0)], False),
     "spark max tokens 1e9": ("spark_tts", _spark_base(max=1) + [_n("max_new_tokens", "INT32", 10**9)], False),
@@ -532,6 +535,13 @@ TRITON_FUZZ = {
 }
 
 
+#: Requests tritonserver itself refuses before any model code runs (wrong types, shapes, names):
+#: its own message and status (500 for some JSON parse errors in 2.51), outside the project.
+TRITON_OWN_CHECKS = {"f5 text as INT32", "f5 text shape 1x2", "f5 wav as BYTES", "f5 unknown input",
+                     "f5 batch of two", "f5 FP32 data as strings", "f5 shape/data mismatch",
+                     "f5 use_prompt_cache as INT32", "spark text as INT32", "spark unknown input"}
+
+
 def test_fuzz_triton_models(fault_server, fclient):
     """Hostile requests straight at the Triton models over HTTP: each answers an error that names the
     problem (no traceback) or a documented acceptance, within a bound; a normal request works after."""
@@ -546,7 +556,7 @@ def test_fuzz_triton_models(fault_server, fclient):
         message = body.get("error", "")
         assert 400 <= status < 600 and message, (name, status, body)
         assert "Traceback" not in message and "/tmp/" not in message, (name, message)
-        if model in ("f5_tts", "spark_tts") and not name.startswith(("no such",)):
+        if model in ("f5_tts", "spark_tts") and name not in TRITON_OWN_CHECKS:
             assert status in (400, 404), (name, status, message)  # the request's fault, not the server's
     # invalid UTF-8 in a BYTES input, over gRPC (JSON cannot carry it), offline and streaming
     from studio.client import SynthesisError, build_inputs
@@ -555,7 +565,8 @@ def test_fuzz_triton_models(fault_server, fclient):
 
     raw = grpcclient.InferenceServerClient(fault_server.grpc_url)
     inputs = build_inputs("f5", "x", SHORT_REF, REF_TEXT, {"nfe_steps": 2})
-    inputs[-1].set_data_from_numpy(np.array([[b"\xff\xfe\xfa\xc3\x28"]], dtype=np.object_))
+    text_in = next(i for i in inputs if i.name() == "target_text")
+    text_in.set_data_from_numpy(np.array([[b"\xff\xfe\xfa\xc3\x28"]], dtype=np.object_))
     try:
         raw.infer("f5_tts", inputs, client_timeout=60)
     except Exception as exc:  # noqa: BLE001 - an error naming the problem is the expected answer

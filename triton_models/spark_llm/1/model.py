@@ -86,8 +86,8 @@ class TritonPythonModel:
         s, final = self.shared, pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         if isinstance(event, self.Cancelled):
             sender.send(flags=final)
-        elif isinstance(event, BaseException):
-            sender.send(s.error_response(pb_utils, str(event)), flags=final)
+        elif isinstance(event, BaseException):  # a ValueError is the request's own fault (checked in the engine)
+            sender.send(s.error_response(pb_utils, str(event), invalid=isinstance(event, ValueError)), flags=final)
         else:
             info = dict(event.info, demo_weights=self.demo, overlap_samples=event.overlap_samples,
                         chunk_index=event.index, final=event.final)
