@@ -277,6 +277,26 @@ class CancelWatch:
                 return
 
 
+def release_memory() -> None:
+    """Hand freed heap memory back to the system (glibc's malloc_trim): after a large request an
+    engine otherwise keeps its peak (measured with demo weights: +190 MiB PSS after one request at
+    the 5000-character limit, kept through later small requests). A few milliseconds; no-op where
+    glibc is absent."""
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+        except OSError:
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
+
+
 # --- stub liveness ------------------------------------------------------------------------------------
 # tritonserver 2.51 never restarts a dead stub, its readiness ignores stub death, and a BLS response
 # iterator waits forever on a dead engine. So every model instance records its stub's pid and start

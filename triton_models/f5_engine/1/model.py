@@ -126,6 +126,7 @@ class TritonPythonModel:
         for key in keys.values():
             if key:
                 (self.cancel_dir / key).unlink(missing_ok=True)
+        self.shared.release_memory()  # a large request's buffers back to the system, not kept at peak
         # sends: (ms since execute began, ms the send took, the request's compute_ms so far)
         self.shared.timing_log("f5_engine", requests=len(requests), parse=t_parsed, sends=sends,
                                total=self.shared.ms_since(t_start))

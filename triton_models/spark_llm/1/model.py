@@ -94,6 +94,7 @@ class TritonPythonModel:
             sender.send(s.audio_response(pb_utils, event.wav, info))
             if event.final:
                 sender.send(flags=final)
+                s.release_memory()  # a finished request's buffers back to the system, not kept at peak
 
     def execute(self, requests):
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
