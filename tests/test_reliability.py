@@ -31,8 +31,8 @@ SPARK_REF = speech_like(2.5, SPARK_SAMPLE_RATE)
 REF_TEXT = "Some call me nature, others call me mother nature."
 LONG = ("I don't really care what you call me. I've been a silent spectator, watching species evolve, "
         "empires rise and fall. But always remember, I am mighty and enduring.")
-#: The fault server's limits (inherited by its stubs): low enough to test, high enough for LONG x 2.
-FAULT_LIMITS = {"STUDIO_MAX_TEXT_CHARS_F5": "400", "STUDIO_MAX_TEXT_CHARS_SPARK": "300",
+#: The fault server's limits (inherited by its stubs): low enough to test, high enough for LONG x 6.
+FAULT_LIMITS = {"STUDIO_MAX_TEXT_CHARS_F5": "1200", "STUDIO_MAX_TEXT_CHARS_SPARK": "300",
                 "STUDIO_MAX_REF_TEXT_CHARS": "200", "STUDIO_MAX_PROMPT_S": "20"}
 #: The issue's liveness bounds (generous on purpose: two slow shared cores).
 ERROR_WITHIN_S = 30
@@ -190,6 +190,29 @@ def test_idle_engine_death_is_repaired_before_the_next_request(fault_server, fcl
     assert r.audio.size > 0 and not r.recovered  # the supervisor had reloaded it already
 
 
+@pytest.mark.slow
+def test_offline_request_cancelled_by_its_client_reaches_the_engine(fault_server, fclient):
+    """A cancelled gRPC call marks the offline request cancelled; the front tells the engine (F5: a
+    cancel marker the engine reads between batches; before, offline requests were cancelled on the
+    client side only). A request's chunks computed in one batch finish that batch."""
+    from studio.client import GenerationCancelled
+
+    cancel = threading.Event()
+    markers = fault_server.run_dir / "cancel"
+    result = run_in_thread(lambda: f5(fclient, " ".join([LONG] * 6), params={"nfe_steps": 32}, cancel=cancel))
+    time.sleep(1.5)
+    cancel.set()
+    seen = set()
+    deadline = time.monotonic() + 20
+    while not seen and time.monotonic() < deadline:
+        seen = set(os.listdir(markers)) if markers.is_dir() else set()
+        time.sleep(0.02)
+    value, _ = result(30)
+    assert isinstance(value, GenerationCancelled), value
+    assert seen, "the front did not tell the engine"
+    assert f5(fclient).audio.size > 0
+
+
 # --- access --------------------------------------------------------------------------------------------
 def test_repository_api_refuses_without_the_secret(triton_server, client):
     """Any local process could unload models through the repository API; now only the studio can."""
@@ -277,7 +300,7 @@ def test_triton_models_apply_the_limits(fault_server, fclient, stream):
     from studio.client import SynthesisError
 
     cases = [
-        (lambda: f5(fclient, "word " * 100, stream=stream), "STUDIO_MAX_TEXT_CHARS_F5"),
+        (lambda: f5(fclient, "word " * 300, stream=stream), "STUDIO_MAX_TEXT_CHARS_F5"),
         (lambda: spark(fclient, "word " * 80, stream=stream), "STUDIO_MAX_TEXT_CHARS_SPARK"),
         (lambda: fclient.synthesize("f5", "Hi there.", REF, "x" * 300, stream=stream, params={"nfe_steps": 4}),
          "STUDIO_MAX_REF_TEXT_CHARS"),
