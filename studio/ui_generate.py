@@ -181,7 +181,8 @@ def load_prompt(path: str | Path | None, sample_rate: int) -> np.ndarray:
         raise InputProblem("Upload or record a prompt clip (3-12 s of the voice to clone), or pick a voice "
                            "from the library.")
     try:
-        check_file_size(path, "prompt clip")  # before decoding it
+        if Path(path).is_file():  # a missing file gets the audio reader's "not found" below
+            check_file_size(path, "prompt clip")  # before decoding it
         wav = load_audio(path, sample_rate)
         validate_waveform(wav, sample_rate, what="prompt clip")
     except LimitError as exc:
