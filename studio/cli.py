@@ -63,6 +63,16 @@ def make_server(args, families: list[str] | None = None):
                         no_asr=getattr(args, "no_asr", False))
 
 
+def server_for(args, families: list[str]):
+    """(server, gRPC url): `--triton-url` as given (server None), else an embedded server started for
+    `families` (stop it when done). Raises ServerStartError saying why it could not start."""
+    if args.triton_url:
+        return None, args.triton_url
+    server = make_server(args, families=families)
+    server.start()
+    return server, server.grpc_url
+
+
 def cmd_serve(args) -> int:
     from studio.server import ServerStartError
 
@@ -198,17 +208,12 @@ def _synth(args) -> int:
         except (AudioInputError, LimitError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-    server = None
-    url = args.triton_url
-    if not url:
-        checks = (["asr"] if fill or args.check else []) + (["sim"] if args.check else [])
-        server = make_server(args, families=[args.model] + checks)
-        try:
-            server.start()
-        except ServerStartError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-        url = server.grpc_url
+    checks = (["asr"] if fill or args.check else []) + (["sim"] if args.check else [])
+    try:
+        server, url = server_for(args, [args.model] + checks)
+    except ServerStartError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     ref_text, notes, checked = args.ref_text or "", [], None
     try:
         with StudioClient(url) as client:
@@ -312,14 +317,12 @@ def cmd_batch(args) -> int:
     families = sorted({s.family for s in run.systems if not s.is_files and s.spec in left})
     checked = ["asr", "sim"] if args.check and left else []
     server, url = None, args.triton_url
-    if (families or checked) and not url:
-        server = make_server(args, families=families + checked)
+    if families or checked:
         try:
-            server.start()
+            server, url = server_for(args, families + checked)
         except ServerStartError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
-        url = server.grpc_url
     stop = threading.Event()
     outcome: dict = {}
 

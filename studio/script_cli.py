@@ -84,17 +84,13 @@ def cmd_script(args) -> int:
     if args.output.suffix.lower().lstrip(".") not in OUTPUT_FORMATS:
         print(f"error: end -o with {', '.join('.' + k for k in OUTPUT_FORMATS)}", file=sys.stderr)
         return 2
-    server, url = None, args.triton_url
-    if not url:
-        from studio.cli import make_server
+    from studio.cli import server_for
 
-        server = make_server(args, families=plan.families)
-        try:
-            server.start()
-        except ServerStartError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-        url = server.grpc_url
+    try:
+        server, url = server_for(args, plan.families)
+    except ServerStartError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print(f"{len(plan.segments)} segments, {len({s.voice.identity for s in plan.segments})} voices, "
           f"about {plan.est_s:.0f} s", flush=True)
 
