@@ -226,7 +226,7 @@ def leading_silence_ms(wav: np.ndarray, sr: int, threshold_dbfs: float = EDGE_SI
     energy = _Energy(wav, sr)
     starts = np.arange(0, energy.ms, chunk_ms, dtype=np.int64)
     loud = np.flatnonzero(energy.rms(starts, starts + chunk_ms) >= _threshold(threshold_dbfs))
-    return min(int(starts[loud[0]]) if loud.size else energy.ms + (-energy.ms % chunk_ms), energy.ms)
+    return min(int(starts[loud[0]]), energy.ms) if loud.size else energy.ms
 
 
 def trim_silence_edges(wav: np.ndarray, sr: int,
