@@ -1,35 +1,37 @@
 #!/usr/bin/env bash
-# Issue 5's measurements on the GPU machine, in stages that fit one device call each.
+# The GPU measurements, in stages that fit one device call (600 s) each; BENCHMARKS.md names the stages
+# behind each figure.
 #
-#   bash tools/gpu_issue5.sh f5,spark-step   # F5 end to end (fast + eager server) and the Spark step bench
-#   bash tools/gpu_issue5.sh spark           # Spark end to end (fast + eager server)
-#   bash tools/gpu_issue5.sh offline         # F5 offline (16 and 32 NFE) and Spark offline c=1,16 + streaming c=1,8
-#   bash tools/gpu_issue5.sh f5-profile      # where one F5 ODE step's time goes (kernels, attention backends)
-#   bash tools/gpu_issue5.sh f5-quick        # F5 fast server only, offline + streaming c=1,8, with [timing] lines
-#   bash tools/gpu_issue5.sh f5-request      # where one F5 request's engine time goes (pipeline phases)
-#   bash tools/gpu_issue5.sh gpu-tests       # the `-m gpu` tests (pytest carried in .whl/pytest; GPU_TESTS=files)
-#   bash tools/gpu_issue5.sh all --tiny      # CPU dry run of every stage with tiny checkpoints
+#   bash tools/gpu_bench.sh f5-serve,spark-step  # F5 end to end (fast + eager server) and the Spark step bench
+#   bash tools/gpu_bench.sh spark-serve     # Spark end to end (fast + eager server)
+#   bash tools/gpu_bench.sh offline         # F5 offline (16 and 32 NFE) and Spark offline c=1,16 + streaming c=1,8
+#   bash tools/gpu_bench.sh f5-step-profile # where one F5 ODE step's time goes (kernels, attention backends)
+#   bash tools/gpu_bench.sh f5-fast         # F5 fast server only, offline + streaming c=1,8, with [timing] lines
+#   bash tools/gpu_bench.sh f5-request-profile  # where one F5 request's engine time goes (pipeline phases)
+#   bash tools/gpu_bench.sh checks          # what the objective checks (Whisper + two WavLM embeddings) add per generation
+#   bash tools/gpu_bench.sh gpu-tests       # the `-m gpu` tests (pytest carried in .whl/pytest; GPU_TESTS=files)
+#   bash tools/gpu_bench.sh all --tiny      # CPU dry run of every stage with tiny checkpoints
 #
 # Run from the repo copy with `.whl` carried (made by tools/gpu_wheels.sh: numpy 1.26, tritonclient, python-rapidjson, soundfile,
 # cffi, pycparser, pypinyin and rjieba wheels for Python 3.12 and pytriton312.tar.xz, the nvidia-pytriton wheel
-# repacked with only the 3.12 stub). Everything lands in $OUT: issue5.tgz (every JSON, log and plot,
+# repacked with only the 3.12 stub). Everything lands in $OUT: results.tgz (every JSON, log and plot,
 # rewritten after each stage, so a call cut off by its limit still brings back what it measured),
-# f5_summary.md, and issue5.log. Stage limits keep the whole under a 600 s call.
+# f5_summary.md, and bench.log. Stage limits keep the whole under a 600 s call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 STAGES=${1:-all}
 TINY=${2:-}
-OUT=${OUT:-$ROOT/issue5-out}
-W=${ISSUE5_WORK:-/tmp/issue5}
+OUT=${OUT:-$ROOT/gpu-bench-out}
+W=${GPU_BENCH_WORK:-/tmp/gpu-bench}
 mkdir -p "$OUT" "$W/spark"
 PY=${PYTHON:-python3}
-LOG=$OUT/issue5.log
+LOG=$OUT/bench.log
 T0=$SECONDS
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 say() { printf '== [%4ds] %s\n' $((SECONDS - T0)) "$*" | tee -a "$LOG"; }
 want() { [[ ",$STAGES," == *",$1,"* || $STAGES == all ]]; }
-pack() { tar czf "$OUT/issue5.tgz" -C "$(dirname "$W")" "$(basename "$W")" 2>>"$LOG"; }
+pack() { tar czf "$OUT/results.tgz" -C "$(dirname "$W")" "$(basename "$W")" 2>>"$LOG"; }
 
 # spark_e2e EAGER_REQUESTS DEADLINE_S: Spark fast server offline c=1,16 and streaming c=1,8 (500 fixed
 # tokens), then EAGER_REQUESTS offline requests on an eager server (0 = none), ending by DEADLINE_S
@@ -54,7 +56,7 @@ say "/dev/shm: $(df -h /dev/shm 2>/dev/null | tail -n 1)"
 LIBDIR=$($PY -c "import sysconfig; print(sysconfig.get_config_var('LIBDIR'))")
 say "python LIBDIR $LIBDIR; CUDA libraries in it: $(ls "$LIBDIR" 2>/dev/null | grep -i -E 'cudnn|cublas|cudart|nvrtc' | tr '\n' ' ')"
 
-if want f5; then
+if want f5-serve; then
   say "F5 sweep (tools/gpu_sweep.sh: fast server offline/streaming c=1,8, 32 NFE, cold prompt, eager server)"
   OUT=$W/f5 SWEEP_WORK=$W/f5-work SWEEP_MICRO=0 SWEEP_SPARK_STEP=0 SWEEP_BUDGET_S=330 SWEEP_LEVELS=1,8 \
     timeout --kill-after=15 370 bash tools/gpu_sweep.sh $TINY >"$W/f5.log" 2>&1
@@ -65,8 +67,8 @@ if want f5; then
   pack
 fi
 
-if want f5-quick; then
-  say "F5 quick (fast server only: offline and streaming c=1,8 at 16 NFE; [timing] lines summarised)"
+if want f5-fast; then
+  say "F5 fast server (fast server only: offline and streaming c=1,8 at 16 NFE; [timing] lines summarised)"
   mkdir -p "$W/f5-work/results"
   CLOCKS=""
   if command -v nvidia-smi >/dev/null; then  # SM clock and power every 50 ms while the server runs
@@ -77,7 +79,7 @@ if want f5-quick; then
   STUDIO_PROFILE_DIR=$W/f5-work/results/profile STUDIO_PROFILE_SKIP=${PROFILE_SKIP:-100000} \
     OUT=$W/f5 SWEEP_WORK=$W/f5-work SWEEP_MICRO=0 SWEEP_SPARK_STEP=0 SWEEP_COLD=0 SWEEP_EAGER=0 SWEEP_NFE32=0 \
     SWEEP_BUDGET_S=200 SWEEP_LEVELS=1,8 timeout --kill-after=15 230 bash tools/gpu_sweep.sh $TINY >"$W/f5.log" 2>&1
-  say "F5 quick exit $?"
+  say "F5 fast server exit $?"
   [[ -n $CLOCKS ]] && kill "$CLOCKS" 2>/dev/null
   grep -h "^\[profile\]\|\[profile\]" "$W/f5-work/results/tritonserver_fast.log" 2>/dev/null | head -n 5 >>"$LOG"
   cp "$W/f5/summary.md" "$OUT/f5_summary.md" 2>/dev/null
@@ -99,7 +101,7 @@ if want offline; then
   spark_e2e 0 385
 fi
 
-if want f5-profile; then
+if want f5-step-profile; then
   say "F5 step profile (tools/gpu_f5_profile.py: buckets (items x packed frames) 1x512, 1x768, 2x1280 (one request at c=1) and 8x5120; one request's sample + Vocos)"
   mkdir -p "$W/f5-profile"
   [[ -n $TINY ]] || $PY -m pip install -q --no-index --no-deps $(ls .whl/*.whl | grep -v /numpy-) >>"$LOG" 2>&1
@@ -114,7 +116,7 @@ if want f5-profile; then
   pack
 fi
 
-if want f5-request; then
+if want f5-request-profile; then
   say "F5 request profile (tools/gpu_f5_request_profile.py: F5Pipeline.synthesize phase by phase, offline and chunk 0)"
   [[ -n $TINY ]] || $PY -m pip install -q --no-index --no-deps $(ls .whl/*.whl | grep -v /numpy-) >>"$LOG" 2>&1
   mkdir -p "$W/f5-request"
@@ -153,7 +155,21 @@ if want spark-step; then
   pack
 fi
 
-if want spark; then
+if want checks; then
+  say "Objective checks (tools/gpu_check_bench.py: full-size random Whisper large-v3-turbo + WavLM x-vector; per generation: 7 s output read back with ${CHECK_TOKENS:-32} fixed tokens, two embeddings)"
+  mkdir -p "$W/checks"
+  # shellcheck disable=SC1091 - the stub environment and the repacked tritonserver (tools/gpu_env.sh)
+  [[ -n $TINY ]] || source tools/gpu_env.sh >>"$LOG" 2>&1
+  if [[ -n $TINY ]]; then CK=(--tiny --requests 4 --concurrency 1,2); else CK=(--requests 16 --concurrency 1,8); fi
+  timeout --kill-after=10 "${CHECKS_LIMIT_S:-360}" $PY tools/gpu_check_bench.py --out "$W/checks" \
+    --tokens "${CHECK_TOKENS:-32}" "${CK[@]}" >"$W/checks.log" 2>&1
+  say "Objective checks exit $?"
+  grep -v "^  \|^    \|^Traceback" "$W/checks.log" | tail -n 20 | tee -a "$LOG"
+  cp "$W/checks/check_bench.json" "$OUT/" 2>/dev/null
+  pack
+fi
+
+if want spark-serve; then
   say "Spark end to end (offline c=1,16, streaming c=1,8, 500 fixed tokens; eager server offline c=1)"
   spark_e2e 1 "${SPARK_DEADLINE_S:-570}"
 fi
