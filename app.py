@@ -63,6 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--auth", default=os.environ.get("STUDIO_AUTH"),
                    help="require a login for the page and its routes: user:password[,user:password] or a file "
                         "with one user:password a line (default $STUDIO_AUTH; unset: no login)")
+    p.add_argument("--metrics-token", default=None,
+                   help="bearer token GET /metrics (the studio's Prometheus metrics) requires (default "
+                        "$STUDIO_METRICS_TOKEN; unset: only connections from this machine's loopback read them)")
     add_server_args(p)
     return p.parse_args(argv)
 
@@ -74,7 +77,8 @@ def options_from(args: argparse.Namespace) -> RuntimeOptions:
                           no_download=args.no_download, gpus=args.gpus, http_port=args.http_port,
                           grpc_port=args.grpc_port, f5_model=args.f5_model, instances=args.instances,
                           runtime=args.runtime, engines_dir=args.engines, triton_bind=args.triton_bind,
-                          no_asr=args.no_asr,
+                          no_asr=args.no_asr, metrics_port=args.metrics_port,
+                          metrics_token=args.metrics_token or base.metrics_token,
                           api_key=args.api_key or base.api_key)
 
 

@@ -48,6 +48,9 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                         "container to publish its ports)")
     g.add_argument("--no-asr", action="store_true",
                    help="serve neither speech recognition nor speaker similarity (transcript fill, objective checks)")
+    g.add_argument("--metrics-port", type=int, default=os.environ.get("STUDIO_METRICS_PORT") or None, metavar="PORT",
+                   help="serve the embedded Triton server's Prometheus metrics on PORT at the --triton-bind address "
+                        "(default $STUDIO_METRICS_PORT; unset: off)")
 
 
 def make_server(args, families: list[str] | None = None):
@@ -60,7 +63,7 @@ def make_server(args, families: list[str] | None = None):
                         engine_per_gpu=getattr(args, "engine_per_gpu", None),
                         runtime=getattr(args, "runtime", "torch"), engines_dir=getattr(args, "engines", None),
                         bind=getattr(args, "triton_bind", "127.0.0.1"),
-                        no_asr=getattr(args, "no_asr", False))
+                        no_asr=getattr(args, "no_asr", False), metrics_port=getattr(args, "metrics_port", None))
 
 
 def server_for(args, families: list[str]):
@@ -84,7 +87,8 @@ def cmd_serve(args) -> int:
         return 1
     st = server.status()
     print(f"Triton serving {', '.join(server.models)}")
-    print(f"  gRPC {server.grpc_url}   HTTP {server.http_url}")
+    print(f"  gRPC {server.grpc_url}   HTTP {server.http_url}" + (f"   metrics {server.metrics_url}"
+                                                                   if server.metrics_url else ""))
     for fam, demo in st["demo_weights"].items():
         print(f"  {fam}: {'DEMO WEIGHTS (random: output is noise)' if demo else 'real weights'}")
     print("Ctrl-C stops it.", flush=True)

@@ -331,10 +331,14 @@ def _close_all(clients: list, lock: threading.Lock) -> None:
 class StudioClient:
     """A gRPC client of the studio's Triton server (`host:port` of its gRPC endpoint)."""
 
-    def __init__(self, url: str = "127.0.0.1:8001", repository_headers: dict | None = None):
+    def __init__(self, url: str = "127.0.0.1:8001", repository_headers: dict | None = None,
+                 observer: Callable[[str, bool, str, "SynthResult | None"], None] | None = None):
         """`repository_headers`: what the server's restricted repository API requires for a reload
-        (the embedded server's `TritonServer.repository_headers`); without them a reload is refused."""
+        (the embedded server's `TritonServer.repository_headers`); without them a reload is refused.
+        `observer(family, stream, outcome, result)`: told when each `synthesize` call ends, outcome
+        ok|error|cancelled, result only when ok (the studio's metrics, studio/metrics.py)."""
         self.url = url
+        self.observer = observer
         self.repository_headers = dict(repository_headers or _repository_headers.get(url, {}))
         self._lock = threading.Lock()
         self._clients: list = []  # every tritonclient client this object opened, for close()
@@ -455,12 +459,28 @@ class StudioClient:
         timeout_s: default the request deadline (tts.limits, STUDIO_REQUEST_DEADLINE_S).
         Raises SynthesisError with the server's message when the request fails.
         """
+        family = family_of(model)
+        observer = self.observer
+        if observer is None:
+            return self._synthesize(family, text, ref_audio, ref_text, stream, params, on_chunk, cancel, timeout_s)
+        try:
+            result = self._synthesize(family, text, ref_audio, ref_text, stream, params, on_chunk, cancel, timeout_s)
+        except GenerationCancelled:
+            observer(family, stream, "cancelled", None)
+            raise
+        except Exception:
+            observer(family, stream, "error", None)
+            raise
+        observer(family, stream, "ok", result)
+        return result
+
+    def _synthesize(self, family, text, ref_audio, ref_text, stream, params, on_chunk, cancel,
+                    timeout_s) -> SynthResult:
         self._check_open()
         if timeout_s is None:
             from tts.limits import current_limits
 
             timeout_s = current_limits().request_deadline_s
-        family = family_of(model)
         inputs = build_inputs(family, text, ref_audio, ref_text, params)
         name = triton_model_name(family, stream)
         delivered = []

@@ -295,7 +295,7 @@ class TritonServer:
                  no_download: bool = False, f5_model: str = "F5TTS_v1_Base", instances: int | None = None,
                  runtime: str = "torch", engines_dir: Path | None = None, bind: str = "127.0.0.1",
                  families: list[str] | None = None, engine_per_gpu: int | None = None, log=None,
-                 no_asr: bool = False):
+                 no_asr: bool = False, metrics_port: int | None = None):
         self.data_dir = Path(data_dir or default_data_dir()).expanduser()
         self.http_port, self.grpc_port = http_port, grpc_port
         self.gpus = visible_gpus() if gpus is None else list(gpus)
@@ -311,6 +311,8 @@ class TritonServer:
         self.runtime, self.engines_dir = runtime, Path(engines_dir) if engines_dir else None
         #: where the embedded server listens (--triton-bind); the studio itself talks to 127.0.0.1
         self.bind = bind
+        #: Triton's Prometheus metrics on this port at the bind address (--metrics-port); None: disabled
+        self.metrics_port = metrics_port
         self._log_fn = log or (lambda msg: print(f"[studio] {msg}", file=sys.stderr, flush=True))
         self._proc: subprocess.Popen | None = None
         self._state, self._message = "stopped", ""
@@ -342,6 +344,17 @@ class TritonServer:
         return f"127.0.0.1:{self.http_port}"
 
     @property
+    def metrics_url(self) -> str | None:
+        """Triton's Prometheus endpoint, http://HOST:PORT/metrics (None: metrics off). A wildcard bind
+        (0.0.0.0, ::) is read through loopback, like the other ports."""
+        if not self.metrics_port:
+            return None
+        host = "127.0.0.1" if self.bind in ("", "0.0.0.0", "::", "[::]") else self.bind
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"
+        return f"http://{host}:{self.metrics_port}/metrics"
+
+    @property
     def repository_headers(self) -> dict[str, str]:
         """gRPC metadata the repository (model-control) API requires from this run's clients."""
         return {GRPC_REPOSITORY_HEADER: self.repository_secret}
@@ -361,7 +374,8 @@ class TritonServer:
         return {"state": self._state, "message": self._message, "models": models,
                 "demo_weights": {fam: w.demo for fam, w in self._weights.items()},
                 "weights": {fam: asdict(w) for fam, w in self._weights.items()},
-                "grpc_url": self.grpc_url if self.grpc_port else None, "gpus": self.gpus,
+                "grpc_url": self.grpc_url if self.grpc_port else None, "metrics_url": self.metrics_url,
+                "gpus": self.gpus,
                 "device": f"cuda:{','.join(map(str, self.gpus))}" if self.gpus else "cpu", "runtime": self.runtime}
 
     def log_tail(self, n: int = 100) -> list[str]:
@@ -500,7 +514,11 @@ class TritonServer:
         backends = self._backend_dir(wheel_root)
         self.http_port = self.http_port or free_port()
         self.grpc_port = self.grpc_port or free_port()
-        metrics_port = free_port()
+        if self.metrics_port:
+            # GPU and CPU metrics as Triton decides (on where it can read them)
+            metrics = ["--allow-metrics=true", f"--metrics-address={self.bind}", f"--metrics-port={self.metrics_port}"]
+        else:  # off (the default); a free port is named all the same, never the default 8002
+            metrics = ["--allow-metrics=false", f"--metrics-port={free_port()}"]
         env = dict(os.environ)
         # The stub runs the interpreter first on PATH; STUDIO_STUB_PYTHON_BIN can name another
         # environment's bin/ (same Python version), e.g. one whose numpy suits the 2.51 stub.
@@ -517,8 +535,8 @@ class TritonServer:
                 env.pop("CUDA_VISIBLE_DEVICES")
         cmd = [str(binary), f"--model-repository={self.run_dir / 'models'}",
                f"--http-address={self.bind}", f"--grpc-address={self.bind}",
-               f"--http-port={self.http_port}", f"--grpc-port={self.grpc_port}", f"--metrics-port={metrics_port}",
-               "--allow-metrics=false", "--log-verbose=0", "--exit-timeout-secs=10",
+               f"--http-port={self.http_port}", f"--grpc-port={self.grpc_port}", *metrics,
+               "--log-verbose=0", "--exit-timeout-secs=10",
                "--backend-config=python,shm-default-byte-size=4194304",
                "--backend-config=python,shm-growth-byte-size=4194304",
                # explicit model control with every model loaded at start: the same models as the
@@ -531,7 +549,8 @@ class TritonServer:
                f"--grpc-restricted-protocol=model-repository:{REPOSITORY_HEADER}={self.repository_secret}"]
         if backends:
             cmd.append(f"--backend-directory={backends}")
-        self._set("starting", f"starting tritonserver (gRPC {self.grpc_url}, HTTP {self.http_url})")
+        self._set("starting", f"starting tritonserver (gRPC {self.grpc_url}, HTTP {self.http_url}"
+                              + (f", metrics {self.metrics_url})" if self.metrics_url else ")"))
         log = open(self.log_path, "ab")
         # A process group of its own (Ctrl-C in a terminal does not reach it; stopping it reaches
         # every stub), in this session so that the watchdog can join it.

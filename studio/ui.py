@@ -16,6 +16,7 @@ import gradio as gr
 
 from studio.api import api_routes
 from studio.limits import ClientSlots, LimitError, current_limits, login_required
+from studio.metrics import metrics_routes
 from studio.ui_files import page_copy
 from studio.ui_generate import (GENDERS, LEVELS, InputProblem, clone_request, design_request, f5_params,
                                 load_prompt, read_text_file, run_generation, spark_params)
@@ -175,7 +176,7 @@ class Handlers:
         app = getattr(demo, "app", None)
         if app is not None and not any(getattr(r, "path", "").startswith(ROUTE_PREFIX) for r in app.router.routes):
             app.router.routes[0:0] = (self.rt.jobs.routes() + rater_routes(self.rt) + api_routes(self.rt)
-                                      + private_call_routes(demo))
+                                      + metrics_routes(self.rt) + private_call_routes(demo))
 
     def tick(self, model: str):
         st = self.rt.status()
@@ -718,7 +719,8 @@ def launch_kwargs(rt: StudioRuntime, demo: gr.Blocks | None = None) -> dict:
     """What `demo.launch()` needs besides host/port: the streaming and rater routes, the OpenAI-compatible
     API (studio/api.py), the refusal of by-name calls to private events, and the folders it may serve."""
     # the player's routes need the page login when --auth is on; raters and the API have their own keys
-    routes = login_required(rt.jobs.routes()) + rater_routes(rt) + api_routes(rt)
+    # /metrics: open to loopback or to its bearer token (studio/metrics.py), never to the page login
+    routes = login_required(rt.jobs.routes()) + rater_routes(rt) + api_routes(rt) + metrics_routes(rt)
     if demo is not None:
         routes += private_call_routes(demo)
     return {"app_kwargs": {"routes": routes}, "allowed_paths": rt.allowed_paths(),

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from studio.config import WEIGHTS_LICENCE, default_checkpoints_dir, default_data_dir
 from studio.history import HistoryStore
+from studio.metrics import StudioMetrics
 from studio.slots import GenerationSlots
 from studio.ui_stream import Job, JobRegistry
 from studio.voices import SAMPLES_DIR, VoiceLibrary
@@ -46,6 +47,9 @@ class RuntimeOptions:
     engines_dir: Path | None = None          # build_engines output, for runtime trtllm
     triton_bind: str = "127.0.0.1"          # where the embedded Triton server listens
     no_asr: bool = False                     # serve neither speech recognition nor speaker similarity
+    metrics_port: int | None = None          # the embedded Triton server's Prometheus port (None: off)
+    #: Bearer token GET /metrics requires (None: only loopback connections read it; studio/metrics.py).
+    metrics_token: str | None = field(default_factory=lambda: os.environ.get("STUDIO_METRICS_TOKEN") or None)
     #: Bearer key every /v1 route of the HTTP API requires (None: the API is open, like the page).
     api_key: str | None = field(default_factory=lambda: os.environ.get("STUDIO_API_KEY") or None)
 
@@ -85,6 +89,9 @@ class StudioRuntime:
         self.jobs = JobRegistry(on_played=self._late_first_sound)
         #: STUDIO_CONCURRENCY generations at once, shared by the page and the HTTP API.
         self.slots = GenerationSlots()
+        #: The studio's Prometheus metrics (GET /metrics); the shared client reports every generation.
+        self.metrics = StudioMetrics(queue=lambda: (self.slots.waiting, self.slots.running),
+                                     limit=lambda: self.slots.limit)
         self._stores()
 
     def _stores(self) -> None:
@@ -116,7 +123,7 @@ class StudioRuntime:
                                        demo_weights=o.demo_weights, checkpoints=o.checkpoints,
                                        no_download=o.no_download, f5_model=o.f5_model, instances=o.instances,
                                        runtime=o.runtime, engines_dir=o.engines_dir, bind=o.triton_bind,
-                                       log=self._server_log, no_asr=o.no_asr)
+                                       log=self._server_log, no_asr=o.no_asr, metrics_port=o.metrics_port)
             self.server.start_in_background()
             return True
 
@@ -151,7 +158,7 @@ class StudioRuntime:
 
                 if self._client is not None:
                     self._client.close()
-                self._client = StudioClient(url)
+                self._client = StudioClient(url, observer=self.metrics.observe)
             return self._client
 
     def allowed_paths(self) -> list[str]:
