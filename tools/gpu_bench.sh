@@ -57,9 +57,9 @@ LIBDIR=$($PY -c "import sysconfig; print(sysconfig.get_config_var('LIBDIR'))")
 say "python LIBDIR $LIBDIR; CUDA libraries in it: $(ls "$LIBDIR" 2>/dev/null | grep -i -E 'cudnn|cublas|cudart|nvrtc' | tr '\n' ' ')"
 
 if want f5-serve; then
-  say "F5 sweep (tools/gpu_sweep.sh: fast server offline/streaming c=1,8, 32 NFE, cold prompt, eager server)"
-  OUT=$W/f5 SWEEP_WORK=$W/f5-work SWEEP_MICRO=0 SWEEP_SPARK_STEP=0 SWEEP_BUDGET_S=330 SWEEP_LEVELS=1,8 \
-    timeout --kill-after=15 370 bash tools/gpu_sweep.sh $TINY >"$W/f5.log" 2>&1
+  say "F5 sweep (tools/gpu_sweep.sh: fast server offline/streaming c=1,8, 32 NFE, cold prompt, warm restart, eager server)"
+  OUT=$W/f5 SWEEP_WORK=$W/f5-work SWEEP_MICRO=0 SWEEP_SPARK_STEP=0 SWEEP_BUDGET_S=$((${F5_SERVE_LIMIT_S:-370} - 40)) \
+    SWEEP_LEVELS=1,8 timeout --kill-after=15 "${F5_SERVE_LIMIT_S:-370}" bash tools/gpu_sweep.sh $TINY >"$W/f5.log" 2>&1
   say "F5 sweep exit $?"
   cp "$W/f5/summary.md" "$OUT/f5_summary.md" 2>/dev/null
   grep -E "^== " "$W/f5.log" | tail -n 40 >>"$LOG"

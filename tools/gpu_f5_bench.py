@@ -176,7 +176,7 @@ def bench_fast(mode: str, dit, args, device, out: dict, reference: dict) -> None
     if mode == "compile" and device.type == "cpu":
         opts = replace(opts, compile_backend="eager")  # the dry run checks the plumbing, not inductor
     fs = F.FastSampler(dit, opts, log=lambda m: print(f"[{mode}] {m}", file=sys.stderr, flush=True))
-    # the exact frame count (the figures) and the production bucket it rounds up to
+    # the exact frame count (the figures quoted in BENCHMARKS.md) and the production bucket it rounds up to
     prod = F.bucket_for(exact, F.DEFAULT_LENGTH_BUCKETS) or exact
     buckets = sorted({(b, F.bucket_for(F.packed_length([args.frames] * b), lengths) or lengths[-1])
                       for b in (1, 2) + tuple(args.batches)} | {(1, exact), (1, prod)})

@@ -1,4 +1,4 @@
-"""Spark-TTS end to end through Triton on the GPU machine (issue 5), one command.
+"""Spark-TTS end to end through Triton on the GPU machine, one command.
 
     python tools/gpu_spark_sweep.py --out $OUT [--tokens 500] [--offline 1,4,16] [--streaming 1,8]
         [--requests 16] [--eager-requests 2] [--tiny]

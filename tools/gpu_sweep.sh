@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# F5 speed sweep (issue 5): one command on the GPU machine, about 6-8 minutes on an H100.
+# F5 speed sweep: one command on the GPU machine, about 6-8 minutes on an H100.
 #
 #   bash tools/gpu_sweep.sh           # GPU machine, repo copy as cwd; results land in $OUT
 #   bash tools/gpu_sweep.sh --tiny    # CPU dry run: tiny checkpoints, few requests (tests the plumbing)
@@ -18,7 +18,8 @@
 # Environment: OUT (default ./sweep-out), SWEEP_WORK (scratch, default /tmp/f5-sweep),
 # SWEEP_BUDGET_S (skip optional stages once this much wall time is spent; default 500), PYTHON,
 # SWEEP_MICRO=0 (skip stage b), SWEEP_SPARK_STEP=0 (skip stage f), SWEEP_LEVELS (default 1,2,4,8),
-# SWEEP_REQUESTS (default 16), SWEEP_STREAM=0 / SWEEP_COLD=0 / SWEEP_EAGER=0 (skip those runs).
+# SWEEP_REQUESTS (default 16), SWEEP_STREAM=0 / SWEEP_COLD=0 / SWEEP_EAGER=0 / SWEEP_RESTART=0 (skip those runs;
+# the restart is a second start of the fast server on the same data folder: start-up with a warm compile cache).
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
@@ -199,6 +200,8 @@ if start_server fast ""; then
   [[ ${SWEEP_NFE32:-1} != 0 ]] && time_left 90 && bench bench_fast_nfe32 120 --mode offline --concurrency "$LEVELS_SHORT" --requests "$REQ" --nfe 32 --label fast_nfe32
   [[ ${SWEEP_COLD:-1} != 0 ]] && time_left 90 && bench bench_fast_cold 60 --mode offline --concurrency 1 --requests 8 --nfe 16 --cold-cache --label fast_cold
   stop_server
+  # the same server started again on the same data folder: the compile cache is warm (start-up only)
+  if [[ ${SWEEP_RESTART:-1} != 0 ]] && time_left 100 && start_server fast-restart ""; then stop_server; fi
 fi
 snapshot
 

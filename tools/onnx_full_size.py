@@ -1,4 +1,4 @@
-"""ONNX exports at full size, checked with onnxruntime on the CPU (issue 18's full-size figures).
+"""ONNX exports at full size, checked with onnxruntime on the CPU (the full-size figures in BENCHMARKS.md).
 
     python tools/onnx_full_size.py [--model F5TTS_v1_Base] [--frames 400] [--out DIR]
 
