@@ -147,6 +147,7 @@ class SynthResult:
     seed: int | None = None  # the seed the server used (random when none was asked for)
     demo_weights: bool = False  # the server ran demo (random) weights: the audio is noise
     recovered: bool = False  # sent twice: the first attempt met a dead instance (front or engine), then reloaded
+    server: str | None = None  # gRPC host:port of the Triton server that answered (several: studio.pool)
 
 
 # --- request building -------------------------------------------------------------------------------
@@ -373,17 +374,17 @@ class StudioClient:
             raise RuntimeError("this StudioClient is closed")
 
     # -- server state -----------------------------------------------------------------------------
-    def server_ready(self) -> bool:
+    def server_ready(self, timeout_s: float = CONTROL_TIMEOUT_S) -> bool:
         self._check_open()
         try:
-            return bool(self._client.is_server_ready(client_timeout=CONTROL_TIMEOUT_S))
+            return bool(self._client.is_server_ready(client_timeout=timeout_s))
         except InferenceServerException:
             return False
 
-    def model_ready(self, name: str) -> bool:
+    def model_ready(self, name: str, timeout_s: float = CONTROL_TIMEOUT_S) -> bool:
         self._check_open()
         try:
-            return bool(self._client.is_model_ready(name, client_timeout=CONTROL_TIMEOUT_S))
+            return bool(self._client.is_model_ready(name, client_timeout=timeout_s))
         except InferenceServerException:
             return False
 
@@ -447,7 +448,8 @@ class StudioClient:
     # -- generation -------------------------------------------------------------------------------
     def synthesize(self, model: str, text: str, ref_audio: np.ndarray | None, ref_text: str, stream: bool = False,
                    params: dict | None = None, on_chunk: Callable[[np.ndarray, dict], None] | None = None,
-                   cancel: threading.Event | None = None, timeout_s: float | None = None) -> SynthResult:
+                   cancel: threading.Event | None = None, timeout_s: float | None = None,
+                   recover: bool = True) -> SynthResult:
         """Speak `text` in the voice of `ref_audio` (mono float32 at the family's rate) with `model`.
 
         model: 'f5' or 'spark'. stream: use the decoupled model and receive audio chunk by chunk.
@@ -457,14 +459,18 @@ class StudioClient:
         offline: once with all the audio); their concatenation is `result.audio`.
         cancel: set it from another thread to stop; raises GenerationCancelled.
         timeout_s: default the request deadline (tts.limits, STUDIO_REQUEST_DEADLINE_S).
+        recover: reload a model whose instance died and send again (below); False passes the dead-stub
+        error on at once (studio.pool sends the request to another server instead).
         Raises SynthesisError with the server's message when the request fails.
         """
         family = family_of(model)
         observer = self.observer
         if observer is None:
-            return self._synthesize(family, text, ref_audio, ref_text, stream, params, on_chunk, cancel, timeout_s)
+            return self._synthesize(family, text, ref_audio, ref_text, stream, params, on_chunk, cancel, timeout_s,
+                                    recover)
         try:
-            result = self._synthesize(family, text, ref_audio, ref_text, stream, params, on_chunk, cancel, timeout_s)
+            result = self._synthesize(family, text, ref_audio, ref_text, stream, params, on_chunk, cancel,
+                                      timeout_s, recover)
         except GenerationCancelled:
             observer(family, stream, "cancelled", None)
             raise
@@ -475,7 +481,7 @@ class StudioClient:
         return result
 
     def _synthesize(self, family, text, ref_audio, ref_text, stream, params, on_chunk, cancel,
-                    timeout_s) -> SynthResult:
+                    timeout_s, recover=True) -> SynthResult:
         self._check_open()
         if timeout_s is None:
             from tts.limits import current_limits
@@ -510,7 +516,7 @@ class StudioClient:
                 # audio already reached the caller. Several instances can die together (seen on the
                 # H200: a retry met a second dead front), hence up to RECOVERY_ATTEMPTS reloads.
                 dead = dead_stub_model(str(exc))
-                if dead not in (name, ENGINE_MODELS[family]) or len(reloaded) >= RECOVERY_ATTEMPTS:
+                if not recover or dead not in (name, ENGINE_MODELS[family]) or len(reloaded) >= RECOVERY_ATTEMPTS:
                     raise
                 if delivered:
                     # Audio already reached the caller: sending again would repeat it. End this
@@ -524,6 +530,7 @@ class StudioClient:
                 self.reload_model(dead, failed_at=time.perf_counter(), cause=str(exc),
                                   timeout_s=RELOAD_TIMEOUT_S["engine" if dead == ENGINE_MODELS[family] else "front"])
                 reloaded.append(dead)
+        result.server = self.url
         if not reloaded:
             return result
         lost = tried_at - started  # the failed attempts and the reloads, before the one that served

@@ -1,0 +1,423 @@
+"""Several Triton servers behind one client (studio/pool.py).
+
+Fast tests: fake per-server clients (injected `client_factory`), an injected resolver, and real
+unreachable addresses. Slow tests: two real embedded tritonservers (F5 on demo weights) in this
+module, one of them killed (by the pid this module started) and started again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import speech_like
+from tts.audio import F5_SAMPLE_RATE
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# --- fakes -----------------------------------------------------------------------------------------------
+class FakeServer:
+    """What one address answers: `up`, its ready models, and `behave(call)` for each synthesis."""
+
+    def __init__(self):
+        self.up = True
+        self.models = {"f5_tts", "f5_tts_stream", "spark_tts", "spark_tts_stream"}
+        self.behave = None  # call dict -> None (answer) or raises
+        self.calls: list[dict] = []
+        self.reloads: list[str] = []
+
+
+class FakeClient:
+    servers: dict[str, FakeServer] = {}
+
+    def __init__(self, url, repository_headers=None):
+        self.url = url
+        self.repository_headers = dict(repository_headers or {})
+        self.closed = False
+        self.srv = self.servers.setdefault(url, FakeServer())
+
+    def close(self):
+        self.closed = True
+
+    def server_ready(self, timeout_s=1.0):
+        return self.srv.up
+
+    def model_ready(self, name, timeout_s=1.0):
+        return self.srv.up and name in self.srv.models
+
+    def synthesize(self, model, text, ref_audio, ref_text, stream=False, params=None, on_chunk=None, cancel=None,
+                   timeout_s=None, recover=True):
+        from studio.client import SynthesisError, SynthResult
+
+        call = {"model": model, "text": text, "stream": stream, "recover": recover, "on_chunk": on_chunk}
+        self.srv.calls.append(call)
+        if not self.srv.up:
+            raise SynthesisError(f"cannot reach the Triton server at {self.url} (is it running?): Connection refused",
+                                 "StatusCode.UNAVAILABLE")
+        if self.srv.behave is not None:
+            self.srv.behave(call)
+        audio = np.zeros(2400, np.float32)
+        if on_chunk is not None:
+            on_chunk(audio, {})
+        return SynthResult(audio=audio, sample_rate=24000, latency_s=0.1, first_chunk_s=0.1, audio_s=0.1, rtf=1.0,
+                           info={"text": text}, chunk_arrivals_s=[0.1], server=self.url)
+
+    def statistics(self, model=None):
+        from studio.client import SynthesisError
+
+        if not self.srv.up:
+            raise SynthesisError("unreachable", "StatusCode.UNAVAILABLE")
+        n = str(len(self.srv.calls))
+        return {"model_stats": [{"name": "f5_tts", "version": "1", "last_inference": n, "inference_count": n,
+                                 "inference_stats": {"success": {"count": n, "ns": "1000"}}}]}
+
+    def reload_model(self, name, failed_at=None, cause="", timeout_s=0):
+        self.srv.reloads.append(name)
+
+
+@pytest.fixture()
+def fakes():
+    FakeClient.servers = {}
+    yield FakeClient.servers
+    FakeClient.servers = {}
+
+
+def pool_of(*urls, **kw):
+    from studio.pool import ServerPool
+
+    kw.setdefault("watch", False)
+    return ServerPool(",".join(urls), client_factory=FakeClient, **kw)
+
+
+def say(pool, text="Hello.", **kw):
+    return pool.synthesize("f5", text, np.zeros(100, np.float32), "ref", timeout_s=30, **kw)
+
+
+def unavailable(url):
+    from studio.client import SynthesisError
+
+    def behave(call):
+        raise SynthesisError(f"cannot reach the Triton server at {url} (is it running?): Socket closed",
+                             "StatusCode.UNAVAILABLE")
+    return behave
+
+
+# --- addresses -------------------------------------------------------------------------------------------
+def test_parse_spec_and_connect_kinds():
+    from studio.client import StudioClient
+    from studio.pool import ServerPool, connect, parse_spec
+
+    assert [(e.host, e.port, e.literal) for e in parse_spec(" 10.0.0.1:8001, [::1]:9000,triton:8001,localhost")] == [
+        ("10.0.0.1", 8001, True), ("::1", 9000, True), ("triton", 8001, False), ("localhost", 8001, True)]
+    assert [e.text for e in parse_spec("10.0.0.1:8001,10.0.0.1:8001,[::1]:7")] == ["10.0.0.1:8001", "[::1]:7"]
+    for bad, why in (("", "no Triton address"), ("grpc://h:1", "without a scheme"), ("h:x", "no port number"),
+                     ("h:70000", "outside 1-65535")):
+        with pytest.raises(ValueError, match=why):
+            parse_spec(bad)
+    single = connect("127.0.0.1:1")
+    assert type(single) is StudioClient and single.url == "127.0.0.1:1"  # one literal: unchanged behaviour
+    single.close()
+    with connect("127.0.0.1:1,127.0.0.1:2", watch=False) as pool:
+        assert isinstance(pool, ServerPool) and [s["url"] for s in pool.servers()] == ["127.0.0.1:1", "127.0.0.1:2"]
+    with connect("triton-headless:8001", resolver=lambda host, port: ["10.1.0.7", "10.1.0.8"], watch=False) as pool:
+        assert [(s["url"], s["source"]) for s in pool.servers()] == [("10.1.0.7:8001", "triton-headless:8001"),
+                                                                     ("10.1.0.8:8001", "triton-headless:8001")]
+
+
+def test_default_resolver_prefers_ipv4_and_dedupes():
+    from studio.pool import resolve_addresses
+
+    assert resolve_addresses("localhost", 8001) == ["127.0.0.1"]
+    with pytest.raises(OSError):
+        resolve_addresses("no-such-host.invalid", 8001)
+
+
+def test_dns_name_is_resolved_again_and_leavers_close_when_idle(fakes):
+    answers = {"now": ["10.0.0.1", "10.0.0.2"]}
+
+    def resolver(host, port):
+        assert (host, port) == ("triton", 8001)
+        if answers["now"] is None:
+            raise socket.gaierror("temporary failure in name resolution")
+        return list(answers["now"])
+
+    pool = pool_of("triton:8001", resolver=resolver)
+    try:
+        pool.poll_now()
+        first = {s["url"] for s in pool.servers()}
+        assert first == {"10.0.0.1:8001", "10.0.0.2:8001"}
+        # a request in flight on .1 while the name stops listing it
+        hold, entered = threading.Event(), threading.Event()
+        fakes["10.0.0.1:8001"].behave = lambda call: (entered.set(), hold.wait(10))
+        fakes["10.0.0.2:8001"].behave = lambda call: (entered.set(), hold.wait(10))
+        worker = threading.Thread(target=say, args=(pool,))
+        worker.start()
+        assert entered.wait(5)
+        busy = next(s["url"] for s in pool.servers() if s["outstanding"])
+        answers["now"] = [u.split(":")[0] for u in first - {busy}] + ["10.0.0.3"]
+        pool.resolve_now()
+        states = {s["url"]: s["state"] for s in pool.servers()}
+        assert states[busy] == "leaving" and "10.0.0.3:8001" in states
+        leaver = FakeClient.servers[busy]
+        hold.set()
+        worker.join(10)
+        assert busy not in {s["url"] for s in pool.servers()}  # closed once its request ended
+        # a failed lookup keeps the addresses it had
+        answers["now"] = None
+        pool.resolve_now()
+        assert len(pool.servers()) == 2 and "does not resolve" in pool.resolve_error
+        assert leaver is not None
+    finally:
+        pool.close()
+
+
+def test_periodic_resolution_in_the_background(fakes):
+    answers = {"now": ["10.0.0.1"]}
+    pool = pool_of("triton:8001", resolver=lambda h, p: list(answers["now"]), watch=True, resolve_s=0.1, poll_s=0.05)
+    try:
+        answers["now"] = ["10.0.0.1", "10.0.0.9"]
+        deadline = time.monotonic() + 10
+        while len(pool.servers()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert {s["url"] for s in pool.servers()} == {"10.0.0.1:8001", "10.0.0.9:8001"}
+        while any(s["state"] != "ready" for s in pool.servers()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert all(s["state"] == "ready" for s in pool.servers())  # each server's health thread polled it
+    finally:
+        pool.close()
+
+
+def test_a_name_with_no_address_says_so(fakes):
+    from studio.client import SynthesisError
+
+    with pool_of("triton:8001", resolver=lambda h, p: []) as pool:
+        with pytest.raises(SynthesisError, match="triton:8001 gives no address.*resolves to no address"):
+            say(pool)
+
+
+# --- choosing a server ------------------------------------------------------------------------------------
+def test_requests_spread_by_least_outstanding_then_round_robin(fakes):
+    with pool_of("10.0.0.1:1", "10.0.0.2:1", "10.0.0.3:1") as pool:
+        pool.poll_now()
+        servers = [say(pool).server for _ in range(9)]
+        assert {u: servers.count(u) for u in set(servers)} == {"10.0.0.1:1": 3, "10.0.0.2:1": 3, "10.0.0.3:1": 3}
+        # concurrent: each new request goes where the fewest are in flight
+        hold = threading.Event()
+        for srv in fakes.values():
+            srv.behave = lambda call: hold.wait(10)
+        workers = [threading.Thread(target=say, args=(pool,)) for _ in range(6)]
+        for w in workers:
+            w.start()
+        deadline = time.monotonic() + 5
+        while sum(s["outstanding"] for s in pool.servers()) < 6 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert [s["outstanding"] for s in pool.servers()] == [2, 2, 2]
+        hold.set()
+        for w in workers:
+            w.join(10)
+        assert [s["share"] for s in pool.servers()] == [pytest.approx(1 / 3, abs=0.01)] * 3
+
+
+def test_model_readiness_steers_requests(fakes):
+    with pool_of("10.0.0.1:1", "10.0.0.2:1") as pool:
+        fakes["10.0.0.1:1"].models.discard("f5_tts")  # .1 serves Spark only
+        pool.poll_now()
+        assert {say(pool).server for _ in range(4)} == {"10.0.0.2:1"}
+        assert pool.model_ready("spark_tts") and pool.model_ready("f5_tts") and not pool.model_ready("asr")
+
+
+def test_failover_before_audio_and_the_failed_server_leaves_rotation(fakes):
+    with pool_of("10.0.0.1:1", "10.0.0.2:1") as pool:
+        pool.poll_now()
+        fakes["10.0.0.1:1"].behave = unavailable("10.0.0.1:1")
+        results = [say(pool) for _ in range(4)]
+        assert {r.server for r in results} == {"10.0.0.2:1"}
+        failed = [r for r in results if r.recovered]
+        assert len(failed) == 1  # only the first met .1; it then left the rotation
+        assert "after 10.0.0.1:1: cannot reach" in failed[0].info["notes"][-1]
+        a, b = pool.servers()
+        assert (a["state"], a["sent"], a["failed"], a["failed_over"]) == ("not ready", 1, 1, 1)
+        assert (b["sent"], b["ok"]) == (4, 4)
+        # a stream is retried elsewhere too while nothing of it was played
+        r = say(pool, stream=True)
+        assert r.server == "10.0.0.2:1"
+
+
+def test_stream_failing_after_audio_stays_on_its_server_with_a_clear_message(fakes):
+    from studio.client import SynthesisError
+
+    with pool_of("10.0.0.1:1", "10.0.0.2:1") as pool:
+        pool.poll_now()
+
+        def half_then_die(call):
+            call["on_chunk"](np.zeros(10, np.float32), {})
+            unavailable("10.0.0.1:1")(call)
+        fakes["10.0.0.1:1"].behave = half_then_die
+        heard = []
+        with pytest.raises(SynthesisError) as err:
+            say(pool, stream=True, on_chunk=lambda a, i: heard.append(a.size))
+        msg = str(err.value)
+        assert "stream stopped" in msg and "10.0.0.1:1" in msg and "cannot move to another" in msg
+        assert heard == [10] and not fakes["10.0.0.2:1"].calls  # never sent again (the audio would repeat)
+
+
+def test_request_errors_are_not_failed_over(fakes):
+    from studio.client import GenerationCancelled, SynthesisError
+
+    with pool_of("10.0.0.1:1", "10.0.0.2:1") as pool:
+        pool.poll_now()
+
+        def refuse(call):
+            raise SynthesisError("target_text is longer than 5000 characters", "StatusCode.INVALID_ARGUMENT")
+        for srv in fakes.values():
+            srv.behave = refuse
+        with pytest.raises(SynthesisError, match="longer than"):
+            say(pool)
+        assert sum(len(s.calls) for s in fakes.values()) == 1
+        cancel = threading.Event()
+        cancel.set()
+
+        def cancelled(call):
+            raise GenerationCancelled("generation cancelled")
+        for srv in fakes.values():
+            srv.behave = cancelled
+        with pytest.raises(GenerationCancelled):
+            say(pool, cancel=cancel)
+        assert all(s["failed"] == 0 and s["state"] == "ready" for s in pool.servers())
+        assert sum(s["errors"] for s in pool.servers()) == 2
+
+
+def test_dead_instance_moves_on_and_reloads_in_the_background_where_the_key_is_known(fakes):
+    from studio.client import SynthesisError, register_repository_headers
+
+    def dead(call):
+        raise SynthesisError("Stub process 'f5_tts_0_1' is not healthy.", "StatusCode.INTERNAL")
+
+    register_repository_headers("10.0.0.1:1", {"key": "secret"})  # as the embedded server manager does
+    try:
+        with pool_of("10.0.0.1:1", "10.0.0.2:1", "10.0.0.3:1") as pool:
+            pool.poll_now()
+            fakes["10.0.0.1:1"].behave = dead
+            fakes["10.0.0.3:1"].behave = dead
+            r = say(pool)
+            assert r.server == "10.0.0.2:1" and r.recovered
+            assert fakes["10.0.0.1:1"].calls[0]["recover"] is False  # no foreground reload: others were ready
+            deadline = time.monotonic() + 5
+            while not fakes["10.0.0.1:1"].reloads and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert fakes["10.0.0.1:1"].reloads == ["f5_tts"]
+            for _ in range(3):
+                say(pool)
+            assert fakes["10.0.0.3:1"].calls and not fakes["10.0.0.3:1"].reloads  # no key: no reload there
+    finally:
+        from studio.client import _repository_headers
+
+        _repository_headers.pop("10.0.0.1:1", None)
+
+
+def test_a_lone_server_keeps_the_single_server_recovery(fakes):
+    with pool_of("10.0.0.1:1", "10.0.0.2:1") as pool:
+        fakes["10.0.0.2:1"].up = False
+        pool.poll_now()
+        say(pool)
+        assert fakes["10.0.0.1:1"].calls[-1]["recover"] is True  # nothing else ready: reload and resend there
+
+
+def test_a_server_that_keeps_failing_is_set_aside_then_probed_again(fakes):
+    from studio.client import SynthesisError
+
+    def model_gone(call):
+        raise SynthesisError("Request for unknown model: 'f5_tts' is not found", "StatusCode.NOT_FOUND")
+
+    with pool_of("10.0.0.1:1", "10.0.0.2:1", set_aside_s=0.5) as pool:
+        pool.poll_now()
+        fakes["10.0.0.1:1"].behave = model_gone  # it still says it is ready
+        for _ in range(8):
+            assert say(pool).server == "10.0.0.2:1"
+        a = pool.servers()[0]
+        assert a["state"] == "set aside" and a["failed"] == 3 and 0 < a["set_aside_s"] <= 0.5
+        fakes["10.0.0.1:1"].behave = None  # repaired
+        time.sleep(0.6)
+        assert {say(pool).server for _ in range(4)} == {"10.0.0.1:1", "10.0.0.2:1"}
+        assert pool.servers()[0]["state"] == "ready"
+
+
+def test_requests_in_flight_when_a_server_fails_count_as_one_failure(fakes):
+    with pool_of("10.0.0.1:1", "10.0.0.2:1") as pool:
+        pool.poll_now()
+        go = threading.Event()
+        fakes["10.0.0.1:1"].behave = lambda call: (go.wait(10), unavailable("10.0.0.1:1")(call))
+        fakes["10.0.0.2:1"].behave = lambda call: go.wait(10)
+        workers = [threading.Thread(target=say, args=(pool,)) for _ in range(8)]
+        for w in workers:
+            w.start()
+        deadline = time.monotonic() + 5
+        while len(fakes["10.0.0.1:1"].calls) < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        go.set()
+        for w in workers:
+            w.join(10)
+        a, b = pool.servers()
+        assert a["failed"] == 4 and a["state"] == "not ready" and b["ok"] == 8  # not set aside: one incident
+
+
+def test_statistics_are_summed_and_kept_per_server(fakes):
+    from studio.pool import merge_statistics
+
+    one = {"model_stats": [{"name": "f5_tts", "version": "1", "last_inference": "5", "inference_count": "2",
+                            "inference_stats": {"success": {"count": "2", "ns": "10"}},
+                            "batch_stats": [{"batch_size": "1", "compute_infer": {"count": "2", "ns": "8"}}]}]}
+    two = {"model_stats": [{"name": "f5_tts", "version": "1", "last_inference": "9", "inference_count": "3",
+                            "inference_stats": {"success": {"count": "3", "ns": "30"}, "fail": {"count": "1"}},
+                            "batch_stats": [{"batch_size": "1", "compute_infer": {"count": "1", "ns": "2"}},
+                                            {"batch_size": "2", "compute_infer": {"count": "1", "ns": "4"}}]},
+                           {"name": "asr", "version": "1", "inference_count": "1"}]}
+    merged = merge_statistics([one, two])
+    f5, asr = sorted(merged["model_stats"], key=lambda m: m["name"] != "f5_tts")
+    assert f5["inference_count"] == "5" and f5["last_inference"] == "9"
+    assert f5["inference_stats"] == {"success": {"count": "5", "ns": "40"}, "fail": {"count": "1"}}
+    assert f5["batch_stats"] == [{"batch_size": "1", "compute_infer": {"count": "3", "ns": "10"}},
+                                 {"batch_size": "2", "compute_infer": {"count": "1", "ns": "4"}}]
+    assert asr["inference_count"] == "1"
+    with pool_of("10.0.0.1:1", "10.0.0.2:1") as pool:
+        pool.poll_now()
+        for _ in range(3):
+            say(pool)
+        fakes["10.0.0.2:1"].up = False
+        pool.poll_now()
+        per = pool.statistics_by_server("f5_tts")
+        assert per["10.0.0.2:1"] == "not ready" and isinstance(per["10.0.0.1:1"], dict)
+        assert pool.statistics()["model_stats"][0]["inference_count"] == "2"
+
+
+def test_unreachable_addresses_fail_fast_and_name_every_server():
+    from studio.client import SynthesisError
+    from studio.pool import ServerPool
+
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])  # closed again: nothing listens there
+    urls = [f"127.0.0.1:{p}" for p in ports]
+    with ServerPool(",".join(urls), watch=False) as pool:
+        t0 = time.monotonic()
+        with pytest.raises(SynthesisError) as err:
+            pool.synthesize("f5", "Hello.", np.zeros(100, np.float32), "ref", timeout_s=30)
+        assert time.monotonic() - t0 < 10
+        assert all(u in str(err.value) for u in urls) and "no Triton server could take" in str(err.value)
+        assert err.value.status == "StatusCode.UNAVAILABLE"
+        assert not pool.server_ready()
+        pool.poll_now()
+        assert [s["state"] for s in pool.servers()] == ["not ready", "not ready"]
