@@ -1,7 +1,7 @@
 """Voice Studio: `python app.py` opens the page at http://127.0.0.1:7860 with its own Triton server.
 
     python app.py [--host 0.0.0.0] [--port 7860] [--share] [--root-path /studio]
-                  [--triton-url HOST:PORT]        # use a running Triton server (gRPC) instead
+                  [--triton-url HOST:PORT[,...]]  # use running Triton servers (gRPC; several or a DNS name)
                   [--data-dir DIR] [--checkpoints DIR] [--demo-weights] [--no-download]
                   [--gpus 0,1] [--http-port N] [--grpc-port N] [--f5-model NAME] [--instances N]
                   [--api-key KEY]                 # require it on the OpenAI-compatible /v1 API

@@ -25,7 +25,10 @@ def parse_gpus(value: str | None) -> list[int] | None:
 def add_server_args(p: argparse.ArgumentParser) -> None:
     """Flags shared by every command that talks to (or starts) a Triton server."""
     g = p.add_argument_group("server")
-    g.add_argument("--triton-url", help="use an existing Triton server (gRPC HOST:PORT) instead of starting one")
+    g.add_argument("--triton-url", metavar="HOST:PORT[,HOST:PORT...]",
+                   help="use existing Triton servers (gRPC) instead of starting one: one address, several separated "
+                        "by commas, or a DNS name resolving to several (a Kubernetes headless Service); requests "
+                        "spread over the ready ones (studio/pool.py)")
     g.add_argument("--data-dir", type=Path, default=None, help="default: $STUDIO_DATA_DIR or ~/.cache/voice-studio")
     g.add_argument("--checkpoints", type=Path, default=None,
                    help="folder with F5TTS_v1_Base/, vocos-mel-24khz/, Spark-TTS-0.5B/ (or $STUDIO_CHECKPOINTS)")
@@ -70,6 +73,13 @@ def server_for(args, families: list[str]):
     """(server, gRPC url): `--triton-url` as given (server None), else an embedded server started for
     `families` (stop it when done). Raises ServerStartError saying why it could not start."""
     if args.triton_url:
+        from studio.pool import parse_spec
+        from studio.server import ServerStartError
+
+        try:
+            parse_spec(args.triton_url)
+        except ValueError as exc:
+            raise ServerStartError(f"--triton-url: {exc}") from None
         return None, args.triton_url
     server = make_server(args, families=families)
     server.start()
@@ -175,8 +185,9 @@ def cmd_synth(args) -> int:
 
 def _synth(args) -> int:
     from studio.audio_io import AudioInputError, load_audio, save_audio
-    from studio.client import GenerationCancelled, StudioClient, SynthesisError
+    from studio.client import GenerationCancelled, SynthesisError
     from studio.limits import LimitError, check_file_size, check_prompt, check_ref_text, check_text
+    from studio.pool import connect
     from studio.server import ServerStartError
     from tts.audio import F5_SAMPLE_RATE, SPARK_SAMPLE_RATE
 
@@ -220,7 +231,7 @@ def _synth(args) -> int:
         return 1
     ref_text, notes, checked = args.ref_text or "", [], None
     try:
-        with StudioClient(url) as client:
+        with connect(url) as client:
             if fill:
                 from studio.objective import fill_transcript
 
@@ -297,7 +308,7 @@ def cmd_bench(args) -> int:
 def cmd_batch(args) -> int:
     """Generate a test set with several systems into the store; the same -o NAME resumes the run."""
     from studio.batch import BatchInputError, prepare_run, read_test_set, run_batch, run_summary
-    from studio.client import StudioClient
+    from studio.pool import connect
     from studio.server import ServerStartError
     from studio.store import open_store
     from studio.voices import SAMPLES_DIR, VoiceLibrary
@@ -331,7 +342,7 @@ def cmd_batch(args) -> int:
     outcome: dict = {}
 
     def work():
-        client = StudioClient(url) if families or checked else None
+        client = connect(url) if families or checked else None
         try:
             outcome["progress"] = run_batch(store, run, client, concurrency=args.concurrency, voices=voices,
                                             stop=stop, on_progress=lambda p: print(p.line(), flush=True),

@@ -58,9 +58,10 @@ def _read(path: Path) -> str:
 
 def cmd_script(args) -> int:
     from studio.audio_io import OUTPUT_FORMATS, save_audio
-    from studio.client import StudioClient, SynthesisError
+    from studio.client import SynthesisError
     from studio.config import default_data_dir
     from studio.history import HistoryStore
+    from studio.pool import connect
     from studio.script import (ScriptCancelled, ScriptError, format_problems, generate_script, plan_json,
                                plan_script, record_script, script_zip)
     from studio.server import ServerStartError
@@ -100,7 +101,7 @@ def cmd_script(args) -> int:
               f"{m['ready_s']:.2f} s, latency {m['latency_s']:.3f} s, RTF {m['rtf'] or 0:.3f}", flush=True)
 
     try:
-        with StudioClient(url) as client:
+        with connect(url) as client:
             result = generate_script(plan, client, VoiceLibrary(data_dir, SAMPLES_DIR), stream=args.stream,
                                      concurrency=args.concurrency, on_segment=on_segment)
     except (ScriptError, SynthesisError, ScriptCancelled) as exc:
