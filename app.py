@@ -5,6 +5,7 @@
                   [--data-dir DIR] [--checkpoints DIR] [--demo-weights] [--no-download]
                   [--gpus 0,1] [--http-port N] [--grpc-port N] [--f5-model NAME] [--instances N]
                   [--api-key KEY]                 # require it on the OpenAI-compatible /v1 API
+                  [--metrics-port N] [--metrics-token T]  # Triton's Prometheus port; the key of GET /metrics
 
 The page comes up at once; the embedded server starts in the background (on a first real start it
 downloads several GB of weights) and the banner shows its progress and which models are ready.
