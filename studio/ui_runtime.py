@@ -34,7 +34,7 @@ STATUS_TTL_S = 1.0
 @dataclass(frozen=True)
 class RuntimeOptions:
     data_dir: Path = field(default_factory=default_data_dir)
-    triton_url: str | None = None          # an existing server (gRPC host:port); None = embedded
+    triton_url: str | None = None          # existing server(s): gRPC host:port, a comma list or a DNS name; None = embedded
     checkpoints: Path | None = field(default_factory=default_checkpoints_dir)
     demo_weights: bool = False
     no_download: bool = False
@@ -148,17 +148,21 @@ class StudioRuntime:
         return None
 
     def client(self):
-        """The shared StudioClient (thread-safe); NotReady before the server has an address."""
+        """The shared client (thread-safe): a StudioClient, or a ServerPool when --triton-url names several
+        servers (studio/pool.py); NotReady before the server has an address."""
         url = self.url
         if url is None:
             raise NotReady("the Triton server has not started yet")
         with self._lock:
             if self._client is None or self._client.url != url:
-                from studio.client import StudioClient
+                from studio.pool import connect
 
                 if self._client is not None:
                     self._client.close()
-                self._client = StudioClient(url, observer=self.metrics.observe)
+                try:
+                    self._client = connect(url, observer=self.metrics.observe)
+                except ValueError as exc:
+                    raise NotReady(f"--triton-url: {exc}") from None
             return self._client
 
     def allowed_paths(self) -> list[str]:
@@ -195,16 +199,23 @@ class StudioRuntime:
         if self.options.triton_url:
             if not self._started:
                 return out
+            client = None
             try:
                 client = self.client()
                 ready = client.server_ready()
             except Exception as exc:  # noqa: BLE001 - an unreachable server is a state, not a crash
                 ready, out["message"] = False, f"cannot reach {self.options.triton_url}: {exc}"
+            if hasattr(client, "servers"):  # several servers (studio/pool.py): each one's state and share
+                out["servers"] = client.servers()
             if not ready:
                 out.update(state="unreachable", message=out["message"] if out["message"].startswith("cannot")
                            else f"no ready Triton server answers at {self.options.triton_url} (gRPC)")
                 return out
             out.update(state="ready", message=f"external Triton server at {self.options.triton_url} (gRPC)")
+            if "servers" in out:
+                out["message"] = (f"external Triton servers at {self.options.triton_url} (gRPC): "
+                                  f"{sum(s['state'] == 'ready' for s in out['servers'])} of {len(out['servers'])} "
+                                  "ready")
             for f, (_, off, stream) in FAMILIES.items():
                 fams[f]["offline"], fams[f]["streaming"] = client.model_ready(off), client.model_ready(stream)
                 fams[f]["served"] = fams[f]["offline"] or fams[f]["streaming"]

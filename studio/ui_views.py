@@ -183,6 +183,19 @@ def _weights_word(demo: bool | None) -> str:
     return "DEMO (noise)" if demo else ("real" if demo is False else "?")
 
 
+def servers_md(servers: list[dict]) -> str:
+    """Several Triton servers (studio/pool.py): each one's readiness and its share of this studio's requests."""
+    if not servers:
+        return ""
+    rows = "\n".join(f"| `{s['url']}` | {s['state']}" + (f" ({s['set_aside_s']:g} s left)" if s["set_aside_s"] else "")
+                     + f" | {s['sent']} | {s['share'] * 100:.0f}% | {s['outstanding']} | {s['failed']} | "
+                     f"{s['failed_over']} | {s['last_error'].replace('|', '/') or '—'} |" for s in servers)
+    return ("\n\n**Servers** (requests this studio sent to each; *moved on*: requests it failed before any audio, "
+            "which another server then served):\n\n| server | state | requests | share | in flight | failed | "
+            "moved on | last error |\n|---|---|---|---|---|---|---|---|\n" + rows
+            + "\n\nThe per-model statistics below are summed over the servers that answered.")
+
+
 def server_md(st: dict) -> str:
     fams = "\n".join(f"| {f['label']} | {'yes' if f['served'] else 'no'} | {_mark(f['offline'])} | "
                      f"{_mark(f['streaming'])} | {_weights_word(f['demo'])} | {f['licence']} |"
@@ -191,4 +204,5 @@ def server_md(st: dict) -> str:
     return (f"**State:** {st['state']} — {st['message']}\n\n"
             f"**Triton address (gRPC):** `{st['url'] or 'not yet assigned'}` · **server:** {kind} · "
             f"**device:** {st['device']} · **runtime:** {st['runtime']}\n\n"
-            "| model | served | offline | streaming | weights | weights licence |\n|---|---|---|---|---|---|\n" + fams)
+            "| model | served | offline | streaming | weights | weights licence |\n|---|---|---|---|---|---|\n" + fams
+            + servers_md(st.get("servers") or []))
