@@ -323,6 +323,25 @@ def test_nothing_is_exposed_outside_the_cluster(overlay):
         assert all("hostPort" not in p for c in _containers(dep) for p in c.get("ports", []))
 
 
+def test_only_the_studio_reaches_tritons_inference_ports(overlay):
+    name, docs = overlay
+    policy = one(docs, "NetworkPolicy", "triton")
+    triton, studio = one(docs, "Deployment", "triton"), one(docs, "Deployment", "studio")
+    pod_labels = triton["spec"]["template"]["metadata"]["labels"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    ports = {p["name"] for p in container(triton, "triton")["ports"]}
+    opened: dict[str, list] = {}
+    for rule in policy["spec"]["ingress"]:
+        for port in rule["ports"]:
+            assert port["port"] in ports
+            opened[port["port"]] = rule.get("from")
+    assert set(opened) == ports and opened["metrics"] is None  # Prometheus may live anywhere
+    studio_labels = studio["spec"]["template"]["metadata"]["labels"]
+    for port in ("grpc", "http"):
+        assert [f["podSelector"]["matchLabels"] for f in opened[port]] == [{"app.kubernetes.io/name": "studio"}]
+        assert opened[port][0]["podSelector"]["matchLabels"].items() <= studio_labels.items()
+
+
 def test_pods_run_as_the_image_user_with_the_image_from_compose(overlay):
     name, docs = overlay
     uid = int(re.findall(r"^USER (\d+)", (ROOT / "Dockerfile").read_text(), re.M)[-1])
