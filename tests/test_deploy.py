@@ -355,6 +355,15 @@ def test_pods_run_as_the_image_user_with_the_image_from_compose(overlay):
             assert "memory" in c["resources"]["limits"]
 
 
+def test_shell_commands_parse(overlay):
+    name, docs = overlay
+    for doc in of_kind(docs, "Deployment") + of_kind(docs, "Job"):
+        for c in _containers(doc):
+            if c.get("command") == ["sh", "-c"]:
+                result = subprocess.run(["sh", "-n", "-c", c["args"][0]], capture_output=True, text=True)
+                assert result.returncode == 0, f"{name}: {c['name']}: {result.stderr}"
+
+
 def test_volumes_and_claims_resolve(overlay):
     name, docs = overlay
     claims = {d["metadata"]["name"] for d in of_kind(docs, "PersistentVolumeClaim")}
