@@ -4,6 +4,10 @@ Per concurrency: rtf_aggregate (wall time / sum of audio seconds), latency p50/p
 p50/p90 (streaming), requests/s, audio seconds per second, server compute vs queue time (Triton's
 statistics deltas for the engine model), Spark decode tokens/s, and per-GPU peak memory and
 utilisation sampled with nvidia-smi. Writes JSON and a PNG plot, prints a table.
+
+With several servers (`--triton-url host1:8001,host2:8001` or a DNS name) one shared `ServerPool`
+sends the requests, and each row's `servers` lists per server the requests the pool sent, how
+they ended, and the requests Triton itself counted (its statistics' deltas for the front model).
 """
 
 from __future__ import annotations
@@ -139,18 +143,85 @@ def build_params(args) -> dict:
     return params
 
 
+def _front_counts(client, model: str) -> dict[str, dict]:
+    """server url -> {"success", "fail"}: requests Triton counted for `model` (the front model), per server."""
+    from studio.pool import is_pool
+
+    answers = client.statistics_by_server(model) if is_pool(client) else {client.url: _quietly(client, model)}
+    out = {}
+    for url, answer in answers.items():
+        try:
+            inf = answer["model_stats"][0].get("inference_stats", {})
+        except (TypeError, KeyError, IndexError):
+            continue  # unreachable or no such model: nothing counted
+        out[url] = {k: int(inf.get(k, {}).get("count", 0)) for k in ("success", "fail")}
+    return out
+
+
+#: A decoupled (streaming) model's statistics count a request a moment after its client received the
+#: final response (seen on the CPU: the second of two streams counted only later): wait this long at most.
+STATS_SETTLE_S = 3.0
+
+
+def _settled_counts(client, model: str, before: dict, expected: int) -> dict[str, dict]:
+    """_front_counts once Triton has counted `expected` more requests (or STATS_SETTLE_S passed)."""
+    deadline = time.monotonic() + STATS_SETTLE_S
+    while True:
+        after = _front_counts(client, model)
+        counted = sum(a["success"] + a["fail"] - sum(before.get(url, {}).values()) for url, a in after.items())
+        if counted >= expected or time.monotonic() > deadline:
+            return after
+        time.sleep(0.1)
+
+
+def _quietly(client, model: str):
+    try:
+        return client.statistics(model)
+    except Exception:  # noqa: BLE001 - statistics are optional extras in the report
+        return None
+
+
+def server_rows(client, before_pool: list[dict], triton_before: dict, triton_after: dict, outcomes: list) -> list[dict]:
+    """Per server: requests sent (the pool's counters, or every request for one server), ok, failed,
+    moved on (failed there before any audio, served elsewhere), and Triton's own count of requests
+    that succeeded / failed on its front model during the timed part."""
+    from studio.pool import is_pool
+
+    if is_pool(client):
+        was = {s["url"]: s for s in before_pool}
+        rows = []
+        for s in client.servers():
+            b = was.get(s["url"], {})
+            rows.append({"url": s["url"], **{k: s[k] - b.get(k, 0) for k in ("sent", "ok", "failed", "failed_over")}})
+    else:
+        ok = sum(not isinstance(o, Exception) for o in outcomes)
+        rows = [{"url": client.url, "sent": len(outcomes), "ok": ok, "failed": len(outcomes) - ok, "failed_over": 0}]
+    total = sum(r["sent"] for r in rows)
+    for r in rows:
+        r["share"] = round(r["sent"] / total, 4) if total else 0.0
+        after, before = triton_after.get(r["url"]), triton_before.get(r["url"], {"success": 0, "fail": 0})
+        r["triton_success"] = after["success"] - before["success"] if after else None
+        r["triton_fail"] = after["fail"] - before["fail"] if after else None
+    return rows
+
+
 def run_level(url: str, args, items, prompts, concurrency: int) -> dict:
     """One concurrency level: `args.requests` requests, `concurrency` in flight at a time."""
-    from studio.client import StudioClient
+    from studio.client import StudioClient, triton_model_name
+    from studio.pool import connect, is_pool
 
     params = build_params(args)
     stream = args.mode == "streaming"
-    clients = [StudioClient(url) for _ in range(concurrency)]
+    first = connect(url)
+    # several servers: one pool shared by the threads (it sees every request in flight); one server:
+    # a client (gRPC channel) per thread, as before
+    clients = [first] + ([] if is_pool(first) else [StudioClient(url) for _ in range(concurrency - 1)])
+    front = triton_model_name(args.model, stream)
     try:
         def one(i: int):
             """A result, or the exception of a failed request (counted, not fatal: the run goes on)."""
             item = items[i % len(items)]
-            c = clients[i % concurrency]
+            c = clients[i % len(clients)]
             try:
                 result = c.synthesize(args.model, item.target_text, prompts[item.prompt], item.reference_text,
                                       stream=stream, params=params)
@@ -167,11 +238,15 @@ def run_level(url: str, args, items, prompts, concurrency: int) -> dict:
         with ThreadPoolExecutor(concurrency) as pool:
             warm = list(pool.map(one, range(min(args.warmup, args.requests) if args.warmup else 0)))
             before = _engine_stats(clients[0], ENGINE_MODEL[args.model])
+            pool_before = first.servers() if is_pool(first) else []
+            triton_before = _front_counts(first, front)
             with GpuSampler() as gpus:
                 t0 = time.perf_counter()
                 outcomes = list(pool.map(one, range(args.requests)))
                 wall = time.perf_counter() - t0
             after = _engine_stats(clients[0], ENGINE_MODEL[args.model])
+            servers = server_rows(first, pool_before, triton_before, _settled_counts(first, front, triton_before,
+                                                                                      len(outcomes)), outcomes)
     finally:
         for c in clients:
             c.close()
@@ -181,7 +256,7 @@ def run_level(url: str, args, items, prompts, concurrency: int) -> dict:
               "errors": sorted({f"{type(e).__name__}: {e}"[:300] for e in errors})[:5]}
     if not results:
         return {"concurrency": concurrency, "requests": 0, "rtf_aggregate": None, "latency_p50_s": None,
-                "demo_weights": False, **failed}
+                "demo_weights": False, "servers": servers, **failed}
     lat = [r.latency_s for r in results]
     first = [r.first_chunk_s for r in results]
     audio = sum(r.audio_s for r in results)
@@ -195,7 +270,7 @@ def run_level(url: str, args, items, prompts, concurrency: int) -> dict:
            "server_compute_ms_mean": round(float(np.mean([r.info.get("compute_ms", 0) for r in results])), 2),
            "gpus": gpus.summary(), "demo_weights": any(r.demo_weights for r in results),
            # requests that met a dead instance (front or engine), reloaded by the client before sending again
-           "recovered": sum(r.recovered for r in results), **failed}
+           "recovered": sum(r.recovered for r in results), "servers": servers, **failed}
     # With failures the wall time still counts the failed requests while the audio does not: the
     # row's figures are then pessimistic and the row says how many failed.
     if before and after:
@@ -235,6 +310,14 @@ def print_table(rows: list[dict], model: str, mode: str) -> None:
     print(" | ".join("---" for _ in cols))
     for r in rows:
         print(" | ".join("" if r.get(c) is None else str(r.get(c)) for c in cols))
+    if any(len(r.get("servers") or []) > 1 for r in rows):
+        print("\nper server (sent by the studio: ok / failed / moved on; Triton's own count of the front model's "
+              "successful requests)")
+        for r in rows:
+            for s in r.get("servers") or []:
+                print(f"concurrency {r['concurrency']}: {s['url']} {s['sent']} requests ({s['share'] * 100:.0f}%): "
+                      f"{s['ok']} ok / {s['failed']} failed / {s['failed_over']} moved on; Triton counted "
+                      f"{s['triton_success'] if s['triton_success'] is not None else '?'}")
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
@@ -276,6 +359,14 @@ def main(args) -> int:
     prompts = {item.prompt: load_audio(item.prompt, sr) for item in items}
     server = None
     url = args.triton_url
+    if url:
+        from studio.pool import parse_spec
+
+        try:
+            parse_spec(url)
+        except ValueError as exc:
+            print(f"error: --triton-url: {exc}", file=sys.stderr)
+            return 2
     if not url:
         server = make_server(args, families=[args.model] + (["asr", "sim"] if getattr(args, "check", False) else []))
         server.start()

@@ -421,3 +421,222 @@ def test_unreachable_addresses_fail_fast_and_name_every_server():
         assert not pool.server_ready()
         pool.poll_now()
         assert [s["state"] for s in pool.servers()] == ["not ready", "not ready"]
+
+
+def test_server_tab_lists_every_server(tmp_path):
+    """The page's runtime with two addresses (nothing listens): both rows, their state and share."""
+    from studio.ui_runtime import RuntimeOptions, StudioRuntime
+    from studio.ui_views import server_md
+
+    urls = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            urls.append(f"127.0.0.1:{s.getsockname()[1]}")
+    rt = StudioRuntime(RuntimeOptions(data_dir=tmp_path, triton_url=",".join(urls)))
+    rt.start()
+    try:
+        st = rt.status()
+        assert st["state"] == "unreachable" and [s["url"] for s in st["servers"]] == urls
+        md = server_md(st)
+        assert "**Servers**" in md and all(f"`{u}`" in md for u in urls) and "| share |" in md
+    finally:
+        rt.stop()
+
+
+# --- two real tritonservers --------------------------------------------------------------------------------
+REF = speech_like(2.5, F5_SAMPLE_RATE)
+REF_TEXT = "Some call me nature, others call me mother nature."
+LONG = ("I don't really care what you call me. I've been a silent spectator, watching species evolve, "
+        "empires rise and fall. But always remember, I am mighty and enduring.")
+#: Bounds of the waits below (generous: two shared cores).
+READY_WITHIN_S = 60
+REQUEST_TIMEOUT_S = 120
+
+
+def f5(pool, text="Hello there.", stream=False, nfe=4, **kw):
+    return pool.synthesize("f5", text, REF, REF_TEXT, stream=stream, params={"nfe_steps": nfe, "seed": 1},
+                           timeout_s=REQUEST_TIMEOUT_S, **kw)
+
+
+def front_success(server, model="f5_tts") -> int:
+    """Requests Triton counted as succeeded on `server`'s model (its own statistics)."""
+    from studio.client import StudioClient
+
+    with StudioClient(server.grpc_url) as c:
+        stats = c.statistics(model)["model_stats"][0]
+    return int(stats.get("inference_stats", {}).get("success", {}).get("count", 0))
+
+
+def wait_for(predicate, within_s, what):
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{what} within {within_s} s")
+
+
+def states(pool) -> dict[str, str]:
+    return {s["url"]: s["state"] for s in pool.servers()}
+
+
+@pytest.fixture(scope="module")
+def two_servers(tmp_path_factory):
+    """Two embedded tritonservers, F5 only on demo weights, started side by side."""
+    from studio.server import TritonServer
+
+    servers = [TritonServer(tmp_path_factory.mktemp(f"pool-{n}"), demo_weights=True, no_download=True, instances=4,
+                            gpus=[], families=["f5"]) for n in "ab"]
+    errors = []
+
+    def start(s):
+        try:
+            s.start(timeout_s=600)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+    threads = [threading.Thread(target=start, args=(s,)) for s in servers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(660)
+    try:
+        assert not errors, errors
+        yield servers
+    finally:
+        for s in servers:
+            s.stop()
+
+
+@pytest.fixture()
+def pool(two_servers):
+    from studio.pool import connect
+
+    p = connect(",".join(s.grpc_url for s in two_servers))
+    wait_for(lambda: set(states(p).values()) == {"ready"}, READY_WITHIN_S, "both servers ready")
+    yield p
+    p.close()
+
+
+@pytest.mark.slow
+def test_requests_spread_over_both_servers(two_servers, pool):
+    before = [front_success(s) for s in two_servers]
+    stream_before = [front_success(s, "f5_tts_stream") for s in two_servers]
+    done = []
+    workers = [threading.Thread(target=lambda: done.append(f5(pool))) for _ in range(8)]
+    for i, w in enumerate(workers):
+        w.start()
+        if i % 2:  # two at a time
+            workers[i - 1].join(REQUEST_TIMEOUT_S)
+            w.join(REQUEST_TIMEOUT_S)
+    streams = [f5(pool, stream=True) for _ in range(2)]
+    assert len(done) == 8 and all(r.audio.size for r in done + streams)
+    counted = [front_success(s) - b for s, b in zip(two_servers, before)]
+    assert sum(counted) == 8 and min(counted) >= 2, counted  # Triton's own counts: both served
+    # a decoupled model counts a request a moment after the client has its final response
+    wait_for(lambda: [front_success(s, "f5_tts_stream") - b for s, b in zip(two_servers, stream_before)] == [1, 1],
+             10, "one stream counted on each server")
+    by_pool = {s["url"]: s["ok"] for s in pool.servers()}
+    assert [by_pool[s.grpc_url] for s in two_servers] == [c + 1 for c in counted]  # + one stream each
+    assert {r.server for r in done} == {s.grpc_url for s in two_servers}
+
+
+@pytest.mark.slow
+def test_bench_reports_per_server_counts(two_servers, tmp_path):
+    urls = ",".join(s.grpc_url for s in two_servers)
+    run = subprocess.run([sys.executable, "-m", "studio", "bench", "--triton-url", urls, "--out", str(tmp_path),
+                          "--label", "t", "--model", "f5", "--mode", "offline", "--concurrency", "2", "--requests", "6",
+                          "--warmup", "0", "--nfe", "2"], cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert run.returncode == 0, run.stderr[-3000:]
+    (row,) = json.loads((tmp_path / "bench_f5_offline_t.json").read_text())["rows"]
+    servers = {s["url"]: s for s in row["servers"]}
+    assert set(servers) == {s.grpc_url for s in two_servers}
+    assert sum(s["sent"] for s in servers.values()) == 6 and all(s["sent"] >= 1 for s in servers.values())
+    assert all(s["triton_success"] == s["ok"] == s["sent"] for s in servers.values())  # Triton agrees
+    assert sum(s["share"] for s in servers.values()) == pytest.approx(1.0)
+    assert "per server" in run.stdout and all(u in run.stdout for u in servers)
+
+
+@pytest.mark.slow
+def test_server_tab_with_two_real_servers(two_servers, tmp_path):
+    from studio.ui import Handlers
+    from studio.ui_runtime import RuntimeOptions, StudioRuntime
+
+    urls = [s.grpc_url for s in two_servers]
+    rt = StudioRuntime(RuntimeOptions(data_dir=tmp_path, triton_url=",".join(urls)))
+    rt.start()
+    try:
+        client = rt.client()
+        wait_for(lambda: set(states(client).values()) == {"ready"}, READY_WITHIN_S, "both servers ready")
+        for _ in range(2):
+            f5(client)
+        rt.invalidate_status()
+        md, rows, _ = Handlers(rt, autostart=False).server_view()
+        assert "2 of 2 ready" in md and all(f"`{u}` | ready | 1 | 50%" in md for u in urls), md
+        f5_row = next(r for r in rows if r[0] == "f5_tts")
+        assert f5_row[1] == sum(front_success(s) for s in two_servers)  # summed over both servers
+    finally:
+        rt.stop()
+
+
+@pytest.mark.slow
+def test_killing_a_server_mid_run_loses_no_request_without_audio(two_servers, pool):
+    """A stream receiving audio and several offline requests in flight; the stream's server killed
+    (SIGKILL to the tritonserver this module started): the offline requests are served by the other
+    server, the stream ends with a clear message, new requests all go to the survivor; started again,
+    the killed server is back in rotation."""
+    from studio.client import SynthesisError
+
+    by_url = {s.grpc_url: s for s in two_servers}
+    first_audio = threading.Event()
+    out: dict = {}
+
+    def run(key, fn):
+        try:
+            out[key] = fn()
+        except Exception as exc:  # noqa: BLE001 - inspected below
+            out[key] = exc
+
+    stream = threading.Thread(target=run, args=("stream", lambda: f5(pool, " ".join([LONG] * 6), stream=True,
+                                                                     nfe=32, on_chunk=lambda *_: first_audio.set())))
+    stream.start()
+    assert first_audio.wait(REQUEST_TIMEOUT_S), "the stream sent no audio"
+    busy = [s for s in pool.servers() if s["outstanding"]]
+    assert len(busy) == 1
+    victim, survivor = by_url[busy[0]["url"]], next(s for s in two_servers if s.grpc_url != busy[0]["url"])
+    offline = [threading.Thread(target=run, args=(i, lambda: f5(pool, LONG, nfe=32))) for i in range(6)]
+    for t in offline:
+        t.start()
+    wait_for(lambda: sum(s["outstanding"] for s in pool.servers()) == 7, 10, "7 requests in flight")
+    on_victim = next(s["outstanding"] for s in pool.servers() if s["url"] == victim.grpc_url) - 1
+    assert on_victim >= 2 and stream.is_alive()
+    # The supervisor would restart the server within seconds; keep it down until this test restarts it.
+    victim._stopping = True
+    os.kill(victim._proc.pid, signal.SIGKILL)
+    for t in offline + [stream]:
+        t.join(REQUEST_TIMEOUT_S)
+        assert not t.is_alive(), "a request did not end"
+    results = [out[i] for i in range(6)]
+    assert not [r for r in results if isinstance(r, Exception)], results
+    assert {r.server for r in results} <= {survivor.grpc_url, victim.grpc_url}
+    moved = [r for r in results if r.recovered]
+    assert moved and all(r.server == survivor.grpc_url and "after " + victim.grpc_url in r.info["notes"][-1]
+                         for r in moved)
+    err = out["stream"]
+    assert isinstance(err, SynthesisError), err
+    assert "stream stopped" in str(err) and victim.grpc_url in str(err) and "send it again" in str(err)
+    # new requests: all on the survivor
+    wait_for(lambda: states(pool)[victim.grpc_url] == "not ready", 10, "the killed server out of rotation")
+    sent_before = {s["url"]: s["sent"] for s in pool.servers()}
+    counted = front_success(survivor)
+    fresh = [f5(pool) for _ in range(4)]
+    assert {r.server for r in fresh} == {survivor.grpc_url} and not any(r.recovered for r in fresh)
+    assert front_success(survivor) - counted == 4
+    assert {s["url"]: s["sent"] for s in pool.servers()}[victim.grpc_url] == sent_before[victim.grpc_url]
+    # started again (same object, same ports): back in rotation
+    victim.stop()
+    victim.start(timeout_s=300)
+    wait_for(lambda: states(pool)[victim.grpc_url] == "ready", READY_WITHIN_S, "the restarted server in rotation")
+    again = [f5(pool) for _ in range(4)]
+    assert {r.server for r in again} == {victim.grpc_url, survivor.grpc_url}
+    assert front_success(victim) >= 1  # its own (new) statistics count what it served
