@@ -329,16 +329,39 @@ def _close_all(clients: list, lock: threading.Lock) -> None:
             pass
 
 
+def _channel_args(max_reconnect_backoff_s: float | None) -> list | None:
+    """gRPC channel options: tritonclient's own defaults (None), or those plus a bounded reconnect
+    back-off (channel_args replaces tritonclient's list, so its entries are repeated here)."""
+    if not max_reconnect_backoff_s:
+        return None
+    keep = grpcclient.KeepAliveOptions()
+    ms = max(int(max_reconnect_backoff_s * 1000), 100)
+    return [("grpc.max_send_message_length", grpcclient.MAX_GRPC_MESSAGE_SIZE),
+            ("grpc.max_receive_message_length", grpcclient.MAX_GRPC_MESSAGE_SIZE),
+            ("grpc.keepalive_time_ms", keep.keepalive_time_ms),
+            ("grpc.keepalive_timeout_ms", keep.keepalive_timeout_ms),
+            ("grpc.keepalive_permit_without_calls", keep.keepalive_permit_without_calls),
+            ("grpc.http2.max_pings_without_data", keep.http2_max_pings_without_data),
+            ("grpc.initial_reconnect_backoff_ms", min(ms, 1000)),
+            ("grpc.min_reconnect_backoff_ms", min(ms, 1000)),
+            ("grpc.max_reconnect_backoff_ms", ms)]
+
+
 class StudioClient:
     """A gRPC client of the studio's Triton server (`host:port` of its gRPC endpoint)."""
 
     def __init__(self, url: str = "127.0.0.1:8001", repository_headers: dict | None = None,
-                 observer: Callable[[str, bool, str, "SynthResult | None"], None] | None = None):
+                 observer: Callable[[str, bool, str, "SynthResult | None"], None] | None = None,
+                 max_reconnect_backoff_s: float | None = None):
         """`repository_headers`: what the server's restricted repository API requires for a reload
         (the embedded server's `TritonServer.repository_headers`); without them a reload is refused.
         `observer(family, stream, outcome, result)`: told when each `synthesize` call ends, outcome
-        ok|error|cancelled, result only when ok (the studio's metrics, studio/metrics.py)."""
+        ok|error|cancelled, result only when ok (the studio's metrics, studio/metrics.py).
+        `max_reconnect_backoff_s`: the longest wait between gRPC's reconnection attempts to a server that
+        went away (gRPC's default grows to 120 s; studio.pool keeps it short, so a restarted server is
+        seen again within seconds)."""
         self.url = url
+        self.max_reconnect_backoff_s = max_reconnect_backoff_s
         self.observer = observer
         self.repository_headers = dict(repository_headers or _repository_headers.get(url, {}))
         self._lock = threading.Lock()
@@ -351,7 +374,8 @@ class StudioClient:
 
     # -- lifecycle --------------------------------------------------------------------------------
     def _open(self):
-        client = grpcclient.InferenceServerClient(url=self.url, verbose=False)
+        client = grpcclient.InferenceServerClient(url=self.url, verbose=False,
+                                                  channel_args=_channel_args(self.max_reconnect_backoff_s))
         with self._lock:
             self._clients.append(client)
         return client

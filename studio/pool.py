@@ -43,6 +43,9 @@ HEALTH_TIMEOUT_S = 1.0
 #: How often a DNS name is resolved again, in seconds (a headless Service's addresses change as pods
 #: come and go; a removed pod's address fails over meanwhile, so this bounds only how soon new pods get work).
 RESOLVE_S = 30.0
+#: Longest wait between gRPC's reconnection attempts to a server that went away (gRPC's default grows
+#: to 120 s, so a server back after a long outage would stay unseen that long).
+RECONNECT_BACKOFF_S = 2.0
 #: New requests failing in a row on one server (as server faults) that set it aside.
 FAILURES_TO_SET_ASIDE = 3
 #: A set-aside server's first back-off (s); it doubles each time the server fails again after it,
@@ -164,6 +167,10 @@ def connect(spec: str, repository_headers: dict | None = None,
                       **pool_options)
 
 
+def _member_client(url: str, repository_headers: dict | None = None) -> StudioClient:
+    return StudioClient(url, repository_headers=repository_headers, max_reconnect_backoff_s=RECONNECT_BACKOFF_S)
+
+
 def is_pool(client) -> bool:
     return isinstance(client, ServerPool)
 
@@ -207,7 +214,7 @@ class ServerPool:
 
     def __init__(self, spec: str, *, repository_headers: dict | None = None,
                  resolver: Callable[[str, int], list[str]] | None = None,
-                 client_factory: Callable[..., StudioClient] = StudioClient, poll_s: float = HEALTH_POLL_S,
+                 client_factory: Callable[..., StudioClient] | None = None, poll_s: float = HEALTH_POLL_S,
                  resolve_s: float = RESOLVE_S, set_aside_s: float = SET_ASIDE_S, watch: bool = True,
                  observer: Callable[[str, bool, str, SynthResult | None], None] | None = None):
         """watch=False: no background threads (tests call poll_now() and resolve_now() themselves).
@@ -217,7 +224,7 @@ class ServerPool:
         self.entries = parse_spec(spec)
         self._resolver = resolver or resolve_addresses
         self._headers = dict(repository_headers) if repository_headers else None
-        self._factory = client_factory
+        self._factory = client_factory or _member_client
         self.poll_s, self.resolve_s, self.set_aside_s = poll_s, resolve_s, set_aside_s
         self._lock = threading.Lock()
         self._servers: dict[str, Server] = {}
