@@ -375,7 +375,7 @@ class ServerPool:
             s.sent += 1
             s.outstanding += 1
 
-    def _finish(self, s: Server, began: float, outcome: str, message: str = "") -> None:
+    def _finish(self, s: Server, began: float, outcome: str, message: str = "", model: str = "") -> None:
         """outcome: 'ok', 'error' (the request's own), or a server_fault() kind."""
         with self._lock:
             s.outstanding -= 1
@@ -391,10 +391,13 @@ class ServerPool:
                 if outcome == "unreachable":
                     s.ready = False  # out of rotation until its poll finds it ready again
                     s.wake.set()
-                # Requests already in flight when it failed are one incident, not several.
-                if began > s.last_fault_at:
+                if outcome == "model unavailable":
+                    # the model's absence there, not the server's health: out until its poll finds it ready
+                    s.models[model] = False
+                elif began > s.last_fault_at:  # requests in flight when it failed: one incident, not several
                     s.fails_in_row += 1
-                s.last_fault_at = now
+                if outcome != "model unavailable":
+                    s.last_fault_at = now
                 if s.fails_in_row >= FAILURES_TO_SET_ASIDE:
                     s.aside_s = min(max(s.aside_s * 2, self.set_aside_s), max(MAX_SET_ASIDE_S, self.set_aside_s))
                     s.aside_until = now + s.aside_s
@@ -458,7 +461,7 @@ class ServerPool:
                 result = call(server.client, remaining, others == 0)
             except SynthesisError as exc:
                 kind = server_fault(exc)
-                self._finish(server, began, kind or "error", str(exc))
+                self._finish(server, began, kind or "error", str(exc), model)
                 if kind is None:
                     raise
                 if delivered:
