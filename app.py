@@ -79,6 +79,7 @@ def options_from(args: argparse.Namespace) -> RuntimeOptions:
                           grpc_port=args.grpc_port, f5_model=args.f5_model, instances=args.instances,
                           runtime=args.runtime, engines_dir=args.engines, triton_bind=args.triton_bind,
                           no_asr=args.no_asr, metrics_port=args.metrics_port,
+                          require_weights=args.require_weights,
                           metrics_token=args.metrics_token or base.metrics_token,
                           api_key=args.api_key or base.api_key)
 

@@ -49,6 +49,10 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--triton-bind", default=os.environ.get("STUDIO_TRITON_BIND", "127.0.0.1"), metavar="ADDRESS",
                    help="address the embedded Triton server listens on (default 127.0.0.1; 0.0.0.0 in a "
                         "container to publish its ports)")
+    g.add_argument("--require-weights", action="store_true",
+                   default=os.environ.get("STUDIO_REQUIRE_WEIGHTS", "0") in ("1", "true"),
+                   help="refuse to start when a family's real weights are missing instead of falling back to the "
+                        "demo weights (noise); for deployments ($STUDIO_REQUIRE_WEIGHTS=1)")
     g.add_argument("--no-asr", action="store_true",
                    help="serve neither speech recognition nor speaker similarity (transcript fill, objective checks)")
     g.add_argument("--metrics-port", type=int, default=os.environ.get("STUDIO_METRICS_PORT") or None, metavar="PORT",
@@ -66,7 +70,8 @@ def make_server(args, families: list[str] | None = None):
                         engine_per_gpu=getattr(args, "engine_per_gpu", None),
                         runtime=getattr(args, "runtime", "torch"), engines_dir=getattr(args, "engines", None),
                         bind=getattr(args, "triton_bind", "127.0.0.1"),
-                        no_asr=getattr(args, "no_asr", False), metrics_port=getattr(args, "metrics_port", None))
+                        no_asr=getattr(args, "no_asr", False), metrics_port=getattr(args, "metrics_port", None),
+                        require_weights=getattr(args, "require_weights", False))
 
 
 def server_for(args, families: list[str]):

@@ -295,11 +295,13 @@ class TritonServer:
                  no_download: bool = False, f5_model: str = "F5TTS_v1_Base", instances: int | None = None,
                  runtime: str = "torch", engines_dir: Path | None = None, bind: str = "127.0.0.1",
                  families: list[str] | None = None, engine_per_gpu: int | None = None, log=None,
-                 no_asr: bool = False, metrics_port: int | None = None):
+                 no_asr: bool = False, metrics_port: int | None = None, require_weights: bool = False):
         self.data_dir = Path(data_dir or default_data_dir()).expanduser()
         self.http_port, self.grpc_port = http_port, grpc_port
         self.gpus = visible_gpus() if gpus is None else list(gpus)
         self.demo_weights, self.checkpoints, self.no_download = demo_weights, checkpoints, no_download
+        #: refuse to start on demo weights that were not asked for (a deployment must never serve noise)
+        self.require_weights = require_weights or os.environ.get("STUDIO_REQUIRE_WEIGHTS", "0") in ("1", "true")
         self.f5_model = f5_model
         self.front_instances = instances or int(os.environ.get("STUDIO_FRONT_INSTANCES", DEFAULT_FRONT_INSTANCES))
         self.families = families or available_families()
@@ -453,6 +455,10 @@ class TritonServer:
         for fam, w in self._weights.items():
             if w.demo:
                 self._log_fn(f"{fam}: DEMO WEIGHTS (random, they produce noise): {w.reason}")
+        missing = {fam: w.reason for fam, w in self._weights.items() if w.demo and not self.demo_weights}
+        if self.require_weights and missing:
+            raise ServerStartError("real weights are required (--require-weights) but " + "; ".join(
+                f"{fam}: {reason}" for fam, reason in sorted(missing.items())))
 
     def _prepare_run_dir(self) -> None:
         runs = self.data_dir / "runs"

@@ -48,6 +48,7 @@ class RuntimeOptions:
     triton_bind: str = "127.0.0.1"          # where the embedded Triton server listens
     no_asr: bool = False                     # serve neither speech recognition nor speaker similarity
     metrics_port: int | None = None          # the embedded Triton server's Prometheus port (None: off)
+    require_weights: bool = False            # refuse demo weights that were not asked for (deployments)
     #: Bearer token GET /metrics requires (None: only loopback connections read it; studio/metrics.py).
     metrics_token: str | None = field(default_factory=lambda: os.environ.get("STUDIO_METRICS_TOKEN") or None)
     #: Bearer key every /v1 route of the HTTP API requires (None: the API is open, like the page).
@@ -123,7 +124,8 @@ class StudioRuntime:
                                        demo_weights=o.demo_weights, checkpoints=o.checkpoints,
                                        no_download=o.no_download, f5_model=o.f5_model, instances=o.instances,
                                        runtime=o.runtime, engines_dir=o.engines_dir, bind=o.triton_bind,
-                                       log=self._server_log, no_asr=o.no_asr, metrics_port=o.metrics_port)
+                                       log=self._server_log, no_asr=o.no_asr, metrics_port=o.metrics_port,
+                                       require_weights=o.require_weights)
             self.server.start_in_background()
             return True
 

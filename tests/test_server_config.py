@@ -94,3 +94,22 @@ def test_stub_library_path_holds_only_libpython(tmp_path, monkeypatch):
     assert (tmp_path / "run" / "libpython" / "libpython3.99.so.1.0").resolve() == libdir / "libpython3.99.so.1.0"
     fake["INSTSONAME"] = fake["LDLIBRARY"] = None  # no libpython found: LIBDIR as before
     assert server._libpython_dir() == str(libdir)
+
+
+def test_require_weights_refuses_a_demo_fallback(data_dir, tmp_path):
+    """--require-weights: a family without real weights stops the start with its reason, before any
+    tritonserver runs; demo weights asked for by name are still allowed."""
+    from studio.server import ServerStartError, TritonServer
+
+    server = TritonServer(data_dir, no_download=True, checkpoints=tmp_path / "empty", families=["f5", "spark"],
+                          gpus=[], require_weights=True, log=lambda msg: None)
+    with pytest.raises(ServerStartError) as err:
+        server.start(timeout_s=30)
+    text = str(err.value)
+    assert "--require-weights" in text and "f5: real weights not found and downloads are off" in text
+    assert "spark: real weights not found" in text
+    assert server._proc is None and server.status()["state"] == "failed"
+    asked = TritonServer(data_dir, demo_weights=True, families=["f5"], gpus=[], require_weights=True,
+                         log=lambda msg: None)
+    asked._resolve_weights()  # no error: the demo weights were asked for
+    assert asked._weights["f5"].demo
