@@ -269,6 +269,8 @@ def _synth(args) -> int:
         if info.get("decode_ms"):
             line += f", decode {info['tokens'] / (info['decode_ms'] / 1000):.0f} tokens/s"
     print(line)
+    if args.triton_url and result.server and result.server != args.triton_url.strip():
+        print(f"served by the Triton server at {result.server}")  # several servers: which one answered
     if checked is not None:
         parts = [f"{checked.metric.upper()} {checked.error_rate:.3f}" if checked.error_rate is not None else None,
                  f"speaker similarity {checked.similarity:.3f}" if checked.similarity is not None else None,
