@@ -34,7 +34,7 @@ STATUS_TTL_S = 1.0
 @dataclass(frozen=True)
 class RuntimeOptions:
     data_dir: Path = field(default_factory=default_data_dir)
-    triton_url: str | None = None          # existing server(s): gRPC host:port, a comma list or a DNS name; None = embedded
+    triton_url: str | None = None          # existing server(s): gRPC host:port[,...] or a DNS name; None: embedded
     checkpoints: Path | None = field(default_factory=default_checkpoints_dir)
     demo_weights: bool = False
     no_download: bool = False
