@@ -132,15 +132,16 @@ if want f5-request-profile; then
 fi
 
 if want gpu-tests; then
-  GPU_TESTS=${GPU_TESTS:-tests/test_f5_fast.py tests/test_spark_fast_step.py}
-  say "GPU tests (python -m pytest -m gpu $GPU_TESTS: graph/compiled path equals eager, fused GELU, batched Vocos, Spark graphs)"
+  GPU_TESTS=${GPU_TESTS:-tests/test_f5_fast.py tests/test_spark_fast_step.py tests/test_f5_precision.py}
+  say "GPU tests (python -m pytest -m gpu $GPU_TESTS: graph/compiled path equals eager, fused GELU, batched Vocos, Spark graphs, bf16 waveform SNR)"
   PT=$W/pytest-pkgs
   $PY -m pip install -q --no-index --no-deps --target "$PT" .whl/pytest/*.whl >>"$LOG" 2>&1
   [[ -n $TINY ]] || $PY -m pip install -q --no-index --no-deps $(ls .whl/*.whl | grep -v /numpy-) >>"$LOG" 2>&1
   # shellcheck disable=SC2086 - GPU_TESTS is a list of paths
-  PYTHONPATH=$PT timeout --kill-after=10 240 $PY -m pytest -q -p no:cacheprovider -m gpu $GPU_TESTS \
+  PYTHONPATH=$PT timeout --kill-after=10 "${GPU_TESTS_LIMIT_S:-360}" $PY -m pytest -q -s -p no:cacheprovider -m gpu $GPU_TESTS \
     >"$W/gpu_tests.log" 2>&1
   say "GPU tests exit $?"
+  grep -h "^\[precision\]" "$W/gpu_tests.log" | tee -a "$LOG"
   tail -n 15 "$W/gpu_tests.log" | tee -a "$LOG"
   pack
 fi
