@@ -94,3 +94,33 @@ def test_image_requirements_resolve_with_the_image_constraints(tmp_path):
     if "Could not fetch URL" in result.stderr or "NewConnectionError" in result.stderr:
         pytest.skip("no package index reachable")
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def _entrypoint_runs(tmp_path, *args, runtime="torch") -> list[list[str]]:
+    """The commands docker/entrypoint.sh runs, with a stand-in `python3` that records its arguments."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir(exist_ok=True)
+    log = tmp_path / "calls.txt"
+    fake = bindir / "python3"
+    fake.write_text(f'#!/bin/sh\nprintf "%s\\n" "$*" >> "{log}"\n')
+    fake.chmod(0o755)
+    env = {"PATH": f"{bindir}:/usr/bin:/bin", "STUDIO_RUNTIME": runtime, "STUDIO_CHECKPOINTS": "/data/checkpoints",
+           "STUDIO_ENGINES": "/data/engines"}
+    subprocess.run(["sh", str(ROOT / "docker" / "entrypoint.sh"), *args], check=True, env=env, timeout=30)
+    return [line.split() for line in log.read_text().splitlines()]
+
+
+def test_entrypoint_runs_the_page_or_a_triton_replica(tmp_path):
+    (tmp_path / "page").mkdir()
+    page = _entrypoint_runs(tmp_path / "page", "--auth", "a:b")
+    assert len(page) == 1 and page[0][0] == "app.py" and page[0][-2:] == ["--auth", "a:b"]
+    assert page[0][page[0].index("--triton-bind") + 1] == "127.0.0.1"
+    (tmp_path / "serve").mkdir()
+    serve = _entrypoint_runs(tmp_path / "serve", "serve", "--metrics-port", "8002")
+    assert len(serve) == 1 and serve[0][:3] == ["-m", "studio", "serve"]
+    assert serve[0][serve[0].index("--triton-bind") + 1] == "0.0.0.0" and serve[0][-2:] == ["--metrics-port", "8002"]
+    assert serve[0][serve[0].index("--grpc-port") + 1] == "8001"
+    # trtllm: the engines are built (or found up to date) first, then the replica starts
+    (tmp_path / "trt").mkdir()
+    trt = _entrypoint_runs(tmp_path / "trt", "serve", runtime="trtllm")
+    assert [c[:3] for c in trt] == [["-m", "build_engines", "all"], ["-m", "studio", "serve"]]
