@@ -26,6 +26,20 @@ ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 780
 
 
+#: How long the processes of a killed app's runs (tritonserver, its stubs) may take to go (s).
+RUNS_GONE_TIMEOUT_S = 30.0
+
+
+def run_processes_left(runs: list[Path], timeout_s: float = RUNS_GONE_TIMEOUT_S) -> list:
+    """Wait (bounded) until no process of the server runs `runs` lives; what still lives then."""
+    from studio.server import run_processes
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and any(run_processes(r) for r in runs):
+        time.sleep(0.5)
+    return [p for r in runs for p in run_processes(r)]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.app_process import run_processes_left
 from tests.conftest import have_chromium
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -120,10 +121,7 @@ def test_app_sigkill_leaves_no_server_and_a_restart_on_the_same_ports_serves(aut
     assert runs and any(run_processes(r) for r in runs)
     proc.kill()
     proc.wait()
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and any(run_processes(r) for r in runs):
-        time.sleep(0.5)
-    assert not any(run_processes(r) for r in runs), "tritonserver or stubs outlived the app"
+    assert not run_processes_left(runs), "tritonserver or stubs outlived the app"
     log = auth_app["log"].with_name("restart.log")
     again = subprocess.Popen(auth_app["cmd"], cwd=ROOT, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
                              env=auth_app["env"])

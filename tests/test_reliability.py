@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.app_process import run_processes_left
 from tests.conftest import speech_like
 from tts.audio import F5_SAMPLE_RATE, SPARK_SAMPLE_RATE
 
@@ -730,10 +731,7 @@ def test_app_killed_with_sigkill_leaves_no_server_and_a_restart_serves(tmp_path)
         assert runs and run_processes(runs[0])
         proc.kill()
         proc.wait()
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and any(run_processes(r) for r in runs):
-            time.sleep(0.5)
-        assert not any(run_processes(r) for r in runs), "tritonserver or stubs outlived the app"
+        assert not run_processes_left(runs), "tritonserver or stubs outlived the app"
         with open(log, "a") as fh:
             fh.write("=== restart ===\n")
         proc = _serve(data, http_port, grpc_port, log)
