@@ -277,22 +277,16 @@ def test_triton_runs_the_serve_command_the_cli_accepts(overlay):
     triton = container(one(docs, "Deployment", "triton"), "triton")
     argv = [expand(a, plain_env(triton)) for a in triton["command"] + triton["args"]]
     assert argv[:4] == ["python3", "-m", "studio", "serve"]
-    parser = build_parser()
-    serve = parser._subparsers._group_actions[0].choices["serve"]
-    has_metrics_flag = any("--metrics-port" in a.option_strings for a in serve._actions)
-    args = argv[3:] if has_metrics_flag else [a for a in argv[3:] if not a.startswith("--metrics-port")]
-    parsed = parser.parse_args(args)
+    parsed = build_parser().parse_args(argv[3:])
     ports = {p["name"]: p["containerPort"] for p in triton["ports"]}
     assert parsed.triton_bind == "0.0.0.0"
     assert (parsed.http_port, parsed.grpc_port) == (ports["http"], ports["grpc"])
     assert parsed.runtime == ("trtllm" if name == "gpu-trtllm" else "torch")
     if name.startswith("gpu-"):
-        assert parsed.no_download and not parsed.demo_weights
+        assert parsed.no_download and parsed.require_weights and not parsed.demo_weights
         assert str(parsed.checkpoints).startswith("/models/") and str(parsed.engines).startswith("/models/")
     else:
         assert parsed.demo_weights
-    if not has_metrics_flag:
-        pytest.skip("studio serve has no --metrics-port yet (the metrics part of the issue); the rest parsed")
     assert parsed.metrics_port == ports["metrics"]
 
 
