@@ -50,7 +50,6 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                    help="address the embedded Triton server listens on (default 127.0.0.1; 0.0.0.0 in a "
                         "container to publish its ports)")
     g.add_argument("--require-weights", action="store_true",
-                   default=os.environ.get("STUDIO_REQUIRE_WEIGHTS", "0") in ("1", "true"),
                    help="refuse to start when a family's real weights are missing instead of falling back to the "
                         "demo weights (noise); for deployments ($STUDIO_REQUIRE_WEIGHTS=1)")
     g.add_argument("--no-asr", action="store_true",
