@@ -216,10 +216,12 @@ def test_warm_up_runs_touch_only_the_spare_positions(llm, tokens):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_compiled_graphs_give_the_eager_tokens_on_cuda(spark_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("attention", ["matmul", "kernel"])
+def test_compiled_graphs_give_the_eager_tokens_on_cuda(spark_dir, tmp_path, monkeypatch, attention):
     """The server's path on CUDA (fused step compiled, one CUDA graph per bucket, device sampling)
     against the eager step, in float32 with TF32 off (only summation order differs), with
-    joins, leaves and every row bucket; and one compiled graph (two where R is backed)."""
+    joins, leaves and every row bucket; and one compiled graph (two where R is backed). With both
+    attention forms (the Triton kernels must pass their start-up check and be used)."""
     from torch._dynamo.utils import counters
 
     monkeypatch.setenv("STUDIO_DATA_DIR", str(tmp_path))
@@ -227,18 +229,18 @@ def test_compiled_graphs_give_the_eager_tokens_on_cuda(spark_dir, tmp_path, monk
     precision = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")  # no TF32 (restored below)
     try:
-        _compare_compiled_and_eager_on_cuda(spark_dir, counters)
+        _compare_compiled_and_eager_on_cuda(spark_dir, counters, attention)
     finally:
         torch.set_float32_matmul_precision(precision)
 
 
-def _compare_compiled_and_eager_on_cuda(spark_dir, counters) -> None:
+def _compare_compiled_and_eager_on_cuda(spark_dir, counters, attention: str) -> None:
     model = load_llm(spark_dir / "LLM").to("cuda", torch.float32)
     torch._dynamo.reset()
     before = counters["stats"]["unique_graphs"]
 
     def run(graphs: bool) -> tuple[list[list[int]], dict]:
-        batch = DecodeBatch(model, 4, 300, cuda_graphs=graphs)
+        batch = DecodeBatch(model, 4, 300, cuda_graphs=graphs, attention=attention)
         params = [SamplingParams(max_new_tokens=40), SamplingParams(top_k=1, max_new_tokens=12),
                   SamplingParams(top_k=0, top_p=0.8, max_new_tokens=25), SamplingParams(temperature=1.2, max_new_tokens=20)]
         seqs = [Sequence(_prompt(10 + i, 8 + 3 * i), p, END, seed=i) for i, p in enumerate(params)]
@@ -254,6 +256,7 @@ def _compare_compiled_and_eager_on_cuda(spark_dir, counters) -> None:
 
     fast, stats = run(True)
     assert stats["compiled"] and not stats.get("capture_errors"), stats
+    assert stats["attention"] == attention, stats
     assert stats["graphs"] == len(graph_buckets(GRAPH_ROWS, 4)) * len(graph_buckets(GRAPH_LENGTHS, 300))
     assert counters["stats"]["unique_graphs"] - before == (1 if stats["unbacked_rows"] else 2)
     eager, _ = run(False)

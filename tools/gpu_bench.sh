@@ -150,7 +150,7 @@ fi
 if want spark-step; then
   say "Spark decode step bench (eager / fused graph / compiled graph, rows 1, 8, 16)"
   if [[ -n $TINY ]]; then STEP=(--tiny --device cpu --dtype float32); else STEP=(); fi
-  timeout --kill-after=10 110 $PY tools/gpu_spark_step_bench.py --out "$W/spark" "${STEP[@]}" >"$W/spark_step.log" 2>&1
+  timeout --kill-after=10 "${SPARK_STEP_LIMIT_S:-240}" $PY tools/gpu_spark_step_bench.py --out "$W/spark" "${STEP[@]}" >"$W/spark_step.log" 2>&1
   say "Spark step bench exit $?"
   grep -v -i "warn\|^$" "$W/spark_step.log" | tail -n 12 | tee -a "$LOG"
   pack

@@ -8,7 +8,8 @@ For 1, 8 and 16 running sequences with ~1000-token prompts, times one `DecodeBat
 decode forward, sampling with the default top-k / top-p, the host round trip: what the engine's loop
 pays per token) in a batch built with `cuda_graphs=False` and one with `cuda_graphs=True` (the
 graphs are captured when the batch is built: that time is reported too), compiled with one token
-per replay and with TOKENS_PER_REPLAY (the default). End tokens are masked (min_new_tokens) since
+per replay and with TOKENS_PER_REPLAY (the default), and compiled with the Triton attention
+kernels (`STUDIO_SPARK_ATTENTION=kernel`) at TOKENS_PER_REPLAY and 8 tokens a replay. End tokens are masked (min_new_tokens) since
 random weights would emit them at random. Writes RESULTS/spark_step.json. Times are per token (a
 fast-path step() makes tokens_per_replay tokens per row); tokens/s per stream = 1000 / ms.
 """
@@ -28,8 +29,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from tts.spark.decode import (FAST_ENV, TOKENS_ENV, TOKENS_PER_REPLAY, DecodeBatch, SamplingParams,  # noqa: E402
-                              Sequence)
+from tts.spark.decode import (ATTENTION_ENV, FAST_ENV, TOKENS_ENV, TOKENS_PER_REPLAY, DecodeBatch,  # noqa: E402
+                              SamplingParams, Sequence)
+
+#: The forms timed: name -> (STUDIO_SPARK_FAST, tokens per replay, STUDIO_SPARK_ATTENTION).
+FORMS = {"eager": ("0", 1, "matmul"), "graph": ("graph", TOKENS_PER_REPLAY, "matmul"),
+         "compile": ("compile", TOKENS_PER_REPLAY, "matmul"), "compile1": ("compile", 1, "matmul"),
+         "kernel": ("compile", TOKENS_PER_REPLAY, "kernel"), "kernel8": ("compile", 8, "kernel")}
 
 #: Qwen2.5-0.5B as Spark-TTS-0.5B's LLM/config.json has it (vocabulary grown by Spark's tokens).
 SPARK_LLM = dict(vocab_size=166000, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
@@ -84,10 +90,11 @@ def profile_steps(batch: DecodeBatch, device, n: int = 20, top: int = 25) -> lis
 
 def bench_batch(model, name: str, slots: int, seq_len: int, prompt_len: int, rows_list, iters: int, device,
                 out: dict) -> None:
-    """name: eager (STUDIO_SPARK_FAST=0), graph (fused step in CUDA graphs), compile (compiled + graphs),
-    compile1 (compiled + graphs, one token per replay instead of TOKENS_PER_REPLAY)."""
-    os.environ[FAST_ENV] = {"eager": "0", "compile1": "compile"}.get(name, name)
-    os.environ[TOKENS_ENV] = "1" if name == "compile1" else str(TOKENS_PER_REPLAY)
+    """name (`FORMS`): eager (STUDIO_SPARK_FAST=0), graph (fused step in CUDA graphs), compile
+    (compiled + graphs), compile1 (the same, one token per replay instead of TOKENS_PER_REPLAY),
+    kernel (compiled + graphs with the Triton attention), kernel8 (the same, 8 tokens a replay)."""
+    fast, tokens, attention = FORMS[name]
+    os.environ[FAST_ENV], os.environ[TOKENS_ENV], os.environ[ATTENTION_ENV] = fast, str(tokens), attention
     t0 = time.perf_counter()
     batch = DecodeBatch(model, slots, seq_len)
     sync(device)
@@ -109,7 +116,7 @@ def bench_batch(model, name: str, slots: int, seq_len: int, prompt_len: int, row
         sync(device)
         out[f"{name}_prefill_ms_each_r{rows}"] = round((time.perf_counter() - t0) * 1000 / rows, 2)
         out[f"{name}_step_ms_r{rows}"] = time_steps(batch, device, iters)
-        if rows == 1 and device.type == "cuda" and name != "eager":
+        if rows == 1 and device.type == "cuda" and name in ("compile", "kernel"):
             out[f"{name}_profile_r1"] = profile_steps(batch, device)
         for seq in seqs:
             batch.drop(seq)
@@ -146,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     with torch.inference_mode():
         bench_batch(model, "eager", slots, seq_len, prompt_len, rows_list, iters, device, out)
         save(args.out, out)
-        for name in (("graph", "compile", "compile1") if device.type == "cuda" else ()):
+        for name in (("compile", "kernel", "kernel8", "compile1", "graph") if device.type == "cuda" else ()):
             try:
                 bench_batch(model, name, slots, seq_len, prompt_len, rows_list, iters, device, out)
             except Exception as exc:  # noqa: BLE001 - recorded in the results
@@ -155,16 +162,21 @@ def main(argv: list[str] | None = None) -> int:
             save(args.out, out)  # a run cut off by a time limit keeps what it measured
     save(args.out, out)
     print(f"\nSpark LLM DecodeBatch.step ({out.get('device_name', device)}, {args.dtype}, ~{prompt_len} keys)")
-    print(f"rows | eager ms | fused graph ms | compiled graph ms, 1 token a replay | compiled graph ms, "
-          f"{TOKENS_PER_REPLAY} a replay | tokens/s per stream (best)   (ms per token)")
+    names = list(FORMS)
+    print("rows | " + " | ".join(f"{n} ({FORMS[n][1]} a replay, {FORMS[n][2]})" for n in names)
+          + " | tokens/s per stream (best)   (ms per token)")
     for rows in rows_list:
-        e, g, c1, c = (out.get(f"{n}_step_ms_r{rows}") for n in ("eager", "graph", "compile1", "compile"))
-        best = min(x for x in (e, g, c1, c) if x) if any((e, g, c1, c)) else None
-        print(f"{rows} | {e} | {g} | {c1} | {c} | {round(1000 / best, 1) if best else ''}")
-    for key in ("graph_batch_build_s", "compile_batch_build_s", "compile1_batch_build_s", "graph_error",
-                "compile_error", "compile1_error"):
-        if key in out:
-            print(f"{key}: {out[key]}")
+        ms = [out.get(f"{n}_step_ms_r{rows}") for n in names]
+        best = min((x for x in ms if x), default=None)
+        print(f"{rows} | " + " | ".join(str(x) for x in ms) + f" | {round(1000 / best, 1) if best else ''}")
+    for n in names:
+        for key in (f"{n}_batch_build_s", f"{n}_error"):
+            if key in out:
+                print(f"{key}: {out[key]}")
+        stats = out.get(f"{n}_stats") or {}
+        if "attention" in stats:
+            print(f"{n}: attention {stats['attention']} {stats.get('attention_note', '')} "
+                  f"check {stats.get('attention_check_rel_error', '')}")
     return 0
 
 

@@ -137,6 +137,12 @@ FAST_ENV = "STUDIO_SPARK_FAST"  # "0"/"off": eager steps; "graph": fused step in
 #: measured on an H200) shrinks T-fold; a finished or redrawn row drops the replay's later steps.
 TOKENS_PER_REPLAY = 4
 TOKENS_ENV = "STUDIO_SPARK_STEP_TOKENS"  # 1..kv_cache.SPARE_POSITIONS
+#: The fast step's attention: "matmul" (batched matrix products, ~8 launches a layer) or "kernel"
+#: (`tts.spark.attention_kernel`, two Triton launches a layer; checked against the plain-torch form
+#: at start-up, which it falls back to on a mismatch or where Triton cannot run).
+ATTENTION_ENV = "STUDIO_SPARK_ATTENTION"
+ATTENTION_FORMS = ("matmul", "kernel")
+DEFAULT_ATTENTION = "matmul"
 
 
 def _log(msg: str) -> None:
@@ -162,6 +168,13 @@ def tokens_per_replay_from_env() -> int:
     return int(raw)
 
 
+def attention_from_env() -> str:
+    raw = os.environ.get(ATTENTION_ENV, "").strip().lower() or DEFAULT_ATTENTION
+    if raw not in ATTENTION_FORMS:
+        raise ValueError(f"{ATTENTION_ENV}={raw!r} is not understood; use one of {', '.join(ATTENTION_FORMS)}")
+    return raw
+
+
 def fast_mode_from_env() -> str:
     raw = os.environ.get(FAST_ENV, "").strip().lower()
     if raw in ("0", "off", "false", "no", "eager"):
@@ -183,12 +196,14 @@ class DecodeBatch:
     """
 
     def __init__(self, model, max_batch: int, max_seq_len: int, cuda_graphs: bool | None = None,
-                 fused: bool = False, log=None, tokens_per_replay: int | None = None):
+                 fused: bool = False, log=None, tokens_per_replay: int | None = None,
+                 attention: str | None = None):
         """cuda_graphs: None = the fast path on CUDA as STUDIO_SPARK_FAST says (default compile +
         graphs), True = required, False = eager `forward_step`. fused=True on a CPU model runs the
         fused step without graphs (tests compare it with the eager step). tokens_per_replay: decode
         steps per fast-path step() (None = STUDIO_SPARK_STEP_TOKENS, default TOKENS_PER_REPLAY);
-        the eager path always makes one."""
+        the eager path always makes one. attention: the fast step's attention form (None =
+        STUDIO_SPARK_ATTENTION, default DEFAULT_ATTENTION; see `ATTENTION_FORMS`)."""
         self.model = model
         self.cache: StaticKVCache = new_cache(model, max_batch, max_seq_len)
         self.slots: list[Sequence | None] = [None] * max_batch
@@ -204,7 +219,8 @@ class DecodeBatch:
             self.steps, self.stats = FS.build_steps(model, self.cache, graph_buckets(GRAPH_ROWS, max_batch),
                                                     graph_buckets(GRAPH_LENGTHS, max_seq_len),
                                                     compile_=mode == "compile", log=log or _log,
-                                                    tokens=self.tokens_per_replay)
+                                                    tokens=self.tokens_per_replay,
+                                                    attention=attention or attention_from_env())
         self._row_buckets = sorted({r for r, _ in self.steps})
         self._len_buckets = sorted({n for _, n in self.steps})
 

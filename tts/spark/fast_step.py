@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tts.spark import attention_kernel  # registers sparkstudio::decode_attention
 from tts.spark.kv_cache import SPARE_POSITIONS, StaticKVCache
 from tts.spark.llm import llm_shape
 
@@ -123,6 +124,7 @@ class FusedDecoder(nn.Module):
             cos, sin = model.model.rotary_emb(torch.zeros(1, device=p.device, dtype=p.dtype), pos)
         self.register_buffer("cos", cos[0].contiguous(), persistent=False)  # [S, Dh] model dtype
         self.register_buffer("sin", sin[0].contiguous(), persistent=False)
+        self.attention = "matmul"  # `decode_layer`'s attention form (`choose_attention` sets it)
 
     def forward(self, keys: Tensor, values: Tensor, tokens: Tensor, positions: Tensor, length: int):
         s = self.shape
@@ -135,7 +137,7 @@ class FusedDecoder(nn.Module):
         for i, ly in enumerate(self.layers):
             h, k, v = self.layer_fn(h, keys[i], values[i], cos, sin, cached,
                                     ly.ln1, ly.wqkv, ly.bqkv, ly.wo, ly.ln2, ly.wgu, ly.wd, self.eps,
-                                    s.n_heads, s.n_kv_heads)
+                                    s.n_heads, s.n_kv_heads, self.attention)
             k_out.append(k)
             v_out.append(v)
         logits = F.linear(rms_norm(h, self.norm, self.eps), self.lm_head).float()
@@ -146,7 +148,7 @@ class FusedDecoder(nn.Module):
 
 def decode_layer(h: Tensor, ks: Tensor, vs: Tensor, cos: Tensor, sin: Tensor, cached: Tensor, ln1: Tensor,
                  wqkv: Tensor, bqkv: Tensor | None, wo: Tensor, ln2: Tensor, wgu: Tensor, wd: Tensor, eps: float,
-                 n_heads: int, n_kv: int) -> tuple[Tensor, Tensor, Tensor]:
+                 n_heads: int, n_kv: int, attention: str = "matmul") -> tuple[Tensor, Tensor, Tensor]:
     """One decoder layer for one new token per row. h [R, D]; ks/vs [B, KV, S, Dh] this layer's
     whole cache, of which slots 0..R-1 and their first L = cached.shape[-1] keys are looked at and
     only those with `cached` [R, L] true are read (positions before the row's own); cos/sin [R, Dh]. Returns
@@ -160,20 +162,26 @@ def decode_layer(h: Tensor, ks: Tensor, vs: Tensor, cos: Tensor, sin: Tensor, ca
     length, a broadcast [R, 1, Dh] axis, R = 1. Now only R and L are symbols (`compile_decoder`
     marks them), the slab is static and has slots and positions past any bucket
     (`kv_cache.SPARE_SLOTS`, `SPARE_POSITIONS`: a slice never spans a whole axis), the 1s are
-    literals, and R is unbacked where torch allows it: one graph for every bucket."""
+    literals, and R is unbacked where torch allows it: one graph for every bucket.
+
+    attention: "matmul" (the products below) or "kernel" (`tts.spark.attention_kernel`: two Triton
+    kernels in place of the ~8 launches of the products, CUDA only); a constant to the compiler."""
     rows, dh = h.shape[0], ks.shape[-1]
     rep = n_heads // n_kv
     scale = dh ** -0.5
     length = cached.shape[-1]
-    ks, vs = ks[:rows, :, :length], vs[:rows, :, :length]
     cos, sin = cos.view(rows, 1, dh), sin.view(rows, 1, dh)
-    cached = cached.view(rows, 1, 1, length)
     qkv = F.linear(rms_norm(h, ln1, eps), wqkv, bqkv)
     q = qkv[:, : n_heads * dh].view(rows, n_heads, dh)
     k = qkv[:, n_heads * dh: (n_heads + n_kv) * dh].view(rows, n_kv, dh)
     v = qkv[:, (n_heads + n_kv) * dh:].view(rows, n_kv, dh)
     q = q * cos + _rotate_half(q) * sin
     k = k * cos + _rotate_half(k) * sin
+    if attention == "kernel":
+        out = torch.ops.sparkstudio.decode_attention(q, k, v, ks, vs, cached, scale)
+        return _layer_tail(h, out.view(rows, n_heads * dh), wo, ln2, wgu, wd, eps), k, v
+    ks, vs = ks[:rows, :, :length], vs[:rows, :, :length]
+    cached = cached.view(rows, 1, 1, length)
     qg = q.view(rows, n_kv, rep, dh)
     old = torch.matmul(qg, ks.transpose(-1, -2)) * scale  # [R, KV, rep, L]
     old = old.masked_fill(~cached, float("-inf"))
@@ -184,10 +192,14 @@ def decode_layer(h: Tensor, ks: Tensor, vs: Tensor, cos: Tensor, sin: Tensor, ca
     # kernel for this product (profiled on an H200: 47 us a layer, 1.1 ms of a 2.5 ms step).
     p_old = probs[..., :length].contiguous()
     out = torch.matmul(p_old, vs) + probs[..., length:] * v.view(rows, n_kv, 1, dh)
-    h = h + F.linear(out.reshape(rows, n_heads * dh), wo)
+    return _layer_tail(h, out.reshape(rows, n_heads * dh), wo, ln2, wgu, wd, eps), k, v
+
+
+def _layer_tail(h: Tensor, attn: Tensor, wo: Tensor, ln2: Tensor, wgu: Tensor, wd: Tensor, eps: float) -> Tensor:
+    """The attention's output projection and residual, then the MLP and its residual: h, attn [R, D]."""
+    h = h + F.linear(attn, wo)
     g, u = F.linear(rms_norm(h, ln2, eps), wgu).chunk(2, dim=-1)
-    h = h + F.linear(F.silu(g) * u, wd)
-    return h, k, v
+    return h + F.linear(F.silu(g) * u, wd)
 
 
 def write_new_kv(cache: StaticKVCache, positions: Tensor, k_new: Tensor, v_new: Tensor) -> None:
@@ -428,9 +440,58 @@ def compile_decoder(decoder: FusedDecoder, log: Callable[[str], None] | None = N
         return decoder, stats
 
 
+#: Largest difference the attention kernel may show against its plain-torch form at start-up, as a
+#: fraction of the outputs' largest magnitude: bf16 outputs round at 2^-8 (0.4 %); a wrong kernel is off
+#: by the order of the values themselves.
+KERNEL_CHECK_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+
+
+def check_attention_kernel(decoder: FusedDecoder, device: torch.device, rows: int = 3, length: int = 300) -> float:
+    """The attention kernel against `attention_kernel.reference` on random inputs shaped like the
+    model's (rows, length keys, part of them masked); returns max |difference| / max |reference|."""
+    s = decoder.shape
+    dtype = decoder.embed.dtype
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen, device=device, dtype=torch.float32).to(dtype)
+
+    q, kn, vn = rnd(rows, s.n_heads, s.head_dim), rnd(rows, s.n_kv_heads, s.head_dim), rnd(rows, s.n_kv_heads, s.head_dim)
+    keys, values = rnd(rows + 1, s.n_kv_heads, length + 64, s.head_dim), rnd(rows + 1, s.n_kv_heads, length + 64, s.head_dim)
+    cached = torch.arange(length, device=device).view(1, -1) < torch.tensor([length, length // 3, 0], device=device)[:rows].view(-1, 1)
+    scale = s.head_dim ** -0.5
+    out = attention_kernel.decode_attention(q, kn, vn, keys, values, cached, scale).float()
+    ref = attention_kernel.reference(q, kn, vn, keys, values, cached, scale).float()
+    return float((out - ref).abs().max() / ref.abs().max().clamp(min=1e-12))
+
+
+def choose_attention(decoder: FusedDecoder, device: torch.device, wanted: str,
+                     log: Callable[[str], None] | None = None) -> dict:
+    """Set decoder.attention: "kernel" where wanted, Triton runs here and the kernel passes
+    `check_attention_kernel`; else "matmul". Returns what was chosen and why."""
+    chosen: dict = {"attention": "matmul", "attention_wanted": wanted}
+    if wanted == "kernel":
+        if device.type != "cuda" or not attention_kernel.available():
+            chosen["attention_note"] = "Triton kernels need CUDA and Triton here"
+        else:
+            try:
+                err = check_attention_kernel(decoder, device)
+                chosen["attention_check_rel_error"] = round(err, 6)
+                if err <= KERNEL_CHECK_TOLERANCE.get(decoder.embed.dtype, 2e-2):
+                    chosen["attention"] = "kernel"
+                else:
+                    chosen["attention_note"] = "kernel differs from the plain-torch form"
+            except Exception as exc:  # noqa: BLE001 - keep serving with the matrix products
+                chosen["attention_note"] = f"{type(exc).__name__}: {exc}"[:300]
+        if chosen["attention"] != "kernel" and log:
+            log(f"attention kernel not used ({chosen['attention_note']}); matrix products instead")
+    decoder.attention = chosen["attention"]
+    return chosen
+
+
 def build_steps(model, cache: StaticKVCache, row_buckets: list[int], length_buckets: list[int],
                 compile_: bool = True, log: Callable[[str], None] | None = None,
-                tokens: int = 1) -> tuple[dict, dict]:
+                tokens: int = 1, attention: str = "matmul") -> tuple[dict, dict]:
     """Fuse, compile and capture every bucket (`tokens` steps per replay); returns
     ({(rows, length): FastStep}, stats). On a CPU cache: the fused steps uncompiled and without
     graphs (`EagerFusedStep`, for tests)."""
@@ -439,9 +500,11 @@ def build_steps(model, cache: StaticKVCache, row_buckets: list[int], length_buck
     if decoder is None or decoder.cos.shape[0] < cache.slab_positions:  # RoPE rows for the spare ones too
         decoder = FusedDecoder(model, cache.slab_positions)
         model._fused_decoder = decoder
+    with torch.no_grad():
+        chosen = choose_attention(decoder, cache.k.device, attention, log)
     if cache.k.device.type != "cuda":
         steps = {(r, n): EagerFusedStep(decoder, cache, r, n, tokens) for r in row_buckets for n in length_buckets}
-        return steps, {"compiled": False, "graphs": 0, "tokens_per_replay": tokens}
+        return steps, {"compiled": False, "graphs": 0, "tokens_per_replay": tokens, **chosen}
     pool = torch.cuda.graph_pool_handle()
     step_s: dict[str, float] = {}  # each bucket's build; the compiles happen inside the first ones
 
@@ -481,7 +544,7 @@ def build_steps(model, cache: StaticKVCache, row_buckets: list[int], length_buck
     if errors:
         stats["capture_errors"] = errors
     slow = {k: v for k, v in step_s.items() if v >= 1.0}  # where start-up goes: builds that compiled
-    stats.update(graphs=len(steps), tokens_per_replay=tokens, build_s=round(time.perf_counter() - t0, 2),
+    stats.update(graphs=len(steps), tokens_per_replay=tokens, build_s=round(time.perf_counter() - t0, 2), **chosen,
                  slow_buckets_s=slow, other_buckets_s=round(sum(v for v in step_s.values() if v < 1.0), 2))
     if log:
         log(f"decode steps ready: {stats}")
