@@ -219,3 +219,55 @@ def test_several_tokens_per_replay_give_the_same_audio_chunks_and_segments(spark
     assert spark_pipeline._solo_batch.tokens_per_replay == 3
     assert [len(o) for o in several] == [len(o) for o in one] and len(one[1]) >= 2
     assert several == one
+
+
+def test_vocoding_runs_beside_decoding_and_its_failure_stays_with_its_request(spark_pipeline, monkeypatch):
+    """The engine's vocoder thread: while a (slowed) window is being vocoded the decode loop keeps
+    stepping; chunks come in order with the same audio as the inline vocoder; a window whose
+    vocoding fails fails only its own request, which leaves the batch, and the engine goes on."""
+    import time
+
+    from tts.spark.engine import SparkEngine
+
+    real = spark_pipeline.vocode
+    state = {"slow": 0.0, "fail": False, "steps_during": []}
+    engine = None
+
+    def vocode(global_tokens, window):
+        if state["fail"]:
+            raise RuntimeError("vocoder out of memory")
+        before = engine.steps if engine else 0
+        time.sleep(state["slow"])
+        state["steps_during"].append((engine.steps if engine else 0) - before)
+        return real(global_tokens, window)
+
+    streaming = SparkRequest("A streaming request.", noise_clip(1.5, seed=2), "Ref.", options=_greedy(160),
+                             streaming=True)
+    inline = SparkEngine(spark_pipeline, max_batch_size=2, vocode_thread=False)
+    try:
+        assert inline.vocoder is None
+        ref = inline.submit(streaming).result(timeout=120)
+    finally:
+        inline.close()
+    monkeypatch.setattr(spark_pipeline, "vocode", vocode)
+    engine = SparkEngine(spark_pipeline, max_batch_size=2, vocode_thread=True)
+    try:
+        assert engine.vocoder is not None
+        state["slow"] = 0.3
+        got = engine.submit(streaming).result(timeout=120)
+        assert [c.index for c in got.chunks] == list(range(len(ref.chunks))) and got.chunks[-1].final
+        assert [c.wav.tobytes() for c in got.chunks] == [c.wav.tobytes() for c in ref.chunks]
+        assert max(state["steps_during"]) > 0  # decoding went on during a vocoder call
+        state.update(slow=0.0, fail=True)
+        with pytest.raises(RuntimeError, match="out of memory"):
+            engine.submit(SparkRequest("Fails.", noise_clip(1.0), options=_greedy(80))).result(timeout=60)
+        for _ in range(500):
+            if engine.running_batch_size == 0 and not engine.scheduler.busy:
+                break
+            time.sleep(0.01)
+        assert not engine.scheduler.busy  # the failed request left the batch
+        state["fail"] = False
+        after = engine.submit(SparkRequest("After.", noise_clip(1.0), options=_greedy(10))).result(timeout=60)
+        assert len(after.wav) == 10 * SAMPLES_PER_TOKEN
+    finally:
+        engine.close()

@@ -11,10 +11,12 @@ called from the engine's threads with each `SparkChunk` in order, or once with a
 `SparkCancelled` after `cancel()`, another exception (its message is for the user) when the request
 failed. After a chunk with `final` set, or after an exception, nothing more comes for that request.
 
-Two threads: a preparation thread (reference tokenization with wav2vec2 + BiCodec, prompt cache,
-text segmentation) and the decode loop (admit prepared requests into free slots, one decode step
-for the whole running batch, vocode ready windows). A request joins the running batch between two
-steps and leaves it when its last segment ends, so new requests never wait for a batch to drain.
+Three threads: a preparation thread (reference tokenization with wav2vec2 + BiCodec, prompt cache,
+text segmentation), the decode loop (admit prepared requests into free slots, one decode step
+for the whole running batch) and the vocoder (`tts.spark.vocode_worker`: windows whose tokens are
+ready, vocoded and delivered in order while decoding goes on; STUDIO_SPARK_VOCODE_THREAD=0 vocodes
+on the decode loop instead). A request joins the running batch between two steps and leaves it
+when its last segment ends, so new requests never wait for a batch to drain.
 """
 
 from __future__ import annotations
@@ -26,15 +28,28 @@ import uuid
 from collections import deque
 from typing import Callable, Iterator
 
+import os
+
 import numpy as np
 
 from tts.spark.pipeline import SparkPipeline
 from tts.spark.request import SparkChunk, SparkRequest, SparkResult
 from tts.spark.scheduler import Scheduler
 from tts.spark.session import RequestState
+from tts.spark.vocode_worker import VocodeWorker
 
 #: How long the idle decode loop sleeps between checks for work (it is also woken on submit).
 IDLE_WAIT_S = 0.05
+VOCODE_THREAD_ENV = "STUDIO_SPARK_VOCODE_THREAD"  # "0": vocode on the decode loop (as before the worker)
+
+
+def vocode_thread_from_env() -> bool:
+    raw = os.environ.get(VOCODE_THREAD_ENV, "").strip().lower()
+    if raw in ("", "1", "on", "true", "yes"):
+        return True
+    if raw in ("0", "off", "false", "no"):
+        return False
+    raise ValueError(f"{VOCODE_THREAD_ENV}={raw!r} is not understood; use 1 or 0")
 
 Event = SparkChunk | BaseException
 Callback = Callable[[Event], None]
@@ -120,7 +135,8 @@ class SparkHandle:
 
 class SparkEngine:
     def __init__(self, pipeline: SparkPipeline, max_batch_size: int | None = None, max_seq_len: int | None = None,
-                 name: str = "spark-engine"):
+                 name: str = "spark-engine", vocode_thread: bool | None = None):
+        """vocode_thread: vocode on a thread of its own (None: STUDIO_SPARK_VOCODE_THREAD, default on)."""
         self.pipeline = pipeline
         self.max_batch_size = max_batch_size or pipeline.max_batch_size
         self.max_seq_len = max_seq_len or pipeline.max_seq_len
@@ -133,7 +149,11 @@ class SparkEngine:
         self._closing = False
         self._running = 0
         self.steps = 0
-        self.scheduler = Scheduler(pipeline, self.max_batch_size, self.max_seq_len, self._emit, self._fail)
+        use_worker = vocode_thread_from_env() if vocode_thread is None else vocode_thread
+        self.vocoder = (VocodeWorker(getattr(pipeline, "device", None),
+                                     on_error=lambda state, exc: self.scheduler.vocode_failed(state, exc),
+                                     name=f"{name}-vocode") if use_worker else None)
+        self.scheduler = self._new_scheduler()
         self._prep_thread = threading.Thread(target=self._prep_loop, name=f"{name}-prep", daemon=True)
         self._loop_thread = threading.Thread(target=self._decode_loop, name=f"{name}-decode", daemon=True)
         self._prep_thread.start()
@@ -182,6 +202,8 @@ class SparkEngine:
             self._wake.notify_all()
         self._prep_thread.join(timeout)
         self._loop_thread.join(timeout)
+        if self.vocoder is not None:
+            self.vocoder.close(timeout)
         with self._lock:
             handles = list(self._handles.values())
             self._handles.clear()
@@ -261,5 +283,9 @@ class SparkEngine:
     def _reset(self, exc: BaseException) -> None:
         for rid in list(self.scheduler.states):
             self._fail(rid, RuntimeError(f"Spark decoding failed: {type(exc).__name__}: {exc}"))
-        self.scheduler = Scheduler(self.pipeline, self.max_batch_size, self.max_seq_len, self._emit, self._fail)
+        self.scheduler = self._new_scheduler()
         self._running = 0
+
+    def _new_scheduler(self) -> Scheduler:
+        return Scheduler(self.pipeline, self.max_batch_size, self.max_seq_len, self._emit, self._fail,
+                         vocoder=self.vocoder)

@@ -6,11 +6,17 @@ them; when a segment's sequence ends the next segment is prefilled at once (same
 when the last one ends the final window is vocoded and emitted with `final` set. One failing
 request is dropped with an error; the others go on. Single-threaded: the engine's loop thread (or
 the pipeline, for one request) is the only caller.
+
+Vocoding and emitting run where `vocoder` puts them: inline by default (the pipeline's one
+request), on a `tts.spark.vocode_worker.VocodeWorker` in the engine, so decoding goes on meanwhile.
+A window's vocoding that fails there is reported to its request at once and the request leaves
+the batch at the next step.
 """
 
 from __future__ import annotations
 
 import time
+import threading
 from typing import Callable
 
 from tts.spark.decode import DecodeBatch, Sequence
@@ -23,8 +29,13 @@ Fail = Callable[[RequestState, BaseException], None]
 
 class Scheduler:
     def __init__(self, pipeline, max_batch: int, max_seq_len: int, emit: Emit, fail: Fail,
-                 batch: DecodeBatch | None = None):
+                 batch: DecodeBatch | None = None, vocoder=None):
+        """vocoder: None = vocode and emit inline; else an object with submit(owner, job) running
+        the jobs in order (`VocodeWorker`, made with this scheduler's `vocode_failed` as on_error)."""
         self.pipeline = pipeline
+        self.vocoder = vocoder
+        self._lock = threading.Lock()
+        self._failed: list[str] = []  # requests whose vocoding failed on the worker: to drop
         self.batch = batch or pipeline.new_batch(max_batch, max_seq_len)
         if self.batch.running:
             raise ValueError("the scheduler needs an idle DecodeBatch")
@@ -52,6 +63,10 @@ class Scheduler:
 
     def step(self) -> None:
         """One decode step for every running sequence (no-op when none)."""
+        with self._lock:
+            failed, self._failed = self._failed, []
+        for rid in failed:
+            self.cancel(rid)
         t0 = time.perf_counter()
         results = self.batch.step()
         # the trtllm runtime's batch reports sequences whose server-side stream failed
@@ -122,10 +137,28 @@ class Scheduler:
         state.done = True
         if window is None:
             state.notes.append("the model wrote no speech (semantic) tokens")
-            self.emit(state, state.chunk(self.pipeline.empty_audio(), final=True))
+            self._emit_later(state, self.pipeline.empty_audio, final=True)
         else:
             self._vocode(state, window, final=True)
 
+    def vocode_failed(self, state: RequestState, exc: BaseException) -> None:
+        """A vocoder job failed (on the worker's thread): report it now, drop the request at the next step."""
+        state.cancelled = True
+        with self._lock:
+            self._failed.append(state.request_id)
+        self.fail(state, exc)
+
+    def _emit_later(self, state: RequestState, make_wav: Callable[[], object], final: bool) -> None:
+        """make_wav() then emit, inline or on the vocoder (in order with the request's other chunks)."""
+        def job():
+            if state.cancelled:
+                return
+            self.emit(state, state.chunk(make_wav(), final=final))
+        if self.vocoder is None:
+            job()
+        else:
+            self.vocoder.submit(state, job)
+
     def _vocode(self, state: RequestState, window, final: bool) -> None:
-        wav = self.pipeline.vocode(state.global_tokens, window)
-        self.emit(state, state.chunk(wav, final=final))
+        global_tokens = state.global_tokens
+        self._emit_later(state, lambda: self.pipeline.vocode(global_tokens, window), final)
