@@ -135,3 +135,90 @@ def test_generation_stops_at_the_cache_end(llm):
     while not s.finished:
         batch.step()
     assert s.finish_reason == "cache" and s.position == 24
+
+
+def _run_to_end(batch: DecodeBatch, seqs: list[Sequence]) -> list[list[int]]:
+    while any(not s.finished for s in seqs):
+        batch.step()
+    return [s.generated for s in seqs]
+
+
+def _joiners(seed: int) -> list[Sequence]:
+    params = [SamplingParams(top_k=1, max_new_tokens=12), SamplingParams(temperature=0.9, top_k=50, top_p=0.9,
+                                                                          max_new_tokens=15),
+              SamplingParams(temperature=1.2, top_k=0, top_p=0.8, max_new_tokens=9),
+              SamplingParams(top_k=1, max_new_tokens=1)]
+    return [Sequence(_prompt(seed + i, 7 + 11 * i), p, END, seed=i) for i, p in enumerate(params)]
+
+
+@pytest.mark.parametrize("cap", [1000, 30])
+def test_packed_prefill_gives_each_sequence_what_its_own_prefill_gives(llm, monkeypatch, cap):
+    """add_many (one packed forward, or several when the prompts exceed the cap) writes the same
+    cache and draws the same tokens as add() for each in turn, joining a batch that already runs a
+    sequence in slot 0 (so the joiners take slots 1..4), through to the end of generation."""
+    from tts.spark import decode
+
+    monkeypatch.setitem(decode.MAX_PACKED_TOKENS, "cpu", cap)
+    calls = []
+    real = decode.forward_prefill_many
+    monkeypatch.setattr(decode, "forward_prefill_many", lambda *a: calls.append(len(a[2])) or real(*a))
+    out = []
+    for packed in (False, True):
+        batch = DecodeBatch(llm, 6, 96)
+        first = Sequence(_prompt(99, 10), SamplingParams(top_k=1, max_new_tokens=20), END, seed=9)
+        batch.add(first)
+        batch.step()
+        seqs = _joiners(5)
+        toks = batch.add_many(seqs) if packed else [batch.add(s) for s in seqs]
+        assert toks == [s.generated[0] for s in seqs]
+        assert [s.slot for s in seqs] == [1, 2, 3, 4] and seqs[3].finished  # one token only: done at once
+        out.append((_run_to_end(batch, [first, *seqs]), batch.cache.k[:, 1:5, :, :40].clone()))
+    assert out[0][0] == out[1][0]
+    assert torch.allclose(out[0][1], out[1][1], atol=1e-5)
+    assert calls == ([4] if cap == 1000 else [2, 1, 1])  # prompts of 7, 18, 29, 40 tokens; cap 30: 7 + 18, 29, 40
+
+
+def test_packed_prefill_refuses_before_taking_any_slot(llm, monkeypatch):
+    from tts.spark import decode
+
+    batch = DecodeBatch(llm, 4, 64)
+    seqs = _joiners(1)[:2] + [Sequence(_prompt(3, 80), SamplingParams(), END, seed=0)]
+    with pytest.raises(ValueError, match="KV cache holds 64"):
+        batch.add_many(seqs)
+    assert batch.free_slots == 4 and all(not s.generated for s in seqs)
+    with pytest.raises(RuntimeError, match="free decode slots"):
+        batch.add_many(_joiners(2) + _joiners(3)[:1])
+    monkeypatch.setitem(decode.MAX_PACKED_TOKENS, "cpu", 20)
+    calls = []
+
+    def failing(*a):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("CUDA out of memory")
+        return decode.forward_prefill(*a[:2], a[2][0], a[3][0]).view(1, -1)
+
+    monkeypatch.setattr(decode, "forward_prefill_many", failing)
+    seqs = _joiners(4)[:2]
+    with pytest.raises(RuntimeError, match="out of memory"):
+        batch.add_many(seqs)
+    assert batch.free_slots == 4 and all(not s.generated and s.slot < 0 for s in seqs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_prefill_equals_one_prefill_each_on_cuda(spark_dir, dtype):
+    """On CUDA: bf16 takes flash attention's varlen kernel (causal, grouped-query heads), fp32 the
+    masked SDPA; both give each prompt's own prefill (logits and cache) to the dtype's rounding."""
+    from tts.spark.llm import forward_prefill_many
+
+    model = load_llm(spark_dir / "LLM").to("cuda", dtype)
+    prompts = [torch.tensor(_prompt(20 + i, n)) for i, n in enumerate((33, 5, 61))]
+    slots = [3, 0, 1]
+    one, packed = new_cache(model, 4, 128), new_cache(model, 4, 128)
+    ref = torch.stack([forward_prefill(model, one, s, p) for s, p in zip(slots, prompts)])
+    out = forward_prefill_many(model, packed, slots, prompts)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    scale = float(ref.abs().max())
+    assert float((out - ref).abs().max()) <= tol * scale
+    assert float((one.k.float() - packed.k.float()).abs().max()) <= tol * float(one.k.float().abs().max())

@@ -271,3 +271,37 @@ def test_vocoding_runs_beside_decoding_and_its_failure_stays_with_its_request(sp
         assert len(after.wav) == 10 * SAMPLES_PER_TOKEN
     finally:
         engine.close()
+
+
+def test_requests_admitted_together_share_one_prefill_and_fail_alone(spark_pipeline):
+    """Scheduler.admit_many: joining requests are prefilled in one packed forward and give their
+    solo audio; when one of them cannot start (its prompt exceeds the cache), the others still
+    start (one at a time) and it alone fails, with the reason."""
+    from tts.spark.scheduler import Scheduler
+
+    good = [SparkRequest(f"Request number {i}.", noise_clip(1.0, seed=i), "Ref.", options=_greedy(20 + 7 * i))
+            for i in range(3)]
+    solo = [spark_pipeline.synthesize(r) for r in good]
+
+    def run(requests):
+        chunks, errors = {}, {}
+        sched = Scheduler(spark_pipeline, 4, 220, lambda st, c: chunks.setdefault(st.request_id, []).append(c),
+                          lambda st, e: errors.__setitem__(st.request_id, e))
+        calls = []
+        real = sched.batch.add_many
+        sched.batch.add_many = lambda seqs: calls.append(len(seqs)) or real(seqs)
+        sched.admit_many([spark_pipeline.prepare(r, f"r{i}") for i, r in enumerate(requests)])
+        while sched.busy:
+            sched.step()
+        return chunks, errors, calls
+
+    chunks, errors, calls = run(good)
+    assert calls == [3] and not errors
+    for i, ref in enumerate(solo):
+        wav = np.concatenate([c.wav for c in chunks[f"r{i}"]])
+        assert chunks[f"r{i}"][-1].final and len(wav) == len(ref.wav)
+        assert np.max(np.abs(wav - ref.wav)) <= 1e-4
+    bad = SparkRequest("Too long a reference.", noise_clip(5.0, seed=7), "Ref.", options=_greedy(10))
+    chunks, errors, calls = run([good[0], bad, good[1]])
+    assert calls == [3] and list(errors) == ["r1"] and "KV cache holds 220" in str(errors["r1"])
+    assert sorted(chunks) == ["r0", "r2"] and all(c[-1].final for c in chunks.values())

@@ -23,7 +23,7 @@ import torch
 
 from tts.spark import fast_step as FS
 from tts.spark.kv_cache import SPARE_POSITIONS, StaticKVCache
-from tts.spark.llm import forward_prefill, forward_step, new_cache
+from tts.spark.llm import forward_prefill, forward_prefill_many, forward_step, new_cache
 
 
 @dataclass(frozen=True)
@@ -141,6 +141,10 @@ TOKENS_ENV = "STUDIO_SPARK_STEP_TOKENS"  # 1..kv_cache.SPARE_POSITIONS
 #: (`tts.spark.attention_kernel`, two Triton launches a layer; checked against the plain-torch form
 #: at start-up, which it falls back to on a mismatch or where Triton cannot run).
 ATTENTION_ENV = "STUDIO_SPARK_ATTENTION"
+#: Most prompt tokens prefilled in one packed forward (`DecodeBatch.add_many`). On CUDA the
+#: attention is flash varlen (linear memory): 8 joining prompts of ~500 tokens go in one forward.
+#: Elsewhere it is a dense block-diagonal mask (N^2: 16 MB of float32 scores a head at 2048).
+MAX_PACKED_TOKENS = {"cuda": 4096, "cpu": 2048}
 ATTENTION_FORMS = ("matmul", "kernel")
 DEFAULT_ATTENTION = "matmul"
 
@@ -244,8 +248,7 @@ class DecodeBatch:
     def free_slots(self) -> int:
         return sum(s is None for s in self.slots)
 
-    def add(self, seq: Sequence) -> int:
-        """Prefill `seq` into the lowest free slot and sample its first token; returns that token."""
+    def _check_new(self, seq: Sequence) -> None:
         if not seq.prompt_ids:
             raise ValueError("empty prompt")
         if self.steps and len(seq.end_ids) > FS.MAX_END_IDS:
@@ -253,6 +256,49 @@ class DecodeBatch:
         if len(seq.prompt_ids) + 1 > self.max_seq_len:
             raise ValueError(f"the prompt has {len(seq.prompt_ids)} tokens but the decoder's KV cache holds "
                              f"{self.max_seq_len}; use a shorter reference clip or text")
+
+    def add_many(self, seqs: list[Sequence]) -> list[int]:
+        """Prefill several sequences into the lowest free slots in packed forwards (of at most
+        MAX_PACKED_TOKENS prompt tokens each) and sample each one's first token; returns them.
+        The same cache contents and tokens as `add` for each in turn (to float rounding). Raises
+        ValueError, before anything is written, if any of them could not be added."""
+        for seq in seqs:
+            self._check_new(seq)
+        free = [i for i, s in enumerate(self.slots) if s is None]
+        if len(free) < len(seqs):
+            raise RuntimeError(f"{len(seqs)} sequences for {len(free)} free decode slots")
+        cap = MAX_PACKED_TOKENS["cuda" if self.cache.k.device.type == "cuda" else "cpu"]
+        groups, total = [[]], 0
+        for seq in seqs:  # consecutive packs of at most `cap` tokens (a longer prompt goes alone)
+            n = len(seq.prompt_ids)
+            if groups[-1] and total + n > cap:
+                groups.append([])
+                total = 0
+            groups[-1].append(seq)
+            total += n
+        # every forward first: if one fails, no slot is taken and no sequence has drawn a number
+        t0 = time.perf_counter()
+        done = []
+        for group in groups:
+            slots, free = free[:len(group)], free[len(group):]
+            logits = forward_prefill_many(self.model, self.cache, slots,
+                                          [torch.tensor(s.prompt_ids, dtype=torch.long) for s in group])
+            done.append((group, slots, logits))
+        tokens = []
+        for group, slots, logits in done:
+            for seq, slot in zip(group, slots):
+                seq.slot = slot
+                self.slots[slot] = seq
+            toks = sample_tokens(logits, group)
+            for seq, tok, row in zip(group, toks, logits):
+                self._accept(seq, tok, row)
+                seq.prefill_s = time.perf_counter() - t0
+            tokens.extend(toks)
+        return tokens
+
+    def add(self, seq: Sequence) -> int:
+        """Prefill `seq` into the lowest free slot and sample its first token; returns that token."""
+        self._check_new(seq)
         try:
             slot = self.slots.index(None)
         except ValueError:

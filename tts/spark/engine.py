@@ -261,13 +261,14 @@ class SparkEngine:
         while not self._closing:
             try:
                 self._apply_cancels()
-                while self.scheduler.free_slots:
-                    with self._lock:
-                        state = self._ready.popleft() if self._ready else None
-                    if state is None:
-                        break
-                    if self._alive(state.request_id):
-                        self.scheduler.admit(state)
+                joining = []  # prefilled together: one packed forward instead of one each
+                with self._lock:
+                    while self._ready and len(joining) < self.scheduler.free_slots:
+                        state = self._ready.popleft()
+                        if state.request_id in self._handles and state.request_id not in self._cancels:
+                            joining.append(state)
+                if joining:
+                    self.scheduler.admit_many(joining)
                 if self.scheduler.busy:
                     self.scheduler.step()
                     self.steps += 1

@@ -3,9 +3,10 @@
 `LLM/` is loaded with `transformers.Qwen2ForCausalLM` (embedding, decoder layers, RMSNorms, rotary
 table and the tied output projection are its modules). The forward pass is written here because
 the decode loop needs what generate() does not offer: one static KV cache shared by sequences that
-join and leave between steps, each at its own position. Two entry points:
+join and leave between steps, each at its own position. Three entry points:
 
     forward_prefill(llm, cache, slot, ids [T], start)            -> logits [V] of the last position
+    forward_prefill_many(llm, cache, slots [N], [ids [T_i]])     -> logits [N, V], one forward for N prompts
     forward_step(llm, cache, tokens [R], positions [R], length)  -> logits [R, V]
 
 Rows of `forward_step` are slots 0..R-1 (free slots in between carry a dummy token at position 0,
@@ -16,6 +17,7 @@ its logits do not depend on the other rows beyond float rounding.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 from pathlib import Path
 
 import torch
@@ -139,6 +141,84 @@ def forward_prefill(model, cache: StaticKVCache, slot: int, ids: torch.Tensor, s
     with _sdpa_backends():
         h = _layers(model, h, positions, attend)
     return model.lm_head(h[:, -1]).float()[0]
+
+
+def _causal_varlen():
+    """(varlen_attn, its keyword arguments for causal attention with grouped-query heads, whether it
+    takes fewer KV heads) or None: torch's flash attention over packed sequences, whose signature
+    changed between releases (2.11: is_causal; later: window_size=(-1, 0) and enable_gqa)."""
+    import inspect
+
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    if "window_size" in params:
+        kw = {"window_size": (-1, 0)}
+    elif "is_causal" in params:
+        kw = {"is_causal": True}
+    else:
+        return None
+    gqa = "enable_gqa" in params
+    if gqa:
+        kw["enable_gqa"] = True
+    return varlen_attn, kw, gqa
+
+
+def packed_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """Causal attention within each of several prompts packed on one axis: q [1, H, N, D], k / v
+    [1, KV, N, D] (N = sum(lengths), prompt i's tokens after prompt i - 1's) -> [1, H, N, D].
+
+    On CUDA in bf16 / fp16: flash attention's varlen kernel (no N x N work). Elsewhere (CPU, fp32):
+    SDPA over the whole axis with a block-diagonal causal mask, the same function (N^2 memory)."""
+    n = q.shape[2]
+    varlen = _causal_varlen() if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) else None
+    if varlen is not None:
+        fn, kw, gqa = varlen
+        rep = q.shape[1] // k.shape[1]
+        qs, ks, vs = (x[0].transpose(0, 1) for x in (q, k, v))  # [N, heads, D]
+        if not gqa and rep > 1:
+            ks, vs = ks.repeat_interleave(rep, dim=1), vs.repeat_interleave(rep, dim=1)
+        cu = torch.tensor([0, *accumulate(lengths)], device=q.device, dtype=torch.int32)
+        out = fn(qs.contiguous(), ks.contiguous(), vs.contiguous(), cu, cu, max(lengths), max(lengths), **kw)
+        return out.transpose(0, 1)[None]
+    seq = torch.repeat_interleave(torch.arange(len(lengths), device=q.device), torch.tensor(lengths, device=q.device))
+    pos = torch.arange(n, device=q.device)
+    mask = (seq[:, None] == seq[None, :]) & (pos[None, :] <= pos[:, None])
+    with _sdpa_backends():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[None, None], enable_gqa=True)
+
+
+@torch.no_grad()
+def forward_prefill_many(model, cache: StaticKVCache, slots: list[int], prompts: list[torch.Tensor]) -> torch.Tensor:
+    """Prefill several new sequences in one forward: prompt i (int64 [T_i]) into slot slots[i] at
+    positions 0..T_i-1. Returns each prompt's last-position logits [N, V] (float32), what
+    `forward_prefill` gives for each alone (to float rounding).
+
+    Why: sequences joining the running batch are prefilled between two decode steps, and every
+    running sequence waits meanwhile. Alone, a ~400-token prefill is hundreds of small kernel
+    launches for little arithmetic; several joining prompts packed on one token axis cost about
+    the launches of one."""
+    if len(slots) != len(prompts) or not prompts:
+        raise ValueError(f"{len(slots)} slots for {len(prompts)} prompts")
+    lengths = [int(p.shape[0]) for p in prompts]
+    if min(lengths) < 1 or max(lengths) > cache.max_seq_len:
+        raise ValueError(f"prompt lengths {lengths}: each must be 1..{cache.max_seq_len} (the KV cache length)")
+    device = cache.k.device
+    ids = torch.cat([p.view(-1) for p in prompts]).to(device).view(1, -1)
+    positions = torch.cat([torch.arange(n) for n in lengths]).to(device)
+    slot_of = torch.repeat_interleave(torch.tensor(slots), torch.tensor(lengths)).to(device)
+    h = model.model.embed_tokens(ids)
+
+    def attend(i, q, k, v):
+        cache.k[i, slot_of, :, positions] = k[0].transpose(0, 1)  # [N, KV, D] -> (slot, position) of each token
+        cache.v[i, slot_of, :, positions] = v[0].transpose(0, 1)
+        return packed_causal_attention(q, k, v, lengths)
+
+    h = _layers(model, h, positions.view(1, -1), attend)
+    last = torch.tensor(lengths, device=device).cumsum(0) - 1
+    return model.lm_head(h[0, last]).float()
 
 
 @torch.no_grad()

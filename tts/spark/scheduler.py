@@ -61,6 +61,37 @@ class Scheduler:
         self.states[state.request_id] = state
         self._guard(state, self._next_segment, state)
 
+    def admit_many(self, states: list[RequestState]) -> None:
+        """Start several prepared requests (as many free slots), their first segments prefilled
+        together where the batch can (`DecodeBatch.add_many`); if that fails, one at a time, so
+        a request that cannot start fails alone."""
+        firsts = []
+        for state in states:
+            self.states[state.request_id] = state
+            try:
+                seq = state.next_sequence()
+            except Exception as exc:  # noqa: BLE001 - this request's own problem (its text)
+                self.cancel(state.request_id)
+                self.fail(state, exc)
+                continue
+            if seq is None:
+                self._guard(state, self._finish, state)
+            else:
+                firsts.append((state, seq))
+        add_many = getattr(self.batch, "add_many", None)
+        toks = None
+        if add_many is not None and len(firsts) > 1:
+            try:
+                toks = add_many([seq for _, seq in firsts])
+            except Exception:  # noqa: BLE001 - e.g. one prompt too long: each alone below
+                toks = None
+        for i, (state, seq) in enumerate(firsts):
+            self._seq_of[state.request_id] = seq
+            if toks is None:
+                self._guard(state, self._start, state, seq, self.batch.add)
+            else:
+                self._guard(state, self._start, state, seq, lambda _seq, tok=toks[i]: tok)
+
     def step(self) -> None:
         """One decode step for every running sequence (no-op when none)."""
         with self._lock:
@@ -107,17 +138,21 @@ class Scheduler:
             self.fail(state, exc)
 
     def _next_segment(self, state: RequestState) -> None:
-        while True:
-            seq = state.next_sequence()
-            if seq is None:
-                self._finish(state)
-                return
-            self._seq_of[state.request_id] = seq
-            tok = self.batch.add(seq)
-            self._on_token(state, seq, tok, chain=False)
-            if not seq.finished:
-                return
+        seq = state.next_sequence()
+        if seq is None:
+            self._finish(state)
+            return
+        self._seq_of[state.request_id] = seq
+        self._start(state, seq, self.batch.add)
+
+    def _start(self, state: RequestState, seq: Sequence, add: Callable[[Sequence], int]) -> None:
+        """Route the first token of a segment's sequence (add(seq) prefills it, or gives the token
+        of a prefill already done); a sequence that ended at once chains to the next segment."""
+        tok = add(seq)
+        self._on_token(state, seq, tok, chain=False)
+        if seq.finished:
             self._end_segment(state, seq)
+            self._next_segment(state)
 
     def _on_token(self, state: RequestState, seq: Sequence, tok: int, chain: bool = True) -> None:
         for window in state.feed(tok, seq):
