@@ -43,13 +43,21 @@ IDLE_WAIT_S = 0.05
 VOCODE_THREAD_ENV = "STUDIO_SPARK_VOCODE_THREAD"  # "0": vocode on the decode loop (as before the worker)
 
 
-def vocode_thread_from_env() -> bool:
-    raw = os.environ.get(VOCODE_THREAD_ENV, "").strip().lower()
+#: "0": requests joining the batch together are prefilled one at a time (as before packed prefill)
+JOIN_PREFILL_ENV = "STUDIO_SPARK_JOIN_PREFILL"
+
+
+def _switch_from_env(name: str) -> bool:
+    raw = os.environ.get(name, "").strip().lower()
     if raw in ("", "1", "on", "true", "yes"):
         return True
     if raw in ("0", "off", "false", "no"):
         return False
-    raise ValueError(f"{VOCODE_THREAD_ENV}={raw!r} is not understood; use 1 or 0")
+    raise ValueError(f"{name}={raw!r} is not understood; use 1 or 0")
+
+
+def vocode_thread_from_env() -> bool:
+    return _switch_from_env(VOCODE_THREAD_ENV)
 
 Event = SparkChunk | BaseException
 Callback = Callable[[Event], None]
@@ -136,7 +144,8 @@ class SparkHandle:
 class SparkEngine:
     def __init__(self, pipeline: SparkPipeline, max_batch_size: int | None = None, max_seq_len: int | None = None,
                  name: str = "spark-engine", vocode_thread: bool | None = None):
-        """vocode_thread: vocode on a thread of its own (None: STUDIO_SPARK_VOCODE_THREAD, default on)."""
+        """vocode_thread: vocode on a thread of its own (None: STUDIO_SPARK_VOCODE_THREAD, default
+        on). Requests joining together are prefilled in one forward unless STUDIO_SPARK_JOIN_PREFILL=0."""
         self.pipeline = pipeline
         self.max_batch_size = max_batch_size or pipeline.max_batch_size
         self.max_seq_len = max_seq_len or pipeline.max_seq_len
@@ -150,6 +159,7 @@ class SparkEngine:
         self._running = 0
         self.steps = 0
         use_worker = vocode_thread_from_env() if vocode_thread is None else vocode_thread
+        self.join_prefill = _switch_from_env(JOIN_PREFILL_ENV)
         self.vocoder = (VocodeWorker(getattr(pipeline, "device", None),
                                      on_error=lambda state, exc: self.scheduler.vocode_failed(state, exc),
                                      name=f"{name}-vocode") if use_worker else None)
@@ -267,8 +277,10 @@ class SparkEngine:
                         state = self._ready.popleft()
                         if state.request_id in self._handles and state.request_id not in self._cancels:
                             joining.append(state)
-                if joining:
+                if joining and self.join_prefill:
                     self.scheduler.admit_many(joining)
+                for state in joining if not self.join_prefill else ():
+                    self.scheduler.admit(state)
                 if self.scheduler.busy:
                     self.scheduler.step()
                     self.steps += 1
