@@ -69,6 +69,12 @@ DEFAULT_FRONT_INSTANCES = 16
 MAX_RESTARTS = 3
 #: How often the supervisor looks for dead stubs and a dead server, in seconds.
 SUPERVISE_S = 1.0
+#: A failed reload of a dead model is tried again after this, then after twice as long each time up
+#: to RELOAD_RETRY_MAX_S: a load that failed because the machine was busy (a new stub that did
+#: not come up while other models loaded beside it, seen on 2 cores) mostly succeeds the next time,
+#: and a model left dead for a minute fails every request sent to it meanwhile.
+RELOAD_RETRY_S = 5.0
+RELOAD_RETRY_MAX_S = 60.0
 #: Header (lower case: gRPC metadata) carrying the per-run secret of the repository API over HTTP;
 #: over gRPC tritonserver expects it with its protocol prefix.
 REPOSITORY_HEADER = "studio-repository-key"
@@ -331,7 +337,8 @@ class TritonServer:
         self._pgid: int | None = None
         self._watchdog: subprocess.Popen | None = None
         self._registry = RunRegistry(self.data_dir / "runs")
-        self._reload_failed: dict[str, float] = {}  # model -> monotonic time of its last failed reload
+        # model -> (monotonic time of its last failed reload, seconds to wait before the next try)
+        self._reload_failed: dict[str, tuple[float, float]] = {}
         #: (model, wall time) of every reload the supervisor made, for the Server tab and tests
         self.reloads: list[tuple[str, float]] = []
         atexit.register(self.stop)
@@ -664,7 +671,7 @@ class TritonServer:
 
     def _reload_dead_models(self) -> None:
         """Reload each model with a dead stub (engines first: fronts wait on them). A model whose
-        reload failed is tried again after a minute."""
+        reload failed is tried again after RELOAD_RETRY_S, doubling up to RELOAD_RETRY_MAX_S."""
         from studio.client import ENGINE_MODELS, StudioClient, SynthesisError
 
         from triton_models.shared import BUSY_SUFFIX, read_stub
@@ -686,7 +693,8 @@ class TritonServer:
         now = time.monotonic()
         order = sorted(dead, key=lambda name: name not in engines)
         for name in order:
-            if now - self._reload_failed.get(name, -1e9) < 60:
+            failed_at, wait_s = self._reload_failed.get(name, (-1e9, 0.0))
+            if now - failed_at < wait_s:
                 continue
             self._log_fn(f"{', '.join(dead[name])}: stub process died; reloading {name}"
                          if dead[name] else f"reloading {name} (blocked by a front that died)")
@@ -695,8 +703,9 @@ class TritonServer:
                 with StudioClient(self.grpc_url, repository_headers=self.repository_headers) as client:
                     client.reload_model(name, failed_at=time.perf_counter(), cause=f"{name} stub died")
             except (SynthesisError, OSError) as exc:
-                self._reload_failed[name] = time.monotonic()
-                self._log_fn(f"reloading {name} failed: {exc}")
+                wait_s = min(RELOAD_RETRY_MAX_S, 2 * wait_s) if wait_s else RELOAD_RETRY_S
+                self._reload_failed[name] = (time.monotonic(), wait_s)
+                self._log_fn(f"reloading {name} failed (next try in {wait_s:.0f} s): {exc}")
                 continue
             self._reload_failed.pop(name, None)
             self.reloads.append((name, time.time()))

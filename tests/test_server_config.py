@@ -113,3 +113,46 @@ def test_require_weights_refuses_a_demo_fallback(data_dir, tmp_path):
                          log=lambda msg: None)
     asked._resolve_weights()  # no error: the demo weights were asked for
     assert asked._weights["f5"].demo
+
+
+def test_a_failed_reload_of_a_dead_model_is_retried_soon_then_less_often(tmp_path, monkeypatch):
+    """The supervisor retries a dead model's failed reload after RELOAD_RETRY_S, doubling up to
+    RELOAD_RETRY_MAX_S, and forgets the back-off once a reload succeeds."""
+    import studio.client as client_mod
+    from studio import server as server_mod
+    from studio.client import SynthesisError
+
+    server = server_mod.TritonServer(tmp_path / "data", gpus=[], demo_weights=True, families=["f5"])
+    server.run_dir = tmp_path / "run"
+    (server.run_dir / "stubs").mkdir(parents=True)
+    clock = [1000.0]
+    monkeypatch.setattr(server_mod.time, "monotonic", lambda: clock[0])
+    tries, outcomes = [], iter([False, False, False, True])
+    monkeypatch.setattr(server, "dead_instances", lambda: {} if server.reloads else {"f5_engine": ["f5_engine_0_0"]})
+
+    class FakeClient:
+        def __init__(self, *a, **k):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def reload_model(self, name, **kw):
+            tries.append(clock[0])
+            if not next(outcomes):
+                raise SynthesisError("Stub process 'f5_engine_0_0' is not healthy")
+
+    monkeypatch.setattr(client_mod, "StudioClient", FakeClient)
+    logs = []
+    monkeypatch.setattr(server, "_log_fn", logs.append)
+    for _ in range(60):  # one supervision pass a second for a minute
+        server._reload_dead_models()
+        clock[0] += 1.0
+    first = 1000.0
+    assert tries == [first, first + server_mod.RELOAD_RETRY_S, first + 3 * server_mod.RELOAD_RETRY_S,
+                     first + 7 * server_mod.RELOAD_RETRY_S]
+    assert server.reloads and server.reloads[-1][0] == "f5_engine" and "f5_engine" not in server._reload_failed
+    assert any("next try in 5 s" in line for line in logs)
