@@ -25,6 +25,8 @@ import functools
 import torch
 from torch import Tensor
 
+from tts.triton_kernels import can_run
+
 #: Frames per program: 64 gives ~5 waves of programs over an H200's 132 SMs at 2 x 1,280 frames
 #: (40 frame blocks x 16 groups), enough to hide the tap loop's load latency.
 BLOCK_T = 64
@@ -65,13 +67,7 @@ def _kernel():
 @functools.lru_cache(maxsize=1)
 def available() -> bool:
     """Whether the kernel can run in this process (CUDA and an importable Triton)."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        _kernel()
-    except Exception:  # noqa: BLE001 - no Triton (CPU builds) or an incompatible one
-        return False
-    return True
+    return can_run(_kernel)
 
 
 def kernel_weights(conv: torch.nn.Conv1d) -> Tensor:

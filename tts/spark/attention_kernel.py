@@ -34,6 +34,8 @@ import functools
 import torch
 from torch import Tensor
 
+from tts.triton_kernels import can_run
+
 #: Keys per program: 64 keys x 64 dims of K and V (16 KB in bf16) in one block. At one row a
 #: 1,000-key bucket is then 16 splits x 2 KV heads = 32 programs, each a single block: the step is
 #: latency-bound, so more programs with one load each beat fewer looping ones.
@@ -118,13 +120,7 @@ def _kernels():
 @functools.lru_cache(maxsize=1)
 def available() -> bool:
     """Whether the kernels can run in this process (CUDA and an importable Triton)."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        _kernels()
-    except Exception:  # noqa: BLE001 - no Triton (CPU builds) or an incompatible one
-        return False
-    return True
+    return can_run(_kernels)
 
 
 def _check(q: Tensor, k_new: Tensor, v_new: Tensor, keys: Tensor, values: Tensor, cached: Tensor) -> None:
