@@ -15,8 +15,9 @@ the batch at the next step.
 
 from __future__ import annotations
 
-import time
+import sys
 import threading
+import time
 from typing import Callable
 
 from tts.spark.decode import DecodeBatch, Sequence
@@ -83,7 +84,11 @@ class Scheduler:
         if add_many is not None and len(firsts) > 1:
             try:
                 toks = add_many([seq for _, seq in firsts])
-            except Exception:  # noqa: BLE001 - e.g. one prompt too long: each alone below
+            except ValueError:  # one of them cannot start (its prompt too long): each alone below
+                toks = None
+            except Exception as exc:  # noqa: BLE001 - the packed forward failed: each alone below, said once
+                print(f"[spark scheduler] joint prefill of {len(firsts)} requests failed ({type(exc).__name__}: "
+                      f"{exc}); prefilling them one at a time", file=sys.stderr, flush=True)
                 toks = None
         for i, (state, seq) in enumerate(firsts):
             self._seq_of[state.request_id] = seq
