@@ -34,15 +34,19 @@ want() { [[ ",$STAGES," == *",$1,"* || $STAGES == all ]]; }
 pack() { tar czf "$OUT/results.tgz" -C "$(dirname "$W")" "$(basename "$W")" 2>>"$LOG"; }
 
 # spark_e2e EAGER_REQUESTS DEADLINE_S: Spark fast server offline c=1,16 and streaming c=1,8 (500 fixed
-# tokens), then EAGER_REQUESTS offline requests on an eager server (0 = none), ending by DEADLINE_S
+# tokens), then EAGER_REQUESTS offline requests on an eager server (0 = none), ending by DEADLINE_S.
+# SPARK_SWEEP_ARGS adds options of tools/gpu_spark_sweep.py, e.g. "--ab-levers --attention kernel".
 spark_e2e() {
   local eager=$1 deadline=$2
+  # shellcheck disable=SC2206 - SPARK_SWEEP_ARGS is a list of options
+  local extra=(${SPARK_SWEEP_ARGS:-})
   if [[ -n $TINY ]]; then
     timeout --kill-after=15 300 $PY tools/gpu_spark_sweep.py --out "$W/spark" --work "$W/spark-work" --tiny \
-      --tokens 20 --offline 1,2 --streaming 1 --requests 2 --eager-requests "$eager" >"$W/spark_sweep.log" 2>&1
+      --tokens 20 --offline 1,2 --streaming 1 --requests 2 --eager-requests "$eager" "${extra[@]}" \
+      >"$W/spark_sweep.log" 2>&1
   else
     OUT=$W/spark timeout --kill-after=15 $((deadline - SECONDS + T0)) bash tools/gpu_spark_sweep.sh \
-      --work "$W/spark-work" --offline 1,16 --streaming 1,8 --requests 16 --eager-requests "$eager" \
+      --work "$W/spark-work" --offline 1,16 --streaming 1,8 --requests 16 --eager-requests "$eager" "${extra[@]}" \
       >"$W/spark_sweep.log" 2>&1
   fi
   say "Spark end to end exit $?"

@@ -1,14 +1,17 @@
 """Spark-TTS end to end through Triton on the GPU machine, one command.
 
     python tools/gpu_spark_sweep.py --out $OUT [--tokens 500] [--offline 1,4,16] [--streaming 1,8]
-        [--requests 16] [--eager-requests 2] [--tiny]
+        [--requests 16] [--eager-requests 2] [--attention matmul|kernel] [--ab-levers] [--tiny]
 
 Writes a full-size random-weight Spark-TTS-0.5B folder in the published layout, starts the embedded
 Triton server with the Spark models only (start-up time recorded), and runs `python -m studio
 bench` offline and streaming with `--fixed-tokens` (random weights never emit the end token).
 Then (unless --eager-requests 0) the same server with the fast path off (STUDIO_SPARK_FAST=0, the
 eager decode step) for a short offline run at concurrency 1: the same-run eager comparison.
-All JSON lands in --out.
+--ab-levers adds, in the same run, the fast server with the engine's vocoder thread and joint
+prefill off (STUDIO_SPARK_VOCODE_THREAD=0, STUDIO_SPARK_JOIN_PREFILL=0) at the highest offline and
+streaming levels, where they matter (bench label `levers-off`). --attention sets the decode step's
+attention form (STUDIO_SPARK_ATTENTION) of the fast servers. All JSON lands in --out.
 """
 
 from __future__ import annotations
@@ -36,6 +39,10 @@ def main() -> int:
     p.add_argument("--tiny", action="store_true", help="CPU dry run: the tiny demo checkpoint")
     p.add_argument("--no-restart", action="store_true",
                    help="skip the second start of the fast server (same data folder: warm compile cache)")
+    p.add_argument("--attention", choices=("matmul", "kernel"), default=None,
+                   help="STUDIO_SPARK_ATTENTION of the fast servers (default: the engine's default)")
+    p.add_argument("--ab-levers", action="store_true",
+                   help="also the fast server with the vocoder thread and joint prefill off (same run)")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     ck = args.work / "ckpt"
@@ -50,32 +57,43 @@ def main() -> int:
     print(f"random Spark checkpoint ready in {time.perf_counter() - t0:.1f} s", flush=True)
     runs = [("offline", args.offline, args.requests, "fast", 2), ("streaming", args.streaming, args.requests,
                                                                   "fast", 2)]
-    fast = os.environ.get("STUDIO_SPARK_FAST")
+    fast = {"STUDIO_SPARK_FAST": os.environ.get("STUDIO_SPARK_FAST"), "STUDIO_SPARK_ATTENTION": args.attention}
+    top = [lv.split(",")[-1] for lv in (args.offline, args.streaming)]
+    levers_off = [("offline", top[0], args.requests, "levers-off", 2),
+                  ("streaming", top[1], args.requests, "levers-off", 2)] if args.ab_levers else []
     startup = {}
     plan = [("fast", fast, runs, "fast"), ("fast-restart", fast, [], "fast"),
-            ("eager", "0", [("offline", "1", args.eager_requests, "eager", 1)], "eager")]
-    for label, env_fast, todo, data in plan:
+            ("levers-off", fast | {"STUDIO_SPARK_VOCODE_THREAD": "0", "STUDIO_SPARK_JOIN_PREFILL": "0"}, levers_off,
+             "fast"),
+            ("eager", {"STUDIO_SPARK_FAST": "0"}, [("offline", "1", args.eager_requests, "eager", 1)], "eager")]
+    for label, env, todo, data in plan:
         todo = [r for r in todo if r[1] and r[2] > 0]
         if label == "fast-restart":  # start-up again on the first start's compile cache, no benches
             if args.no_restart or startup.get("fast") is None:
                 continue
         elif not todo:
             continue
-        startup[label] = serve_and_bench(args, ck, label, env_fast, todo, data)
+        startup[label] = serve_and_bench(args, ck, label, env, todo, data)
         (args.out / "spark_startup.json").write_text(json.dumps({f"startup_s_{k}": v for k, v in startup.items()}
                                                                 | {"startup_s": startup.get("fast")}))
     return 0
 
 
-def serve_and_bench(args, ck: Path, label: str, env_fast: str | None, runs: list, data: str) -> float | None:
-    """Start the Spark-only server with STUDIO_SPARK_FAST=env_fast on data folder `data-{data}`, run
-    the benches, stop it; start-up s."""
+#: The settings a sweep's servers are started with; each server gets all of them (unset: the default).
+SWEPT_ENV = ("STUDIO_SPARK_FAST", "STUDIO_SPARK_ATTENTION", "STUDIO_SPARK_VOCODE_THREAD", "STUDIO_SPARK_JOIN_PREFILL")
+
+
+def serve_and_bench(args, ck: Path, label: str, env: dict, runs: list, data: str) -> float | None:
+    """Start the Spark-only server with the settings `env` (SWEPT_ENV names; None or absent: unset)
+    on data folder `data-{data}`, run the benches, stop it; start-up s."""
     from studio.server import TritonServer
 
-    if env_fast is None:
-        os.environ.pop("STUDIO_SPARK_FAST", None)
-    else:
-        os.environ["STUDIO_SPARK_FAST"] = env_fast
+    for name in SWEPT_ENV:
+        if env.get(name) is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = env[name]
+    print(f"server '{label}': " + " ".join(f"{k}={os.environ.get(k, '')}" for k in SWEPT_ENV), flush=True)
     server = TritonServer(args.work / f"data-{data}", checkpoints=ck, no_download=True, families=["spark"],
                           instances=16)
     t0 = time.perf_counter()
