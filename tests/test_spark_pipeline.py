@@ -305,3 +305,31 @@ def test_requests_admitted_together_share_one_prefill_and_fail_alone(spark_pipel
     chunks, errors, calls = run([good[0], bad, good[1]])
     assert calls == [3] and list(errors) == ["r1"] and "KV cache holds 220" in str(errors["r1"])
     assert sorted(chunks) == ["r0", "r2"] and all(c[-1].final for c in chunks.values())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_engine_on_cuda_vocoder_thread_and_joint_prefill_give_the_inline_audio(spark_dir):
+    """On CUDA (fast decode step, fp32): requests submitted together, prefilled jointly and vocoded on
+    the worker's own stream, give the tokens and audio of the engine with both off."""
+    import torch
+
+    from tts.spark.engine import SparkEngine
+    from tts.spark.pipeline import SparkPipeline
+
+    pipe = SparkPipeline(spark_dir, device="cuda", dtype=torch.float32, demo_weights=True, max_batch_size=4,
+                         max_seq_len=1024)
+    reqs = [SparkRequest(f"Request number {i}.", noise_clip(1.0 + 0.5 * i, seed=i), "Ref.", options=_greedy(60 + 20 * i),
+                         streaming=bool(i % 2)) for i in range(4)]
+    results = []
+    for worker, joint in ((False, False), (True, True)):
+        engine = SparkEngine(pipe, max_batch_size=4, vocode_thread=worker)
+        engine.join_prefill = joint
+        try:
+            handles = [engine.submit(r) for r in reqs]
+            results.append([h.result(timeout=300) for h in handles])
+        finally:
+            engine.close()
+    for a, b in zip(*results):
+        assert a.info["tokens"] == b.info["tokens"] and len(a.wav) == len(b.wav)
+        assert np.max(np.abs(a.wav - b.wav)) <= 1e-4
