@@ -21,14 +21,13 @@ when its last segment ends, so new requests never wait for a batch to drain.
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
 import uuid
 from collections import deque
 from typing import Callable, Iterator
-
-import os
 
 import numpy as np
 
@@ -40,9 +39,8 @@ from tts.spark.vocode_worker import VocodeWorker
 
 #: How long the idle decode loop sleeps between checks for work (it is also woken on submit).
 IDLE_WAIT_S = 0.05
-VOCODE_THREAD_ENV = "STUDIO_SPARK_VOCODE_THREAD"  # "0": vocode on the decode loop (as before the worker)
-
-
+#: "0": vocode on the decode loop (as before the worker)
+VOCODE_THREAD_ENV = "STUDIO_SPARK_VOCODE_THREAD"
 #: "0": requests joining the batch together are prefilled one at a time (as before packed prefill)
 JOIN_PREFILL_ENV = "STUDIO_SPARK_JOIN_PREFILL"
 
@@ -54,10 +52,6 @@ def _switch_from_env(name: str) -> bool:
     if raw in ("0", "off", "false", "no"):
         return False
     raise ValueError(f"{name}={raw!r} is not understood; use 1 or 0")
-
-
-def vocode_thread_from_env() -> bool:
-    return _switch_from_env(VOCODE_THREAD_ENV)
 
 Event = SparkChunk | BaseException
 Callback = Callable[[Event], None]
@@ -158,7 +152,7 @@ class SparkEngine:
         self._closing = False
         self._running = 0
         self.steps = 0
-        use_worker = vocode_thread_from_env() if vocode_thread is None else vocode_thread
+        use_worker = _switch_from_env(VOCODE_THREAD_ENV) if vocode_thread is None else vocode_thread
         self.join_prefill = _switch_from_env(JOIN_PREFILL_ENV)
         self.vocoder = (VocodeWorker(getattr(pipeline, "device", None),
                                      on_error=lambda state, exc: self.scheduler.vocode_failed(state, exc),
@@ -277,10 +271,11 @@ class SparkEngine:
                         state = self._ready.popleft()
                         if state.request_id in self._handles and state.request_id not in self._cancels:
                             joining.append(state)
-                if joining and self.join_prefill:
+                if self.join_prefill:
                     self.scheduler.admit_many(joining)
-                for state in joining if not self.join_prefill else ():
-                    self.scheduler.admit(state)
+                else:
+                    for state in joining:
+                        self.scheduler.admit(state)
                 if self.scheduler.busy:
                     self.scheduler.step()
                     self.steps += 1

@@ -16,6 +16,7 @@ its logits do not depend on the other rows beyond float rounding.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from itertools import accumulate
 from pathlib import Path
@@ -143,6 +144,7 @@ def forward_prefill(model, cache: StaticKVCache, slot: int, ids: torch.Tensor, s
     return model.lm_head(h[:, -1]).float()[0]
 
 
+@functools.lru_cache(maxsize=1)
 def _causal_varlen():
     """(varlen_attn, its keyword arguments for causal attention with grouped-query heads, whether it
     takes fewer KV heads) or None: torch's flash attention over packed sequences, whose signature

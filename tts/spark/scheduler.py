@@ -85,11 +85,10 @@ class Scheduler:
             try:
                 toks = add_many([seq for _, seq in firsts])
             except ValueError:  # one of them cannot start (its prompt too long): each alone below
-                toks = None
+                pass
             except Exception as exc:  # noqa: BLE001 - the packed forward failed: each alone below, said once
                 print(f"[spark scheduler] joint prefill of {len(firsts)} requests failed ({type(exc).__name__}: "
                       f"{exc}); prefilling them one at a time", file=sys.stderr, flush=True)
-                toks = None
         for i, (state, seq) in enumerate(firsts):
             self._seq_of[state.request_id] = seq
             if toks is None:
