@@ -19,7 +19,8 @@
 # SWEEP_BUDGET_S (skip optional stages once this much wall time is spent; default 500), PYTHON,
 # SWEEP_MICRO=0 (skip stage b), SWEEP_SPARK_STEP=0 (skip stage f), SWEEP_LEVELS (default 1,2,4,8),
 # SWEEP_REQUESTS (default 16), SWEEP_STREAM=0 / SWEEP_COLD=0 / SWEEP_EAGER=0 / SWEEP_RESTART=0 (skip those runs;
-# the restart is a second start of the fast server on the same data folder: start-up with a warm compile cache).
+# the restart is a second start of the fast server on the same data folder: start-up with a warm compile cache),
+# SWEEP_FP8=1 (add the fast server with FP8 products, STUDIO_F5_FP8=1: offline c=1,8 under the label fast_fp8).
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
@@ -204,6 +205,14 @@ if start_server fast ""; then
   if [[ ${SWEEP_RESTART:-1} != 0 ]] && time_left 100 && start_server fast-restart ""; then stop_server; fi
 fi
 snapshot
+
+# -- c2. the fast server with the opt-in FP8 products (STUDIO_F5_FP8=1): offline c=1,8 ----------------
+if [[ ${SWEEP_FP8:-0} != 0 ]] && time_left 150 && STUDIO_F5_FP8=1 start_server fast-fp8 ""; then
+  grep -o '"fp8": [a-z]*' "$RES/serve_fast-fp8.log" "$RES/tritonserver_fast-fp8.log" 2>/dev/null | head -n 1 | tee -a "$LOG"
+  bench bench_fast_fp8 150 --mode offline --concurrency "$LEVELS_SHORT" --requests "$REQ" --nfe 16 --label fast_fp8
+  stop_server
+  snapshot
+fi
 
 # -- d. the eager server (the CPU code path on CUDA) ---------------------------------------------------
 if [[ ${SWEEP_EAGER:-1} != 0 ]] && time_left 100 && start_server eager 0; then

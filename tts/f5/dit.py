@@ -405,7 +405,9 @@ class Attention(nn.Module):
 
     def _project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         b, t, _ = x.shape
-        if getattr(self, "qkv_weight", None) is not None:
+        if getattr(self, "qkv_fp8", None) is not None:  # `tts.f5.fp8.convert_dit`: the opt-in FP8 products
+            q, k, v = self.qkv_fp8(x).chunk(3, dim=-1)
+        elif getattr(self, "qkv_weight", None) is not None:
             q, k, v = F.linear(x, self.qkv_weight, self.qkv_bias).chunk(3, dim=-1)
         else:
             q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
@@ -455,8 +457,8 @@ class FeedForward(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x [..., dim] -> [..., dim]."""
-        if self.fused_gelu and x.is_cuda:
-            up = self.ff[0][0]
+        up = self.ff[0][0]
+        if self.fused_gelu and x.is_cuda and isinstance(up, nn.Linear):  # not over FP8 products (`tts.f5.fp8`)
             hidden = torch._addmm_activation(up.bias, x.reshape(-1, x.shape[-1]), up.weight.t(), use_gelu=True)
             return self.ff[2](hidden.view(*x.shape[:-1], hidden.shape[-1]))
         return self.ff(x)
