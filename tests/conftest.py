@@ -21,9 +21,21 @@ def data_dir(tmp_path_factory) -> Path:
 def triton_server(data_dir):
     """A real embedded tritonserver on free ports, serving every family whose models exist, on demo weights."""
     from studio.server import TritonServer
+    from tts.f5.engine import LOOP_ENV
 
-    server = TritonServer(data_dir, demo_weights=True, no_download=True, instances=4, gpus=[])
-    server.start(timeout_s=600)
+    # The F5 engine's continuous batching is the GPU default and off by default on the CPU: this
+    # server turns it on, so every test through it covers the engine thread (apps the browser
+    # tests start, and tests/test_f5_engine.py's `serve`, cover the other order).
+    was = os.environ.get(LOOP_ENV)
+    os.environ[LOOP_ENV] = "1"
+    try:
+        server = TritonServer(data_dir, demo_weights=True, no_download=True, instances=4, gpus=[])
+        server.start(timeout_s=600)
+    finally:
+        if was is None:
+            os.environ.pop(LOOP_ENV, None)
+        else:
+            os.environ[LOOP_ENV] = was
     yield server
     server.stop()
 

@@ -20,7 +20,8 @@
 # SWEEP_MICRO=0 (skip stage b), SWEEP_SPARK_STEP=0 (skip stage f), SWEEP_LEVELS (default 1,2,4,8),
 # SWEEP_REQUESTS (default 16), SWEEP_STREAM=0 / SWEEP_COLD=0 / SWEEP_EAGER=0 / SWEEP_RESTART=0 (skip those runs;
 # the restart is a second start of the fast server on the same data folder: start-up with a warm compile cache),
-# SWEEP_FP8=1 (add the fast server with FP8 products, STUDIO_F5_FP8=1: offline c=1,8 under the label fast_fp8).
+# SWEEP_FP8=1 (add the fast server with FP8 products, STUDIO_F5_FP8=1: offline c=1,8 under the label fast_fp8),
+# SWEEP_LOOP_OFF=1 (add the fast server without the engine's continuous batching, STUDIO_F5_ENGINE_LOOP=0: label loop_off).
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
@@ -206,13 +207,25 @@ if start_server fast ""; then
 fi
 snapshot
 
-# -- c2. the fast server with the opt-in FP8 products (STUDIO_F5_FP8=1): offline c=1,8 ----------------
-if [[ ${SWEEP_FP8:-0} != 0 ]] && time_left 150 && STUDIO_F5_FP8=1 start_server fast-fp8 ""; then
-  grep -o '"fp8": [a-z]*' "$RES/serve_fast-fp8.log" "$RES/tritonserver_fast-fp8.log" 2>/dev/null | head -n 1 | tee -a "$LOG"
-  bench bench_fast_fp8 150 --mode offline --concurrency "$LEVELS_SHORT" --requests "$REQ" --nfe 16 --label fast_fp8
-  stop_server
-  snapshot
-fi
+# -- c2. variants of the fast server, offline c=1,8 each: SWEEP_FP8=1 the opt-in FP8 products
+# (STUDIO_F5_FP8=1, label fast_fp8); SWEEP_LOOP_OFF=1 each execute run to the end instead of the
+# engine's continuous batching (STUDIO_F5_ENGINE_LOOP=0, label loop_off: the behaviour before it)
+variant() { # variant LABEL VAR=VALUE
+  local label=$1 setting=$2
+  time_left 150 || { say "variant $label skipped (budget)"; return 0; }
+  export "${setting?}"  # the server started next inherits it
+  if start_server "$label" ""; then
+    unset "${setting%%=*}"
+    grep -h -o '"fp8": [a-z]*' "$RES/serve_$label.log" "$RES/tritonserver_$label.log" 2>/dev/null | head -n 1 | tee -a "$LOG"
+    bench "bench_$label" 150 --mode offline --concurrency "$LEVELS_SHORT" --requests "$REQ" --nfe 16 --label "$label"
+    stop_server
+    snapshot
+  else
+    unset "${setting%%=*}"
+  fi
+}
+[[ ${SWEEP_FP8:-0} != 0 ]] && variant fast_fp8 STUDIO_F5_FP8=1
+[[ ${SWEEP_LOOP_OFF:-0} != 0 ]] && variant loop_off STUDIO_F5_ENGINE_LOOP=0
 
 # -- d. the eager server (the CPU code path on CUDA) ---------------------------------------------------
 if [[ ${SWEEP_EAGER:-1} != 0 ]] && time_left 100 && start_server eager 0; then

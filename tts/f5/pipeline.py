@@ -15,11 +15,9 @@ from __future__ import annotations
 import hashlib
 import secrets
 import threading
-import time
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -345,9 +343,6 @@ class F5Pipeline:
         return cond, text_ids.to(dev), ref_lens, total_lens, noise
 
 
-Emit = Callable[[object, int, np.ndarray, dict], None]
-
-
 def chunk_info(req: F5Request, job: ChunkJob, compute_ms: float, demo_weights: bool) -> dict:
     """The DESIGN.md `info` object for one chunk (running totals: the last chunk's are the request's)."""
     return {"sample_rate": F5_SAMPLE_RATE, "seed": req.seed, "demo_weights": demo_weights,
@@ -357,58 +352,10 @@ def chunk_info(req: F5Request, job: ChunkJob, compute_ms: float, demo_weights: b
             "prompt_seconds": round(job.ref.seconds, 4), "chunk_text": job.text}
 
 
-def serve(pipeline: F5Pipeline, requests: list[tuple[object, F5Request, bool]], emit: Emit,
-          demo_weights: bool, cancelled: Callable[[object], bool] = lambda key: False) -> list:
-    """Run one engine batch in waves; returns the keys of requests cancelled part-way.
-
-    `requests` holds (key, request, streaming). Wave 0: streaming requests' first chunks, alone, so
-    streaming answers fast. Wave 1: every chunk of the offline requests (one batch, as DESIGN.md
-    says) with the streaming requests' second chunks. Wave k: streaming chunk k. Between waves a
-    request for which `cancelled(key)` is true is dropped. `emit(key, chunk_index, audio, info)` is
-    called per chunk, in each request's chunk order; compute_ms accumulates the wall time of the
-    waves a request's chunks ran in.
-    """
-    spent = {id(req): 0.0 for _, req, _ in requests}
-    waves_out: dict[tuple[int, int], np.ndarray] = {}
-    sent = {id(req): 0 for _, req, _ in requests}
-    dropped: list = []
-
-    def flush():
-        for key, req, _ in requests:
-            while sent[id(req)] < len(req.jobs) and (id(req), sent[id(req)]) in waves_out:
-                job = req.jobs[sent[id(req)]]
-                emit(key, job.index, waves_out.pop((id(req), job.index)),
-                     chunk_info(req, job, spent[id(req)], demo_weights))
-                sent[id(req)] += 1
-
-    longest = max((len(req.jobs) for _, req, streaming in requests if streaming), default=0)
-    for wave in range(max(longest, 2)):
-        batch = []
-        for key, req, streaming in requests:
-            if key in dropped or sent[id(req)] >= len(req.jobs):
-                continue
-            if cancelled(key):
-                dropped.append(key)
-                continue
-            if streaming:
-                batch += [(req, req.jobs[wave])] if wave < len(req.jobs) else []
-            elif wave == 1:
-                batch += [(req, job) for job in req.jobs]
-        if not batch:
-            continue
-        t0 = time.perf_counter()
-        outs = pipeline.synthesize([job for _, job in batch])
-        ms = (time.perf_counter() - t0) * 1000
-        for (req, job), wav in zip(batch, outs):
-            waves_out[(id(req), job.index)] = wav
-        for req in {id(r): r for r, _ in batch}.values():
-            spent[id(req)] += ms
-        flush()
-    return dropped
-
-
 def synthesize_offline(pipeline: F5Pipeline, request: F5Request) -> tuple[np.ndarray, dict]:
     """All chunks as one batch, joined with the shared cross-fade (for the CLI and tests)."""
+    from tts.f5.engine import serve  # the serving order lives there (it imports this module)
+
     chunks, infos = [], []
     serve(pipeline, [(0, request, False)], lambda k, i, wav, info: (chunks.append(wav), infos.append(info)),
           demo_weights=False)

@@ -21,7 +21,6 @@ when its last segment ends, so new requests never wait for a batch to drain.
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 import time
@@ -36,6 +35,7 @@ from tts.spark.request import SparkChunk, SparkRequest, SparkResult
 from tts.spark.scheduler import Scheduler
 from tts.spark.session import RequestState
 from tts.spark.vocode_worker import VocodeWorker
+from tts.switches import switch_from_env
 
 #: How long the idle decode loop sleeps between checks for work (it is also woken on submit).
 IDLE_WAIT_S = 0.05
@@ -44,14 +44,6 @@ VOCODE_THREAD_ENV = "STUDIO_SPARK_VOCODE_THREAD"
 #: "0": requests joining the batch together are prefilled one at a time (as before packed prefill)
 JOIN_PREFILL_ENV = "STUDIO_SPARK_JOIN_PREFILL"
 
-
-def _switch_from_env(name: str) -> bool:
-    raw = os.environ.get(name, "").strip().lower()
-    if raw in ("", "1", "on", "true", "yes"):
-        return True
-    if raw in ("0", "off", "false", "no"):
-        return False
-    raise ValueError(f"{name}={raw!r} is not understood; use 1 or 0")
 
 Event = SparkChunk | BaseException
 Callback = Callable[[Event], None]
@@ -152,8 +144,8 @@ class SparkEngine:
         self._closing = False
         self._running = 0
         self.steps = 0
-        use_worker = _switch_from_env(VOCODE_THREAD_ENV) if vocode_thread is None else vocode_thread
-        self.join_prefill = _switch_from_env(JOIN_PREFILL_ENV)
+        use_worker = switch_from_env(VOCODE_THREAD_ENV) if vocode_thread is None else vocode_thread
+        self.join_prefill = switch_from_env(JOIN_PREFILL_ENV)
         self.vocoder = (VocodeWorker(getattr(pipeline, "device", None),
                                      on_error=lambda state, exc: self.scheduler.vocode_failed(state, exc),
                                      name=f"{name}-vocode") if use_worker else None)

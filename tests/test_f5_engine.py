@@ -1,0 +1,230 @@
+"""tts/f5/engine.py: the batching order (`Waves`), `serve`, and the continuous-batching thread.
+
+A stand-in pipeline records every batch it is given and returns a chunk's index as its audio, so
+the tests see exactly which chunks ran together and in which order results came back. The real
+pipeline under this order is covered by the Triton tests (tests/test_f5_triton.py).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from tts.f5.engine import F5Engine, Waves, serve
+from tts.f5.pipeline import ChunkJob, F5Options, F5Request, PreparedReference
+
+WAIT_S = 10.0  # generous bound on the engine's thread in these tests (it answers in milliseconds)
+
+
+def request(name: str, chunks: int, seed: int = 0) -> F5Request:
+    ref = PreparedReference(mel=torch.zeros(10, 100), wav_len=24000, rms=0.1, clipped=False)
+    jobs = [ChunkJob([1, 2], f"{name}{i}", ref, 50, seed + i, F5Options(), i, chunks) for i in range(chunks)]
+    return F5Request(jobs, seed)
+
+
+class FakePipeline:
+    """Records batches as lists of chunk texts; audio = [chunk index]. `gate` (if set) holds each
+    batch until the test releases it; `fail_on` names a chunk whose batch raises."""
+
+    def __init__(self, gate: threading.Event | None = None, fail_on: str | None = None):
+        self.batches: list[list[str]] = []
+        self.gate, self.fail_on = gate, fail_on
+        self.started = threading.Semaphore(0)
+
+    def synthesize(self, jobs: list[ChunkJob]) -> list[np.ndarray]:
+        self.batches.append([j.text for j in jobs])
+        self.started.release()
+        if self.gate is not None:
+            assert self.gate.wait(WAIT_S)
+        if self.fail_on in [j.text for j in jobs]:
+            raise RuntimeError(f"bad chunk {self.fail_on}")
+        return [np.full(3, j.index, dtype=np.float32) for j in jobs]
+
+
+class ListSink:
+    def __init__(self, cancel_after: int | None = None, raise_on: int | None = None):
+        self.chunks: list[tuple[int, float, dict]] = []
+        self.error: str | None = None
+        self.was_dropped = False
+        self.finished = threading.Event()
+        self.cancel_after, self.raise_on = cancel_after, raise_on
+
+    def emit(self, index, wav, info):
+        if index == self.raise_on:
+            raise ConnectionError("client gone")
+        self.chunks.append((index, float(wav[0]), info))
+        if info["final"]:
+            self.finished.set()
+
+    def fail(self, message):
+        self.error = message
+        self.finished.set()
+
+    def dropped(self):
+        self.was_dropped = True
+        self.finished.set()
+
+    def cancelled(self):
+        return self.cancel_after is not None and len(self.chunks) >= self.cancel_after
+
+
+# -- the order ---------------------------------------------------------------------------------------
+
+def test_static_set_runs_first_chunks_then_everything_else():
+    """What one execute did before the engine thread: streaming first chunks alone, then the
+    offline requests' chunks with the streaming second chunks, then one chunk a stream per batch."""
+    pipe = FakePipeline()
+    out = []
+    serve(pipe, [("a", request("a", 3), True), ("b", request("b", 2), False), ("c", request("c", 1), True)],
+          lambda key, i, wav, info: out.append((key, i, info["final"])), demo_weights=False)
+    assert pipe.batches == [["a0", "c0"], ["a1", "b0", "b1"], ["a2"]]
+    assert [(k, i) for k, i, _ in out if k == "a"] == [("a", 0), ("a", 1), ("a", 2)]
+    assert ("b", 1, True) in out and ("c", 0, True) in out
+
+
+def test_compute_ms_sums_the_batches_a_request_ran_in():
+    waves = Waves(demo_weights=True)
+    a = waves.add("a", request("a", 2), True)
+    infos = []
+    first = waves.next_batch()
+    waves.finish(first, [np.zeros(1)], 10.0, lambda e, i, wav, info: infos.append(info))
+    second = waves.next_batch()
+    done = waves.finish(second, [np.zeros(1)], 5.0, lambda e, i, wav, info: infos.append(info))
+    assert [i["compute_ms"] for i in infos] == [10.0, 15.0] and infos[-1]["final"]
+    assert infos[0]["demo_weights"] is True and done == [a] and len(waves) == 0
+
+
+def test_a_run_of_new_streams_cannot_hold_back_the_others():
+    """After a batch of first chunks, if other chunks wait, the next batch takes them too, even
+    when more first chunks have arrived."""
+    waves = Waves(demo_weights=False)
+    waves.add("off", request("off", 1), False)
+    waves.add("s1", request("s", 2), True)
+    assert [j.text for _, j in waves.next_batch()] == ["s0"]
+    waves.add("s2", request("t", 2), True)
+    assert [j.text for _, j in waves.next_batch()] == ["off0", "s1", "t0"]
+
+
+def test_chunks_are_emitted_in_order_even_when_a_later_one_is_done_first():
+    waves = Waves(demo_weights=False)
+    e = waves.add("a", request("a", 2), False)
+    batch = waves.next_batch()
+    out = []
+    waves.finish(list(reversed(batch)), [np.ones(1), np.zeros(1)], 1.0, lambda e, i, wav, info: out.append(i))
+    assert out == [0, 1] and e.finished
+
+
+# -- the engine thread -------------------------------------------------------------------------------
+
+def test_requests_join_between_batches():
+    """A request that arrives while a batch runs goes into the next batch, not after the others'
+    remaining work; the running batch is not disturbed."""
+    gate = threading.Event()
+    pipe = FakePipeline(gate=gate)
+    engine = F5Engine(pipe, demo_weights=False, log=lambda msg: None)
+    try:
+        first, second = ListSink(), ListSink()
+        engine.submit("a", request("a", 2), True, first)
+        assert pipe.started.acquire(timeout=WAIT_S)  # a0 is running
+        engine.submit("b", request("b", 1), False, second)
+        gate.set()
+        assert first.finished.wait(WAIT_S) and second.finished.wait(WAIT_S)
+        assert pipe.batches == [["a0"], ["a1", "b0"]]
+        assert [c[0] for c in first.chunks] == [0, 1] and [c[1] for c in first.chunks] == [0.0, 1.0]
+        assert second.chunks[0][2]["final"] and engine.in_flight == 0
+    finally:
+        gate.set()
+        engine.close()
+
+
+def test_a_failed_batch_fails_only_its_requests():
+    gate = threading.Event()
+    pipe = FakePipeline(gate=gate, fail_on="bad0")
+    engine = F5Engine(pipe, demo_weights=False, log=lambda msg: None)
+    try:
+        early, bad, later = ListSink(), ListSink(), ListSink()
+        engine.submit("early", request("early", 1), False, early)
+        assert pipe.started.acquire(timeout=WAIT_S)
+        engine.submit("bad", request("bad", 1), False, bad)  # joins the next batch with "later"
+        engine.submit("later", request("later", 1), False, later)
+        gate.set()
+        for sink in (early, bad, later):
+            assert sink.finished.wait(WAIT_S)
+        assert early.error is None and early.chunks
+        assert "F5 synthesis failed" in bad.error and "bad chunk bad0" in bad.error
+        assert later.error == bad.error  # same batch, same fate
+        # and the engine serves on
+        after = ListSink()
+        engine.submit("after", request("after", 1), False, after)
+        assert after.finished.wait(WAIT_S) and after.error is None and after.chunks
+    finally:
+        gate.set()
+        engine.close()
+
+
+def test_cancel_drops_the_remaining_chunks():
+    pipe = FakePipeline()
+    engine = F5Engine(pipe, demo_weights=False, log=lambda msg: None)
+    try:
+        sink = ListSink(cancel_after=1)
+        engine.submit("a", request("a", 4), True, sink)
+        assert sink.finished.wait(WAIT_S)
+        assert sink.was_dropped and [c[0] for c in sink.chunks] == [0]
+        assert pipe.batches == [["a0"]]
+    finally:
+        engine.close()
+
+
+def test_a_sink_that_raises_loses_its_request_not_the_engine():
+    pipe = FakePipeline()
+    logs = []
+    engine = F5Engine(pipe, demo_weights=False, log=logs.append)
+    try:
+        gone, fine = ListSink(raise_on=0), ListSink()
+        engine.submit("gone", request("gone", 3), True, gone)
+        engine.submit("fine", request("fine", 2), True, fine)
+        assert fine.finished.wait(WAIT_S) and [c[0] for c in fine.chunks] == [0, 1]
+        deadline = time.monotonic() + WAIT_S
+        while engine.in_flight and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.in_flight == 0
+        assert not any("gone2" in b for b in pipe.batches)  # its later chunks never ran
+        assert any("request gone: sending chunk 0 failed" in line for line in logs)
+    finally:
+        engine.close()
+
+
+def test_close_fails_the_waiting_requests_and_refuses_new_ones():
+    gate = threading.Event()
+    pipe = FakePipeline(gate=gate)
+    engine = F5Engine(pipe, demo_weights=False, log=lambda msg: None)
+    running, waiting = ListSink(), ListSink()
+    engine.submit("a", request("a", 2), True, running)
+    assert pipe.started.acquire(timeout=WAIT_S)
+    engine.submit("b", request("b", 1), False, waiting)
+    threading.Timer(0.2, gate.set).start()
+    engine.close()
+    assert "shut down" in waiting.error and "shut down" in running.error
+    with pytest.raises(RuntimeError, match="shut down"):
+        engine.submit("c", request("c", 1), False, ListSink())
+
+
+def test_idle_and_batch_callbacks():
+    idle = threading.Event()
+    batches = []
+    pipe = FakePipeline()
+    engine = F5Engine(pipe, demo_weights=False, log=lambda msg: None, on_idle=idle.set,
+                      on_batch=lambda n, chunks, ms: batches.append((n, chunks)))
+    try:
+        assert idle.wait(WAIT_S)  # idle at start
+        idle.clear()
+        sink = ListSink()
+        engine.submit("a", request("a", 2), False, sink)
+        assert sink.finished.wait(WAIT_S) and idle.wait(WAIT_S)
+        assert batches == [(1, 2)]
+    finally:
+        engine.close()

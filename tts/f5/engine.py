@@ -1,0 +1,264 @@
+"""Serving order of F5 chunk jobs: which chunks run together (`Waves`), synchronously (`serve`) or
+continuously on a thread of their own (`F5Engine`).
+
+The rule (DESIGN.md "F5 chunk and seed rule", "Prefer one engine per GPU"): the first chunk of a
+streaming request runs in a batch of first chunks only, so streaming answers fast; after that one
+batch holds every chunk of the offline requests (upstream's plan: all chunks at once) and the next
+chunk of every streaming request. A request's chunks are emitted in order, each as soon as it and
+the chunks before it are done.
+
+`F5Engine` applies the rule to whatever has arrived each time the device is free: requests join
+between batches (continuous batching), so a request that arrives while a batch runs waits for that
+batch only, not for the batch after it, and its parsing overlaps the running batch. Before, a
+Triton `execute` ran its requests' batches to the end and the next requests waited for the whole
+execute; with concurrent clients the device idled while responses went out and new requests were
+parsed.
+
+Shapes and units: audio float32 mono at 24 kHz; times in milliseconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import numpy as np
+
+from tts.f5.pipeline import ChunkJob, F5Pipeline, F5Request, chunk_info
+
+Emit = Callable[[object, int, np.ndarray, dict], None]
+#: The Triton adapter's switch: "1" continuous batching on the engine thread, "0" each execute's
+#: requests run to the end (the behaviour before); unset: on for a GPU engine, off on the CPU
+LOOP_ENV = "STUDIO_F5_ENGINE_LOOP"
+
+
+@dataclass(eq=False)
+class Entry:
+    """One request in the serving order."""
+
+    key: object
+    request: F5Request
+    streaming: bool
+    sink: "Sink | None" = None
+    started: int = 0  # chunks handed to a batch
+    sent: int = 0  # chunks emitted
+    spent_ms: float = 0.0  # wall time of the batches its chunks ran in (the info's compute_ms)
+    done: dict[int, np.ndarray] = field(default_factory=dict)  # finished chunks not yet emitted
+
+    @property
+    def finished(self) -> bool:
+        return self.sent >= len(self.request.jobs)
+
+
+class Waves:
+    """The batching rule as a state machine: `add` requests, take `next_batch`, report its audio
+    with `finish` (or `fail` it), `drop` a cancelled request. Not thread-safe (one owner)."""
+
+    def __init__(self, demo_weights: bool):
+        self.demo_weights = demo_weights
+        self.entries: list[Entry] = []  # arrival order
+        self._last_was_firsts = False
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def add(self, key: object, request: F5Request, streaming: bool, sink: "Sink | None" = None) -> Entry:
+        if not request.jobs:
+            raise ValueError("a request without chunks")
+        entry = Entry(key, request, streaming, sink)
+        self.entries.append(entry)
+        return entry
+
+    def drop(self, entry: Entry) -> None:
+        self.entries.remove(entry)
+
+    def next_batch(self) -> list[tuple[Entry, ChunkJob]]:
+        """The chunks to run next: streaming first chunks alone, else every offline request's
+        chunks with each streaming request's next chunk. A batch of first chunks is never followed
+        by another one while other chunks wait, so a stream of new streaming requests cannot hold
+        the others back."""
+        firsts = [e for e in self.entries if e.streaming and e.started == 0]
+        if firsts and not (self._last_was_firsts and any(e.started < len(e.request.jobs)
+                                                        for e in self.entries if e not in firsts)):
+            batch = [(e, e.request.jobs[0]) for e in firsts]
+            self._last_was_firsts = True
+        else:
+            batch = []
+            for e in self.entries:
+                jobs = e.request.jobs
+                if e.started < len(jobs):
+                    batch += [(e, jobs[e.started])] if e.streaming else [(e, j) for j in jobs[e.started:]]
+            self._last_was_firsts = False
+        for e, job in batch:
+            e.started = max(e.started, job.index + 1)
+        return batch
+
+    def finish(self, batch: list[tuple[Entry, ChunkJob]], audio: list[np.ndarray], ms: float,
+               emit: Callable[[Entry, int, np.ndarray, dict], None]) -> list[Entry]:
+        """Record a batch's audio and emit every chunk now in order; returns the requests that
+        are complete (removed from the order)."""
+        for (e, job), wav in zip(batch, audio):
+            e.done[job.index] = wav
+        members = list({id(e): e for e, _ in batch}.values())
+        for e in members:
+            e.spent_ms += ms
+            while e.sent in e.done:
+                job = e.request.jobs[e.sent]
+                emit(e, job.index, e.done.pop(e.sent), chunk_info(e.request, job, e.spent_ms, self.demo_weights))
+                e.sent += 1
+        complete = [e for e in members if e.finished]
+        for e in complete:
+            self.entries.remove(e)
+        return complete
+
+    def fail(self, batch: list[tuple[Entry, ChunkJob]]) -> list[Entry]:
+        """A batch that raised: its requests leave the order (returned); the others go on."""
+        members = list({id(e): e for e, _ in batch}.values())
+        for e in members:
+            if e in self.entries:
+                self.entries.remove(e)
+        return members
+
+
+def serve(pipeline: F5Pipeline, requests: list[tuple[object, F5Request, bool]], emit: Emit,
+          demo_weights: bool, cancelled: Callable[[object], bool] = lambda key: False) -> list:
+    """Run a set of requests to the end in the batching order; returns the keys of requests
+    cancelled part-way (`cancelled(key)` is asked before every batch).
+
+    `requests` holds (key, request, streaming); `emit(key, chunk_index, audio, info)` is called
+    per chunk in each request's chunk order; compute_ms accumulates the wall time of the batches a
+    request's chunks ran in. An exception from the pipeline propagates (every request fails)."""
+    waves = Waves(demo_weights)
+    for key, request, streaming in requests:
+        waves.add(key, request, streaming)
+    dropped = []
+    while waves.entries:
+        for e in [e for e in waves.entries if cancelled(e.key)]:
+            waves.drop(e)
+            dropped.append(e.key)
+        batch = waves.next_batch()
+        if not batch:
+            break
+        t0 = time.perf_counter()
+        audio = pipeline.synthesize([job for _, job in batch])
+        waves.finish(batch, audio, (time.perf_counter() - t0) * 1000,
+                     lambda e, index, wav, info: emit(e.key, index, wav, info))
+    return dropped
+
+
+class Sink(Protocol):
+    """Where one request's results go (the Triton adapter's response sender, a test's list)."""
+
+    def emit(self, index: int, wav: np.ndarray, info: dict) -> None: ...  # one chunk, in order
+
+    def fail(self, message: str) -> None: ...  # the request failed; nothing more comes
+
+    def dropped(self) -> None: ...  # cancelled part-way; nothing more comes
+
+    def cancelled(self) -> bool: ...  # asked before every batch
+
+
+class F5Engine:
+    """Continuous batching on one thread: each time the device is free, the next batch of `Waves`
+    over every request that has arrived. `submit` returns at once; results reach the request's
+    `Sink` from the engine's thread. A failed batch fails its own requests only; a sink that
+    raises loses its request, never the engine."""
+
+    def __init__(self, pipeline: F5Pipeline, demo_weights: bool, log: Callable[[str], None] | None = None,
+                 on_idle: Callable[[], None] | None = None,
+                 on_batch: Callable[[int, int, float], None] | None = None, batch_context=None):
+        """on_idle: called when no work is left (the adapter returns freed memory then, off the
+        device's critical path); on_batch(requests, chunks, ms): after every batch (timing lines);
+        batch_context: a reusable context manager entered around every batch (a profiler)."""
+        self.pipeline = pipeline
+        self.batch_context = batch_context if batch_context is not None else contextlib.nullcontext()
+        self.log = log or (lambda msg: print(f"[f5_engine] {msg}", file=sys.stderr, flush=True))
+        self.on_idle, self.on_batch = on_idle, on_batch
+        self._waves = Waves(demo_weights)
+        self._incoming: list[tuple[object, F5Request, bool, Sink]] = []
+        self._cv = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="f5-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, key: object, request: F5Request, streaming: bool, sink: Sink) -> None:
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("the F5 engine is shut down")
+            self._incoming.append((key, request, streaming, sink))
+            self._cv.notify()
+
+    @property
+    def in_flight(self) -> int:
+        with self._cv:
+            return len(self._incoming) + len(self._waves)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop taking requests; the batch running finishes, the requests waiting fail."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        self._thread.join(timeout)
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        waves = self._waves
+        while True:
+            with self._cv:
+                if not self._incoming and not waves.entries and not self._closed:
+                    if self.on_idle is not None:
+                        self._call(self.on_idle)
+                    while not self._incoming and not waves.entries and not self._closed:
+                        self._cv.wait()
+                if self._closed:
+                    left = [sink for *_, sink in self._incoming] + [e.sink for e in waves.entries]
+                    self._incoming.clear()
+                    waves.entries.clear()
+                    break
+                for key, request, streaming, sink in self._incoming:
+                    waves.add(key, request, streaming, sink)
+                self._incoming.clear()
+            for e in list(waves.entries):
+                if self._call(e.sink.cancelled, default=False):
+                    waves.drop(e)
+                    self.log(f"request {e.key} cancelled: its remaining chunks were dropped")
+                    self._call(e.sink.dropped)
+            batch = waves.next_batch()
+            if not batch:
+                continue
+            t0 = time.perf_counter()
+            try:
+                with self.batch_context:
+                    audio = self.pipeline.synthesize([job for _, job in batch])
+            except Exception as exc:  # noqa: BLE001 - fail this batch's requests, keep serving
+                msg = f"F5 synthesis failed: {type(exc).__name__}: {exc}"
+                self.log(msg)
+                for e in waves.fail(batch):
+                    self._call(e.sink.fail, msg)
+                continue
+            ms = (time.perf_counter() - t0) * 1000
+            waves.finish(batch, audio, ms, self._emit)
+            if self.on_batch is not None:
+                self._call(self.on_batch, len({id(e) for e, _ in batch}), len(batch), ms)
+        for sink in left:
+            self._call(sink.fail, "the F5 engine shut down before this request finished")
+
+    def _emit(self, entry: Entry, index: int, wav: np.ndarray, info: dict) -> None:
+        try:
+            entry.sink.emit(index, wav, info)
+        except Exception as exc:  # noqa: BLE001 - the request is lost (its client gone), not the engine
+            self.log(f"request {entry.key}: sending chunk {index} failed ({type(exc).__name__}: {exc}); "
+                     f"its remaining chunks are dropped")
+            entry.sent = len(entry.request.jobs)  # finished: `Waves.finish` takes it out of the order
+            entry.done.clear()
+
+    def _call(self, fn, *args, default=None):
+        try:
+            return fn(*args)
+        except Exception as exc:  # noqa: BLE001 - a callback's failure is logged, the loop goes on
+            self.log(f"{getattr(fn, '__qualname__', fn)} raised {type(exc).__name__}: {exc}")
+            return default
