@@ -47,7 +47,7 @@ class FakePipeline:
 
 class ListSink:
     def __init__(self, cancel_after: int | None = None, raise_on: int | None = None):
-        self.chunks: list[tuple[int, float, dict]] = []
+        self.chunks: list[tuple[int, np.ndarray, dict]] = []
         self.error: str | None = None
         self.was_dropped = False
         self.finished = threading.Event()
@@ -56,7 +56,7 @@ class ListSink:
     def emit(self, index, wav, info):
         if index == self.raise_on:
             raise ConnectionError("client gone")
-        self.chunks.append((index, float(wav[0]), info))
+        self.chunks.append((index, np.asarray(wav), info))
         if info["final"]:
             self.finished.set()
 
@@ -134,7 +134,7 @@ def test_requests_join_between_batches():
         gate.set()
         assert first.finished.wait(WAIT_S) and second.finished.wait(WAIT_S)
         assert pipe.batches == [["a0"], ["a1", "b0"]]
-        assert [c[0] for c in first.chunks] == [0, 1] and [c[1] for c in first.chunks] == [0.0, 1.0]
+        assert [c[0] for c in first.chunks] == [0, 1] and [float(c[1][0]) for c in first.chunks] == [0.0, 1.0]
         assert second.chunks[0][2]["final"] and engine.in_flight == 0
     finally:
         gate.set()
@@ -228,3 +228,62 @@ def test_idle_and_batch_callbacks():
         assert batches == [(1, 2)]
     finally:
         engine.close()
+
+
+# -- the real pipeline under the engine thread ----------------------------------------------------------
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])])
+def test_engine_audio_equals_each_request_alone(tmp_path, device):
+    """Requests submitted together (streaming and offline, different lengths and seeds) through the
+    engine thread: every chunk equals the same request served alone by `serve` (fp32: the DESIGN.md
+    "same audio" bound; on CUDA the fast path's graphs run from the engine's thread)."""
+    from tests.conftest import speech_like
+    from tts.demo_weights import DEMO_F5_NAME, write_f5
+    from tts.f5.pipeline import F5Pipeline
+
+    write_f5(tmp_path)
+    d = tmp_path / DEMO_F5_NAME
+    pipe = F5Pipeline(next(d.glob("*.safetensors")), d / "vocab.txt", tmp_path / "vocos-mel-24khz", DEMO_F5_NAME,
+                      device=device, dtype=torch.float32)
+    pipe.warmup()
+    texts = ["Short one. Then a longer second sentence follows, with a clause in it.",
+             "A single plain sentence.", "Two parts here. And the second of them."]
+    specs = [(texts[0], True, 3), (texts[1], False, 5), (texts[2], False, 7), (texts[2], True, 9)]
+
+    def make(text, streaming, seed):
+        return pipe.make_request(speech_like(2.0, 24000, seed=seed), "The quiet harbour wakes up slowly.", text,
+                                 F5Options(nfe_steps=6, seed=seed), streaming=streaming)
+
+    alone = []
+    for text, streaming, seed in specs:
+        out = []
+        serve(pipe, [(0, make(text, streaming, seed), streaming)], lambda k, i, wav, info: out.append(wav),
+              demo_weights=True)
+        alone.append(out)
+    gate = threading.Event()
+    real = pipe.synthesize
+
+    batches = []
+
+    def held(jobs):  # the first batch waits until every request is in, so the rest join together
+        assert gate.wait(WAIT_S)
+        batches.append(len(jobs))
+        return real(jobs)
+
+    pipe.synthesize = held
+    engine = F5Engine(pipe, demo_weights=True, log=lambda msg: None)
+    try:
+        sinks = [ListSink() for _ in specs]
+        for i, ((text, streaming, seed), sink) in enumerate(zip(specs, sinks)):
+            engine.submit(i, make(text, streaming, seed), streaming, sink)
+        gate.set()
+        for sink, ref in zip(sinks, alone):
+            assert sink.finished.wait(120) and sink.error is None
+            assert [c[0] for c in sink.chunks] == list(range(len(ref)))
+            for (_, wav, _), solo in zip(sink.chunks, ref):
+                assert wav.shape == solo.shape and np.abs(wav - solo).max() <= 1e-4
+    finally:
+        gate.set()
+        engine.close()
+    assert len(batches) < sum(len(ref) for ref in alone)  # they did run together
