@@ -31,8 +31,8 @@ import numpy as np
 from tts.f5.pipeline import ChunkJob, F5Pipeline, F5Request, chunk_info
 
 Emit = Callable[[object, int, np.ndarray, dict], None]
-#: The Triton adapter's switch: "1" continuous batching on the engine thread, "0" each execute's
-#: requests run to the end (the behaviour before); unset: on for a GPU engine, off on the CPU
+#: The Triton adapter's switch: "1" continuous batching on the engine thread; "0" or unset, each
+#: execute's requests run to the end (opt-in until measured on a GPU; slower on the CPU)
 LOOP_ENV = "STUDIO_F5_ENGINE_LOOP"
 
 

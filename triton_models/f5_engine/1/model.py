@@ -51,13 +51,12 @@ class TritonPythonModel:
             print(f"[f5_engine] cuDNN {torch.backends.cudnn.version()}, libraries: "
                   f"{shared.loaded_libraries()}", flush=True)
         self.profile = shared.ExecuteProfile("f5_engine")  # STUDIO_PROFILE_DIR (off by default)
-        # Continuous batching on the engine's thread (`tts.f5.engine`), by default on a GPU only:
-        # on the CPU, where a batch's arithmetic is the whole cost and larger batches pay, it
-        # measured slower (tiny checkpoints, 2 cores: rtf 0.060-0.065 against 0.050-0.056 at c=4).
-        # STUDIO_F5_ENGINE_LOOP=1 / 0 turns it on / off anywhere (0: each execute runs its
-        # requests to the end, the behaviour before).
+        # Continuous batching on the engine's thread (`tts.f5.engine`), opt-in (STUDIO_F5_ENGINE_LOOP=1)
+        # until a GPU measurement shows it pays there: on the CPU, where a batch's arithmetic is the
+        # whole cost and larger batches pay, it measured slower (tiny checkpoints, 2 cores: rtf
+        # 0.060-0.065 against 0.050-0.056 at c=4). Off: each execute runs its requests to the end.
         self.engine = None
-        if switch_from_env(LOOP_ENV, default=device.startswith("cuda")):
+        if switch_from_env(LOOP_ENV, default=False):
             self.engine = F5Engine(self.pipeline, self.demo, log=lambda msg: print(f"[f5_engine] {msg}", flush=True),
                                    on_idle=shared.release_memory,
                                    on_batch=lambda n, chunks, ms: shared.timing_log("f5_engine:batch", requests=n,
