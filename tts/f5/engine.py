@@ -28,6 +28,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
+from tts.devices import bind_thread
 from tts.f5.pipeline import ChunkJob, F5Pipeline, F5Request, chunk_info
 
 Emit = Callable[[object, int, np.ndarray, dict], None]
@@ -206,6 +207,7 @@ class F5Engine:
 
     # -- the loop ---------------------------------------------------------------------------------
     def _loop(self) -> None:
+        bind_thread(getattr(self.pipeline, "device", None))  # an engine on GPU n works on GPU n
         waves = self._waves
         while True:
             with self._cv:

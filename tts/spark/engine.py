@@ -30,6 +30,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from tts.devices import bind_thread
 from tts.spark.pipeline import SparkPipeline
 from tts.spark.request import SparkChunk, SparkRequest, SparkResult
 from tts.spark.scheduler import Scheduler
@@ -224,6 +225,7 @@ class SparkEngine:
 
     # ---- threads ---------------------------------------------------------------------------------------------
     def _prep_loop(self) -> None:
+        bind_thread(getattr(self.pipeline, "device", None))  # an engine on GPU n works on GPU n
         while True:
             item = self._to_prepare.get()
             if item is None or self._closing:
@@ -254,6 +256,7 @@ class SparkEngine:
             self._fail(rid, SparkCancelled(f"request {rid} was cancelled"))
 
     def _decode_loop(self) -> None:
+        bind_thread(getattr(self.pipeline, "device", None))
         while not self._closing:
             try:
                 self._apply_cancels()

@@ -25,6 +25,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from tts.devices import bind_thread
 from tts.spark.audio_tokenizer import SparkAudioTokenizer
 from tts.spark.config import load_spark_config
 from tts.spark.llm import load_llm
@@ -88,6 +89,7 @@ class SparkPipeline:
         transport to a TensorRT-LLM model (`tts.spark.trtllm`): the LLM is not loaded, and
         `new_batch` decodes through it. Everything else is the same code in both runtimes."""
         self.device = torch.device(device)
+        bind_thread(self.device)
         self.llm_transport = llm_transport
         self.config = load_spark_config(model_dir)
         self.model_dir = self.config.model_dir

@@ -49,6 +49,10 @@ class VocodeWorker:
         self._thread.join(timeout)
 
     def _loop(self) -> None:
+        if self._device is not None:
+            from tts.devices import bind_thread
+
+            bind_thread(self._device)  # an engine on GPU n vocodes on GPU n
         stream_ctx = _side_stream(self._device)
         with stream_ctx:
             while True:

@@ -1,0 +1,20 @@
+"""Which CUDA device a thread works on."""
+
+from __future__ import annotations
+
+import torch
+
+
+def bind_thread(device) -> None:
+    """Make `device` the calling thread's current CUDA device (a no-op for a CPU device or None).
+
+    CUDA's current device belongs to a thread and starts at GPU 0 in every new thread. Work that
+    names no device (`torch.cuda.Event().record()`, a CUDA graph's `replay()`, `current_stream()`)
+    goes to the current one, so an engine on GPU 1 whose threads never said so would record events
+    and replay graphs against GPU 0. Every thread that runs an engine's device work calls this first.
+    """
+    if device is None:
+        return
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
