@@ -138,8 +138,8 @@ if want f5-request-profile; then
 fi
 
 if want gpu-tests; then
-  GPU_TESTS=${GPU_TESTS:-tests/test_f5_fast.py tests/test_spark_fast_step.py tests/test_spark_decode.py tests/test_spark_pipeline.py tests/test_f5_precision.py}
-  say "GPU tests (python -m pytest -m gpu $GPU_TESTS: graph/compiled path equals eager, fused GELU, batched Vocos, Spark graphs, bf16 waveform SNR)"
+  GPU_TESTS=${GPU_TESTS:-tests/test_f5_fast.py tests/test_f5_engine.py tests/test_spark_fast_step.py tests/test_spark_decode.py tests/test_spark_pipeline.py tests/test_f5_precision.py}
+  say "GPU tests (python -m pytest -m gpu $GPU_TESTS: graph/compiled path equals eager, fused GELU, batched Vocos, the F5 engine thread, Spark graphs, bf16 and FP8 waveform SNR)"
   PT=$W/pytest-pkgs
   $PY -m pip install -q --no-index --no-deps --target "$PT" .whl/pytest/*.whl >>"$LOG" 2>&1
   [[ -n $TINY ]] || $PY -m pip install -q --no-index --no-deps $(ls .whl/*.whl | grep -v /numpy-) >>"$LOG" 2>&1
