@@ -19,24 +19,23 @@ import numpy as np
 import pytest
 import torch
 
+from tts.snr import log_mel_snr_db, snr_db
+
 ROOT = Path(__file__).resolve().parent.parent
 
 #: The fast path's waveform must stay this close to the fp32 eager one (dB): the 43.6 dB measured
 #: before, less a margin for run-to-run differences of the kernels chosen at start-up.
 SNR_FLOOR_DB = 40.0
-#: The opt-in FP8 products are reported, not held to the bf16 floor (e4m3 rounds ~16x coarser);
-#: this floor only catches a broken scale or layout, which gives an SNR near 0 dB.
-FP8_SNR_FLOOR_DB = 10.0
+#: The opt-in FP8 products are reported, not held to the bf16 floor: e4m3 rounds ~16x coarser, each
+#: DiT forward is ~5.5 % off (relative L2 of the velocity, full size, measured on the CPU) and over 16
+#: guided ODE steps the random-weight output no longer follows the fp32 one sample by sample
+#: (waveform SNR -2.7 dB, log-mel SNR 11.0 dB on this request, fp32 DiT with FP8 products on the
+#: CPU). The floors only catch a broken scale or layout: a log-mel SNR near 0 dB or below, audio
+#: much louder or quieter than the reference.
+FP8_LOG_MEL_SNR_FLOOR_DB = 5.0
+FP8_RMS_RATIO = (0.5, 2.0)
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-
-
-def snr_db(out: np.ndarray, ref: np.ndarray) -> float:
-    """Signal-to-noise ratio of `out` against `ref` (same length), in dB."""
-    n = min(out.size, ref.size)
-    out, ref = out[:n].astype(np.float64), ref[:n].astype(np.float64)
-    noise = float(np.sum((out - ref) ** 2))
-    return float("inf") if noise == 0 else 10 * np.log10(float(np.sum(ref ** 2)) / noise)
 
 
 def test_snr_db_on_hand_made_signals():
@@ -106,10 +105,22 @@ def test_fast_path_waveform_snr_against_fp32_eager(checkpoints, monkeypatch):
     out8 = run(fp8_pipe)
     assert np.isfinite(out).all() and abs(out.size - ref.size) <= 256  # same frames, same hop
     snr = snr_db(out, ref)
-    snr8 = snr_db(out8, ref)
+    snr8, mel8 = snr_db(out8, ref), log_mel_snr_db(out8, ref)
+    rms_ratio = float(np.sqrt(np.mean(out8.astype(np.float64) ** 2) / np.mean(ref.astype(np.float64) ** 2)))
     where = f"full-size random weights, {item['id']}, seed 7, 16 NFE, over {ref.size / 24000:.2f} s"
-    print(f"\n[precision] F5 bf16 fast path vs fp32 eager, {where}: waveform SNR {snr:.1f} dB", flush=True)
-    print(f"[precision] F5 FP8 fast path (fp8 on: {fp8_on}) vs fp32 eager, {where}: waveform SNR {snr8:.1f} dB "
+    print(f"\n[precision] F5 bf16 fast path vs fp32 eager, {where}: waveform SNR {snr:.1f} dB, "
+          f"log-mel SNR {log_mel_snr_db(out, ref):.1f} dB", flush=True)
+    print(f"[precision] F5 FP8 fast path (fp8 on: {fp8_on}) vs fp32 eager, {where}: waveform SNR {snr8:.1f} dB, "
+          f"log-mel SNR {mel8:.1f} dB, RMS ratio {rms_ratio:.3f} "
           f"(self-check {fp8_pipe.fast.stats.get('self_check_rel_err')})", flush=True)
     assert snr >= SNR_FLOOR_DB
-    assert fp8_on is True and np.isfinite(out8).all() and snr8 >= FP8_SNR_FLOOR_DB
+    assert fp8_on is True and np.isfinite(out8).all() and mel8 >= FP8_LOG_MEL_SNR_FLOOR_DB
+    assert FP8_RMS_RATIO[0] <= rms_ratio <= FP8_RMS_RATIO[1]
+
+
+def test_log_mel_snr_on_hand_made_signals():
+    ref = (0.1 * np.sin(2 * np.pi * 220 * np.arange(24000) / 24000)).astype(np.float32)
+    assert log_mel_snr_db(ref, ref) == float("inf")
+    assert log_mel_snr_db(ref * 1.01, ref) > 20  # a 1 % gain moves the log-mel by log(1.01) only
+    noise = np.random.default_rng(0).standard_normal(24000).astype(np.float32) * 0.1
+    assert log_mel_snr_db(noise, ref) < log_mel_snr_db(ref * 1.01, ref)
