@@ -210,12 +210,14 @@ class F5Engine:
         bind_thread(getattr(self.pipeline, "device", None))  # an engine on GPU n works on GPU n
         waves = self._waves
         while True:
+            if not waves.entries and self.on_idle is not None:
+                with self._cv:
+                    idle = not self._incoming and not self._closed
+                if idle:  # outside the lock: submit() never waits on it
+                    self._call(self.on_idle)
             with self._cv:
-                if not self._incoming and not waves.entries and not self._closed:
-                    if self.on_idle is not None:
-                        self._call(self.on_idle)
-                    while not self._incoming and not waves.entries and not self._closed:
-                        self._cv.wait()
+                while not self._incoming and not waves.entries and not self._closed:
+                    self._cv.wait()
                 if self._closed:
                     left = [sink for *_, sink in self._incoming] + [e.sink for e in waves.entries]
                     self._incoming.clear()
