@@ -8,10 +8,10 @@ ON_VALUES = ("1", "on", "true", "yes")
 OFF_VALUES = ("0", "off", "false", "no")
 
 
-def switch_from_env(name: str, default: bool = True) -> bool:
-    """`name` as a switch: unset or empty gives `default`; anything but ON_VALUES / OFF_VALUES
-    (any case) is refused with a message naming the variable."""
-    raw = os.environ.get(name, "").strip().lower()
+def switch_from_env(name: str, default: bool = True, env: dict | None = None) -> bool:
+    """`name` in `env` (default os.environ) as a switch: unset or empty gives `default`; anything
+    but ON_VALUES / OFF_VALUES (any case) is refused with a message naming the variable."""
+    raw = (os.environ if env is None else env).get(name, "").strip().lower()
     if raw == "":
         return default
     if raw in ON_VALUES:

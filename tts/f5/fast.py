@@ -61,6 +61,7 @@ from tts.f5 import conv_kernel, fp8
 from tts.f5.dit import PACKED_ATTENTION, PACKED_ATTENTION_BACKENDS, DiT, packed_attention
 from tts.f5.sampler import guided_euler, timesteps
 from tts.f5.sampler import sample as eager_sample
+from tts.switches import switch_from_env
 
 FAST_ENV = "STUDIO_F5_FAST"
 FUSED_GELU_ENV = "STUDIO_F5_FUSED_GELU"  # 0: the feed-forward's GELU as its own kernel (for comparisons)
@@ -178,10 +179,7 @@ def fast_options_from_env(max_batch: int = 8, env: dict | None = None, **overrid
     if gelu not in OFF_VALUES + DEFAULT_VALUES:
         raise ValueError(f"{FUSED_GELU_ENV}={gelu!r} is not understood; use 0 (off) or 1 (on, the default)")
     overrides.setdefault("fused_gelu", gelu not in OFF_VALUES)
-    fp8 = env.get(FP8_ENV, "").strip().lower()
-    if fp8 not in OFF_VALUES + ("", "1", "on", "true", "yes"):
-        raise ValueError(f"{FP8_ENV}={fp8!r} is not understood; use 1 (FP8 products) or 0 (off, the default)")
-    overrides.setdefault("fp8", fp8 not in OFF_VALUES + ("",))
+    overrides.setdefault("fp8", switch_from_env(FP8_ENV, default=False, env=env))
     overrides.setdefault("attention", _env_choice(env, ATTENTION_ENV, ATTENTION_CHOICES))
     overrides.setdefault("conv", _env_choice(env, CONV_ENV, CONV_CHOICES))
     overrides.setdefault("large_batch_length_buckets", DEFAULT_LARGE_BATCH_LENGTH_BUCKETS)

@@ -7,7 +7,6 @@ import time
 import triton_python_backend_utils as pb_utils
 
 
-
 def _use_project(args) -> None:
     """The backend stub ignores PYTHONPATH: put the project root (a config parameter) on sys.path."""
     root = json.loads(args["model_config"])["parameters"]["project_root"]["string_value"]
