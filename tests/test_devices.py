@@ -24,8 +24,17 @@ def test_bind_thread(monkeypatch):
     devices.bind_thread(None)
     devices.bind_thread("cpu")
     assert calls == []
+    devices.bind_thread("cuda")  # no index: the thread's current GPU, nothing to set
+    assert calls == []
     devices.bind_thread("cuda:1")
     assert calls == [(threading.current_thread().name, torch.device("cuda", 1))]
+
+
+def test_resolve_fills_in_the_current_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert devices.resolve("cuda") == torch.device("cuda", 3)
+    assert devices.resolve("cuda:1") == torch.device("cuda", 1)
+    assert devices.resolve("cpu") == torch.device("cpu")
 
 
 def test_f5_engine_thread_binds_the_pipeline_device(monkeypatch):

@@ -70,16 +70,25 @@ def _pipeline(checkpoints: Path, dtype, fast: bool, monkeypatch):
     return pipe
 
 
+@pytest.fixture
+def no_tf32():
+    """fp32 means fp32: no TF32 in cuBLAS or cuDNN for the reference. Set and put back by hand:
+    `torch.backends.cuda.matmul` answers `allow_tf32` through its own getattr, which monkeypatch's
+    undo cannot put back (torch 2.11)."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    old = matmul.allow_tf32, cudnn.allow_tf32
+    matmul.allow_tf32 = cudnn.allow_tf32 = False
+    yield
+    matmul.allow_tf32, cudnn.allow_tf32 = old
+
+
 @pytest.mark.gpu
 @cuda
-def test_fast_path_waveform_snr_against_fp32_eager(checkpoints, monkeypatch):
+def test_fast_path_waveform_snr_against_fp32_eager(checkpoints, monkeypatch, no_tf32):
     import soundfile as sf
 
     from tts.f5.pipeline import F5Options, synthesize_offline
 
-    # fp32 means fp32: no TF32 in cuBLAS or cuDNN for the reference
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     item = json.loads((ROOT / "samples" / "bench_workload.jsonl").read_text().splitlines()[0])
     wav, sr = sf.read(ROOT / "samples" / item["prompt"], dtype="float32")
     assert sr == 24000

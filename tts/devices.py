@@ -16,5 +16,14 @@ def bind_thread(device) -> None:
     if device is None:
         return
     device = torch.device(device)
-    if device.type == "cuda":
+    if device.type == "cuda" and device.index is not None:  # bare "cuda": the thread's current one, as torch reads it
         torch.cuda.set_device(device)
+
+
+def resolve(device) -> torch.device:
+    """`device` as a torch.device with its index filled in: a bare "cuda" becomes the calling thread's
+    current GPU, so that threads started later (where the current GPU is 0 again) bind to the same one."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device

@@ -24,7 +24,7 @@ import torch
 from torch.profiler import record_function
 
 from tts.audio import F5_CROSSFADE_S, F5_SAMPLE_RATE, join_chunks
-from tts.devices import bind_thread
+from tts.devices import bind_thread, resolve
 from tts.f5 import mel as mel_mod
 from tts.f5 import reference as ref_mod
 from tts.f5 import text as text_mod
@@ -202,7 +202,7 @@ class F5Pipeline:
         """runtime: "torch" (default), or "trtllm" (the DiT and Vocos as TensorRT engines from
         `engines_dir`, see `tts.f5.trt_runner`; "onnx" runs the same wiring on onnxruntime, for CPU
         checks). Everything but those two forwards is the same code in every runtime."""
-        self.device, self.dtype, self.max_batch = torch.device(device), dtype, max_batch
+        self.device, self.dtype, self.max_batch = resolve(device), dtype, max_batch
         bind_thread(self.device)  # the building thread serves too (the execute-at-a-time order)
         self.runtime = runtime
         self.vocab = text_mod.load_vocab(vocab)

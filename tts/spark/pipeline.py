@@ -25,7 +25,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from tts.devices import bind_thread
+from tts.devices import bind_thread, resolve
 from tts.spark.audio_tokenizer import SparkAudioTokenizer
 from tts.spark.config import load_spark_config
 from tts.spark.llm import load_llm
@@ -88,7 +88,7 @@ class SparkPipeline:
         """llm_transport: None runs the LLM here (the torch runtime); else the `trtllm` runtime's
         transport to a TensorRT-LLM model (`tts.spark.trtllm`): the LLM is not loaded, and
         `new_batch` decodes through it. Everything else is the same code in both runtimes."""
-        self.device = torch.device(device)
+        self.device = resolve(device)
         bind_thread(self.device)
         self.llm_transport = llm_transport
         self.config = load_spark_config(model_dir)
