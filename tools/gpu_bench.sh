@@ -3,8 +3,8 @@
 # behind each figure.
 #
 #   bash tools/gpu_bench.sh f5-serve,spark-step  # F5 end to end (fast + eager server) and the Spark step bench
-#   SWEEP_FP8=1 SWEEP_LOOP_ON=1 bash tools/gpu_bench.sh f5-serve  # ... plus the fast server with FP8 products
-#                                           # (label fast_fp8) and with the engine thread (label loop_on)
+#   SWEEP_FP8=1 SWEEP_LOOP_OFF=1 bash tools/gpu_bench.sh f5-serve  # ... plus the fast server with FP8 products
+#                                           # (label fast_fp8) and without the engine thread (label loop_off)
 #   bash tools/gpu_bench.sh spark-serve     # Spark end to end (fast + eager server)
 #   bash tools/gpu_bench.sh offline         # F5 offline (16 and 32 NFE) and Spark offline c=1,16 + streaming c=1,8
 #   bash tools/gpu_bench.sh f5-step-profile # where one F5 ODE step's time goes (kernels, attention backends)

@@ -8,8 +8,8 @@ For 1, 8 and 16 running sequences with ~1000-token prompts, times one `DecodeBat
 decode forward, sampling with the default top-k / top-p, the host round trip: what the engine's loop
 pays per token) in a batch built with `cuda_graphs=False` and one with `cuda_graphs=True` (the
 graphs are captured when the batch is built: that time is reported too), compiled with one token
-per replay and with TOKENS_PER_REPLAY (the default), and compiled with the Triton attention
-kernels (`STUDIO_SPARK_ATTENTION=kernel`) at TOKENS_PER_REPLAY and 8 tokens a replay. End tokens are masked (min_new_tokens) since
+per replay and with 4, and compiled with the Triton attention kernels (`STUDIO_SPARK_ATTENTION=kernel`)
+at 4 and 8 tokens a replay (8 with the kernels is the default). End tokens are masked (min_new_tokens) since
 random weights would emit them at random. Writes RESULTS/spark_step.json. Times are per token (a
 fast-path step() makes tokens_per_replay tokens per row); tokens/s per stream = 1000 / ms.
 """
@@ -29,13 +29,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from tts.spark.decode import (ATTENTION_ENV, FAST_ENV, TOKENS_ENV, TOKENS_PER_REPLAY, DecodeBatch,  # noqa: E402
+from tts.spark.decode import (ATTENTION_ENV, FAST_ENV, TOKENS_ENV, DecodeBatch,  # noqa: E402
                               SamplingParams, Sequence)
 
 #: The forms timed: name -> (STUDIO_SPARK_FAST, tokens per replay, STUDIO_SPARK_ATTENTION).
-FORMS = {"eager": ("0", 1, "matmul"), "graph": ("graph", TOKENS_PER_REPLAY, "matmul"),
-         "compile": ("compile", TOKENS_PER_REPLAY, "matmul"), "compile1": ("compile", 1, "matmul"),
-         "kernel": ("compile", TOKENS_PER_REPLAY, "kernel"), "kernel8": ("compile", 8, "kernel")}
+FORMS = {"eager": ("0", 1, "matmul"), "graph": ("graph", 4, "matmul"),
+         "compile": ("compile", 4, "matmul"), "compile1": ("compile", 1, "matmul"),
+         "kernel": ("compile", 4, "kernel"), "kernel8": ("compile", 8, "kernel")}
 
 #: Qwen2.5-0.5B as Spark-TTS-0.5B's LLM/config.json has it (vocabulary grown by Spark's tokens).
 SPARK_LLM = dict(vocab_size=166000, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
@@ -91,7 +91,7 @@ def profile_steps(batch: DecodeBatch, device, n: int = 20, top: int = 25) -> lis
 def bench_batch(model, name: str, slots: int, seq_len: int, prompt_len: int, rows_list, iters: int, device,
                 out: dict) -> None:
     """name (`FORMS`): eager (STUDIO_SPARK_FAST=0), graph (fused step in CUDA graphs), compile
-    (compiled + graphs), compile1 (the same, one token per replay instead of TOKENS_PER_REPLAY),
+    (compiled + graphs), compile1 (the same, one token per replay instead of 4),
     kernel (compiled + graphs with the Triton attention), kernel8 (the same, 8 tokens a replay)."""
     fast, tokens, attention = FORMS[name]
     os.environ[FAST_ENV], os.environ[TOKENS_ENV], os.environ[ATTENTION_ENV] = fast, str(tokens), attention

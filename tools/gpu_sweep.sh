@@ -21,7 +21,8 @@
 # SWEEP_REQUESTS (default 16), SWEEP_STREAM=0 / SWEEP_COLD=0 / SWEEP_EAGER=0 / SWEEP_RESTART=0 (skip those runs;
 # the restart is a second start of the fast server on the same data folder: start-up with a warm compile cache),
 # SWEEP_FP8=1 (add the fast server with FP8 products, STUDIO_F5_FP8=1: offline c=1,8 under the label fast_fp8),
-# SWEEP_LOOP_ON=1 (add the fast server with the engine's continuous batching, STUDIO_F5_ENGINE_LOOP=1: label loop_on).
+# SWEEP_LOOP_OFF=1 (add the fast server without the engine's continuous batching, on by default on a GPU,
+# STUDIO_F5_ENGINE_LOOP=0: label loop_off).
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
@@ -208,8 +209,8 @@ fi
 snapshot
 
 # -- c2. variants of the fast server, offline c=1,8 each: SWEEP_FP8=1 the opt-in FP8 products
-# (STUDIO_F5_FP8=1, label fast_fp8); SWEEP_LOOP_ON=1 the engine's continuous batching on a thread
-# of its own (STUDIO_F5_ENGINE_LOOP=1, label loop_on)
+# (STUDIO_F5_FP8=1, label fast_fp8); SWEEP_LOOP_OFF=1 without the engine's continuous batching on a
+# thread of its own (STUDIO_F5_ENGINE_LOOP=0, label loop_off; the loop is on by default on a GPU)
 variant() { # variant LABEL VAR=VALUE
   local label=$1 setting=$2
   time_left 150 || { say "variant $label skipped (budget)"; return 0; }
@@ -225,7 +226,7 @@ variant() { # variant LABEL VAR=VALUE
   fi
 }
 [[ ${SWEEP_FP8:-0} != 0 ]] && variant fast_fp8 STUDIO_F5_FP8=1
-[[ ${SWEEP_LOOP_ON:-0} != 0 ]] && variant loop_on STUDIO_F5_ENGINE_LOOP=1
+[[ ${SWEEP_LOOP_OFF:-0} != 0 ]] && variant loop_off STUDIO_F5_ENGINE_LOOP=0
 
 # -- d. the eager server (the CPU code path on CUDA) ---------------------------------------------------
 if [[ ${SWEEP_EAGER:-1} != 0 ]] && time_left 100 && start_server eager 0; then

@@ -135,7 +135,10 @@ FAST_ENV = "STUDIO_SPARK_FAST"  # "0"/"off": eager steps; "graph": fused step in
 #: Decode steps per graph replay (and per host round trip) on the fast path: the host reads the
 #: tokens back once per replay, so its per-token share (~0.4 ms of a 1.85 ms step at one row,
 #: measured on an H200) shrinks T-fold; a finished or redrawn row drops the replay's later steps.
-TOKENS_PER_REPLAY = 4
+#: 8: with the Triton attention, 1.64 / 1.85 / 2.03 ms a token at 1 / 8 / 16 rows against 1.67 /
+#: 1.88 / 2.19 at 4 a replay (H100, `tools/gpu_bench.sh spark-step`, BENCHMARKS.md). A request
+#: joining the batch waits at most one replay (~13 ms at one row).
+TOKENS_PER_REPLAY = 8
 TOKENS_ENV = "STUDIO_SPARK_STEP_TOKENS"  # 1..kv_cache.SPARE_POSITIONS
 #: The fast step's attention: "matmul" (batched matrix products, ~8 launches a layer) or "kernel"
 #: (`tts.spark.attention_kernel`, two Triton launches a layer; checked against the plain-torch form
@@ -146,7 +149,9 @@ ATTENTION_ENV = "STUDIO_SPARK_ATTENTION"
 #: Elsewhere it is a dense block-diagonal mask (N^2: 16 MB of float32 scores a head at 2048).
 MAX_PACKED_TOKENS = {"cuda": 4096, "cpu": 2048}
 ATTENTION_FORMS = ("matmul", "kernel")
-DEFAULT_ATTENTION = "matmul"
+#: The kernels measured faster at every row count: 1.67 / 1.88 / 2.19 ms a token at 1 / 8 / 16 rows
+#: against 1.77 / 2.44 / 2.52 with the matrix products (H100, 4 steps a replay, `spark-step`).
+DEFAULT_ATTENTION = "kernel"
 
 
 def _log(msg: str) -> None:

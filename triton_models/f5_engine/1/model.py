@@ -50,12 +50,14 @@ class TritonPythonModel:
             print(f"[f5_engine] cuDNN {torch.backends.cudnn.version()}, libraries: "
                   f"{shared.loaded_libraries()}", flush=True)
         self.profile = shared.ExecuteProfile("f5_engine")  # STUDIO_PROFILE_DIR (off by default)
-        # Continuous batching on the engine's thread (`tts.f5.engine`), opt-in (STUDIO_F5_ENGINE_LOOP=1)
-        # until a GPU measurement shows it pays there: on the CPU, where a batch's arithmetic is the
-        # whole cost and larger batches pay, it measured slower (tiny checkpoints, 2 cores: rtf
-        # 0.060-0.065 against 0.050-0.056 at c=4). Off: each execute runs its requests to the end.
+        # Continuous batching on the engine's thread (`tts.f5.engine`), on by default on a GPU, where
+        # it measured faster at c=8 and the same at c=1 (H100, offline 16 NFE: rtf 0.0071 against
+        # 0.0092 at c=8, 0.0120 against 0.0118 at c=1; BENCHMARKS.md), off by default on the CPU, where
+        # a batch's arithmetic is the whole cost and larger batches pay (tiny checkpoints, 2 cores:
+        # rtf 0.060-0.065 against 0.050-0.056 at c=4). Off: each execute runs its requests to the end.
+        # STUDIO_F5_ENGINE_LOOP=0|1 overrides either default.
         self.engine = None
-        if switch_from_env(LOOP_ENV, default=False):
+        if switch_from_env(LOOP_ENV, default=device.startswith("cuda")):
             self.engine = F5Engine(self.pipeline, self.demo, log=lambda msg: print(f"[f5_engine] {msg}", flush=True),
                                    on_idle=shared.release_memory,
                                    on_batch=lambda n, chunks, ms: shared.timing_log("f5_engine:batch", requests=n,
