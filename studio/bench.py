@@ -269,6 +269,9 @@ def run_level(url: str, args, items, prompts, concurrency: int) -> dict:
            "requests_per_s": round(len(results) / wall, 3), "audio_s_per_s": round(audio / wall, 3),
            "server_compute_ms_mean": round(float(np.mean([r.info.get("compute_ms", 0) for r in results])), 2),
            "gpus": gpus.summary(), "demo_weights": any(r.demo_weights for r in results),
+           # wait inside an engine that batches on its own thread (F5 on a GPU; info.queue_ms): there
+           # Triton's queue time (engine_queue_ms_mean) misses it
+           "server_queue_ms_mean": _mean_of([r.info.get("queue_ms") for r in results]),
            # requests that met a dead instance (front or engine), reloaded by the client before sending again
            "recovered": sum(r.recovered for r in results), "servers": servers, **failed}
     # With failures the wall time still counts the failed requests while the audio does not: the
@@ -296,11 +299,19 @@ def run_level(url: str, args, items, prompts, concurrency: int) -> dict:
     return row
 
 
+def _mean_of(values: list) -> float | None:
+    """Mean of the values given (None where no result carried one)."""
+    given = [float(v) for v in values if v is not None]
+    return round(float(np.mean(given)), 3) if given else None
+
+
 def print_table(rows: list[dict], model: str, mode: str) -> None:
     cols = ["concurrency", "rtf_aggregate", "latency_p50_s", "latency_p90_s", "latency_p99_s"]
     if mode == "streaming":
         cols += ["first_chunk_p50_s", "first_chunk_p90_s"]
     cols += ["requests_per_s", "audio_s_per_s", "engine_compute_ms_mean", "engine_queue_ms_mean"]
+    if any(r.get("server_queue_ms_mean") is not None for r in rows):
+        cols.append("server_queue_ms_mean")
     if model == "spark":
         cols.append("decode_tokens_per_s_per_stream")
     if any("check_ms_p50" in r for r in rows):

@@ -23,9 +23,9 @@ def triton_server(data_dir):
     from studio.server import TritonServer
     from tts.f5.engine import LOOP_ENV
 
-    # The F5 engine's continuous batching is opt-in: this server turns it on, so every test
-    # through it covers the engine thread (apps the browser tests start, and
-    # tests/test_f5_engine.py's `serve`, cover the default order).
+    # The F5 engine's continuous batching is off by default on the CPU (on on a GPU): this server
+    # turns it on, so every test through it covers the engine thread (apps the browser tests start,
+    # and tests/test_f5_engine.py's `serve`, cover the CPU's default order).
     was = os.environ.get(LOOP_ENV)
     os.environ[LOOP_ENV] = "1"
     try:

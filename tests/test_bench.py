@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parent.parent
 ROW_KEYS = {"concurrency", "requests", "wall_s", "audio_s", "rtf_aggregate", "rtf_mean", "latency_p50_s",
             "latency_p90_s", "latency_p99_s", "first_chunk_p50_s", "first_chunk_p90_s", "requests_per_s",
             "audio_s_per_s", "server_compute_ms_mean", "gpus", "demo_weights", "failed", "warmup_failed", "errors",
-            "engine_queue_ms_mean", "engine_compute_ms_mean", "engine_executions", "recovered"}
+            "engine_queue_ms_mean", "engine_compute_ms_mean", "engine_executions", "recovered",
+            "server_queue_ms_mean"}
 
 
 def bench(triton_server, out: Path, *args: str, timeout: int = 400) -> subprocess.CompletedProcess:
@@ -48,7 +49,8 @@ def test_f5_offline_levels_report(triton_server, tmp_path):
         assert 0 < row["latency_p50_s"] <= row["latency_p90_s"] <= row["latency_p99_s"]
         assert row["first_chunk_p50_s"] is None  # offline
         assert row["engine_executions"] >= 1 and row["engine_compute_ms_mean"] > 0
-    assert "rtf_aggregate" in run.stdout and "DEMO WEIGHTS" in run.stdout
+        assert row["server_queue_ms_mean"] >= 0  # the session server's F5 engine batches on its thread
+    assert "rtf_aggregate" in run.stdout and "DEMO WEIGHTS" in run.stdout and "server_queue_ms_mean" in run.stdout
 
 
 @pytest.mark.slow

@@ -230,6 +230,40 @@ def test_idle_and_batch_callbacks():
         engine.close()
 
 
+def test_queue_wait_is_reported_once_per_request():
+    """A request that arrives while a batch runs waits for it: that wait (submit -> its first batch's
+    start) goes to on_queued once per request and into every chunk's info as queue_ms."""
+    gate = threading.Event()
+    pipe = FakePipeline(gate=gate)
+    waits = []
+    engine = F5Engine(pipe, demo_weights=False, log=lambda msg: None, on_queued=waits.append)
+    try:
+        first, second = ListSink(), ListSink()
+        engine.submit("a", request("a", 2), True, first)
+        assert pipe.started.acquire(timeout=WAIT_S)  # a0 is running; b waits for it
+        engine.submit("b", request("b", 1), False, second)
+        time.sleep(0.2)
+        gate.set()
+        assert first.finished.wait(WAIT_S) and second.finished.wait(WAIT_S)
+        assert len(waits) == 2  # a once, although it ran in two batches
+        a_info, b_info = first.chunks[-1][2], second.chunks[-1][2]
+        assert [c[2]["queue_ms"] for c in first.chunks] == [a_info["queue_ms"]] * 2
+        assert waits == [pytest.approx(a_info["queue_ms"], abs=1e-3), pytest.approx(b_info["queue_ms"], abs=1e-3)]
+        assert b_info["queue_ms"] >= 200 > a_info["queue_ms"]
+    finally:
+        gate.set()
+        engine.close()
+
+
+def test_serve_reports_no_queue_wait():
+    """The execute-at-a-time order (`serve`) has no engine queue: Triton's own queue time holds it."""
+    from tts.f5.engine import serve
+
+    infos = []
+    serve(FakePipeline(), [("a", request("a", 1), False)], lambda key, i, wav, info: infos.append(info), False)
+    assert infos and "queue_ms" not in infos[0]
+
+
 # -- the real pipeline under the engine thread ----------------------------------------------------------
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[

@@ -227,17 +227,22 @@ def metrics_server(data_dir):
     SERVER_F5_TEXT_LIMIT characters (the server reads the limit from its environment at launch)."""
     from studio.server import TritonServer
 
+    from tts.f5.engine import LOOP_ENV
+
     server = TritonServer(data_dir, demo_weights=True, no_download=True, instances=2, gpus=[], families=["f5"],
                           no_asr=True, metrics_port=free_port())
-    old = os.environ.get("STUDIO_MAX_TEXT_CHARS_F5")
-    os.environ["STUDIO_MAX_TEXT_CHARS_F5"] = str(SERVER_F5_TEXT_LIMIT)
+    # the engine thread, as on a GPU (off by default on the CPU): it exports its own queue time
+    settings = {"STUDIO_MAX_TEXT_CHARS_F5": str(SERVER_F5_TEXT_LIMIT), LOOP_ENV: "1"}
+    old = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
     try:
         server.start(timeout_s=600)
     finally:
-        if old is None:
-            os.environ.pop("STUDIO_MAX_TEXT_CHARS_F5", None)
-        else:
-            os.environ["STUDIO_MAX_TEXT_CHARS_F5"] = old
+        for name, was in old.items():
+            if was is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = was
     yield server
     server.stop()
 
@@ -258,6 +263,13 @@ def test_triton_metrics_after_one_request(metrics_server):
     with StudioClient(metrics_server.grpc_url) as client:
         result = client.synthesize("f5", SHORT, speech_like(2.0, 24000), "A few words here.", params=F5)
     assert result.audio.size > 0
+    # the engine thread's own queue time (Triton's execute only hands the request over): the counter
+    # grew by exactly the wait the engine reported for this request, in microseconds
+    queued = {labels: v for (name, labels), v in scrape_triton(metrics_server).items()
+              if name == "studio_engine_queue_duration_us_total"}
+    assert queued and all(dict(labels)["model"] == "f5_engine" for labels in queued), queued
+    queued_before = sum(v for (name, _), v in before.items() if name == "studio_engine_queue_duration_us_total")
+    assert sum(queued.values()) - queued_before == pytest.approx(result.info["queue_ms"] * 1000, abs=2)
     deadline = time.monotonic() + TRITON_METRICS_WAIT_S
     while True:
         after = scrape_triton(metrics_server)

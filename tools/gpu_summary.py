@@ -92,9 +92,11 @@ def bench_section(benches: dict[str, dict]) -> list[str]:
     """compute ms: the engine's own figure per request (info.compute_ms: the wall time of the
     batches its chunks ran in); execute ms / execute queue ms: Triton's statistics of the engine
     model (time in `execute`, time queued before it). With the F5 engine thread, `execute` only
-    parses and hands over, so those two no longer hold the synthesis or the wait for it."""
+    parses and hands over, so those two no longer hold the synthesis or the wait for it: engine
+    queue ms is then the wait inside the engine (info.queue_ms), empty without the thread."""
     head = ["run", "mode", "NFE", "c", "rtf_aggregate", "latency p50 s", "p90 s", "first chunk p50 s",
-            "req/s", "compute ms", "execute ms", "execute queue ms", "GPU util %", "failed", "recovered"]
+            "req/s", "compute ms", "execute ms", "execute queue ms", "engine queue ms", "GPU util %", "failed",
+            "recovered"]
     lines = ["### End to end through Triton (`python -m studio bench`)", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, b in sorted(benches.items()):
@@ -107,7 +109,8 @@ def bench_section(benches: dict[str, dict]) -> list[str]:
                                             fmt(r.get("latency_p90_s")), fmt(r.get("first_chunk_p50_s")),
                                             fmt(r.get("requests_per_s"), 2), fmt(r.get("server_compute_ms_mean"), 1),
                                             fmt(r.get("engine_compute_ms_mean"), 1),
-                                            fmt(r.get("engine_queue_ms_mean"), 1), util,
+                                            fmt(r.get("engine_queue_ms_mean"), 1),
+                                            fmt(r.get("server_queue_ms_mean"), 1), util,
                                             fmt(r.get("failed")), fmt(r.get("recovered"))]) + " |")
     return lines + [""]
 

@@ -277,6 +277,37 @@ class CancelWatch:
                 return
 
 
+#: Prometheus counter (microseconds, label `model`) of the time requests wait inside an engine that
+#: batches on a thread of its own (the F5 engine on a GPU): its Triton execute only hands a request
+#: over, so Triton's `nv_inference_queue_duration_us` no longer holds that wait. The autoscaler's
+#: queue-time metric sums both (deploy/kubernetes/prometheus-adapter/values.yaml).
+ENGINE_QUEUE_METRIC = "studio_engine_queue_duration_us"
+
+
+class EngineQueueCounter:
+    """`ENGINE_QUEUE_METRIC` for one engine instance, through the Python backend's custom metrics
+    (labels model, version and instance: one series per instance, as an engine runs one per GPU)."""
+
+    def __init__(self, pb_utils, model: str, instance: str):
+        self.family = pb_utils.MetricFamily(
+            name=ENGINE_QUEUE_METRIC, kind=pb_utils.MetricFamily.COUNTER,
+            description="Cumulative time requests waited inside the engine for their first batch (us)")
+        self.metric = self.family.Metric(labels={"model": model, "version": "1", "instance": instance})
+
+    def add_ms(self, ms: float) -> None:
+        self.metric.increment(max(ms, 0.0) * 1000.0)
+
+
+def engine_queue_counter(pb_utils, args: dict, model: str) -> EngineQueueCounter | None:
+    """The counter of this instance (`args`: initialize's), or None (with a log line) where the
+    server has metrics turned off."""
+    try:
+        return EngineQueueCounter(pb_utils, model, args.get("model_instance_name", model))
+    except Exception as exc:  # noqa: BLE001 - metrics are an extra: serving goes on without them
+        print(f"[{model}] engine queue metric unavailable ({type(exc).__name__}: {exc})", flush=True)
+        return None
+
+
 def release_memory() -> None:
     """Hand freed heap memory back to the system (glibc's malloc_trim): after a large request an
     engine otherwise keeps its peak (measured with demo weights: +190 MiB PSS after one request at

@@ -32,8 +32,9 @@ from tts.devices import bind_thread
 from tts.f5.pipeline import ChunkJob, F5Pipeline, F5Request, chunk_info
 
 Emit = Callable[[object, int, np.ndarray, dict], None]
-#: The Triton adapter's switch: "1" continuous batching on the engine thread; "0" or unset, each
-#: execute's requests run to the end (opt-in until measured on a GPU; slower on the CPU)
+#: The Triton adapter's switch: "1" continuous batching on the engine thread; "0" each execute's
+#: requests run to the end. Unset: on on a GPU, off on the CPU (measured: faster at c=8 on an H100,
+#: slower on the CPU)
 LOOP_ENV = "STUDIO_F5_ENGINE_LOOP"
 
 
@@ -48,6 +49,8 @@ class Entry:
     started: int = 0  # chunks handed to a batch
     sent: int = 0  # chunks emitted
     spent_ms: float = 0.0  # wall time of the batches its chunks ran in (the info's compute_ms)
+    arrived: float | None = None  # perf_counter when the engine took it (F5Engine)
+    queue_ms: float | None = None  # from `arrived` to the start of its first batch (the info's queue_ms)
     done: dict[int, np.ndarray] = field(default_factory=dict)  # finished chunks not yet emitted
 
     @property
@@ -67,10 +70,11 @@ class Waves:
     def __len__(self) -> int:
         return len(self.entries)
 
-    def add(self, key: object, request: F5Request, streaming: bool, sink: "Sink | None" = None) -> Entry:
+    def add(self, key: object, request: F5Request, streaming: bool, sink: "Sink | None" = None,
+            arrived: float | None = None) -> Entry:
         if not request.jobs:
             raise ValueError("a request without chunks")
-        entry = Entry(key, request, streaming, sink)
+        entry = Entry(key, request, streaming, sink, arrived=arrived)
         self.entries.append(entry)
         return entry
 
@@ -109,7 +113,10 @@ class Waves:
             e.spent_ms += ms
             while e.sent in e.done:
                 job = e.request.jobs[e.sent]
-                emit(e, job.index, e.done.pop(e.sent), chunk_info(e.request, job, e.spent_ms, self.demo_weights))
+                info = chunk_info(e.request, job, e.spent_ms, self.demo_weights)
+                if e.queue_ms is not None:
+                    info["queue_ms"] = round(e.queue_ms, 3)
+                emit(e, job.index, e.done.pop(e.sent), info)
                 e.sent += 1
         complete = [e for e in members if e.finished]
         for e in complete:
@@ -171,16 +178,20 @@ class F5Engine:
 
     def __init__(self, pipeline: F5Pipeline, demo_weights: bool, log: Callable[[str], None] | None = None,
                  on_idle: Callable[[], None] | None = None,
-                 on_batch: Callable[[int, int, float], None] | None = None, batch_context=None):
+                 on_batch: Callable[[int, int, float], None] | None = None, batch_context=None,
+                 on_queued: Callable[[float], None] | None = None):
         """on_idle: called when no work is left (the adapter returns freed memory then, off the
         device's critical path); on_batch(requests, chunks, ms): after every batch (timing lines);
-        batch_context: a reusable context manager entered around every batch (a profiler)."""
+        batch_context: a reusable context manager entered around every batch (a profiler);
+        on_queued(ms): once per request, with its wait from `submit` to the start of its first batch.
+        Requests wait here, not in Triton's queue (whose execute only hands them over), so this is
+        the wait a queue-time metric must count (the adapter exports it to Prometheus)."""
         self.pipeline = pipeline
         self.batch_context = batch_context if batch_context is not None else contextlib.nullcontext()
         self.log = log or (lambda msg: print(f"[f5_engine] {msg}", file=sys.stderr, flush=True))
-        self.on_idle, self.on_batch = on_idle, on_batch
+        self.on_idle, self.on_batch, self.on_queued = on_idle, on_batch, on_queued
         self._waves = Waves(demo_weights)
-        self._incoming: list[tuple[object, F5Request, bool, Sink]] = []
+        self._incoming: list[tuple[object, F5Request, bool, Sink, float]] = []  # ..., perf_counter at submit
         self._cv = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="f5-engine", daemon=True)
@@ -190,7 +201,7 @@ class F5Engine:
         with self._cv:
             if self._closed:
                 raise RuntimeError("the F5 engine is shut down")
-            self._incoming.append((key, request, streaming, sink))
+            self._incoming.append((key, request, streaming, sink, time.perf_counter()))
             self._cv.notify()
 
     @property
@@ -219,12 +230,12 @@ class F5Engine:
                 while not self._incoming and not waves.entries and not self._closed:
                     self._cv.wait()
                 if self._closed:
-                    left = [sink for *_, sink in self._incoming] + [e.sink for e in waves.entries]
+                    left = [item[3] for item in self._incoming] + [e.sink for e in waves.entries]
                     self._incoming.clear()
                     waves.entries.clear()
                     break
-                for key, request, streaming, sink in self._incoming:
-                    waves.add(key, request, streaming, sink)
+                for key, request, streaming, sink, arrived in self._incoming:
+                    waves.add(key, request, streaming, sink, arrived=arrived)
                 self._incoming.clear()
             for e in list(waves.entries):
                 if self._call(e.sink.cancelled, default=False):
@@ -235,6 +246,11 @@ class F5Engine:
             if not batch:
                 continue
             t0 = time.perf_counter()
+            for e in {id(e): e for e, _ in batch}.values():
+                if e.queue_ms is None and e.arrived is not None:
+                    e.queue_ms = (t0 - e.arrived) * 1000
+                    if self.on_queued is not None:
+                        self._call(self.on_queued, e.queue_ms)
             try:
                 with self.batch_context:
                     audio = self.pipeline.synthesize([job for _, job in batch])

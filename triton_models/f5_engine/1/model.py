@@ -58,7 +58,9 @@ class TritonPythonModel:
         # STUDIO_F5_ENGINE_LOOP=0|1 overrides either default.
         self.engine = None
         if switch_from_env(LOOP_ENV, default=device.startswith("cuda")):
+            queued = shared.engine_queue_counter(pb_utils, args, "f5_engine")  # the wait Triton's queue time misses
             self.engine = F5Engine(self.pipeline, self.demo, log=lambda msg: print(f"[f5_engine] {msg}", flush=True),
+                                   on_queued=queued.add_ms if queued is not None else None,
                                    on_idle=shared.release_memory,
                                    on_batch=lambda n, chunks, ms: shared.timing_log("f5_engine:batch", requests=n,
                                                                                    chunks=chunks, ms=round(ms, 3)),
