@@ -277,7 +277,7 @@ class CancelWatch:
                 return
 
 
-#: Prometheus counter (microseconds, label `model`) of the time requests wait inside an engine that
+#: Prometheus counter (microseconds; labels model, version, instance) of the time requests wait in an engine that
 #: batches on a thread of its own (the F5 engine on a GPU): its Triton execute only hands a request
 #: over, so Triton's `nv_inference_queue_duration_us` no longer holds that wait. The autoscaler's
 #: queue-time metric sums both (deploy/kubernetes/prometheus-adapter/values.yaml).
