@@ -165,6 +165,20 @@ def test_fused_gelu_switch(tmp_path):
     assert not fs.stats["fused_gelu"] and not ff.fused_gelu  # no graphs on the CPU: nothing switched
 
 
+def test_capture_warmup_choice():
+    """STUDIO_F5_CAPTURE_WARMUP: every bucket warmed before its capture (default), or only the first
+    (largest) bucket of each batch size in capture order."""
+    assert F.fast_options_from_env(env={}).capture_warmup == "all"
+    assert F.fast_options_from_env(env={F.CAPTURE_WARMUP_ENV: "First"}).capture_warmup == "first"
+    with pytest.raises(ValueError, match=F.CAPTURE_WARMUP_ENV):
+        F.fast_options_from_env(env={F.CAPTURE_WARMUP_ENV: "none"})
+    with pytest.raises(ValueError, match="capture_warmup"):
+        F.FastOptions(capture_warmup="some")
+    order = [(8, 4096), (4, 4096), (8, 2048), (2, 4096), (1, 4096), (2, 128), (1, 64)]
+    assert F.buckets_to_warm(order, "all") == set(order)
+    assert F.buckets_to_warm(order, "first") == {(8, 4096), (4, 4096), (2, 4096), (1, 4096)}
+
+
 def test_attention_choice_options_and_cpu():
     """STUDIO_F5_ATTENTION picks the packed-attention kernel; on the CPU nothing is chosen or timed
     (the masked path serves), whatever the setting."""
@@ -495,6 +509,26 @@ def test_graph_path_equals_eager_fp32(tmp_path, monkeypatch):
     assert float((out - ref).norm() / ref.norm()) <= 1e-4
     solo = fs.sample(dit, *[a[2:] for a in args], 8, 2.0, -1.0)
     assert float((out[2] - solo[0]).norm() / solo[0].norm()) <= 1e-4
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("mode", ["graph", "compile"])
+def test_capture_with_first_bucket_warmup_equals_eager_fp32(tmp_path, monkeypatch, mode):
+    """Capturing without a warm-up for all but each batch size's first bucket gives the same samples
+    (every bucket captured, none retried or failed) as the eager sampler."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    dit = tiny_dit(tmp_path, depth=4, dtype=torch.float32, device="cuda")
+    fs = F.FastSampler(dit, small_options(mode=mode, self_check=True, capture_warmup="first",
+                                          cache_dir=str(tmp_path / "cache"), length_buckets=(128, 256, 384, 768)))
+    stats = fs.warmup()
+    print(f"[capture] warmup first: {stats}")
+    assert fs.ready and stats["graphs"] == len(fs.buckets()) and "capture_errors" not in stats, stats
+    assert stats["warmed_buckets"] == len({b for b, _ in fs.buckets()}) < len(fs.buckets())
+    args = batch([300, 200, 70], [90, 60, 20], device="cuda")
+    out = fs.sample(dit, *args, 8, 2.0, -1.0)
+    ref = sample(dit, *args, 8, 2.0, -1.0)
+    assert float((out - ref).norm() / ref.norm()) <= 1e-4
 
 
 @pytest.mark.gpu

@@ -22,7 +22,9 @@
 # the restart is a second start of the fast server on the same data folder: start-up with a warm compile cache),
 # SWEEP_FP8=1 (add the fast server with FP8 products, STUDIO_F5_FP8=1: offline c=1,8 under the label fast_fp8),
 # SWEEP_LOOP_OFF=1 (add the fast server without the engine's continuous batching, on by default on a GPU,
-# STUDIO_F5_ENGINE_LOOP=0: label loop_off).
+# STUDIO_F5_ENGINE_LOOP=0: label loop_off), SWEEP_WARM_FIRST=1 (add the fast server warming only each batch
+# size's first bucket before capture, STUDIO_F5_CAPTURE_WARMUP=first: label warm_first; its start-up compares
+# with fast-restart's, both on a warm compile cache).
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
@@ -227,6 +229,7 @@ variant() { # variant LABEL VAR=VALUE
 }
 [[ ${SWEEP_FP8:-0} != 0 ]] && variant fast_fp8 STUDIO_F5_FP8=1
 [[ ${SWEEP_LOOP_OFF:-0} != 0 ]] && variant loop_off STUDIO_F5_ENGINE_LOOP=0
+[[ ${SWEEP_WARM_FIRST:-0} != 0 ]] && variant warm_first STUDIO_F5_CAPTURE_WARMUP=first
 
 # -- d. the eager server (the CPU code path on CUDA) ---------------------------------------------------
 if [[ ${SWEEP_EAGER:-1} != 0 ]] && time_left 100 && start_server eager 0; then

@@ -81,6 +81,13 @@ CONV_PROBE_FRAMES = 2 * 1280
 #: measured on the H200).
 CONV_AGREE_TOL = 2e-2
 MODES = ("off", "eager", "graph", "compile")
+#: Which buckets run once uncaptured before their capture (lazy initialisation, kernel specialisation):
+#: "all" (every bucket: safe, the default), or "first" (the first, largest, bucket of each batch size;
+#: a capture that then fails is warmed and retried). On the host a warm-up costs about what a capture
+#: does (Python launches through 22 blocks), and capture is most of a warm start (21.4 of 38.1 s on an
+#: H100), so "first" is the candidate for the warm-start target; not measured on a GPU yet.
+CAPTURE_WARMUP_ENV = "STUDIO_F5_CAPTURE_WARMUP"
+CAPTURE_WARMUP_CHOICES = ("all", "first")
 #: Env values that switch the fast path off / pick the default mode.
 OFF_VALUES = ("0", "off", "false", "no")
 DEFAULT_VALUES = ("", "1", "on", "true", "yes", "auto")
@@ -134,6 +141,7 @@ class FastOptions:
     fp8: bool = False  # the DiT blocks' large products in FP8 (`tts.f5.fp8`), where the device has FP8 tensor cores
     attention: str = "auto"  # packed attention kernel on CUDA: "auto" (the faster, measured at start-up), "flash", "cudnn"
     conv: str = "auto"  # position convolutions on CUDA: "auto" (the Triton kernel if it runs and agrees), "kernel", "matmul"
+    capture_warmup: str = "all"  # which buckets are warmed before their capture: CAPTURE_WARMUP_CHOICES
     #: length buckets of batches of more than FINE_LENGTH_MAX_BATCH items (None: `length_buckets`);
     #: `fast_options_from_env` sets DEFAULT_LARGE_BATCH_LENGTH_BUCKETS. Same largest bucket.
     large_batch_length_buckets: tuple[int, ...] | None = None
@@ -147,6 +155,9 @@ class FastOptions:
                              f"(set {ATTENTION_ENV}=auto|flash|cudnn)")
         if self.conv not in CONV_CHOICES:
             raise ValueError(f"conv must be one of {CONV_CHOICES}; got {self.conv!r} (set {CONV_ENV}=auto|kernel|matmul)")
+        if self.capture_warmup not in CAPTURE_WARMUP_CHOICES:
+            raise ValueError(f"capture_warmup must be one of {CAPTURE_WARMUP_CHOICES}; got {self.capture_warmup!r} "
+                             f"(set {CAPTURE_WARMUP_ENV}=all|first)")
         for name, values in (("batch_buckets", self.batch_buckets), ("length_buckets", self.length_buckets),
                              ("large_batch_length_buckets", self.large_batch_length_buckets or (1,))):
             if not values or any(int(v) < 1 for v in values) or list(values) != sorted(set(values)):
@@ -182,6 +193,7 @@ def fast_options_from_env(max_batch: int = 8, env: dict | None = None, **overrid
     overrides.setdefault("fp8", switch_from_env(FP8_ENV, default=False, env=env))
     overrides.setdefault("attention", _env_choice(env, ATTENTION_ENV, ATTENTION_CHOICES))
     overrides.setdefault("conv", _env_choice(env, CONV_ENV, CONV_CHOICES))
+    overrides.setdefault("capture_warmup", _env_choice(env, CAPTURE_WARMUP_ENV, CAPTURE_WARMUP_CHOICES))
     overrides.setdefault("large_batch_length_buckets", DEFAULT_LARGE_BATCH_LENGTH_BUCKETS)
     return FastOptions(mode=mode, batch_buckets=batch_buckets_for(max_batch), **overrides)
 
@@ -192,6 +204,17 @@ def _env_choice(env: dict, name: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ValueError(f"{name}={value!r} is not understood; use one of {', '.join(choices)}")
     return value
+
+
+def buckets_to_warm(buckets: list[tuple[int, int]], choice: str) -> set[tuple[int, int]]:
+    """The (batch, frames) buckets warmed before capture, of `buckets` in capture order: all of
+    them, or ("first") the first of each batch size."""
+    if choice == "all":
+        return set(buckets)
+    first: dict[int, tuple[int, int]] = {}
+    for b, t in buckets:
+        first.setdefault(b, (b, t))
+    return set(first.values())
 
 
 def batch_buckets_for(max_batch: int) -> tuple[int, ...]:
@@ -835,26 +858,47 @@ class FastSampler:
         pool = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream(device=dev)
         errors: dict[str, str] = {}
+        warm = buckets_to_warm(buckets, self.options.capture_warmup)
+        retried = 0
+
+        def warm_up(v: BucketViews) -> None:  # off the capture: lazy inits, kernel specialisation, cuBLAS
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):
+                static_step(self.dit, v, self.buffers.step, self.buffers.cfg, self.buffers.mods)
+                static_prologue(self.dit, v)
+            torch.cuda.current_stream(dev).wait_stream(side)
+
+        def capture(v: BucketViews) -> tuple[torch.cuda.CUDAGraph, torch.cuda.CUDAGraph]:
+            graph, prologue = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                static_step(self.dit, v, self.buffers.step, self.buffers.cfg, self.buffers.mods)
+            with torch.cuda.graph(prologue, pool=pool, capture_error_mode="thread_local"):
+                static_prologue(self.dit, v)
+            return graph, prologue
+
         with torch.cuda.device(dev), step_context():
             for b, t in buckets:
                 v = self.buffers.views(b, t)
                 self._fill_dummy(v)
                 try:
-                    side.wait_stream(torch.cuda.current_stream(dev))
-                    with torch.cuda.stream(side):  # warm-up off the capture: lazy inits, autotuning, cuBLAS
-                        static_step(self.dit, v, self.buffers.step, self.buffers.cfg, self.buffers.mods)
-                        static_prologue(self.dit, v)
-                    torch.cuda.current_stream(dev).wait_stream(side)
-                    graph, prologue = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-                        static_step(self.dit, v, self.buffers.step, self.buffers.cfg, self.buffers.mods)
-                    with torch.cuda.graph(prologue, pool=pool, capture_error_mode="thread_local"):
-                        static_prologue(self.dit, v)
-                    self._graphs[(b, t)], self._prologues[(b, t)] = graph, prologue
+                    if (b, t) in warm:
+                        warm_up(v)
+                        graphs = capture(v)
+                    else:
+                        try:
+                            graphs = capture(v)
+                        except Exception:  # noqa: BLE001 - it needed its warm-up after all: warm, capture again
+                            torch.cuda.synchronize(dev)
+                            retried += 1
+                            warm_up(v)
+                            graphs = capture(v)
+                    self._graphs[(b, t)], self._prologues[(b, t)] = graphs
                 except Exception as exc:  # noqa: BLE001 - keep the other buckets
                     errors[f"{b}x{t}"] = f"{type(exc).__name__}: {exc}"[:500]
                     torch.cuda.synchronize(dev)
             torch.cuda.synchronize(dev)
+        self.stats.update(capture_warmup=self.options.capture_warmup, warmed_buckets=len(warm),
+                          capture_retries=retried)
         if errors:
             self.stats["capture_errors"] = errors
             self.log(f"{len(errors)} bucket(s) not captured (they run uncaptured): {errors}")
