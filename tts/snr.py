@@ -22,7 +22,8 @@ def log_mel_snr_db(out: np.ndarray, ref: np.ndarray) -> float:
     from tts.f5.mel import log_mel_spectrogram
 
     n = min(out.size, ref.size)
-    a = log_mel_spectrogram(torch.from_numpy(np.ascontiguousarray(ref[:n], dtype=np.float32))[None])[0].double()
-    b = log_mel_spectrogram(torch.from_numpy(np.ascontiguousarray(out[:n], dtype=np.float32))[None])[0].double()
-    noise = float(((a - b) ** 2).sum())
-    return float("inf") if noise == 0 else 10 * np.log10(float((a ** 2).sum()) / noise)
+
+    def log_mel(wav: np.ndarray) -> np.ndarray:
+        return log_mel_spectrogram(torch.from_numpy(np.ascontiguousarray(wav[:n], dtype=np.float32))[None]).numpy()
+
+    return snr_db(log_mel(out).ravel(), log_mel(ref).ravel())

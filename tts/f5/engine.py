@@ -58,6 +58,11 @@ class Entry:
         return self.sent >= len(self.request.jobs)
 
 
+def batch_members(batch: list[tuple[Entry, ChunkJob]]) -> list[Entry]:
+    """The requests a batch holds chunks of, each once, in batch order."""
+    return list({id(e): e for e, _ in batch}.values())
+
+
 class Waves:
     """The batching rule as a state machine: `add` requests, take `next_batch`, report its audio
     with `finish` (or `fail` it), `drop` a cancelled request. Not thread-safe (one owner)."""
@@ -108,7 +113,7 @@ class Waves:
         are complete (removed from the order)."""
         for (e, job), wav in zip(batch, audio):
             e.done[job.index] = wav
-        members = list({id(e): e for e, _ in batch}.values())
+        members = batch_members(batch)
         for e in members:
             e.spent_ms += ms
             while e.sent in e.done:
@@ -125,7 +130,7 @@ class Waves:
 
     def fail(self, batch: list[tuple[Entry, ChunkJob]]) -> list[Entry]:
         """A batch that raised: its requests leave the order (returned); the others go on."""
-        members = list({id(e): e for e, _ in batch}.values())
+        members = batch_members(batch)
         for e in members:
             if e in self.entries:
                 self.entries.remove(e)
@@ -246,7 +251,7 @@ class F5Engine:
             if not batch:
                 continue
             t0 = time.perf_counter()
-            for e in {id(e): e for e, _ in batch}.values():
+            for e in batch_members(batch):
                 if e.queue_ms is None and e.arrived is not None:
                     e.queue_ms = (t0 - e.arrived) * 1000
                     if self.on_queued is not None:
@@ -263,7 +268,7 @@ class F5Engine:
             ms = (time.perf_counter() - t0) * 1000
             waves.finish(batch, audio, ms, self._emit)
             if self.on_batch is not None:
-                self._call(self.on_batch, len({id(e) for e, _ in batch}), len(batch), ms)
+                self._call(self.on_batch, len(batch_members(batch)), len(batch), ms)
         for sink in left:
             self._call(sink.fail, "the F5 engine shut down before this request finished")
 
