@@ -132,6 +132,49 @@ def test_fused_decode_batch_gives_the_eager_tokens_with_joins_and_leaves(llm, to
     assert run(True) == run(False)
 
 
+@pytest.mark.parametrize("due_at", [11, 2])
+def test_single_step_replays_up_to_a_first_chunk_keep_the_tokens(llm, due_at):
+    """A sequence fewer than T tokens from its first chunk (`tokens_due`) makes the batch replay
+    single steps until that token exists: the host sees the chunk's last token in the step that made
+    it, not up to T - 1 steps later; the tokens of every row are those of T-step replays."""
+    def run(align: bool):
+        batch = DecodeBatch(llm, 4, 96, cuda_graphs=False, fused=True, tokens_per_replay=4, align_first_chunk=align)
+        params = SamplingParams(temperature=1.0, max_new_tokens=24, min_new_tokens=24)
+        seqs = [Sequence(_prompt(10 + i, 8 + 3 * i), params, END, seed=i) for i in range(2)]
+        seqs[0].tokens_due = lambda s=seqs[0]: due_at - len(s.generated) if len(s.generated) < due_at else None
+        for s in seqs:
+            batch.add(s)
+        counts = [len(seqs[0].generated)]  # the first sequence's tokens after its prefill, then after each step
+        while not all(s.finished for s in seqs):
+            batch.step()
+            counts.append(len(seqs[0].generated))
+        return [s.generated for s in seqs], counts, batch.short_replays
+
+    (tokens, counts, short), (tokens_off, counts_off, short_off) = run(True), run(False)
+    assert tokens == tokens_off and all(len(t) == 24 for t in tokens)
+    assert short_off == 0 and counts_off[:4] == [1, 5, 9, 13]
+    if due_at == 11:  # 1, 5, 9 by replays of four, then 10 and 11 one at a time, then four again
+        assert short == 2 and counts[:6] == [1, 5, 9, 10, 11, 15]
+    else:  # due after the prefill's token: one single step, then replays of four
+        assert short == 1 and counts[:3] == [1, 2, 6]
+
+
+def test_align_first_chunk_setting(monkeypatch, llm):
+    from tts.spark.decode import ALIGN_ENV
+
+    monkeypatch.setenv(ALIGN_ENV, "0")
+    batch = DecodeBatch(llm, 2, 64, cuda_graphs=False, fused=True, tokens_per_replay=4)
+    assert all(step.single is None for step in batch.steps.values())
+    monkeypatch.delenv(ALIGN_ENV)
+    batch = DecodeBatch(llm, 2, 64, cuda_graphs=False, fused=True, tokens_per_replay=4)
+    assert all(step.single is not None and step.single.tokens == 1 for step in batch.steps.values())
+    one = DecodeBatch(llm, 2, 64, cuda_graphs=False, fused=True, tokens_per_replay=1)
+    assert all(step.single is None for step in one.steps.values())  # nothing to align with one step a replay
+    monkeypatch.setenv(ALIGN_ENV, "sometimes")
+    with pytest.raises(ValueError, match=ALIGN_ENV):
+        DecodeBatch(llm, 2, 64, cuda_graphs=False, fused=True, tokens_per_replay=4)
+
+
 def _random_cache(llm, slots: int, length: int):
     cache = new_cache(llm, slots, length)
     cache.k.normal_()
@@ -244,6 +287,8 @@ def _compare_compiled_and_eager_on_cuda(spark_dir, counters, attention: str) -> 
         params = [SamplingParams(max_new_tokens=40), SamplingParams(top_k=1, max_new_tokens=12),
                   SamplingParams(top_k=0, top_p=0.8, max_new_tokens=25), SamplingParams(temperature=1.2, max_new_tokens=20)]
         seqs = [Sequence(_prompt(10 + i, 8 + 3 * i), p, END, seed=i) for i, p in enumerate(params)]
+        # a first chunk due at 30 tokens: single-step graphs replayed before it (the default)
+        seqs[0].tokens_due = lambda s=seqs[0]: 30 - len(s.generated) if len(s.generated) < 30 else None
         batch.add(seqs[0])
         for n in range(60):
             if n in (2, 5):
@@ -252,12 +297,13 @@ def _compare_compiled_and_eager_on_cuda(spark_dir, counters, attention: str) -> 
                 batch.add(seqs[3])
             batch.step()
         assert all(s.finished for s in seqs)
-        return [s.generated for s in seqs], batch.stats
+        return [s.generated for s in seqs], dict(batch.stats, short_replays=batch.short_replays)
 
     fast, stats = run(True)
     assert stats["compiled"] and not stats.get("capture_errors"), stats
     assert stats["attention"] == attention, stats
-    assert stats["graphs"] == len(graph_buckets(GRAPH_ROWS, 4)) * len(graph_buckets(GRAPH_LENGTHS, 300))
+    assert stats["single_steps"] and stats["short_replays"] > 0, stats
+    assert stats["graphs"] == 2 * len(graph_buckets(GRAPH_ROWS, 4)) * len(graph_buckets(GRAPH_LENGTHS, 300))
     assert counters["stats"]["unique_graphs"] - before == (1 if stats["unbacked_rows"] else 2)
     eager, _ = run(False)
     assert fast == eager

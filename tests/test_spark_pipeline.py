@@ -217,6 +217,8 @@ def test_several_tokens_per_replay_give_the_same_audio_chunks_and_segments(spark
     monkeypatch.setattr(spark_pipeline, "_solo_batch", None)  # stream() keeps its batch: a new one, restored after
     several = outputs()
     assert spark_pipeline._solo_batch.tokens_per_replay == 3
+    # the streamed request's first chunk came out of single-step replays (ALIGN_ENV, on by default)
+    assert spark_pipeline._solo_batch.short_replays > 0
     assert [len(o) for o in several] == [len(o) for o in one] and len(one[1]) >= 2
     assert several == one
 

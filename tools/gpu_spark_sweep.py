@@ -8,9 +8,10 @@ Triton server with the Spark models only (start-up time recorded), and runs `pyt
 bench` offline and streaming with `--fixed-tokens` (random weights never emit the end token).
 Then (unless --eager-requests 0) the same server with the fast path off (STUDIO_SPARK_FAST=0, the
 eager decode step) for a short offline run at concurrency 1: the same-run eager comparison.
---ab-levers adds, in the same run, the fast server with the engine's vocoder thread and joint
-prefill off (STUDIO_SPARK_VOCODE_THREAD=0, STUDIO_SPARK_JOIN_PREFILL=0) at the highest offline and
-streaming levels, where they matter (bench label `levers-off`). --attention sets the decode step's
+--ab-levers adds, in the same run, the fast server with the engine's vocoder thread, joint
+prefill and first-chunk single steps off (STUDIO_SPARK_VOCODE_THREAD=0, STUDIO_SPARK_JOIN_PREFILL=0,
+STUDIO_SPARK_ALIGN_FIRST_CHUNK=0) at the highest offline level and every streaming level (the
+single steps matter most to the first chunk at c=1; bench label `levers-off`). --attention sets the decode step's
 attention form (STUDIO_SPARK_ATTENTION) of the fast servers. All JSON lands in --out.
 """
 
@@ -42,7 +43,8 @@ def main() -> int:
     p.add_argument("--attention", choices=("matmul", "kernel"), default=None,
                    help="STUDIO_SPARK_ATTENTION of the fast servers (default: the engine's default)")
     p.add_argument("--ab-levers", action="store_true",
-                   help="also the fast server with the vocoder thread and joint prefill off (same run)")
+                   help="also the fast server with the vocoder thread, joint prefill and first-chunk single "
+                        "steps off (same run)")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     ck = args.work / "ckpt"
@@ -60,10 +62,11 @@ def main() -> int:
     fast = {"STUDIO_SPARK_FAST": os.environ.get("STUDIO_SPARK_FAST"), "STUDIO_SPARK_ATTENTION": args.attention}
     top = [lv.split(",")[-1] for lv in (args.offline, args.streaming)]
     levers_off = [("offline", top[0], args.requests, "levers-off", 2),
-                  ("streaming", top[1], args.requests, "levers-off", 2)] if args.ab_levers else []
+                  ("streaming", args.streaming, args.requests, "levers-off", 2)] if args.ab_levers else []
     startup = {}
     plan = [("fast", fast, runs, "fast"), ("fast-restart", fast, [], "fast"),
-            ("levers-off", fast | {"STUDIO_SPARK_VOCODE_THREAD": "0", "STUDIO_SPARK_JOIN_PREFILL": "0"}, levers_off,
+            ("levers-off", fast | {"STUDIO_SPARK_VOCODE_THREAD": "0", "STUDIO_SPARK_JOIN_PREFILL": "0",
+                                   "STUDIO_SPARK_ALIGN_FIRST_CHUNK": "0"}, levers_off,
              "fast"),
             ("eager", {"STUDIO_SPARK_FAST": "0"}, [("offline", "1", args.eager_requests, "eager", 1)], "eager")]
     for label, env, todo, data in plan:
@@ -80,7 +83,8 @@ def main() -> int:
 
 
 #: The settings a sweep's servers are started with; each server gets all of them (unset: the default).
-SWEPT_ENV = ("STUDIO_SPARK_FAST", "STUDIO_SPARK_ATTENTION", "STUDIO_SPARK_VOCODE_THREAD", "STUDIO_SPARK_JOIN_PREFILL")
+SWEPT_ENV = ("STUDIO_SPARK_FAST", "STUDIO_SPARK_ATTENTION", "STUDIO_SPARK_VOCODE_THREAD", "STUDIO_SPARK_JOIN_PREFILL",
+             "STUDIO_SPARK_ALIGN_FIRST_CHUNK")
 
 
 def serve_and_bench(args, ck: Path, label: str, env: dict, runs: list, data: str) -> float | None:

@@ -18,12 +18,14 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
 from tts.spark import fast_step as FS
 from tts.spark.kv_cache import SPARE_POSITIONS, StaticKVCache
 from tts.spark.llm import forward_prefill, forward_prefill_many, forward_step, new_cache
+from tts.switches import switch_from_env
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,10 @@ class Sequence:
     # uniform numbers drawn ahead for a multi-step replay but not used (the row was redrawn on the
     # host first): they are the next ones drawn, so every path consumes the same stream
     returned_uniforms: list[float] = field(default_factory=list, repr=False)
+    # the owner's count of tokens still to generate before it can hand out audio (its first
+    # streamed chunk), None when no such wait is pending: the fast path then replays single steps
+    # for the last few tokens instead of finishing a longer replay first (`DecodeBatch._fast_step`)
+    tokens_due: Callable[[], int | None] | None = field(default=None, repr=False)
 
     def __post_init__(self):
         self.generator = torch.Generator(device="cpu")
@@ -140,6 +146,14 @@ FAST_ENV = "STUDIO_SPARK_FAST"  # "0"/"off": eager steps; "graph": fused step in
 #: joining the batch waits at most one replay (~13 ms at one row).
 TOKENS_PER_REPLAY = 8
 TOKENS_ENV = "STUDIO_SPARK_STEP_TOKENS"  # 1..kv_cache.SPARE_POSITIONS
+#: Single-step replays up to a streamed request's first chunk (on by default with more than one
+#: step a replay; "0" turns them off). With T steps a replay a row's 50th token comes out of the
+#: replay that holds it, up to T - 1 steps after it was sampled: the prefill gives token 1 and
+#: replays of 8 give tokens 2-9, ..., 50-57, so the first chunk waited for 7 more tokens (~11 ms at
+#: one row on an H100). Each bucket also gets a one-step graph; while a running sequence is fewer
+#: than T tokens from its first chunk, the batch replays that one instead. Tokens are the same either
+#: way (each step draws its row's next uniform number in order).
+ALIGN_ENV = "STUDIO_SPARK_ALIGN_FIRST_CHUNK"
 #: The fast step's attention: "matmul" (batched matrix products, ~8 launches a layer) or "kernel"
 #: (`tts.spark.attention_kernel`, two Triton launches a layer; checked against the plain-torch form
 #: at start-up, which it falls back to on a mismatch or where Triton cannot run).
@@ -156,6 +170,13 @@ DEFAULT_ATTENTION = "kernel"
 
 def _log(msg: str) -> None:
     print(f"[spark-fast] {msg}", file=sys.stderr, flush=True)
+
+
+def min_due(seqs: list[Sequence]) -> int:
+    """The fewest tokens any of `seqs` still needs before its owner hands out audio (`tokens_due`);
+    a large number when none waits."""
+    due = [d for d in (s.tokens_due() for s in seqs if s.tokens_due is not None) if d is not None]
+    return min(due, default=1 << 30)
 
 
 def graph_buckets(sizes: tuple[int, ...], limit: int) -> list[int]:
@@ -206,13 +227,15 @@ class DecodeBatch:
 
     def __init__(self, model, max_batch: int, max_seq_len: int, cuda_graphs: bool | None = None,
                  fused: bool = False, log=None, tokens_per_replay: int | None = None,
-                 attention: str | None = None):
+                 attention: str | None = None, align_first_chunk: bool | None = None):
         """cuda_graphs: None = the fast path on CUDA as STUDIO_SPARK_FAST says (default compile +
         graphs), True = required, False = eager `forward_step`. fused=True on a CPU model runs the
         fused step without graphs (tests compare it with the eager step). tokens_per_replay: decode
         steps per fast-path step() (None = STUDIO_SPARK_STEP_TOKENS, default TOKENS_PER_REPLAY);
         the eager path always makes one. attention: the fast step's attention form (None =
-        STUDIO_SPARK_ATTENTION, default DEFAULT_ATTENTION; see `ATTENTION_FORMS`)."""
+        STUDIO_SPARK_ATTENTION, default DEFAULT_ATTENTION; see `ATTENTION_FORMS`). align_first_chunk:
+        one-step replays up to a sequence's `tokens_due` (None = ALIGN_ENV, default on; only with
+        more than one step a replay)."""
         self.model = model
         self.cache: StaticKVCache = new_cache(model, max_batch, max_seq_len)
         self.slots: list[Sequence | None] = [None] * max_batch
@@ -225,11 +248,14 @@ class DecodeBatch:
         self.tokens_per_replay = 1
         if (on_cuda and mode != "off") or fused:
             self.tokens_per_replay = tokens_per_replay or tokens_per_replay_from_env()
+            align = switch_from_env(ALIGN_ENV) if align_first_chunk is None else align_first_chunk
             self.steps, self.stats = FS.build_steps(model, self.cache, graph_buckets(GRAPH_ROWS, max_batch),
                                                     graph_buckets(GRAPH_LENGTHS, max_seq_len),
                                                     compile_=mode == "compile", log=log or _log,
                                                     tokens=self.tokens_per_replay,
-                                                    attention=attention or attention_from_env())
+                                                    attention=attention or attention_from_env(),
+                                                    single_steps=align and self.tokens_per_replay > 1)
+        self.short_replays = 0  # one-step replays made for a first chunk (`tokens_due`)
         self._row_buckets = sorted({r for r, _ in self.steps})
         self._len_buckets = sorted({n for _, n in self.steps})
 
@@ -353,6 +379,10 @@ class DecodeBatch:
         # longest bucket only steps after a sequence has filled the cache (discarded) would miss any
         need = min(max(s.position for s in running) + t_steps, self._len_buckets[-1])
         step = self.steps[rows, pick_bucket(self._len_buckets, need)]
+        if step.single is not None and 0 < min_due(running) < step.tokens:
+            step = step.single  # a row is fewer than T tokens from its first chunk: one step at a time
+            self.short_replays += 1
+        t_steps = step.tokens
         by_row: list[Sequence | None] = [None] * rows
         for s in running:
             by_row[s.slot] = s

@@ -320,6 +320,7 @@ class EagerFusedStep:
 
     def __init__(self, forward: Callable, cache: StaticKVCache, rows: int, length: int, tokens: int = 1):
         self.forward, self.cache, self.rows, self.length, self.tokens = forward, cache, rows, length, tokens
+        self.single: EagerFusedStep | None = None  # the same bucket one step a replay (`build_steps`)
         self.host_ints = torch.zeros(tokens, rows, N_INT, dtype=torch.long)
         self.host_floats = torch.zeros(tokens, rows, N_FLOAT, dtype=torch.float32)
         self.logits = self.floats = None
@@ -340,6 +341,7 @@ class FastStep:
                  tokens: int = 1):
         dev = cache.k.device
         self.rows, self.length, self.tokens = rows, length, tokens
+        self.single: FastStep | None = None  # the same bucket one step a replay (`build_steps`)
         self.ints, self.floats = warmup_inputs(cache, rows, tokens)
         self.host_ints = torch.zeros(tokens, rows, N_INT, dtype=torch.long).pin_memory()
         self.host_floats = torch.zeros(tokens, rows, N_FLOAT, dtype=torch.float32).pin_memory()
@@ -491,10 +493,11 @@ def choose_attention(decoder: FusedDecoder, device: torch.device, wanted: str,
 
 def build_steps(model, cache: StaticKVCache, row_buckets: list[int], length_buckets: list[int],
                 compile_: bool = True, log: Callable[[str], None] | None = None,
-                tokens: int = 1, attention: str = "matmul") -> tuple[dict, dict]:
+                tokens: int = 1, attention: str = "matmul", single_steps: bool = False) -> tuple[dict, dict]:
     """Fuse, compile and capture every bucket (`tokens` steps per replay); returns
-    ({(rows, length): FastStep}, stats). On a CPU cache: the fused steps uncompiled and without
-    graphs (`EagerFusedStep`, for tests)."""
+    ({(rows, length): FastStep}, stats). single_steps: each bucket also gets the one-step form as
+    its `.single` (replayed for the last tokens before a streamed first chunk, `tts.spark.decode`).
+    On a CPU cache: the fused steps uncompiled and without graphs (`EagerFusedStep`, for tests)."""
     t0 = time.perf_counter()
     decoder = getattr(model, "_fused_decoder", None)  # one per model: later batches share its weights
     if decoder is None or decoder.cos.shape[0] < cache.slab_positions:  # RoPE rows for the spare ones too
@@ -504,7 +507,11 @@ def build_steps(model, cache: StaticKVCache, row_buckets: list[int], length_buck
         chosen = choose_attention(decoder, cache.k.device, attention, log)
     if cache.k.device.type != "cuda":
         steps = {(r, n): EagerFusedStep(decoder, cache, r, n, tokens) for r in row_buckets for n in length_buckets}
-        return steps, {"compiled": False, "graphs": 0, "tokens_per_replay": tokens, **chosen}
+        if single_steps:
+            for (r, n), step in steps.items():
+                step.single = EagerFusedStep(decoder, cache, r, n, 1)
+        return steps, {"compiled": False, "graphs": 0, "tokens_per_replay": tokens, "single_steps": single_steps,
+                       **chosen}
     pool = torch.cuda.graph_pool_handle()
     step_s: dict[str, float] = {}  # each bucket's build; the compiles happen inside the first ones
 
@@ -515,6 +522,8 @@ def build_steps(model, cache: StaticKVCache, row_buckets: list[int], length_buck
             for n in sorted(length_buckets, reverse=True):
                 t_step = time.perf_counter()
                 built[r, n] = FastStep(forward, cache, r, n, pool, tokens)
+                if single_steps:
+                    built[r, n].single = FastStep(forward, cache, r, n, pool, 1)
                 step_s[f"{r}x{n}"] = round(time.perf_counter() - t_step, 2)
         return built
 
@@ -544,7 +553,7 @@ def build_steps(model, cache: StaticKVCache, row_buckets: list[int], length_buck
     if errors:
         stats["capture_errors"] = errors
     slow = {k: v for k, v in step_s.items() if v >= 1.0}  # where start-up goes: builds that compiled
-    stats.update(graphs=len(steps), tokens_per_replay=tokens, build_s=round(time.perf_counter() - t0, 2), **chosen,
+    stats.update(graphs=len(steps) * (2 if single_steps else 1), tokens_per_replay=tokens, single_steps=single_steps, build_s=round(time.perf_counter() - t0, 2), **chosen,
                  slow_buckets_s=slow, other_buckets_s=round(sum(v for v in step_s.values() if v < 1.0), 2))
     if log:
         log(f"decode steps ready: {stats}")

@@ -87,7 +87,15 @@ class RequestState:
         self.segment += 1
         ids = self.tokenizer.encode(self.prompt(self.segment))
         self.prompt_tokens += len(ids)
-        return Sequence(ids, self.sampling(), self.tokenizer.end_ids, self.seed + self.segment, tag=self)
+        return Sequence(ids, self.sampling(), self.tokenizer.end_ids, self.seed + self.segment, tag=self,
+                        tokens_due=self.tokens_to_first_chunk if self.request.streaming else None)
+
+    def tokens_to_first_chunk(self) -> int | None:
+        """Semantic tokens still to come before the first streamed chunk can be vocoded; None once
+        it was handed out, or while a created voice's speaker tokens are still being written."""
+        if self.chunker.emitted or self.global_tokens is None:
+            return None
+        return self.chunker.until_next()
 
     # ---- token routing ---------------------------------------------------------------------------------------
     def feed(self, token: int, seq: Sequence) -> list[np.ndarray]:

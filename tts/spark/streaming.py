@@ -50,6 +50,10 @@ class TokenChunker:
         """Tokens chunk `index` shares with the previous chunk (0 for the first)."""
         return 0 if index == 0 else self.plan.overlap_tokens
 
+    def until_next(self) -> int:
+        """Tokens still to push before the next window is complete."""
+        return self.size - len(self.buffer)
+
     def push(self, tokens) -> list[np.ndarray]:
         """Add tokens; return the chunks that became complete (each int64 [n])."""
         self.buffer.extend(int(t) for t in tokens)
