@@ -214,18 +214,29 @@ def test_close_fails_the_waiting_requests_and_refuses_new_ones():
 
 
 def test_idle_and_batch_callbacks():
+    """on_idle runs once the engine has had no work for idle_s (at start too), once per idle spell;
+    a request that follows the last one within idle_s does not wait on it."""
     idle = threading.Event()
+    calls = []
     batches = []
     pipe = FakePipeline()
-    engine = F5Engine(pipe, demo_weights=False, log=lambda msg: None, on_idle=idle.set,
-                      on_batch=lambda n, chunks, ms: batches.append((n, chunks)))
+    engine = F5Engine(pipe, demo_weights=False, log=lambda msg: None,
+                      on_idle=lambda: (calls.append(time.perf_counter()), idle.set()),
+                      on_batch=lambda n, chunks, ms: batches.append((n, chunks)), idle_s=0.3)
     try:
         assert idle.wait(WAIT_S)  # idle at start
         idle.clear()
         sink = ListSink()
         engine.submit("a", request("a", 2), False, sink)
-        assert sink.finished.wait(WAIT_S) and idle.wait(WAIT_S)
-        assert batches == [(1, 2)]
+        assert sink.finished.wait(WAIT_S)
+        done = time.perf_counter()
+        second = ListSink()
+        engine.submit("b", request("b", 1), False, second)  # right after: no idle call between them
+        assert second.finished.wait(WAIT_S) and len(calls) == 1
+        assert idle.wait(WAIT_S) and calls[1] - done >= 0.3  # then one, after the idle spell
+        time.sleep(0.5)
+        assert len(calls) == 2  # not again until work came
+        assert batches == [(1, 2), (1, 1)]
     finally:
         engine.close()
 

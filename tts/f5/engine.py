@@ -175,6 +175,12 @@ class Sink(Protocol):
     def cancelled(self) -> bool: ...  # asked before every batch
 
 
+#: Seconds without work before the engine calls `on_idle` (the adapter's malloc_trim, a few ms in
+#: a large process): at one request in flight the next request arrives ~1-2 ms after the last
+#: answer, and an immediate trim would sit on its path.
+IDLE_S = 0.5
+
+
 class F5Engine:
     """Continuous batching on one thread: each time the device is free, the next batch of `Waves`
     over every request that has arrived. `submit` returns at once; results reach the request's
@@ -184,9 +190,10 @@ class F5Engine:
     def __init__(self, pipeline: F5Pipeline, demo_weights: bool, log: Callable[[str], None] | None = None,
                  on_idle: Callable[[], None] | None = None,
                  on_batch: Callable[[int, int, float], None] | None = None, batch_context=None,
-                 on_queued: Callable[[float], None] | None = None):
-        """on_idle: called when no work is left (the adapter returns freed memory then, off the
-        device's critical path); on_batch(requests, chunks, ms): after every batch (timing lines);
+                 on_queued: Callable[[float], None] | None = None, idle_s: float | None = None):
+        """on_idle: called once the engine has had no work for `idle_s` seconds (the adapter
+        returns freed memory then; not at once, so a request that follows the last one closely, as
+        at one request in flight, never waits on it); on_batch(requests, chunks, ms): after every batch (timing lines);
         batch_context: a reusable context manager entered around every batch (a profiler);
         on_queued(ms): once per request, with its wait from `submit` to the start of its first batch.
         Requests wait here, not in Triton's queue (whose execute only hands them over), so this is
@@ -195,6 +202,7 @@ class F5Engine:
         self.batch_context = batch_context if batch_context is not None else contextlib.nullcontext()
         self.log = log or (lambda msg: print(f"[f5_engine] {msg}", file=sys.stderr, flush=True))
         self.on_idle, self.on_batch, self.on_queued = on_idle, on_batch, on_queued
+        self.idle_s = IDLE_S if idle_s is None else idle_s
         self._waves = Waves(demo_weights)
         self._incoming: list[tuple[object, F5Request, bool, Sink, float]] = []  # ..., perf_counter at submit
         self._cv = threading.Condition()
@@ -225,11 +233,15 @@ class F5Engine:
     def _loop(self) -> None:
         bind_thread(getattr(self.pipeline, "device", None))  # an engine on GPU n works on GPU n
         waves = self._waves
+        idle_done = False  # on_idle already ran since the last batch
         while True:
-            if not waves.entries and self.on_idle is not None:
+            if not waves.entries and self.on_idle is not None and not idle_done:
                 with self._cv:
+                    if not self._incoming and not self._closed:
+                        self._cv.wait(self.idle_s)
                     idle = not self._incoming and not self._closed
                 if idle:  # outside the lock: submit() never waits on it
+                    idle_done = True
                     self._call(self.on_idle)
             with self._cv:
                 while not self._incoming and not waves.entries and not self._closed:
@@ -265,6 +277,7 @@ class F5Engine:
                 for e in waves.fail(batch):
                     self._call(e.sink.fail, msg)
                 continue
+            idle_done = False
             ms = (time.perf_counter() - t0) * 1000
             waves.finish(batch, audio, ms, self._emit)
             if self.on_batch is not None:
