@@ -157,6 +157,29 @@ def test_engine_batches_requests_and_matches_solo_audio(spark_pipeline):
         assert np.max(np.abs(got.wav - ref.wav)) <= 1e-4
 
 
+def test_engine_idle_callback_waits_for_a_quiet_spell(spark_pipeline):
+    """on_idle (the adapter's malloc_trim) runs once no request has been in flight for idle_s, once
+    per quiet spell: never between two requests that follow each other closely."""
+    import time
+
+    from tts.spark.engine import SparkEngine
+
+    calls = []
+    engine = SparkEngine(spark_pipeline, max_batch_size=2, on_idle=lambda: calls.append(time.perf_counter()),
+                         idle_s=0.4)
+    try:
+        time.sleep(0.7)
+        assert len(calls) == 1  # quiet since start
+        for i in range(2):  # back to back
+            engine.submit(SparkRequest(f"Request {i}.", noise_clip(1.0, seed=i), options=_greedy(12))).result(timeout=120)
+        done = time.perf_counter()
+        assert len(calls) == 1
+        time.sleep(0.9)
+        assert len(calls) == 2 and calls[1] - done >= 0.4
+    finally:
+        engine.close()
+
+
 def test_engine_cancel_and_callbacks(spark_pipeline):
     from tts.spark.engine import SparkCancelled, SparkEngine
 

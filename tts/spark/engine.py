@@ -22,6 +22,7 @@ when its last segment ends, so new requests never wait for a batch to drain.
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 import time
 import uuid
@@ -40,6 +41,10 @@ from tts.switches import switch_from_env
 
 #: How long the idle decode loop sleeps between checks for work (it is also woken on submit).
 IDLE_WAIT_S = 0.05
+#: Seconds with no request in flight before `on_idle` runs (the adapter's malloc_trim, a few ms in a
+#: large process, once before after every finished request: on the thread that sent the answer, the
+#: vocoder's, so later chunks of the other requests waited on it).
+IDLE_S = 0.5
 #: "0": vocode on the decode loop (as before the worker)
 VOCODE_THREAD_ENV = "STUDIO_SPARK_VOCODE_THREAD"
 #: "0": requests joining the batch together are prefilled one at a time (as before packed prefill)
@@ -130,9 +135,12 @@ class SparkHandle:
 
 class SparkEngine:
     def __init__(self, pipeline: SparkPipeline, max_batch_size: int | None = None, max_seq_len: int | None = None,
-                 name: str = "spark-engine", vocode_thread: bool | None = None):
+                 name: str = "spark-engine", vocode_thread: bool | None = None,
+                 on_idle: Callable[[], None] | None = None, idle_s: float = IDLE_S):
         """vocode_thread: vocode on a thread of its own (None: STUDIO_SPARK_VOCODE_THREAD, default
-        on). Requests joining together are prefilled in one forward unless STUDIO_SPARK_JOIN_PREFILL=0."""
+        on). Requests joining together are prefilled in one forward unless STUDIO_SPARK_JOIN_PREFILL=0.
+        on_idle: called on the decode thread once no request has been in flight for `idle_s` seconds
+        (the adapter returns freed memory to the system then), once per quiet spell."""
         self.pipeline = pipeline
         self.max_batch_size = max_batch_size or pipeline.max_batch_size
         self.max_seq_len = max_seq_len or pipeline.max_seq_len
@@ -145,6 +153,7 @@ class SparkEngine:
         self._closing = False
         self._running = 0
         self.steps = 0
+        self.on_idle, self.idle_s = on_idle, idle_s
         use_worker = switch_from_env(VOCODE_THREAD_ENV) if vocode_thread is None else vocode_thread
         self.join_prefill = switch_from_env(JOIN_PREFILL_ENV)
         self.vocoder = (VocodeWorker(getattr(pipeline, "device", None),
@@ -257,6 +266,7 @@ class SparkEngine:
 
     def _decode_loop(self) -> None:
         bind_thread(getattr(self.pipeline, "device", None))
+        quiet_since, idle_done = None, False  # no request in flight since; on_idle ran in this quiet spell
         while not self._closing:
             try:
                 self._apply_cancels()
@@ -275,13 +285,28 @@ class SparkEngine:
                     self.scheduler.step()
                     self.steps += 1
                     self._running = self.scheduler.running_batch_size
+                    quiet_since, idle_done = None, False
                     continue
                 self._running = 0
                 with self._lock:
                     if not self._ready and not self._cancels and not self._closing:
                         self._wake.wait(IDLE_WAIT_S)
+                    quiet = not self._handles
+                if not quiet:
+                    quiet_since, idle_done = None, False
+                elif quiet_since is None:
+                    quiet_since = time.perf_counter()
+                elif self.on_idle is not None and not idle_done and time.perf_counter() - quiet_since >= self.idle_s:
+                    idle_done = True
+                    self._idle()
             except Exception as exc:  # noqa: BLE001 - e.g. out of memory in a batched step: fail the batch, go on
                 self._reset(exc)
+
+    def _idle(self) -> None:
+        try:
+            self.on_idle()
+        except Exception as exc:  # noqa: BLE001 - a callback's failure must not stop decoding
+            print(f"[spark-engine] on_idle raised {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
 
     def _reset(self, exc: BaseException) -> None:
         for rid in list(self.scheduler.states):

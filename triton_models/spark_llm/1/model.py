@@ -43,7 +43,8 @@ class TritonPythonModel:
         from triton_models.runtimes import spark_pipeline_kwargs  # runtime trtllm: decode on spark_trtllm
 
         self.engine = SparkEngine(SparkPipeline(params["model_dir"], device=device, demo_weights=self.demo,
-                                                **spark_pipeline_kwargs(params, pb_utils)))
+                                                **spark_pipeline_kwargs(params, pb_utils)),
+                                  on_idle=shared.release_memory)  # freed buffers back once no request runs
         label = "DEMO WEIGHTS (random: output is noise)" if self.demo else params["model_dir"]
         print(f"[spark_llm] ready on {device} in {time.perf_counter() - started:.1f} s: {label}", flush=True)
         self._closing = False
@@ -94,7 +95,6 @@ class TritonPythonModel:
             sender.send(s.audio_response(pb_utils, event.wav, info))
             if event.final:
                 sender.send(flags=final)
-                s.release_memory()  # a finished request's buffers back to the system, not kept at peak
 
     def execute(self, requests):
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
