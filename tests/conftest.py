@@ -68,3 +68,17 @@ def have_chromium() -> bool:
 
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture
+def no_tf32():
+    """fp32 means fp32: no TF32 in cuBLAS or cuDNN for the reference. Set and put back by hand:
+    `torch.backends.cuda.matmul` answers `allow_tf32` through its own getattr, which monkeypatch's
+    undo cannot put back (torch 2.11)."""
+    import torch
+
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    old = matmul.allow_tf32, cudnn.allow_tf32
+    matmul.allow_tf32 = cudnn.allow_tf32 = False
+    yield
+    matmul.allow_tf32, cudnn.allow_tf32 = old

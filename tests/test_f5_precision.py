@@ -3,10 +3,10 @@ eager path on the same request (the figure a speed change must not make worse).
 
 Full-size random weights in the published layout (`tools/gpu_make_checkpoints.py`), the benchmark
 workload's first request, one seed. SNR = 10 log10(sum ref^2 / sum (out - ref)^2) over the joined
-waveform, in dB. Before this test existed the fast path was measured at 43.6 dB against upstream's
-fp32 path (whose mel equals the eager path's within 1e-5), upstream's own fp16 path at 48 dB; the
-test prints its figure so every run reports it, and fails below SNR_FLOOR_DB. The opt-in FP8
-products (`STUDIO_F5_FP8=1`, `tts.f5.fp8`) are measured on the same request in the same run.
+waveform, in dB, and the same over log-mel frames. The run prints, against the fp32 eager output
+(whose mel equals upstream's fp32 path within 1e-5): the bf16 fast path, plain bf16 eager, fp16
+eager (upstream's own inference precision) and the opt-in FP8 products (`STUDIO_F5_FP8=1`,
+`tts.f5.fp8`); it fails when the fast path is less precise than plain bf16 (BF16_MARGIN_DB).
 """
 
 from __future__ import annotations
@@ -23,9 +23,13 @@ from tts.snr import log_mel_snr_db, snr_db
 
 ROOT = Path(__file__).resolve().parent.parent
 
-#: The fast path's waveform must stay this close to the fp32 eager one (dB): the 43.6 dB measured
-#: before, less a margin for run-to-run differences of the kernels chosen at start-up.
-SNR_FLOOR_DB = 40.0
+#: The bf16 fast path may be this much (dB) less close to the fp32 eager output than plain bf16
+#: eager arithmetic on the same weights is. Not an absolute floor: on random weights the 16 guided
+#: ODE steps do not pull rounding errors back in as trained weights do, so any bf16 run ends far from
+#: the fp32 one (H100, this request: the fast path at 6.2 dB waveform, 16.5 dB log-mel SNR; the 43.6
+#: dB quoted before was not measured on these weights). What a speed change must not do is make the
+#: fast path less precise than bf16 itself; the margin covers run-to-run kernel choices.
+BF16_MARGIN_DB = 3.0
 #: The opt-in FP8 products are reported, not held to the bf16 floor: e4m3 rounds ~16x coarser, each
 #: DiT forward is ~5.5 % off (relative L2 of the velocity, full size, measured on the CPU) and over 16
 #: guided ODE steps the random-weight output no longer follows the fp32 one sample by sample
@@ -70,18 +74,6 @@ def _pipeline(checkpoints: Path, dtype, fast: bool, monkeypatch):
     return pipe
 
 
-@pytest.fixture
-def no_tf32():
-    """fp32 means fp32: no TF32 in cuBLAS or cuDNN for the reference. Set and put back by hand:
-    `torch.backends.cuda.matmul` answers `allow_tf32` through its own getattr, which monkeypatch's
-    undo cannot put back (torch 2.11)."""
-    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
-    old = matmul.allow_tf32, cudnn.allow_tf32
-    matmul.allow_tf32 = cudnn.allow_tf32 = False
-    yield
-    matmul.allow_tf32, cudnn.allow_tf32 = old
-
-
 @pytest.mark.gpu
 @cuda
 def test_fast_path_waveform_snr_against_fp32_eager(checkpoints, monkeypatch, no_tf32):
@@ -99,31 +91,36 @@ def test_fast_path_waveform_snr_against_fp32_eager(checkpoints, monkeypatch, no_
         audio, _ = synthesize_offline(pipe, request)
         return audio
 
-    eager = _pipeline(checkpoints, torch.float32, fast=False, monkeypatch=monkeypatch)
-    ref = run(eager)
-    del eager
-    torch.cuda.empty_cache()
-    fast = _pipeline(checkpoints, torch.bfloat16, fast=True, monkeypatch=monkeypatch)
-    out = run(fast)
-    del fast
-    torch.cuda.empty_cache()
+    def fresh(dtype, fast: bool):
+        pipe = _pipeline(checkpoints, dtype, fast=fast, monkeypatch=monkeypatch)
+        try:
+            return run(pipe), (pipe.fast.stats if pipe.fast is not None else {})
+        finally:
+            del pipe
+            torch.cuda.empty_cache()
+
+    ref, _ = fresh(torch.float32, fast=False)
+    out, _ = fresh(torch.bfloat16, fast=True)
+    plain, _ = fresh(torch.bfloat16, fast=False)  # plain bf16 torch arithmetic: the bar for the fast path
+    half, _ = fresh(torch.float16, fast=False)  # upstream's own inference precision
     # the opt-in FP8 products (STUDIO_F5_FP8=1) on the same request, reported in the same run
     monkeypatch.setenv("STUDIO_F5_FP8", "1")
-    fp8_pipe = _pipeline(checkpoints, torch.bfloat16, fast=True, monkeypatch=monkeypatch)
-    fp8_on = fp8_pipe.fast.stats.get("fp8")
-    out8 = run(fp8_pipe)
-    assert np.isfinite(out).all() and abs(out.size - ref.size) <= 256  # same frames, same hop
-    snr = snr_db(out, ref)
-    snr8, mel8 = snr_db(out8, ref), log_mel_snr_db(out8, ref)
+    out8, stats8 = fresh(torch.bfloat16, fast=True)
+    for a in (out, plain, out8):  # (fp16 is only reported: random weights may overflow its range)
+        assert np.isfinite(a).all() and abs(a.size - ref.size) <= 256  # same frames, same hop
+    figures = {name: (snr_db(a, ref), log_mel_snr_db(a, ref)) for name, a in
+               (("bf16 fast path", out), ("bf16 eager", plain), ("fp16 eager", half), ("FP8 fast path", out8))}
     rms_ratio = float(np.sqrt(np.mean(out8.astype(np.float64) ** 2) / np.mean(ref.astype(np.float64) ** 2)))
     where = f"full-size random weights, {item['id']}, seed 7, 16 NFE, over {ref.size / 24000:.2f} s"
-    print(f"\n[precision] F5 bf16 fast path vs fp32 eager, {where}: waveform SNR {snr:.1f} dB, "
-          f"log-mel SNR {log_mel_snr_db(out, ref):.1f} dB", flush=True)
-    print(f"[precision] F5 FP8 fast path (fp8 on: {fp8_on}) vs fp32 eager, {where}: waveform SNR {snr8:.1f} dB, "
-          f"log-mel SNR {mel8:.1f} dB, RMS ratio {rms_ratio:.3f} "
-          f"(self-check {fp8_pipe.fast.stats.get('self_check_rel_err')})", flush=True)
-    assert snr >= SNR_FLOOR_DB
-    assert fp8_on is True and np.isfinite(out8).all() and mel8 >= FP8_LOG_MEL_SNR_FLOOR_DB
+    for name, (wave, mel) in figures.items():
+        extra = (f", RMS ratio {rms_ratio:.3f} (fp8 on: {stats8.get('fp8')}, self-check "
+                 f"{stats8.get('self_check_rel_err')})" if name.startswith("FP8") else "")
+        print(f"\n[precision] F5 {name} vs fp32 eager, {where}: waveform SNR {wave:.1f} dB, log-mel SNR "
+              f"{mel:.1f} dB{extra}", flush=True)
+    (fast_wave, fast_mel), (plain_wave, plain_mel) = figures["bf16 fast path"], figures["bf16 eager"]
+    assert fast_wave >= plain_wave - BF16_MARGIN_DB and fast_mel >= plain_mel - BF16_MARGIN_DB, figures
+    mel8 = figures["FP8 fast path"][1]
+    assert stats8.get("fp8") is True and mel8 >= FP8_LOG_MEL_SNR_FLOOR_DB
     assert FP8_RMS_RATIO[0] <= rms_ratio <= FP8_RMS_RATIO[1]
 
 
