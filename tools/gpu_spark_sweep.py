@@ -1,7 +1,8 @@
 """Spark-TTS end to end through Triton on the GPU machine, one command.
 
     python tools/gpu_spark_sweep.py --out $OUT [--tokens 500] [--offline 1,4,16] [--streaming 1,8]
-        [--requests 16] [--eager-requests 2] [--attention matmul|kernel] [--ab-levers] [--tiny]
+        [--requests 16] [--eager-requests 2] [--attention matmul|kernel] [--ab-levers]
+        [--variant LABEL:NAME=VALUE,...] [--tiny]
 
 Writes a full-size random-weight Spark-TTS-0.5B folder in the published layout, starts the embedded
 Triton server with the Spark models only (start-up time recorded), and runs `python -m studio
@@ -12,7 +13,8 @@ eager decode step) for a short offline run at concurrency 1: the same-run eager 
 prefill and first-chunk single steps off (STUDIO_SPARK_VOCODE_THREAD=0, STUDIO_SPARK_JOIN_PREFILL=0,
 STUDIO_SPARK_ALIGN_FIRST_CHUNK=0) at the highest offline level and every streaming level (the
 single steps matter most to the first chunk at c=1; bench label `levers-off`). --attention sets the decode step's
-attention form (STUDIO_SPARK_ATTENTION) of the fast servers. All JSON lands in --out.
+attention form (STUDIO_SPARK_ATTENTION) of the fast servers. Each --variant adds the fast server
+with its own settings, streaming levels only (one lever at a time). All JSON lands in --out.
 """
 
 from __future__ import annotations
@@ -45,7 +47,11 @@ def main() -> int:
     p.add_argument("--ab-levers", action="store_true",
                    help="also the fast server with the vocoder thread, joint prefill and first-chunk single "
                         "steps off (same run)")
+    p.add_argument("--variant", action="append", default=[], metavar="LABEL:NAME=VALUE[,NAME=VALUE]",
+                   help="also the fast server with these settings (SWEPT_ENV names), streaming levels only, "
+                        "under bench label LABEL (repeatable; e.g. vocode-off:STUDIO_SPARK_VOCODE_THREAD=0)")
     args = p.parse_args()
+    variants = [parse_variant(v) for v in args.variant]
     args.out.mkdir(parents=True, exist_ok=True)
     ck = args.work / "ckpt"
     t0 = time.perf_counter()
@@ -68,6 +74,8 @@ def main() -> int:
             ("levers-off", fast | {"STUDIO_SPARK_VOCODE_THREAD": "0", "STUDIO_SPARK_JOIN_PREFILL": "0",
                                    "STUDIO_SPARK_ALIGN_FIRST_CHUNK": "0"}, levers_off,
              "fast"),
+            *[(label, fast | env, [("streaming", args.streaming, args.requests, label, 2)], "fast")
+              for label, env in variants],
             ("eager", {"STUDIO_SPARK_FAST": "0"}, [("offline", "1", args.eager_requests, "eager", 1)], "eager")]
     for label, env, todo, data in plan:
         todo = [r for r in todo if r[1] and r[2] > 0]
@@ -80,6 +88,17 @@ def main() -> int:
         (args.out / "spark_startup.json").write_text(json.dumps({f"startup_s_{k}": v for k, v in startup.items()}
                                                                 | {"startup_s": startup.get("fast")}))
     return 0
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    """'LABEL:NAME=VALUE,NAME=VALUE' -> (LABEL, {NAME: VALUE}); names must be SWEPT_ENV's."""
+    label, _, rest = text.partition(":")
+    env = dict(item.split("=", 1) for item in rest.split(",") if "=" in item)
+    unknown = sorted(set(env) - set(SWEPT_ENV))
+    if not label or not env or unknown:
+        raise SystemExit(f"--variant {text!r}: want LABEL:NAME=VALUE[,NAME=VALUE] with names from {SWEPT_ENV}"
+                         + (f" (unknown: {unknown})" if unknown else ""))
+    return label, env
 
 
 #: The settings a sweep's servers are started with; each server gets all of them (unset: the default).
@@ -124,7 +143,8 @@ def serve_and_bench(args, ck: Path, label: str, env: dict, runs: list, data: str
     finally:
         lines = server.log_tail(20000)
         keep = [ln for ln in lines if any(w in ln.lower() for w in ("error", "unhealthy", "not healthy", "traceback",
-                                                                   "exception", "killed", "[spark-fast]", "ready on"))]
+                                                                   "exception", "killed", "[spark-fast]", "ready on", "fatal",
+                                                                   "thread 0x", "file \""))]
         (args.out / f"spark_server_{label}.txt").write_text("\n".join(keep[:400] + ["----- last lines -----"]
                                                                       + lines[-150:]))
         server.stop()

@@ -24,7 +24,9 @@
 # SWEEP_LOOP_OFF=1 (add the fast server without the engine's continuous batching, on by default on a GPU,
 # STUDIO_F5_ENGINE_LOOP=0: label loop_off), SWEEP_WARM_FIRST=1 (add the fast server warming only each batch
 # size's first bucket before capture, STUDIO_F5_CAPTURE_WARMUP=first: label warm_first; its start-up compares
-# with fast-restart's, both on a warm compile cache).
+# with fast-restart's, both on a warm compile cache), SWEEP_GATHER_OFF=1 (add the fast server whose engine
+# starts each batch on whatever is ready, STUDIO_F5_ENGINE_GATHER_MS=0: label gather_off),
+# SWEEP_VARIANT_NEED_S (budget a variant needs left to start; default 150).
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
@@ -215,7 +217,7 @@ snapshot
 # thread of its own (STUDIO_F5_ENGINE_LOOP=0, label loop_off; the loop is on by default on a GPU)
 variant() { # variant LABEL VAR=VALUE
   local label=$1 setting=$2
-  time_left 150 || { say "variant $label skipped (budget)"; return 0; }
+  time_left "${SWEEP_VARIANT_NEED_S:-150}" || { say "variant $label skipped (budget)"; return 0; }
   export "${setting?}"  # the server started next inherits it
   if start_server "$label" ""; then
     unset "${setting%%=*}"
@@ -230,6 +232,7 @@ variant() { # variant LABEL VAR=VALUE
 [[ ${SWEEP_FP8:-0} != 0 ]] && variant fast_fp8 STUDIO_F5_FP8=1
 [[ ${SWEEP_LOOP_OFF:-0} != 0 ]] && variant loop_off STUDIO_F5_ENGINE_LOOP=0
 [[ ${SWEEP_WARM_FIRST:-0} != 0 ]] && variant warm_first STUDIO_F5_CAPTURE_WARMUP=first
+[[ ${SWEEP_GATHER_OFF:-0} != 0 ]] && variant gather_off STUDIO_F5_ENGINE_GATHER_MS=0
 
 # -- d. the eager server (the CPU code path on CUDA) ---------------------------------------------------
 if [[ ${SWEEP_EAGER:-1} != 0 ]] && time_left 100 && start_server eager 0; then
