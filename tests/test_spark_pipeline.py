@@ -247,31 +247,37 @@ def test_several_tokens_per_replay_give_the_same_audio_chunks_and_segments(spark
 
 
 def test_vocoding_runs_beside_decoding_and_its_failure_stays_with_its_request(spark_pipeline, monkeypatch):
-    """The engine's vocoder thread: while a (slowed) window is being vocoded the decode loop keeps
-    stepping; chunks come in order with the same audio as the inline vocoder; a window whose
+    """The engine's vocoder thread: while an offline request's (slowed) window is being vocoded the
+    decode loop keeps stepping for the other request; the audio equals the inline vocoder's; a
+    streamed request's chunks are vocoded inline on the decode thread all the same (on a GPU the
+    worker's jobs ran only once decoding paused: first chunks came at the end); a window whose
     vocoding fails fails only its own request, which leaves the batch, and the engine goes on."""
+    import threading
     import time
 
     from tts.spark.engine import SparkEngine
 
     real = spark_pipeline.vocode
-    state = {"slow": 0.0, "fail": False, "steps_during": []}
+    state = {"slow": 0.0, "fail": False, "steps_during": [], "threads": []}
     engine = None
 
     def vocode(global_tokens, window):
         if state["fail"]:
             raise RuntimeError("vocoder out of memory")
+        state["threads"].append(threading.current_thread().name)
         before = engine.steps if engine else 0
         time.sleep(state["slow"])
         state["steps_during"].append((engine.steps if engine else 0) - before)
         return real(global_tokens, window)
 
+    offline = [SparkRequest("Short one.", noise_clip(1.5, seed=2), "Ref.", options=_greedy(30)),
+               SparkRequest("A longer offline request.", noise_clip(1.2, seed=4), "Ref.", options=_greedy(220))]
     streaming = SparkRequest("A streaming request.", noise_clip(1.5, seed=2), "Ref.", options=_greedy(160),
                              streaming=True)
     inline = SparkEngine(spark_pipeline, max_batch_size=2, vocode_thread=False)
     try:
         assert inline.vocoder is None
-        ref = inline.submit(streaming).result(timeout=120)
+        ref = [inline.submit(r).result(timeout=120) for r in offline + [streaming]]
     finally:
         inline.close()
     monkeypatch.setattr(spark_pipeline, "vocode", vocode)
@@ -279,11 +285,17 @@ def test_vocoding_runs_beside_decoding_and_its_failure_stays_with_its_request(sp
     try:
         assert engine.vocoder is not None
         state["slow"] = 0.3
-        got = engine.submit(streaming).result(timeout=120)
-        assert [c.index for c in got.chunks] == list(range(len(ref.chunks))) and got.chunks[-1].final
-        assert [c.wav.tobytes() for c in got.chunks] == [c.wav.tobytes() for c in ref.chunks]
+        got = [h.result(timeout=120) for h in [engine.submit(r) for r in offline]]
+        for g, r in zip(got, ref):
+            assert g.wav.tobytes() == r.wav.tobytes()
         assert max(state["steps_during"]) > 0  # decoding went on during a vocoder call
-        state.update(slow=0.0, fail=True)
+        assert all(name.endswith("-vocode") for name in state["threads"])
+        state.update(slow=0.0, threads=[])
+        streamed = engine.submit(streaming).result(timeout=120)
+        assert [c.index for c in streamed.chunks] == list(range(len(ref[2].chunks))) and streamed.chunks[-1].final
+        assert [c.wav.tobytes() for c in streamed.chunks] == [c.wav.tobytes() for c in ref[2].chunks]
+        assert state["threads"] and all(name.endswith("-decode") for name in state["threads"])
+        state["fail"] = True
         with pytest.raises(RuntimeError, match="out of memory"):
             engine.submit(SparkRequest("Fails.", noise_clip(1.0), options=_greedy(80))).result(timeout=60)
         for _ in range(500):

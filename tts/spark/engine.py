@@ -45,7 +45,7 @@ IDLE_WAIT_S = 0.05
 #: large process, once before after every finished request: on the thread that sent the answer, the
 #: vocoder's, so later chunks of the other requests waited on it).
 IDLE_S = 0.5
-#: "0": vocode on the decode loop (as before the worker)
+#: "0": vocode offline windows on the decode loop too (streamed chunks always are: `Scheduler`)
 VOCODE_THREAD_ENV = "STUDIO_SPARK_VOCODE_THREAD"
 #: "0": requests joining the batch together are prefilled one at a time (as before packed prefill)
 JOIN_PREFILL_ENV = "STUDIO_SPARK_JOIN_PREFILL"

@@ -129,7 +129,9 @@ class TritonPythonModel:
 class _Sink:
     """One request's way back: offline requests get one response with the joined audio and the
     final flag together (one message through the stubs instead of one per chunk plus an empty final
-    one, and no join in the front); streaming ones a response per chunk, then an empty final one.
+    one, and no join in the front); streaming ones a response per chunk, the last one with the final
+    flag (on an H100, streaming fronts' stubs died mid-request while engines sent the last chunk and
+    an empty final response back to back from a thread of their own; see BENCHMARKS.md).
     Every way out removes the request's cancel marker."""
 
     def __init__(self, model: "TritonPythonModel", sender, streaming: bool, key: str):
@@ -141,9 +143,11 @@ class _Sink:
     def emit(self, index: int, wav, info: dict) -> None:
         m, final = self.model, pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         if self.streaming:
-            self.sender.send(m.shared.audio_response(pb_utils, wav, info))
-            if info["final"]:
-                self._close(lambda: self.sender.send(flags=final))
+            response = m.shared.audio_response(pb_utils, wav, info)
+            if info["final"]:  # the last chunk carries the final flag: one message, no empty one after it
+                self._close(lambda: self.sender.send(response, flags=final))
+            else:
+                self.sender.send(response)
             return
         self.chunks.append(wav)
         self.overlaps.append(int(info["overlap_samples"]))
