@@ -242,26 +242,26 @@ def test_idle_and_batch_callbacks():
 
 
 @pytest.mark.parametrize("gather_s", [0.0, 0.5])
-def test_next_batch_gathers_the_rest_of_a_burst(gather_s):
-    """After a batch of n requests the next one waits (up to gather_s after that batch ended) for n
-    to be ready: requests that come back a little apart run together instead of first-come alone.
-    With gather_s = 0 each starts on whatever is ready."""
+def test_next_batch_gathers_every_request_in_flight(gather_s):
+    """When a batch ends, the requests in flight (its own, whose clients come back, and those that
+    waited meanwhile) are gathered for the next one, up to gather_s after it ended: x runs while e
+    and f wait; x's client sends x2 0.1 s after x's answer, and e, f and x2 run together. With
+    gather_s = 0 each batch starts on whatever is ready."""
     gate = threading.Event()
     pipe = FakePipeline(gate=gate)
     engine = F5Engine(pipe, demo_weights=False, log=lambda msg: None, gather_s=gather_s)
-    sinks = {k: ListSink() for k in "xefcd"}
+    sinks = {k: ListSink() for k in ("x", "e", "f", "x2")}
     try:
         engine.submit("x", request("x", 1), False, sinks["x"])
         assert pipe.started.acquire(timeout=WAIT_S)  # x runs; e and f wait behind it
         engine.submit("e", request("e", 1), False, sinks["e"])
         engine.submit("f", request("f", 1), False, sinks["f"])
         gate.set()
-        assert sinks["e"].finished.wait(WAIT_S) and sinks["f"].finished.wait(WAIT_S)
-        engine.submit("c", request("c", 1), False, sinks["c"])  # after a batch of two: c, then d 0.1 s later
+        assert sinks["x"].finished.wait(WAIT_S)
         time.sleep(0.1)
-        engine.submit("d", request("d", 1), False, sinks["d"])
-        assert sinks["c"].finished.wait(WAIT_S) and sinks["d"].finished.wait(WAIT_S)
-        expected = [["x0"], ["e0", "f0"]] + ([["c0", "d0"]] if gather_s else [["c0"], ["d0"]])
+        engine.submit("x2", request("x2", 1), False, sinks["x2"])
+        assert all(s.finished.wait(WAIT_S) for s in sinks.values())
+        expected = [["x0"], ["e0", "f0", "x20"]] if gather_s else [["x0"], ["e0", "f0"], ["x20"]]
         assert pipe.batches == expected
     finally:
         engine.close()

@@ -176,12 +176,13 @@ class Sink(Protocol):
     def cancelled(self) -> bool: ...  # asked before every batch
 
 
-#: After a batch of n requests, the next batch waits up to this long (from the batch's end) while
-#: fewer than n requests are ready: the finished requests' clients send their next ones in a burst a
-#: few ms later, and a batch started on the first arrivals leaves the rest for a lone batch after it
-#: (H100, c=8, 16 NFE: batches of 7 and 1 in turn, rtf 0.0083, where batches of 8 gave 0.0071). On
-#: an H100 a client's next request reached the engine ~15 ms after its answer left (c=1: a 62.7 ms
-#: cycle around a 47.5 ms batch), hence 20 ms. One request at a time never waits (n = 1).
+#: When a batch ends with n requests in flight (its own and those that waited meanwhile), the next
+#: batch waits up to this long (from that end) while fewer than n are ready: the finished requests'
+#: clients send their next ones a few ms later, and a batch started on the first arrivals leaves the
+#: rest for another batch after it (H100, c=8, 16 NFE: batches of 7 and 1 in turn, rtf 0.0083; with
+#: "wait for the last batch's size" 2 and 6 in turn, 0.0075; batches of 8 gave 0.0071). On an H100 a
+#: client's next request reached the engine ~15 ms after its answer left (c=1: a 62.7 ms cycle
+#: around a 47.5 ms batch), hence 20 ms. One request at a time never waits (n = 1).
 #: STUDIO_F5_ENGINE_GATHER_MS overrides it (0: start on whatever is ready).
 GATHER_S = 0.020
 GATHER_ENV = "STUDIO_F5_ENGINE_GATHER_MS"
@@ -231,7 +232,7 @@ class F5Engine:
         self.on_idle, self.on_batch, self.on_queued = on_idle, on_batch, on_queued
         self.idle_s = IDLE_S if idle_s is None else idle_s
         self.gather_s = gather_s_from_env() if gather_s is None else gather_s
-        self._last_size, self._last_end = 0, 0.0  # requests in the last batch, perf_counter at its end
+        self._last_size, self._last_end = 0, 0.0  # requests in flight when the last batch ended, and when
         self._waves = Waves(demo_weights)
         self._incoming: list[tuple[object, F5Request, bool, Sink, float]] = []  # ..., perf_counter at submit
         self._cv = threading.Condition()
@@ -310,15 +311,20 @@ class F5Engine:
             idle_done = False
             ms = (time.perf_counter() - t0) * 1000
             waves.finish(batch, audio, ms, self._emit)
-            self._last_size, self._last_end = len(batch_members(batch)), time.perf_counter()
+            # requests in flight as this batch ended: its own (back soon, finished or not) and those
+            # that waited meanwhile; the next batch gathers that many (GATHER_S)
+            served = {id(e) for e in batch_members(batch)} | {id(e) for e in waves.entries}
+            with self._cv:
+                self._last_size, self._last_end = len(served) + len(self._incoming), time.perf_counter()
             if self.on_batch is not None:
                 self._call(self.on_batch, len(batch_members(batch)), len(batch), ms)
         for sink in left:
             self._call(sink.fail, "the F5 engine shut down before this request finished")
 
     def _gather(self, waiting: int) -> None:
-        """Under the lock: while fewer requests are ready than the last batch held, wait for more
-        until `gather_s` after that batch ended (GATHER_S says why)."""
+        """Under the lock: while fewer requests are ready than were in flight when the last batch
+        ended (its own and those waiting then), wait for more until `gather_s` after it ended
+        (GATHER_S says why)."""
         end = self._last_end + self.gather_s
         while not self._closed and waiting + len(self._incoming) < self._last_size:
             left = end - time.perf_counter()
