@@ -82,3 +82,40 @@ def no_tf32():
     matmul.allow_tf32 = cudnn.allow_tf32 = False
     yield
     matmul.allow_tf32, cudnn.allow_tf32 = old
+
+
+def engine_stream(grpc_url: str, model: str, ref, ref_text: str, text: str, params: dict,
+                  timeout_s: float = 300.0) -> list[tuple[bool, bool]]:
+    """One streaming request straight to an engine model (as its front sends it: `streaming` and a
+    `request_key` added); returns (carries audio, carries the final flag) for every response."""
+    import queue
+    import uuid
+
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    from studio.client import build_inputs, is_final
+
+    family = "f5" if model.startswith("f5") else "spark"
+    inputs = build_inputs(family, text, ref, ref_text, params)
+    for name, dtype, value in (("streaming", "BOOL", np.array([[True]])),
+                               ("request_key", "BYTES", np.array([[uuid.uuid4().hex.encode()]], dtype=object))):
+        extra = grpcclient.InferInput(name, [1, 1], dtype)
+        extra.set_data_from_numpy(value)
+        inputs.append(extra)
+    answers: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(grpc_url)
+    try:
+        client.start_stream(callback=lambda result, error: answers.put(error or result))
+        client.async_stream_infer(model, inputs, outputs=[grpcclient.InferRequestedOutput("waveform")],
+                                  enable_empty_final_response=True)
+        seen = []
+        while not seen or not seen[-1][1]:
+            result = answers.get(timeout=timeout_s)
+            assert not isinstance(result, Exception), result
+            wav = result.as_numpy("waveform")
+            seen.append((wav is not None and wav.size > 0, is_final(result)))
+        client.stop_stream()
+    finally:
+        client.close()
+    return seen

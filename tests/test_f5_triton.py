@@ -277,3 +277,16 @@ def test_dead_engine_is_reloaded_and_the_request_served(client, triton_server):
     assert any("f5_engine instance had died" in n for n in r.info["notes"])
     solo = synth(client, "The engine came back.", seed=5)
     assert not solo.recovered and np.abs(solo.audio - r.audio).max() <= 1e-4
+
+
+def test_engine_sends_a_streams_last_chunk_with_the_final_flag(triton_server):
+    """f5_engine answers a streamed request with one response per chunk, the last one carrying the
+    final flag: no empty final response after it (on an H100, streaming fronts' stubs died while
+    engines sent the last chunk and an empty final one back to back from their thread)."""
+    from tests.conftest import engine_stream
+
+    seen = engine_stream(triton_server.grpc_url, "f5_engine", REF, REF_TEXT,
+                         "First sentence here. And a second one follows it.", {"nfe_steps": 4, "seed": 2})
+    assert len(seen) >= 2 and all(audio for audio, _ in seen)
+    assert [final for _, final in seen] == [False] * (len(seen) - 1) + [True]
+

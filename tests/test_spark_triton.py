@@ -194,3 +194,15 @@ def test_bad_voice_creation_requests(client):
         client.synthesize("spark", "Hi there.", None, "", params={"gender": "female", "pitch_level": "shrill"})
     with pytest.raises(SynthesisError, match="(?i)reference"):
         client.synthesize("spark", "Hi there.", REF, "", params={"gender": "female"})
+
+
+def test_engine_sends_a_streams_last_chunk_with_the_final_flag(triton_server):
+    """spark_llm answers a streamed request with one response per chunk, the last one carrying the
+    final flag (see the F5 test of the same name)."""
+    from tests.conftest import engine_stream
+
+    seen = engine_stream(triton_server.grpc_url, "spark_llm", REF, REF_TEXT, "Hello from the engine.",
+                         {"max_new_tokens": 120, "min_new_tokens": 120, "seed": 3})
+    assert len(seen) >= 2 and all(audio for audio, _ in seen)
+    assert [final for _, final in seen] == [False] * (len(seen) - 1) + [True]
+
