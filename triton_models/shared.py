@@ -247,11 +247,10 @@ class CancelCheck:
     most every POLL_S while it waits on its engine (`bounded_responses`) and between responses;
     calls `on_cancel` once when it finds out, so the engine drops the request.
 
-    No thread of its own. Before, a watcher thread asked `is_cancelled()` every 20 ms while the
-    front's main thread sent chunk responses (IPC to the server from two threads at once); with it,
-    streaming fronts' stubs died mid-request on an H100 (2.51, no traceback; 3 of 18 F5 streams,
-    5 of 32 Spark streams at c=8), while offline fronts, which send once after the watch ended, died
-    rarely. That thread is the suspect, not a proven cause."""
+    No thread of its own (a watcher thread used to ask every 20 ms beside the main thread's sends).
+    It was a suspect when streaming fronts' stubs died mid-request on an H100; they went on dying
+    without it, and stopped (Spark, 48 of 48 streams) once the engines ended a stream with its last
+    chunk and the final flag in one message (f5_engine's `_Sink`). One thread fewer stays."""
 
     POLL_S = 0.02
 

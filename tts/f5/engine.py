@@ -220,7 +220,8 @@ class F5Engine:
                  gather_s: float | None = None):
         """on_idle: called once the engine has had no work for `idle_s` seconds (the adapter
         returns freed memory then; not at once, so a request that follows the last one closely, as
-        at one request in flight, never waits on it); on_batch(requests, chunks, ms): after every batch (timing lines);
+        at one request in flight, never waits on it); on_batch(requests, chunks, ms): after every
+        batch (timing lines);
         batch_context: a reusable context manager entered around every batch (a profiler);
         on_queued(ms): once per request, with its wait from `submit` to the start of its first batch;
         gather_s: how long the next batch may wait for the rest of a burst (None: GATHER_ENV or GATHER_S).

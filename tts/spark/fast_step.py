@@ -553,8 +553,9 @@ def build_steps(model, cache: StaticKVCache, row_buckets: list[int], length_buck
     if errors:
         stats["capture_errors"] = errors
     slow = {k: v for k, v in step_s.items() if v >= 1.0}  # where start-up goes: builds that compiled
-    stats.update(graphs=len(steps) * (2 if single_steps else 1), tokens_per_replay=tokens, single_steps=single_steps, build_s=round(time.perf_counter() - t0, 2), **chosen,
-                 slow_buckets_s=slow, other_buckets_s=round(sum(v for v in step_s.values() if v < 1.0), 2))
+    stats.update(graphs=len(steps) * (2 if single_steps else 1), tokens_per_replay=tokens, single_steps=single_steps,
+                 build_s=round(time.perf_counter() - t0, 2), **chosen, slow_buckets_s=slow,
+                 other_buckets_s=round(sum(v for v in step_s.values() if v < 1.0), 2))
     if log:
         log(f"decode steps ready: {stats}")
     return steps, stats
