@@ -29,6 +29,10 @@ from studio.config import PROJECT_ROOT
 
 DEFAULT_WORKLOAD = PROJECT_ROOT / "samples" / "bench_workload.jsonl"
 ENGINE_MODEL = {"f5": "f5_engine", "spark": "spark_llm"}
+#: Fields of a stream's first chunk `info` averaged into the row as first_chunk_<field>_mean (those
+#: the engine reports: F5 queue_ms and compute_ms; Spark prep_ms, first_token_ms, vocode_ms and
+#: compute_ms, all ms).
+FIRST_CHUNK_FIELDS = ("queue_ms", "compute_ms", "prep_ms", "first_token_ms", "vocode_ms")
 
 
 @dataclass
@@ -290,6 +294,13 @@ def run_level(url: str, args, items, prompts, concurrency: int) -> dict:
             row[f"{key}_mean"] = round(float(np.mean(rates)), 4) if rates else None
         sims = [c.similarity for c in checked if c.similarity is not None]
         row["speaker_sim_mean"] = round(float(np.mean(sims)), 4) if sims else None
+    if stream:
+        # where a stream's first chunk went, from the first chunk's info (engine-side ms since the
+        # request was prepared: Spark's prep_ms, first_token_ms, vocode_ms; F5's queue and compute)
+        for key in FIRST_CHUNK_FIELDS:
+            mean = _mean_of([(r.first_info or {}).get(key) for r in results])
+            if mean is not None:
+                row[f"first_chunk_{key}_mean"] = mean
     if args.model == "spark":
         toks = [r.info.get("tokens", 0) for r in results]
         dec = [r.info.get("decode_ms", 0) for r in results]
@@ -309,6 +320,7 @@ def print_table(rows: list[dict], model: str, mode: str) -> None:
     cols = ["concurrency", "rtf_aggregate", "latency_p50_s", "latency_p90_s", "latency_p99_s"]
     if mode == "streaming":
         cols += ["first_chunk_p50_s", "first_chunk_p90_s"]
+        cols += [f"first_chunk_{k}_mean" for k in FIRST_CHUNK_FIELDS if any(f"first_chunk_{k}_mean" in r for r in rows)]
     cols += ["requests_per_s", "audio_s_per_s", "engine_compute_ms_mean", "engine_queue_ms_mean"]
     if any(r.get("server_queue_ms_mean") is not None for r in rows):
         cols.append("server_queue_ms_mean")

@@ -148,6 +148,7 @@ class SynthResult:
     demo_weights: bool = False  # the server ran demo (random) weights: the audio is noise
     recovered: bool = False  # sent twice: the first attempt met a dead instance (front or engine), then reloaded
     server: str | None = None  # gRPC host:port of the Triton server that answered (several: studio.pool)
+    first_info: dict | None = None  # the first audio chunk's `info` (offline: the same as `info`)
 
 
 # --- request building -------------------------------------------------------------------------------
@@ -634,6 +635,7 @@ class StudioClient:
         joiner = ChunkJoiner(hold_back=HOLD_BACK[family])
         arrivals: list[float] = []
         info: dict | None = None
+        first_info: dict | None = None
         client = self._take_stream_client()
         completed = False
         try:
@@ -654,6 +656,7 @@ class StudioClient:
                 if wav is not None:
                     arrivals.append(received - sent)
                     info = chunk_info
+                    first_info = chunk_info if first_info is None else first_info
                     new = self._join(joiner, wav, chunk_info, name)
                     if chunk_info.get("final"):
                         new = np.concatenate([new, joiner.finish()])
@@ -669,7 +672,7 @@ class StudioClient:
         rest = np.zeros(0, np.float32) if joiner.finished else joiner.finish()
         if rest.size and on_chunk is not None:  # no chunk was marked final: hand out the held-back tail
             on_chunk(rest, info)
-        return _result(family, joiner.joined, info, arrivals[-1], arrivals[0], arrivals)
+        return _result(family, joiner.joined, info, arrivals[-1], arrivals[0], arrivals, first_info)
 
     @staticmethod
     def _join(joiner: ChunkJoiner, wav: np.ndarray, info: dict, name: str) -> np.ndarray:
@@ -732,11 +735,12 @@ def _stream_failure(answers: queue.SimpleQueue, exc: InferenceServerException):
 
 
 def _result(family: str, audio: np.ndarray, info: dict, latency: float, first: float,
-            arrivals: list[float]) -> SynthResult:
+            arrivals: list[float], first_info: dict | None = None) -> SynthResult:
     sr = int(info.get("sample_rate", SAMPLE_RATES[family]))
     audio_s = audio.size / sr
     seed = info.get("seed")
     return SynthResult(audio=audio, sample_rate=sr, latency_s=latency, first_chunk_s=first, audio_s=audio_s,
                        rtf=latency / audio_s if audio_s > 0 else float("inf"), info=info,
                        chunk_arrivals_s=list(arrivals), seed=None if seed is None else int(seed),
-                       demo_weights=bool(info.get("demo_weights", False)))
+                       demo_weights=bool(info.get("demo_weights", False)),
+                       first_info=info if first_info is None else first_info)

@@ -63,6 +63,10 @@ def test_spark_streaming_fixed_tokens_report(triton_server, tmp_path):
     assert row["tokens_mean"] == 60 and row["decode_tokens_per_s_per_stream"] > 0
     assert 0 < row["first_chunk_p50_s"] <= row["latency_p50_s"]
     assert row["audio_s"] == pytest.approx(2 * 60 / 50, rel=0.05)  # 50 tokens per second of audio
+    # where the first chunk went (engine-side, from its info): preparation, first token, vocoding
+    assert 0 < row["first_chunk_prep_ms_mean"] <= row["first_chunk_first_token_ms_mean"]
+    assert row["first_chunk_first_token_ms_mean"] < row["first_chunk_compute_ms_mean"]
+    assert 0 < row["first_chunk_vocode_ms_mean"] < row["first_chunk_compute_ms_mean"]
 
 
 @pytest.mark.slow

@@ -34,6 +34,11 @@ def test_offline_and_streaming(client):
     assert "decode_ms" in off.info and "prefill_ms" in off.info
     st = synth(client, stream=True, max_new_tokens=120)
     assert len(st.chunk_arrivals_s) >= 2 and st.first_chunk_s < st.latency_s
+    first = st.first_info  # the first chunk's own figures (ms since its request was prepared)
+    assert first["chunk_index"] == 0 and st.info["chunk_index"] == len(st.chunk_arrivals_s) - 1
+    assert 0 < first["prep_ms"] <= first["first_token_ms"] < first["compute_ms"] < 1000 * st.first_chunk_s
+    assert 0 < first["vocode_ms"] < first["compute_ms"]
+    assert off.first_info is off.info  # offline: one response
     # greedy: the same tokens, and the joined length equals offline within one overlap
     assert st.info["tokens"] == off.info["tokens"]
     assert abs(st.audio.size - off.audio.size) <= OVERLAP

@@ -147,8 +147,10 @@ class SparkPipeline:
         if self.demo_weights:
             notes.append("DEMO WEIGHTS: random models, the audio is noise")
         rid = request_id or request.request_id or uuid.uuid4().hex
-        return RequestState(request, rid, seed, segments, self.tokenizer, self.hop, reference, notes,
+        state = RequestState(request, rid, seed, segments, self.tokenizer, self.hop, reference, notes,
                             self.demo_weights, started)
+        state.prep_ms = (time.perf_counter() - started) * 1000
+        return state
 
     def new_batch(self, max_batch: int, max_seq_len: int):
         """A DecodeBatch on this pipeline's LLM (CUDA graphs on CUDA unless `cuda_graphs=False`)."""

@@ -195,7 +195,9 @@ class Scheduler:
         def job():
             if state.cancelled:
                 return
-            self.emit(state, state.chunk(make_wav(), final=final))
+            t0 = time.perf_counter()
+            wav = make_wav()
+            self.emit(state, state.chunk(wav, final=final, vocode_ms=(time.perf_counter() - t0) * 1000))
         if self.vocoder is None or state.request.streaming:
             job()  # streamed chunks inline: on a GPU the worker's jobs ran only once decoding paused
         else:

@@ -60,6 +60,8 @@ class RequestState:
         self.prompt_tokens = 0
         self.prefill_ms = 0.0
         self.decode_ms = 0.0
+        self.prep_ms: float | None = None  # the pipeline's preparation (reference tokens, prompt), ms
+        self.first_token_ms: float | None = None  # from `started` to the first generated token, ms
         self.chunk_index = 0
         self.cancelled = False
         self.done = False
@@ -102,6 +104,8 @@ class RequestState:
         """Route one generated token; returns semantic-token windows that are ready to vocode."""
         if seq.finished and seq.finish_reason == "end" and token in seq.end_ids:
             return []
+        if self.first_token_ms is None:
+            self.first_token_ms = (time.perf_counter() - self.started) * 1000
         self.tokens += 1
         tok = self.tokenizer
         if 0 <= token < len(tok.semantic_of) and tok.semantic_of[token] >= 0:
@@ -160,6 +164,9 @@ class RequestState:
             "segments": len(self.segments), "mode": "voice_creation" if self.creation else "voice_cloning",
             "streaming": bool(self.request.streaming), "notes": list(self.notes),
         }
+        for key in ("prep_ms", "first_token_ms"):
+            if getattr(self, key) is not None:
+                out[key] = round(getattr(self, key), 3)
         if self.reference is not None:
             out.update(reference_s=round(self.reference.seconds, 3), prompt_cache_hit=self.reference.cache_hit,
                        reference_tokens=int(len(self.reference.semantic_tokens)))
@@ -169,10 +176,12 @@ class RequestState:
             out.update(extra)
         return out
 
-    def chunk(self, wav: np.ndarray, final: bool) -> SparkChunk:
-        """Wrap the vocoded window number `chunk_index` (windows and chunks correspond one to one)."""
+    def chunk(self, wav: np.ndarray, final: bool, vocode_ms: float | None = None) -> SparkChunk:
+        """Wrap the vocoded window number `chunk_index` (windows and chunks correspond one to one);
+        vocode_ms: how long its vocoding took (reported in its info)."""
         overlap = self.overlap_samples(self.chunk_index) if len(wav) else 0
+        extra = None if vocode_ms is None else {"vocode_ms": round(vocode_ms, 3)}
         c = SparkChunk(self.request_id, self.chunk_index, np.asarray(wav, dtype=np.float32), overlap, final,
-                       self.info(final, overlap))
+                       self.info(final, overlap, extra))
         self.chunk_index += 1
         return c
