@@ -1,4 +1,5 @@
-"""On/off settings read from the environment (the speed levers' switches, for A/B measurements)."""
+"""Settings read from the environment: on/off switches and bounded numbers (the speed levers, for
+A/B measurements)."""
 
 from __future__ import annotations
 
@@ -19,3 +20,20 @@ def switch_from_env(name: str, default: bool = True, env: dict | None = None) ->
     if raw in OFF_VALUES:
         return False
     raise ValueError(f"{name}={raw!r} is not understood; use 1 or 0")
+
+
+def number_from_env(name: str, default, lo, hi, what: str, whole: bool = False, env: dict | None = None):
+    """`name` in `env` (default os.environ) as a number from `lo` to `hi`: unset or empty gives
+    `default`; whole=True takes digits only (an int), else any float. Anything else is refused with
+    a message naming the variable and saying `what` to use ("milliseconds", "a whole number")."""
+    raw = (os.environ if env is None else env).get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = (int(raw) if raw.isdigit() else None) if whole else float(raw)
+    except ValueError:
+        value = None
+    if value is None or not lo <= value <= hi:
+        raise ValueError(f"{name}={raw!r} is not understood; use {what} from {lo} to {hi}")
+    return value
+

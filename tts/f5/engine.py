@@ -20,7 +20,6 @@ Shapes and units: audio float32 mono at 24 kHz; times in milliseconds.
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 import threading
 import time
@@ -31,6 +30,7 @@ import numpy as np
 
 from tts.devices import bind_thread
 from tts.f5.pipeline import ChunkJob, F5Pipeline, F5Request, chunk_info
+from tts.switches import number_from_env
 
 Emit = Callable[[object, int, np.ndarray, dict], None]
 #: The Triton adapter's switch: "1" continuous batching on the engine thread; "0" each execute's
@@ -189,16 +189,7 @@ GATHER_ENV = "STUDIO_F5_ENGINE_GATHER_MS"
 
 
 def gather_s_from_env(env: dict | None = None) -> float:
-    raw = (os.environ if env is None else env).get(GATHER_ENV, "").strip()
-    if not raw:
-        return GATHER_S
-    try:
-        ms = float(raw)
-    except ValueError:
-        ms = -1.0
-    if not 0 <= ms <= 1000:
-        raise ValueError(f"{GATHER_ENV}={raw!r} is not understood; use milliseconds from 0 to 1000")
-    return ms / 1000
+    return number_from_env(GATHER_ENV, GATHER_S * 1000, 0, 1000, "milliseconds", env=env) / 1000
 
 
 #: Seconds without work before the engine calls `on_idle` (the adapter's malloc_trim, a few ms in

@@ -25,7 +25,7 @@ import torch
 from tts.spark import fast_step as FS
 from tts.spark.kv_cache import SPARE_POSITIONS, StaticKVCache
 from tts.spark.llm import forward_prefill, forward_prefill_many, forward_step, new_cache
-from tts.switches import switch_from_env
+from tts.switches import number_from_env, switch_from_env
 
 
 @dataclass(frozen=True)
@@ -190,12 +190,7 @@ def pick_bucket(buckets, need: int) -> int:
 
 
 def tokens_per_replay_from_env() -> int:
-    raw = os.environ.get(TOKENS_ENV, "").strip()
-    if not raw:
-        return TOKENS_PER_REPLAY
-    if not raw.isdigit() or not 1 <= int(raw) <= SPARE_POSITIONS:
-        raise ValueError(f"{TOKENS_ENV}={raw!r} is not understood; use a whole number from 1 to {SPARE_POSITIONS}")
-    return int(raw)
+    return number_from_env(TOKENS_ENV, TOKENS_PER_REPLAY, 1, SPARE_POSITIONS, "a whole number", whole=True)
 
 
 def attention_from_env() -> str:
