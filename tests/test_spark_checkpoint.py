@@ -147,6 +147,23 @@ def test_full_size_random_checkpoint_uses_the_published_architecture():
     assert FULL_SIZE.llm_vocab == m["llm_config"]["vocab_size"]
 
 
+def test_full_size_tokenizer_puts_the_added_tokens_at_the_published_ids(tmp_path):
+    """With Qwen2's text vocabulary size the added tokens start at the published <|endoftext|> id,
+    so the decode step's speech head covers as many LM-head rows as upstream's; the padding entries
+    never come out of encoding."""
+    from tts.spark.demo import FULL_SIZE, QWEN_TEXT_TOKENS, write_tokenizer
+    from tts.spark.tokenizer import SparkTokenizer
+
+    n_tokens, added = write_tokenizer(tmp_path, FULL_SIZE.text_tokens)
+    assert added["<|endoftext|>"] == QWEN_TEXT_TOKENS == 151643
+    assert n_tokens <= FULL_SIZE.llm_vocab
+    tok = SparkTokenizer(tmp_path)
+    assert tok.speech_ids_from == QWEN_TEXT_TOKENS
+    assert FULL_SIZE.llm_vocab - tok.speech_ids_from < 15000  # the head: ~9% of the LM head's rows
+    ids = tok.encode("Hello there, speech tokens.")
+    assert ids and max(ids) < 256
+
+
 #: Keyword arguments of upstream's constructors that BiCodec.load_from_checkpoint calls with each
 #: section of BiCodec/config.yaml (Spark-TTS sparktts/, commit 2f1ea908): a key outside these makes
 #: upstream raise TypeError. FactorizedVectorQuantize also takes **kwargs (any key).

@@ -14,6 +14,7 @@ from tts.spark.decode import (GRAPH_LENGTHS, GRAPH_ROWS, DecodeBatch, SamplingPa
                               graph_buckets, pick_bucket, sample_tokens)
 from tts.spark.kv_cache import SPARE_POSITIONS, SPARE_SLOTS
 from tts.spark.llm import forward_prefill, forward_step, load_llm, new_cache
+from tts.spark.tokenizer import SparkTokenizer
 
 pytestmark = pytest.mark.usefixtures("spark_one_thread")
 END = (7,)
@@ -54,14 +55,14 @@ def test_candidate_cut_matches_the_whole_vocabulary():
         if seed % 2:
             logits = torch.randint(0, 4, logits.shape, generator=g).float()  # ~750 ties at each value
         ints, floats = _inputs(seqs)
-        banned, out = FS.sample_rows(logits, ints, floats, FS.N_CAND)
+        banned, out, _ = FS.sample_rows(logits, ints, floats, FS.N_CAND)
         toks, redo = out.tolist()
         idx = torch.tensor([r for r, f in enumerate(redo) if f], dtype=torch.long)
         if len(idx):
-            exact, _ = FS.draw(banned[idx], floats[idx], banned.shape[-1])
+            exact, _, _ = FS.draw(banned[idx], floats[idx], banned.shape[-1])
             for r, t in zip(idx.tolist(), exact.tolist()):
                 toks[r] = t
-        _, whole = FS.sample_rows(logits, ints, floats, logits.shape[-1])
+        _, whole, _ = FS.sample_rows(logits, ints, floats, logits.shape[-1])
         assert toks == whole[0].tolist()
         assert redo[4] == 1 and redo[1] == 0  # top_k off always redraws; greedy never
         assert all(t != END[0] for t in (toks[2], toks[6]))  # end token banned before min_new_tokens
@@ -92,19 +93,30 @@ def test_fused_forward_equals_forward_step_and_writes_the_same_cache(llm):
         tokens = torch.tensor([int(ids[t - 20]), int(ids[t]), 0])
         positions = torch.tensor([7 + t - 30, t, 0])
         ref = forward_step(llm, ref_cache, tokens, positions, t + 1)
-        logits, k_new, v_new = decoder(cache.k, cache.v, tokens, positions, 48)  # a longer bucket
+        hidden, k_new, v_new = decoder(cache.k, cache.v, tokens, positions, 48)  # a longer bucket
         FS.write_new_kv(cache, positions, k_new, v_new)
+        logits = decoder.logits(hidden)
         assert torch.allclose(logits[:2], ref[:2], atol=1e-4)
         assert torch.allclose(cache.k[:, :2, :, : t + 1], ref_cache.k[:, :2, :, : t + 1], atol=1e-5)
         assert torch.allclose(cache.v[:, :2, :, : t + 1], ref_cache.v[:, :2, :, : t + 1], atol=1e-5)
 
 
-@pytest.mark.parametrize("tokens_per_replay", [1, 4, 3])
-def test_fused_decode_batch_gives_the_eager_tokens_with_joins_and_leaves(llm, tokens_per_replay):
+def _head_from(spark_dir, head: str) -> int:
+    """"whole": no speech head; "speech": the tokenizer's (the server's); "mid": half the semantic
+    tokens outside the head (misses at most steps of the demo model)."""
+    tok = SparkTokenizer(spark_dir / "LLM")
+    return {"whole": 0, "speech": tok.speech_ids_from, "mid": int(tok.semantic_ids.min()) + 4000}[head]
+
+
+@pytest.mark.parametrize("tokens_per_replay,head", [(1, "whole"), (4, "whole"), (3, "whole"), (4, "speech"),
+                                                    (3, "mid"), (1, "mid")])
+def test_fused_decode_batch_gives_the_eager_tokens_with_joins_and_leaves(llm, spark_dir, tokens_per_replay, head):
     """Several steps per replay: a row that finishes or must be redrawn on the host (top_k off:
     every step) drops the replay's later steps and hands their draws back, so the tokens are the
     eager path's one-step-at-a-time tokens; end tokens stay banned until min_new_tokens in every
-    step of a replay."""
+    step of a replay. With the speech head (the end id 7 lies outside it) a step whose best logit
+    outside the head reaches what the draw kept is redrawn over the whole vocabulary: same tokens,
+    greedy and sampled rows alike; the mid head misses, the tokenizer's never on the demo model."""
     params = [SamplingParams(max_new_tokens=12), SamplingParams(top_k=1, max_new_tokens=6),
               SamplingParams(top_k=0, top_p=0.8, max_new_tokens=9), SamplingParams(temperature=1.2, max_new_tokens=7),
               SamplingParams(temperature=1.0, max_new_tokens=13)]
@@ -114,8 +126,12 @@ def test_fused_decode_batch_gives_the_eager_tokens_with_joins_and_leaves(llm, to
     end_at = next(i for i in range(3, 12) if probe.generated[i] not in probe.generated[:i])
     ends = [END, END, END, END, (probe.generated[end_at],)]
 
+    head_from = _head_from(spark_dir, head)
+    misses = []
+
     def run(fused: bool) -> list[list[int]]:
-        batch = DecodeBatch(llm, 4, 96, cuda_graphs=False, fused=fused, tokens_per_replay=tokens_per_replay)
+        batch = DecodeBatch(llm, 4, 96, cuda_graphs=False, fused=fused, tokens_per_replay=tokens_per_replay,
+                            head_from=head_from)
         assert bool(batch.steps) == fused
         seqs = [Sequence(_prompt(10 + i, 8 + 3 * i), p, e, seed=i) for i, (p, e) in enumerate(zip(params, ends))]
         batch.add(seqs[0])
@@ -127,9 +143,55 @@ def test_fused_decode_batch_gives_the_eager_tokens_with_joins_and_leaves(llm, to
             batch.step()
         assert all(s.finished for s in seqs)
         assert seqs[4].finish_reason == "end" and len(seqs[4].generated) == end_at + 1
+        misses.append(batch.head_misses)
         return [s.generated for s in seqs]
 
     assert run(True) == run(False)
+    assert (misses[0] > 0) == (head == "mid") and misses[1] == 0
+
+
+def test_speech_head_keeps_the_whole_vocabularys_logits_and_refuses_a_start_outside(llm, spark_dir):
+    """keep_logits rows hold the whole vocabulary's banned logits with the head too (those of the
+    fused step without it), and a head starting outside the vocabulary is refused with the range."""
+    head_from = _head_from(spark_dir, "speech")
+    got = {}
+    for on, start in ((False, 0), (True, head_from)):
+        batch = DecodeBatch(llm, 2, 64, cuda_graphs=False, fused=True, tokens_per_replay=4, head_from=start)
+        seq = Sequence(_prompt(3, 10), SamplingParams(max_new_tokens=6, min_new_tokens=3), END, seed=1,
+                       keep_logits=True)
+        batch.add(seq)
+        while not seq.finished:
+            batch.step()
+        got[on] = (seq.generated, torch.stack(seq.logits))
+    assert got[True][0] == got[False][0]
+    assert got[True][1].shape == got[False][1].shape
+    assert torch.allclose(got[True][1], got[False][1], atol=1e-4)
+    assert torch.isinf(got[True][1][1, END[0]])  # banned before min_new_tokens, outside the head
+    with pytest.raises(ValueError, match="speech head must start inside the vocabulary"):
+        DecodeBatch(llm, 2, 64, cuda_graphs=False, fused=True, head_from=llm.lm_head.weight.shape[0])
+
+
+def test_sampling_from_the_head_equals_the_whole_vocabulary_unless_the_floor_is_reached():
+    """sample_rows over columns offset.. gives the whole vocabulary's token whenever every logit
+    before offset, over the row's temperature, stays below the floor it returns; ids come back whole."""
+    offset = 1000
+    hits = 0
+    for seed in range(30):
+        g = torch.Generator().manual_seed(seed)
+        seqs = _rows(seed)
+        for s in seqs:
+            s.end_ids = (offset + 7,)
+        logits = torch.randn(len(seqs), 4000, generator=g) * 3
+        logits[:, :offset] -= float(seed % 3) * 3  # from often above the floor to mostly below it
+        ints, floats = _inputs(seqs)
+        _, head, floor = FS.sample_rows(logits[:, offset:], ints, floats, FS.N_CAND, offset)
+        _, whole, _ = FS.sample_rows(logits, ints, floats, FS.N_CAND)
+        clear = logits[:, :offset].max(dim=-1).values / floats[:, FS.TEMP] < floor
+        for r in range(len(seqs)):
+            if clear[r] and not head[1, r] and not whole[1, r]:
+                assert int(head[0, r]) == int(whole[0, r])
+                hits += 1
+    assert hits > 40
 
 
 @pytest.mark.parametrize("due_at", [11, 2])
@@ -259,8 +321,8 @@ def test_warm_up_runs_touch_only_the_spare_positions(llm, tokens):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("attention", ["matmul", "kernel"])
-def test_compiled_graphs_give_the_eager_tokens_on_cuda(spark_dir, tmp_path, monkeypatch, attention):
+@pytest.mark.parametrize("attention,head", [("matmul", "whole"), ("kernel", "mid"), ("kernel", "speech")])
+def test_compiled_graphs_give_the_eager_tokens_on_cuda(spark_dir, tmp_path, monkeypatch, attention, head):
     """The server's path on CUDA (fused step compiled, one CUDA graph per bucket, device sampling)
     against the eager step, in float32 with TF32 off (only summation order differs), with
     joins, leaves and every row bucket; and one compiled graph (two where R is backed). With both
@@ -272,18 +334,19 @@ def test_compiled_graphs_give_the_eager_tokens_on_cuda(spark_dir, tmp_path, monk
     precision = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")  # no TF32 (restored below)
     try:
-        _compare_compiled_and_eager_on_cuda(spark_dir, counters, attention)
+        _compare_compiled_and_eager_on_cuda(spark_dir, counters, attention, head)
     finally:
         torch.set_float32_matmul_precision(precision)
 
 
-def _compare_compiled_and_eager_on_cuda(spark_dir, counters, attention: str) -> None:
+def _compare_compiled_and_eager_on_cuda(spark_dir, counters, attention: str, head: str) -> None:
+    head_from = _head_from(spark_dir, head)
     model = load_llm(spark_dir / "LLM").to("cuda", torch.float32)
     torch._dynamo.reset()
     before = counters["stats"]["unique_graphs"]
 
     def run(graphs: bool) -> tuple[list[list[int]], dict]:
-        batch = DecodeBatch(model, 4, 300, cuda_graphs=graphs, attention=attention)
+        batch = DecodeBatch(model, 4, 300, cuda_graphs=graphs, attention=attention, head_from=head_from)
         params = [SamplingParams(max_new_tokens=40), SamplingParams(top_k=1, max_new_tokens=12),
                   SamplingParams(top_k=0, top_p=0.8, max_new_tokens=25), SamplingParams(temperature=1.2, max_new_tokens=20)]
         seqs = [Sequence(_prompt(10 + i, 8 + 3 * i), p, END, seed=i) for i, p in enumerate(params)]
@@ -297,12 +360,14 @@ def _compare_compiled_and_eager_on_cuda(spark_dir, counters, attention: str) -> 
                 batch.add(seqs[3])
             batch.step()
         assert all(s.finished for s in seqs)
-        return [s.generated for s in seqs], dict(batch.stats, short_replays=batch.short_replays)
+        return [s.generated for s in seqs], dict(batch.stats, short_replays=batch.short_replays,
+                                                 head_misses=batch.head_misses)
 
     fast, stats = run(True)
     assert stats["compiled"] and not stats.get("capture_errors"), stats
     assert stats["attention"] == attention, stats
     assert stats["single_steps"] and stats["short_replays"] > 0, stats
+    assert stats["head_from"] == head_from and (stats["head_misses"] > 0) == (head == "mid"), stats
     assert stats["graphs"] == 2 * len(graph_buckets(GRAPH_ROWS, 4)) * len(graph_buckets(GRAPH_LENGTHS, 300))
     assert counters["stats"]["unique_graphs"] - before == (1 if stats["unbacked_rows"] else 2)
     eager, _ = run(False)

@@ -156,7 +156,7 @@ fi
 
 # The Spark stages share the stub environment set up by gpu_spark_sweep.sh (idempotent).
 if want spark-step; then
-  say "Spark decode step bench (eager / fused graph / compiled graph, rows 1, 8, 16)"
+  say "Spark decode step bench (eager; compiled graphs: matmul / kernel attention, 4 / 8 a replay, whole LM head / speech head; rows 1, 8, 16)"
   if [[ -n $TINY ]]; then STEP=(--tiny --device cpu --dtype float32); else STEP=(); fi
   timeout --kill-after=10 "${SPARK_STEP_LIMIT_S:-240}" $PY tools/gpu_spark_step_bench.py --out "$W/spark" "${STEP[@]}" >"$W/spark_step.log" 2>&1
   say "Spark step bench exit $?"

@@ -57,6 +57,7 @@ class Sequence:
     finished: bool = False
     finish_reason: str = ""  # "end", "length", "cache", "cancelled"
     prefill_s: float = 0.0
+    head_misses: int = 0  # fast-path steps redrawn over the whole vocabulary after a speech-head miss
     generator: torch.Generator = field(init=False, repr=False)
     # uniform numbers drawn ahead for a multi-step replay but not used (the row was redrawn on the
     # host first): they are the next ones drawn, so every path consumes the same stream
@@ -127,7 +128,7 @@ def sample_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
     floats = torch.zeros(len(seqs), FS.N_FLOAT, dtype=torch.float32)
     _row_inputs(list(seqs), ints.numpy(), floats.numpy())
     dev = logits.device
-    _, out = FS.sample_rows(logits, ints.to(dev), floats.to(dev), logits.shape[-1])
+    _, out, _ = FS.sample_rows(logits, ints.to(dev), floats.to(dev), logits.shape[-1])
     return [int(t) for t in out[0].tolist()]
 
 
@@ -158,6 +159,10 @@ ALIGN_ENV = "STUDIO_SPARK_ALIGN_FIRST_CHUNK"
 #: (`tts.spark.attention_kernel`, two Triton launches a layer; checked against the plain-torch form
 #: at start-up, which it falls back to on a mismatch or where Triton cannot run).
 ATTENTION_ENV = "STUDIO_SPARK_ATTENTION"
+#: The speech head on the fast path (`tts.spark.fast_step`: each step multiplies by the LM head's
+#: rows from the first special token on, ~14k of 166k, and checks the others once per replay); on by
+#: default, "0" multiplies by the whole head every step. Same tokens either way.
+SPEECH_HEAD_ENV = "STUDIO_SPARK_SPEECH_HEAD"
 #: Most prompt tokens prefilled in one packed forward (`DecodeBatch.add_many`). On CUDA the
 #: attention is flash varlen (linear memory): 8 joining prompts of ~500 tokens go in one forward.
 #: Elsewhere it is a dense block-diagonal mask (N^2: 16 MB of float32 scores a head at 2048).
@@ -200,6 +205,12 @@ def attention_from_env() -> str:
     return raw
 
 
+def speech_head_from(first_special_id: int) -> int:
+    """The id the fast step's speech head starts at: `first_special_id` (the tokenizer's first
+    special token) unless SPEECH_HEAD_ENV turns the head off (0: the whole vocabulary)."""
+    return first_special_id if switch_from_env(SPEECH_HEAD_ENV) else 0
+
+
 def fast_mode_from_env() -> str:
     raw = os.environ.get(FAST_ENV, "").strip().lower()
     if raw in ("0", "off", "false", "no", "eager"):
@@ -222,7 +233,7 @@ class DecodeBatch:
 
     def __init__(self, model, max_batch: int, max_seq_len: int, cuda_graphs: bool | None = None,
                  fused: bool = False, log=None, tokens_per_replay: int | None = None,
-                 attention: str | None = None, align_first_chunk: bool | None = None):
+                 attention: str | None = None, align_first_chunk: bool | None = None, head_from: int = 0):
         """cuda_graphs: None = the fast path on CUDA as STUDIO_SPARK_FAST says (default compile +
         graphs), True = required, False = eager `forward_step`. fused=True on a CPU model runs the
         fused step without graphs (tests compare it with the eager step). tokens_per_replay: decode
@@ -230,7 +241,8 @@ class DecodeBatch:
         the eager path always makes one. attention: the fast step's attention form (None =
         STUDIO_SPARK_ATTENTION, default DEFAULT_ATTENTION; see `ATTENTION_FORMS`). align_first_chunk:
         one-step replays up to a sequence's `tokens_due` (None = ALIGN_ENV, default on; only with
-        more than one step a replay)."""
+        more than one step a replay). head_from: the fast step's speech head starts at this id
+        (`tts.spark.fast_step`; 0 = the whole LM head; see `speech_head_from`)."""
         self.model = model
         self.cache: StaticKVCache = new_cache(model, max_batch, max_seq_len)
         self.slots: list[Sequence | None] = [None] * max_batch
@@ -241,6 +253,10 @@ class DecodeBatch:
         if cuda_graphs and not on_cuda:
             raise ValueError("cuda_graphs=True needs the model on a CUDA device")
         self.tokens_per_replay = 1
+        vocab = model.lm_head.weight.shape[0]
+        if not 0 <= head_from < vocab:
+            raise ValueError(f"the speech head must start inside the vocabulary (0..{vocab - 1}); got {head_from}")
+        self.head_misses = 0  # fast-path steps redrawn over the whole vocabulary after a speech-head miss
         if (on_cuda and mode != "off") or fused:
             self.tokens_per_replay = tokens_per_replay or tokens_per_replay_from_env()
             align = switch_from_env(ALIGN_ENV) if align_first_chunk is None else align_first_chunk
@@ -249,7 +265,8 @@ class DecodeBatch:
                                                     compile_=mode == "compile", log=log or _log,
                                                     tokens=self.tokens_per_replay,
                                                     attention=attention or attention_from_env(),
-                                                    single_steps=align and self.tokens_per_replay > 1)
+                                                    single_steps=align and self.tokens_per_replay > 1,
+                                                    head_from=head_from)
         self.short_replays = 0  # one-step replays made for a first chunk (`tokens_due`)
         self._row_buckets = sorted({r for r, _ in self.steps})
         self._len_buckets = sorted({n for _, n in self.steps})
@@ -384,24 +401,24 @@ class DecodeBatch:
         ints, floats = step.host_ints.numpy(), step.host_floats.numpy()
         for t in range(t_steps):
             _row_inputs(by_row, ints[t], floats[t], ahead=t)
-        toks, redo = step()
-        # ties at the candidate cut, or top_k beyond it: the whole vocabulary, same draw. Only a
-        # row's first such step counts (its later steps are dropped), so one batched draw serves all.
+        toks, redo, miss = step()
+        # ties at the candidate cut, top_k beyond it, or a speech-head miss: the whole vocabulary,
+        # same draw. Only a row's first such step counts (its later steps are dropped), so one
+        # batched draw serves all.
         first_redo = {s.slot: next((t for t in range(t_steps) if redo[t][s.slot]), None) for s in running}
         first_redo = {r: t for r, t in first_redo.items() if t is not None}
         if first_redo:
-            dev = step.logits.device
-            ti = torch.tensor(list(first_redo.values()), device=dev)
-            ri = torch.tensor(list(first_redo), device=dev)
-            exact, _ = FS.draw(step.logits[ti, ri], step.floats[ti, ri], step.logits.shape[-1])
-            for r, tok in zip(first_redo, exact.tolist()):
+            exact = step.exact_tokens(list(first_redo.values()), list(first_redo))
+            for r, tok in zip(first_redo, exact):
                 toks[first_redo[r]][r] = tok
+                self.head_misses += miss[first_redo[r]][r]
+                self.slots[r].head_misses += miss[first_redo[r]][r]
         out = []
         for s in running:
             r = s.slot
             for t in range(t_steps):
                 tok = int(toks[t][r])
-                self._accept(s, tok, step.logits[t, r] if s.keep_logits else None)
+                self._accept(s, tok, step.full_logits([t], [r])[0] if s.keep_logits else None)
                 out.append((s, tok))
                 if s.finished or redo[t][r]:
                     # the replay's later steps fed another token (or the sequence is done): drop

@@ -111,10 +111,13 @@ class CheckpointSize:
     llm: dict
     wav2vec2: dict
     llm_vocab: int | None = None  # None: the tokenizer's size rounded up to 64
+    text_tokens: int = 0  # text ids before Qwen's specials: 0 = the byte alphabet only (`write_tokenizer`)
 
 
 DEMO_SIZE = CheckpointSize(DEMO_BICODEC, DEMO_LLM, DEMO_W2V)
-FULL_SIZE = CheckpointSize(FULL_BICODEC, FULL_LLM, FULL_W2V, FULL_LLM_VOCAB)
+#: Qwen2's byte-level BPE vocabulary: its first special token, <|endoftext|>, is id 151643.
+QWEN_TEXT_TOKENS = 151643
+FULL_SIZE = CheckpointSize(FULL_BICODEC, FULL_LLM, FULL_W2V, FULL_LLM_VOCAB, QWEN_TEXT_TOKENS)
 
 
 def _fill(shapes: dict[str, torch.Size], gen: torch.Generator, rules) -> dict[str, torch.Tensor]:
@@ -223,13 +226,20 @@ def spark_token_names() -> list[str]:
     return names
 
 
-def write_tokenizer(folder: Path) -> tuple[int, dict[str, int]]:
-    """Byte-level BPE with Qwen2's pre-tokenizer and no merges, plus Qwen's and Spark's added tokens."""
+def write_tokenizer(folder: Path, text_tokens: int = 0) -> tuple[int, dict[str, int]]:
+    """Byte-level BPE with Qwen2's pre-tokenizer and no merges, plus Qwen's and Spark's added tokens.
+
+    text_tokens > 256: the text vocabulary is padded to that many ids with three-character entries
+    that encoding never produces (no merges), so the added tokens sit at the published ids (Qwen's
+    specials from 151643, Spark's after them) and the LM head's text rows are as many as upstream's."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
     folder.mkdir(parents=True, exist_ok=True)
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {ch: i for i, ch in enumerate(alphabet)}
+    n = len(alphabet)
+    for i in range(max(text_tokens - n, 0)):
+        vocab[alphabet[i // (n * n) % n] + alphabet[i // n % n] + alphabet[i % n]] = len(vocab)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], fuse_unk=False, byte_fallback=False))
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([
@@ -268,11 +278,22 @@ def _llm_rules(name: str, shape, gen):
     return None
 
 
-def write_llm(folder: Path, gen: torch.Generator, arch: dict = DEMO_LLM, vocab_size: int | None = None) -> None:
+def write_llm(folder: Path, gen: torch.Generator, arch: dict = DEMO_LLM, vocab_size: int | None = None,
+              text_tokens: int = 0) -> None:
     from safetensors.torch import save_file
+
+    cfg, state, _ = llm_weights(folder, gen, arch, vocab_size, text_tokens)
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    cfg.to_json_file(str(folder / "config.json"))
+
+
+def llm_weights(folder: Path, gen: torch.Generator, arch: dict = DEMO_LLM, vocab_size: int | None = None,
+                text_tokens: int = 0) -> tuple[object, dict[str, torch.Tensor], dict[str, int]]:
+    """Write the tokenizer files into `folder` (`write_tokenizer`); return the LLM's (Qwen2Config,
+    state dict without the tied lm_head, added token ids) with the demo rules (see DEMO_EMBED_STD)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    n_tokens, added = write_tokenizer(folder)
+    n_tokens, added = write_tokenizer(folder, text_tokens)
     vocab_size = vocab_size or (n_tokens + 63) // 64 * 64  # padded like the published 166000-row embedding
     if vocab_size < n_tokens:
         raise ValueError(f"vocab_size {vocab_size} is smaller than the tokenizer ({n_tokens} tokens)")
@@ -291,8 +312,7 @@ def write_llm(folder: Path, gen: torch.Generator, arch: dict = DEMO_LLM, vocab_s
     semantic = [added[prompts.semantic_token(i)] for i in range(SEMANTIC_CODEBOOK)]
     # the direction keeps its weight relative to the rows (norm ~ std * sqrt(hidden)) at any width
     state["model.embed_tokens.weight"][semantic] += offset / offset.norm() * math.sqrt(cfg.hidden_size / 32)
-    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    cfg.to_json_file(str(folder / "config.json"))
+    return cfg, state, added
 
 
 def write_demo_checkpoint(folder: str | Path, seed: int = 0, size: CheckpointSize = DEMO_SIZE) -> Path:
@@ -306,7 +326,7 @@ def write_demo_checkpoint(folder: str | Path, seed: int = 0, size: CheckpointSiz
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.yaml").write_text(yaml.safe_dump(TOP_CONFIG, sort_keys=False))
     write_bicodec(folder / "BiCodec", torch.Generator().manual_seed(seed), size.bicodec)
-    write_llm(folder / "LLM", torch.Generator().manual_seed(seed + 1), size.llm, size.llm_vocab)
+    write_llm(folder / "LLM", torch.Generator().manual_seed(seed + 1), size.llm, size.llm_vocab, size.text_tokens)
     write_wav2vec2(folder / "wav2vec2-large-xlsr-53", torch.Generator().manual_seed(seed + 2), size.wav2vec2)
     (folder / "README.md").write_text("Spark-TTS demo weights: random models in the published layout. "
                                       "They produce noise.\n")

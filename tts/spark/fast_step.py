@@ -20,6 +20,19 @@ is how it is launched (gpt-fast / nano-vllm style):
 Rows that need more than the candidate cut (top_k off or above `N_CAND - TIE_MARGIN`, or logits
 tied at the cut) are redrawn over the whole vocabulary on the host's request, with the same draw.
 
+The speech head (`head_from` > 0): a Spark LLM only ever keeps ids from its first special token on
+(Qwen's specials, the BiCodec global and semantic tokens, Spark's markers: the tail of the
+vocabulary, ~14k of its 166k rows). Each step then multiplies by those rows only and samples among
+them; after the replay's T steps one matrix product over all T hidden states (the other ~152k rows
+read once per replay instead of once per token) gives each step's best logit outside the head. A
+step is exact when that logit stays below what the draw kept (the k-th kept value for a sampled
+row, after the row's temperature, as the whole-vocabulary top-k compares it; the best value for a
+greedy row): the whole vocabulary's top-k set, and so the draw, is then the head's. Otherwise the
+step is a miss: the host redraws it over the whole vocabulary from its hidden state (same draw) and
+drops the replay's later steps, as for any redrawn row. The real model puts the text rows far below
+the speech ones while it speaks; random weights would miss at almost every step, so the random
+checkpoints favour speech tokens (`tts.spark.demo`).
+
 Shapes: R rows (slots 0..R-1), L key length (bucket), V vocabulary, D hidden, Dh head width.
 """
 
@@ -98,8 +111,9 @@ def _rotate_half(x: Tensor) -> Tensor:
 class FusedDecoder(nn.Module):
     """The decode forward of a Qwen2 LM over a static cache, without writing it.
 
-    forward(keys, values, tokens [R], positions [R], length) -> (logits [R, V] float32,
-    k_new [layers, R, KV, Dh], v_new [layers, R, KV, Dh]). keys/values are the whole cache
+    forward(keys, values, tokens [R], positions [R], length) -> (hidden [R, D] after the final norm,
+    k_new [layers, R, KV, Dh], v_new [layers, R, KV, Dh]); `logits` applies the LM head (all of it
+    or the rows from head_from on). keys/values are the whole cache
     [layers, B, KV, S, Dh]; row r attends to keys 0..positions[r]-1 of slot r (< length) and to its
     own new key.
     """
@@ -126,6 +140,14 @@ class FusedDecoder(nn.Module):
         self.register_buffer("sin", sin[0].contiguous(), persistent=False)
         self.attention = "matmul"  # `decode_layer`'s attention form (`choose_attention` sets it)
 
+    def logits(self, hidden: Tensor, head_from: int = 0) -> Tensor:
+        """hidden [R, D] (final-normed) -> float32 logits [R, V - head_from] of ids head_from.. ."""
+        return F.linear(hidden, self.lm_head[head_from:]).float()
+
+    def rest_max(self, hidden: Tensor, head_from: int) -> Tensor:
+        """hidden [N, D] -> the best float32 logit among ids 0..head_from-1 [N] (one matrix product)."""
+        return F.linear(hidden, self.lm_head[:head_from]).amax(dim=-1).float()
+
     def forward(self, keys: Tensor, values: Tensor, tokens: Tensor, positions: Tensor, length: int):
         s = self.shape
         rows = tokens.shape[0]
@@ -140,8 +162,7 @@ class FusedDecoder(nn.Module):
                                     s.n_heads, s.n_kv_heads, self.attention)
             k_out.append(k)
             v_out.append(v)
-        logits = F.linear(rms_norm(h, self.norm, self.eps), self.lm_head).float()
-        return logits, torch.stack(k_out), torch.stack(v_out)
+        return rms_norm(h, self.norm, self.eps), torch.stack(k_out), torch.stack(v_out)
 
     layer_fn = staticmethod(lambda *a: decode_layer(*a))  # replaced by the compiled layer (compile_decoder)
 
@@ -212,16 +233,21 @@ def write_new_kv(cache: StaticKVCache, positions: Tensor, k_new: Tensor, v_new: 
 
 # -- sampling on the device ---------------------------------------------------------------------
 
-def ban_ends(logits: Tensor, ints: Tensor) -> Tensor:
-    """Set each row's banned end ids to -inf (ints columns END0.. hold ids, then ban flags)."""
-    ids = ints[:, END0: END0 + MAX_END_IDS]
+def ban_ends(logits: Tensor, ints: Tensor, offset: int = 0) -> Tensor:
+    """Set each row's banned end ids to -inf (ints columns END0.. hold ids, then ban flags); logits
+    [R, V'] hold ids offset..offset+V'-1 (end ids below offset are not among them)."""
+    ids = ints[:, END0: END0 + MAX_END_IDS] - offset
     ban = ints[:, END0 + MAX_END_IDS: END0 + 2 * MAX_END_IDS] > 0
+    if offset:
+        ban = ban & (ids >= 0)
+        ids = ids.clamp(min=0)
     vals = torch.where(ban, float("-inf"), logits.gather(1, ids))
     return logits.scatter(1, ids, vals)
 
 
-def draw(x: Tensor, prm: Tensor, n: int) -> tuple[Tensor, Tensor]:
-    """x [R, V] logits, prm [R, N_FLOAT] -> (tokens [R] int64, overflow [R] bool); no host sync.
+def draw(x: Tensor, prm: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor]:
+    """x [R, V] logits, prm [R, N_FLOAT] -> (tokens [R] int64, overflow [R] bool, kth [R] float32:
+    the k-th best logit after the temperature, the lowest value the draw keeps); no host sync.
 
     Candidates in (value descending, index ascending) order, the order of a stable sort; keep the
     top k (ties with the k-th value kept, as transformers keeps them), then the smallest prefix whose
@@ -254,18 +280,21 @@ def draw(x: Tensor, prm: Tensor, n: int) -> tuple[Tensor, Tensor]:
     # never land on a dropped token; clamp at 0 for rows with nothing left (all banned: greedy rows
     # whose result is replaced, and never an out-of-range index on the device)
     pick = torch.minimum(pick, (probs > 0).sum(dim=-1, keepdim=True) - 1).clamp(min=0)
-    return idx.gather(1, pick).view(-1), overflow
+    return idx.gather(1, pick).view(-1), overflow, kth.view(-1)
 
 
-def sample_rows(logits: Tensor, ints: Tensor, prm: Tensor, n: int) -> tuple[Tensor, Tensor]:
-    """Banned logits [R, V] and [2, R] int64 (token, needs-the-whole-vocabulary flag) per row."""
-    logits = ban_ends(logits, ints)
-    greedy = logits.argmax(dim=-1)
-    tok, overflow = draw(logits, prm, min(n, logits.shape[-1]))
+def sample_rows(logits: Tensor, ints: Tensor, prm: Tensor, n: int, offset: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """logits [R, V'] of ids offset.. -> (banned logits, [2, R] int64 (token id, needs-the-whole-
+    vocabulary flag), floor [R] float32). floor: what a logit from outside these columns, divided by
+    the row's temperature (1 for greedy rows), must stay below for the token to be the one the whole
+    vocabulary gives (the k-th kept value; a greedy row's best value)."""
+    logits = ban_ends(logits, ints, offset)
+    best, greedy = logits.max(dim=-1)
+    tok, overflow, kth = draw(logits, prm, min(n, logits.shape[-1]))
     is_greedy = prm[:, GREEDY] > 0
-    tok = torch.where(is_greedy, greedy, tok)
+    tok = torch.where(is_greedy, greedy, tok) + offset
     redo = (overflow | (prm[:, TOP_K] > n - TIE_MARGIN)) & ~is_greedy
-    return logits, torch.stack((tok, redo.long()))
+    return logits, torch.stack((tok, redo.long())), torch.where(is_greedy, best, kth)
 
 
 #: Rows whose top_k is above N_CAND - TIE_MARGIN (or off) are redrawn over the whole vocabulary.
@@ -276,30 +305,47 @@ NO_TOP_K = float(2 ** 24)
 
 # -- the graphed step ---------------------------------------------------------------------------
 
-def fused_step(forward: Callable, cache: StaticKVCache, ints: Tensor, floats: Tensor, length: int,
-               n: int = N_CAND) -> tuple[Tensor, Tensor]:
-    """The whole step on device tensors: forward, KV write, sampling -> (banned logits [R, V], [2, R])."""
+def fused_step(decoder: "FusedDecoder", cache: StaticKVCache, ints: Tensor, floats: Tensor, length: int,
+               n: int = N_CAND, forward: Callable | None = None,
+               head_from: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The whole step on device tensors: forward (`forward`, default the decoder itself), KV write,
+    the LM head (rows head_from..), sampling -> (banned logits [R, V - head_from], [2, R],
+    hidden [R, D], floor [R] (`sample_rows`))."""
     tokens, positions = ints[:, TOKEN], ints[:, POSITION]
-    logits, k_new, v_new = forward(cache.k, cache.v, tokens, positions, length)
+    hidden, k_new, v_new = (forward or decoder)(cache.k, cache.v, tokens, positions, length)
     write_new_kv(cache, positions, k_new, v_new)
-    return sample_rows(logits, ints, floats, n)
+    logits, out, floor = sample_rows(decoder.logits(hidden, head_from), ints, floats, n, head_from)
+    return logits, out, hidden, floor
 
 
-def fused_steps(forward: Callable, cache: StaticKVCache, ints: Tensor, floats: Tensor, length: int,
-                n: int = N_CAND) -> tuple[Tensor, Tensor]:
+def fused_steps(decoder: "FusedDecoder", cache: StaticKVCache, ints: Tensor, floats: Tensor, length: int,
+                n: int = N_CAND, forward: Callable | None = None,
+                head_from: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     """T steps in a row on the device: ints [T, R, N_INT], floats [T, R, N_FLOAT] hold each step's
     inputs (positions, end-token bans, uniform draws: all known ahead); the token fed at step t > 0
-    is the one sampled at step t - 1, never leaving the device. Returns (banned logits [T, R, V],
-    [T, 2, R]). Keys of step t are cached before step t + 1 reads them (`fused_step` writes them)."""
-    logits, outs = [], []
+    is the one sampled at step t - 1, never leaving the device. Returns (banned logits [T, R, V'],
+    [T, 3, R] int64 (token, redraw flag, head miss flag), hidden [T, R, D]). Keys of step t are
+    cached before step t + 1 reads them (`fused_step` writes them). head_from > 0: the speech head
+    (module docstring); a miss sets the redraw flag too."""
+    logits, outs, hidden, floors = [], [], [], []
     tok = ints[0, :, TOKEN]
     for t in range(ints.shape[0]):
         step_ints = torch.cat((tok.view(-1, 1), ints[t, :, TOKEN + 1:]), dim=1)
-        lg, out = fused_step(forward, cache, step_ints, floats[t], length, n)
+        lg, out, hn, floor = fused_step(decoder, cache, step_ints, floats[t], length, n, forward, head_from)
         logits.append(lg)
         outs.append(out)
+        hidden.append(hn)
+        floors.append(floor)
         tok = out[0]
-    return torch.stack(logits), torch.stack(outs)
+    outs, hidden = torch.stack(outs), torch.stack(hidden)
+    if head_from:
+        steps, rows, width = hidden.shape
+        rest = decoder.rest_max(hidden.view(steps * rows, width), head_from).view(steps, rows)
+        miss = (rest / floats[:, :, TEMP] >= torch.stack(floors)).long()
+    else:
+        miss = torch.zeros_like(outs[:, 1])
+    outs = torch.stack((outs[:, 0], outs[:, 1] | miss, miss), dim=1)
+    return torch.stack(logits), outs, hidden
 
 
 def warmup_inputs(cache: StaticKVCache, rows: int, tokens: int = 1) -> tuple[Tensor, Tensor]:
@@ -315,31 +361,67 @@ def warmup_inputs(cache: StaticKVCache, rows: int, tokens: int = 1) -> tuple[Ten
     return ints, torch.ones(tokens, rows, N_FLOAT, dtype=torch.float32, device=dev)
 
 
-class EagerFusedStep:
+class _Replay:
+    """What both step forms share: the last replay's inputs and outputs, and the whole vocabulary's
+    logits and tokens for rows of it that must be redrawn."""
+
+    decoder: FusedDecoder
+    head_from: int
+    ints: Tensor  # [T, R, N_INT] on the device, as the last replay read them (END columns per step)
+    floats: Tensor  # [T, R, N_FLOAT]
+    logits: Tensor  # [T, R, V - head_from] banned
+    hidden: Tensor  # [T, R, D]
+
+    def full_logits(self, steps: list[int], rows: list[int]) -> Tensor:
+        """Banned float32 logits over the whole vocabulary [n, V] of (step, row) pairs of the last replay."""
+        ti = torch.tensor(steps, device=self.logits.device)
+        ri = torch.tensor(rows, device=self.logits.device)
+        if not self.head_from:
+            return self.logits[ti, ri]
+        return ban_ends(self.decoder.logits(self.hidden[ti, ri]), self.ints[ti, ri])
+
+    def exact_tokens(self, steps: list[int], rows: list[int]) -> list[int]:
+        """Those pairs' tokens drawn over the whole vocabulary with the replay's own draws."""
+        full = self.full_logits(steps, rows)
+        ti = torch.tensor(steps, device=full.device)
+        ri = torch.tensor(rows, device=full.device)
+        _, out, _ = sample_rows(full, self.ints[ti, ri], self.floats[ti, ri], full.shape[-1])
+        return [int(t) for t in out[0].tolist()]
+
+    @staticmethod
+    def _split(out: Tensor) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
+        rows = out.tolist()  # the replay's one synchronisation
+        return [o[0] for o in rows], [o[1] for o in rows], [o[2] for o in rows]
+
+
+class EagerFusedStep(_Replay):
     """`FastStep`'s interface without a graph (any device): tests the fused path on the CPU."""
 
-    def __init__(self, forward: Callable, cache: StaticKVCache, rows: int, length: int, tokens: int = 1):
-        self.forward, self.cache, self.rows, self.length, self.tokens = forward, cache, rows, length, tokens
+    def __init__(self, decoder: FusedDecoder, cache: StaticKVCache, rows: int, length: int, tokens: int = 1,
+                 forward: Callable | None = None, head_from: int = 0):
+        self.decoder, self.forward, self.head_from = decoder, forward, head_from
+        self.cache, self.rows, self.length, self.tokens = cache, rows, length, tokens
         self.single: EagerFusedStep | None = None  # the same bucket one step a replay (`build_steps`)
         self.host_ints = torch.zeros(tokens, rows, N_INT, dtype=torch.long)
         self.host_floats = torch.zeros(tokens, rows, N_FLOAT, dtype=torch.float32)
-        self.logits = self.floats = None
+        self.logits = self.floats = self.ints = self.hidden = None
 
-    def __call__(self) -> tuple[list[list[int]], list[list[int]]]:
+    def __call__(self) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
         dev = self.cache.k.device
-        ints, self.floats = self.host_ints.to(dev), self.host_floats.to(dev)
-        self.logits, out = fused_steps(self.forward, self.cache, ints, self.floats, self.length)
-        out = out.tolist()
-        return [o[0] for o in out], [o[1] for o in out]
+        self.ints, self.floats = self.host_ints.to(dev), self.host_floats.to(dev)
+        self.logits, out, self.hidden = fused_steps(self.decoder, self.cache, self.ints, self.floats, self.length,
+                                                    forward=self.forward, head_from=self.head_from)
+        return self._split(out)
 
 
-class FastStep:
+class FastStep(_Replay):
     """One (rows, length) bucket: static inputs, T steps of the forward, the KV write and sampling in
     one CUDA graph (T = tokens: one replay and one read-back per T tokens of every row)."""
 
-    def __init__(self, forward: Callable, cache: StaticKVCache, rows: int, length: int, pool=None,
-                 tokens: int = 1):
+    def __init__(self, decoder: FusedDecoder, cache: StaticKVCache, rows: int, length: int, pool=None,
+                 tokens: int = 1, forward: Callable | None = None, head_from: int = 0):
         dev = cache.k.device
+        self.decoder, self.head_from = decoder, head_from
         self.rows, self.length, self.tokens = rows, length, tokens
         self.single: FastStep | None = None  # the same bucket one step a replay (`build_steps`)
         self.ints, self.floats = warmup_inputs(cache, rows, tokens)
@@ -347,7 +429,7 @@ class FastStep:
         self.host_floats = torch.zeros(tokens, rows, N_FLOAT, dtype=torch.float32).pin_memory()
 
         def run():
-            return fused_steps(forward, cache, self.ints, self.floats, length)
+            return fused_steps(decoder, cache, self.ints, self.floats, length, forward=forward, head_from=head_from)
 
         stream = torch.cuda.Stream(dev)
         stream.wait_stream(torch.cuda.current_stream(dev))
@@ -357,15 +439,15 @@ class FastStep:
         torch.cuda.current_stream(dev).wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
-            self.logits, self.out = run()
+            self.logits, self.out, self.hidden = run()
 
-    def __call__(self) -> tuple[list[list[int]], list[list[int]]]:
-        """Replay with the host buffers' contents; returns (tokens [T][R], redo flags [T][R]) (one sync)."""
+    def __call__(self) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
+        """Replay with the host buffers' contents; returns (tokens [T][R], redraw flags [T][R],
+        head miss flags [T][R]) (one sync)."""
         self.ints.copy_(self.host_ints, non_blocking=True)
         self.floats.copy_(self.host_floats, non_blocking=True)
         self.graph.replay()
-        out = self.out.tolist()
-        return [o[0] for o in out], [o[1] for o in out]
+        return self._split(self.out)
 
 
 #: The row-count hint the compiler tunes for while R is an unbacked size (a typical batch).
@@ -493,10 +575,12 @@ def choose_attention(decoder: FusedDecoder, device: torch.device, wanted: str,
 
 def build_steps(model, cache: StaticKVCache, row_buckets: list[int], length_buckets: list[int],
                 compile_: bool = True, log: Callable[[str], None] | None = None,
-                tokens: int = 1, attention: str = "matmul", single_steps: bool = False) -> tuple[dict, dict]:
+                tokens: int = 1, attention: str = "matmul", single_steps: bool = False,
+                head_from: int = 0) -> tuple[dict, dict]:
     """Fuse, compile and capture every bucket (`tokens` steps per replay); returns
     ({(rows, length): FastStep}, stats). single_steps: each bucket also gets the one-step form as
     its `.single` (replayed for the last tokens before a streamed first chunk, `tts.spark.decode`).
+    head_from > 0: the speech head from that id (module docstring); 0: the whole LM head.
     On a CPU cache: the fused steps uncompiled and without graphs (`EagerFusedStep`, for tests)."""
     t0 = time.perf_counter()
     decoder = getattr(model, "_fused_decoder", None)  # one per model: later batches share its weights
@@ -506,12 +590,13 @@ def build_steps(model, cache: StaticKVCache, row_buckets: list[int], length_buck
     with torch.no_grad():
         chosen = choose_attention(decoder, cache.k.device, attention, log)
     if cache.k.device.type != "cuda":
-        steps = {(r, n): EagerFusedStep(decoder, cache, r, n, tokens) for r in row_buckets for n in length_buckets}
+        steps = {(r, n): EagerFusedStep(decoder, cache, r, n, tokens, head_from=head_from)
+                 for r in row_buckets for n in length_buckets}
         if single_steps:
             for (r, n), step in steps.items():
-                step.single = EagerFusedStep(decoder, cache, r, n, 1)
+                step.single = EagerFusedStep(decoder, cache, r, n, 1, head_from=head_from)
         return steps, {"compiled": False, "graphs": 0, "tokens_per_replay": tokens, "single_steps": single_steps,
-                       **chosen}
+                       "head_from": head_from, **chosen}
     pool = torch.cuda.graph_pool_handle()
     step_s: dict[str, float] = {}  # each bucket's build; the compiles happen inside the first ones
 
@@ -521,9 +606,9 @@ def build_steps(model, cache: StaticKVCache, row_buckets: list[int], length_buck
         for r in sorted(row_buckets, reverse=True):
             for n in sorted(length_buckets, reverse=True):
                 t_step = time.perf_counter()
-                built[r, n] = FastStep(forward, cache, r, n, pool, tokens)
+                built[r, n] = FastStep(decoder, cache, r, n, pool, tokens, forward, head_from)
                 if single_steps:
-                    built[r, n].single = FastStep(forward, cache, r, n, pool, 1)
+                    built[r, n].single = FastStep(decoder, cache, r, n, pool, 1, forward, head_from)
                 step_s[f"{r}x{n}"] = round(time.perf_counter() - t_step, 2)
         return built
 
@@ -554,6 +639,7 @@ def build_steps(model, cache: StaticKVCache, row_buckets: list[int], length_buck
         stats["capture_errors"] = errors
     slow = {k: v for k, v in step_s.items() if v >= 1.0}  # where start-up goes: builds that compiled
     stats.update(graphs=len(steps) * (2 if single_steps else 1), tokens_per_replay=tokens, single_steps=single_steps,
+                 head_from=head_from,
                  build_s=round(time.perf_counter() - t0, 2), **chosen, slow_buckets_s=slow,
                  other_buckets_s=round(sum(v for v in step_s.values() if v < 1.0), 2))
     if log:

@@ -158,9 +158,10 @@ class SparkPipeline:
             from tts.spark.trtllm import TrtllmBatch
 
             return TrtllmBatch(self.llm_transport, max_batch, max_seq_len)
-        from tts.spark.decode import DecodeBatch
+        from tts.spark.decode import DecodeBatch, speech_head_from
 
-        return DecodeBatch(self.llm, max_batch, max_seq_len, self.cuda_graphs)
+        return DecodeBatch(self.llm, max_batch, max_seq_len, self.cuda_graphs,
+                           head_from=speech_head_from(self.tokenizer.speech_ids_from))
 
     # ---- vocoder ---------------------------------------------------------------------------------------------
     def vocode(self, global_tokens, semantic_tokens) -> np.ndarray:

@@ -59,6 +59,7 @@ class RequestState:
         self.semantic_count = 0
         self.prompt_tokens = 0
         self.prefill_ms = 0.0
+        self.head_misses = 0  # decode steps redrawn over the whole vocabulary (speech-head misses)
         self.decode_ms = 0.0
         self.prep_ms: float | None = None  # the pipeline's preparation (reference tokens, prompt), ms
         self.first_token_ms: float | None = None  # from `started` to the first generated token, ms
@@ -128,6 +129,7 @@ class RequestState:
         """A segment's LLM call finished; in voice creation the voice must be complete by now."""
         self.finish_reasons.append(seq.finish_reason)
         self.prefill_ms += seq.prefill_s * 1000
+        self.head_misses += seq.head_misses
         if seq.finish_reason == "cache":
             self.notes.append(f"segment {self.segment + 1} stopped at the decoder's context limit")
         if self.global_tokens is not None:
@@ -171,7 +173,7 @@ class RequestState:
             out.update(reference_s=round(self.reference.seconds, 3), prompt_cache_hit=self.reference.cache_hit,
                        reference_tokens=int(len(self.reference.semantic_tokens)))
         if final:
-            out["finish_reasons"] = list(self.finish_reasons)
+            out.update(finish_reasons=list(self.finish_reasons), head_misses=self.head_misses)
         if extra:
             out.update(extra)
         return out

@@ -52,6 +52,10 @@ class SparkTokenizer:
         if not ends:
             raise ValueError(f"{llm_dir}: no end-of-sequence token found (config eos_token_id, <|im_end|>)")
         self.end_ids = tuple(sorted(ends))
+        #: The lowest id a generation keeps or ends on (end, global and semantic tokens): upstream's
+        #: vocabulary puts them, Qwen's specials and Spark's markers after every text token, so the
+        #: decode step's speech head covers ids from here on (`tts.spark.fast_step`).
+        self.speech_ids_from = int(min(min(self.end_ids), self.semantic_ids.min(), self.global_ids.min()))
 
     def _ids(self, name_of, count: int) -> np.ndarray:
         ids = np.empty(count, dtype=np.int64)
