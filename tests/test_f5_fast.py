@@ -166,10 +166,10 @@ def test_fused_gelu_switch(tmp_path):
 
 
 def test_capture_warmup_choice():
-    """STUDIO_F5_CAPTURE_WARMUP: every bucket warmed before its capture (default), or only the first
-    (largest) bucket of each batch size in capture order."""
-    assert F.fast_options_from_env(env={}).capture_warmup == "all"
-    assert F.fast_options_from_env(env={F.CAPTURE_WARMUP_ENV: "First"}).capture_warmup == "first"
+    """STUDIO_F5_CAPTURE_WARMUP: only the first (largest) bucket of each batch size in capture order
+    warmed before its capture (default), or every bucket."""
+    assert F.fast_options_from_env(env={}).capture_warmup == "first" == F.FastOptions().capture_warmup
+    assert F.fast_options_from_env(env={F.CAPTURE_WARMUP_ENV: "All"}).capture_warmup == "all"
     with pytest.raises(ValueError, match=F.CAPTURE_WARMUP_ENV):
         F.fast_options_from_env(env={F.CAPTURE_WARMUP_ENV: "none"})
     with pytest.raises(ValueError, match="capture_warmup"):

@@ -131,7 +131,8 @@ from tts.spark import attention_kernel as AK
 worst = 0.0
 for kw in (dict(), dict(length=64, rows=2), dict(length=1, rows=1), dict(heads=4, kv=2, d=16, length=130, rows=4),
            dict(heads=4, kv=2, d=8, length=70, rows=3),
-           dict(length=200, positions=200, rows=1)):
+           dict(length=200, positions=200, rows=1),
+           dict(heads=4, kv=2, d=16, length=2200, positions=2300, rows=2)):
     q, k, v, keys, values, cached = _inputs(**kw)
     scale = q.shape[-1] ** -0.5
     out = AK.decode_attention(q, k, v, keys, values, cached, scale)
@@ -145,7 +146,8 @@ def test_kernels_under_the_triton_interpreter():
     """The two kernels equal the reference (float32) under Triton's CPU interpreter, where Triton
     is installed (CUDA builds of torch bring it; the CPU CI does not install it, ~1 GB): full,
     partial, single-key and empty rows, a length that is not a multiple of the split, a length
-    equal to the cache's, and other head shapes (a head width of 8, padded to tl.dot's 16, is the
+    equal to the cache's, one past what `combine` loads at once (COMBINE_SPLITS splits), and other
+    head shapes (a head width of 8, padded to tl.dot's 16, is the
     tests' demo LLM's). A child process: the interpreter must be chosen
     before Triton is first imported."""
     pytest.importorskip("triton")

@@ -68,6 +68,21 @@ def test_candidate_cut_matches_the_whole_vocabulary():
         assert all(t != END[0] for t in (toks[2], toks[6]))  # end token banned before min_new_tokens
 
 
+@pytest.mark.parametrize("width", [3000, FS.TWO_STAGE_WIDTHS[0], 14357, 40000])
+def test_top_candidates_are_topks_values(width):
+    """The two-stage selection (speech-head widths) keeps torch.topk's values, with ties and with
+    -inf columns, and points at distinct columns holding them."""
+    g = torch.Generator().manual_seed(width)
+    x = torch.randn(4, width, generator=g) * 3
+    x[1] = torch.randint(0, 4, (width,), generator=g).float()  # thousands of ties at the cut
+    x[2, : width - 10] = float("-inf")  # fewer finite values than candidates
+    vals, idx = FS.top_candidates(x, FS.N_CAND)
+    ref, _ = torch.topk(x, FS.N_CAND)
+    assert torch.equal(vals.sort(-1).values, ref.sort(-1).values)
+    assert torch.equal(x.gather(1, idx), vals) and int(idx.max()) < width
+    assert all(len(set(row)) == FS.N_CAND for row in idx[[0, 1, 3]].tolist())
+
+
 def test_greedy_rows_and_masked_end_rows():
     logits = torch.tensor([[0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 9.0]] * 2)
     seqs = [Sequence([1], SamplingParams(top_k=1, min_new_tokens=2), END, seed=0),  # end token masked
@@ -219,6 +234,20 @@ def test_single_step_replays_up_to_a_first_chunk_keep_the_tokens(llm, due_at):
         assert short == 2 and counts[:6] == [1, 5, 9, 10, 11, 15]
     else:  # due after the prefill's token: one single step, then replays of four
         assert short == 1 and counts[:3] == [1, 2, 6]
+
+
+def test_speech_head_setting_and_alignment(monkeypatch):
+    """The head starts at the first special token rounded down to HEAD_ALIGN rows (151643 ->
+    151640: the other rows' product gets an aligned width); "0" turns it off; nonsense is refused."""
+    from tts.spark.decode import HEAD_ALIGN, SPEECH_HEAD_ENV, speech_head_from
+
+    monkeypatch.delenv(SPEECH_HEAD_ENV, raising=False)
+    assert speech_head_from(151643) == 151640 and 151640 % HEAD_ALIGN == 0 and speech_head_from(256) == 256
+    monkeypatch.setenv(SPEECH_HEAD_ENV, "0")
+    assert speech_head_from(151643) == 0
+    monkeypatch.setenv(SPEECH_HEAD_ENV, "perhaps")
+    with pytest.raises(ValueError, match=SPEECH_HEAD_ENV):
+        speech_head_from(151643)
 
 
 def test_align_first_chunk_setting(monkeypatch, llm):

@@ -5,8 +5,8 @@
 #   bash tools/gpu_bench.sh f5-serve,spark-step  # F5 end to end (fast + eager server) and the Spark step bench
 #   SWEEP_FP8=1 SWEEP_LOOP_OFF=1 bash tools/gpu_bench.sh f5-serve  # ... plus the fast server with FP8 products
 #                                           # (label fast_fp8) and without the engine thread (label loop_off)
-#   SWEEP_WARM_FIRST=1 bash tools/gpu_bench.sh f5-serve  # ... plus the fast server warming only the first
-#                                           # bucket of each batch size before capture (label warm_first)
+#   SWEEP_WARM_ALL=1 bash tools/gpu_bench.sh f5-serve  # ... plus the fast server warming every bucket
+#                                           # before capture (label warm_all; the default warms the first of each batch size)
 #   bash tools/gpu_bench.sh spark-serve     # Spark end to end (fast + eager server)
 #   bash tools/gpu_bench.sh offline         # F5 offline (16 and 32 NFE) and Spark offline c=1,16 + streaming c=1,8
 #   bash tools/gpu_bench.sh f5-step-profile # where one F5 ODE step's time goes (kernels, attention backends)

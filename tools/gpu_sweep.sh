@@ -22,10 +22,10 @@
 # the restart is a second start of the fast server on the same data folder: start-up with a warm compile cache),
 # SWEEP_FP8=1 (add the fast server with FP8 products, STUDIO_F5_FP8=1: offline c=1,8 under the label fast_fp8),
 # SWEEP_LOOP_OFF=1 (add the fast server without the engine's continuous batching, on by default on a GPU,
-# STUDIO_F5_ENGINE_LOOP=0: label loop_off), SWEEP_WARM_FIRST=1 (add the fast server warming only each batch
-# size's first bucket before capture, STUDIO_F5_CAPTURE_WARMUP=first: label warm_first; its start-up compares
-# with fast-restart's, both on a warm compile cache), SWEEP_GATHER_OFF=1 (add the fast server whose engine
-# starts each batch on whatever is ready, STUDIO_F5_ENGINE_GATHER_MS=0: label gather_off),
+# STUDIO_F5_ENGINE_LOOP=0: label loop_off), SWEEP_WARM_ALL=1 (add the fast server warming every bucket
+# before capture, STUDIO_F5_CAPTURE_WARMUP=all: label warm_all; its start-up compares with fast-restart's,
+# both on a warm compile cache), SWEEP_GATHER_ON=1 (add the fast server whose engine waits up to 20 ms
+# after a batch for every request in flight, STUDIO_F5_ENGINE_GATHER_MS=20: label gather_on),
 # SWEEP_VARIANT_NEED_S (budget a variant needs left to start; default 150).
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -231,8 +231,8 @@ variant() { # variant LABEL VAR=VALUE
 }
 [[ ${SWEEP_FP8:-0} != 0 ]] && variant fast_fp8 STUDIO_F5_FP8=1
 [[ ${SWEEP_LOOP_OFF:-0} != 0 ]] && variant loop_off STUDIO_F5_ENGINE_LOOP=0
-[[ ${SWEEP_WARM_FIRST:-0} != 0 ]] && variant warm_first STUDIO_F5_CAPTURE_WARMUP=first
-[[ ${SWEEP_GATHER_OFF:-0} != 0 ]] && variant gather_off STUDIO_F5_ENGINE_GATHER_MS=0
+[[ ${SWEEP_WARM_ALL:-0} != 0 ]] && variant warm_all STUDIO_F5_CAPTURE_WARMUP=all
+[[ ${SWEEP_GATHER_ON:-0} != 0 ]] && variant gather_on STUDIO_F5_ENGINE_GATHER_MS=20
 
 # -- d. the eager server (the CPU code path on CUDA) ---------------------------------------------------
 if [[ ${SWEEP_EAGER:-1} != 0 ]] && time_left 100 && start_server eager 0; then

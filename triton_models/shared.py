@@ -446,7 +446,8 @@ def bounded_responses(bls, decoupled: bool, engine: str, folder, deadline: float
     (DeadlineExceeded), and every CancelCheck.POLL_S whether the client went away (`check`, which
     tells the engine; the engine then ends the stream). A helper left blocked on a dead engine's
     iterator stays parked; the instance itself is free for the next request. `folder` None: no
-    liveness check."""
+    liveness check. The caller must not send responses of its own while iterating (`pump_responses`
+    says why and forwards instead)."""
     import queue
     import threading
 
@@ -461,33 +462,79 @@ def bounded_responses(bls, decoupled: bool, engine: str, folder, deadline: float
             answers.put(exc)
         answers.put(done)
 
-    # The engine's stubs as they are now: a reload replaces the records, but this request stays with
-    # the processes that took it (a replaced engine's stub is stopped after the reload).
-    serving = engine_records(folder, engine) if folder is not None else {}
+    on_timeout = _wait_checks(engine, folder, deadline, check)
     threading.Thread(target=pump, daemon=True, name=f"bls-{engine}").start()
     wait_s = CancelCheck.POLL_S if check is not None else LIVENESS_POLL_S
-    next_liveness = time.monotonic() + LIVENESS_POLL_S
     while True:
         try:
             item = answers.get(timeout=wait_s)
         except queue.Empty:
-            if check is not None:
-                check.poll()
-            if time.monotonic() < next_liveness:
-                continue
-            next_liveness = time.monotonic() + LIVENESS_POLL_S
-            # (an engine that records no stubs, e.g. another runtime's, is waited on without this check)
-            dead = [name for name, (pid, start) in serving.items() if process_start_time(pid) != start]
-            if dead:
-                raise EngineDied(dead_stub_message(dead)) from None
-            if time.monotonic() > deadline:
-                raise DeadlineExceeded() from None
+            on_timeout()
             continue
         if item is done:
             return
         if isinstance(item, Exception):
             raise item
         yield item
+
+
+def pump_responses(bls, on_response, engine: str, folder, deadline: float, check: "CancelCheck | None" = None) -> None:
+    """Iterate the BLS request's (decoupled) responses on a helper thread and hand each to
+    `on_response` on that same thread (it returns False to stop early); this thread waits with the
+    checks of `bounded_responses` and re-raises what the helper raised.
+
+    Why the forwarding happens on the iterating thread: with tritonserver 2.51's Python backend, a
+    stub whose main thread sent responses while another thread iterated a BLS response stream
+    corrupted its heap and died ("double free or corruption", "malloc(): unsorted double linked list
+    corrupted", then "Stub process ... is not healthy"). Reproduced on a CPU with a thread sending
+    30 chunks back to back per request to 8 concurrent streaming fronts: the stub died within ~30 s
+    with or without the cancel checks; iterating and sending on one thread ran clean. This was the
+    mid-request death of streaming fronts seen on the H100s (F5 and Spark)."""
+    import threading
+
+    finished = threading.Event()
+    failure: list[BaseException] = []
+
+    def pump():
+        try:
+            for response in bls.exec(decoupled=True):
+                if on_response(response) is False:
+                    break
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+            failure.append(exc)
+        finally:
+            finished.set()
+
+    on_timeout = _wait_checks(engine, folder, deadline, check)
+    threading.Thread(target=pump, daemon=True, name=f"bls-{engine}").start()
+    wait_s = CancelCheck.POLL_S if check is not None else LIVENESS_POLL_S
+    while not finished.wait(wait_s):
+        on_timeout()
+    if failure:
+        raise failure[0]
+
+
+def _wait_checks(engine: str, folder, deadline: float, check: "CancelCheck | None"):
+    """What a front does each time its wait on an engine times out: poll `check`, and every
+    LIVENESS_POLL_S raise EngineDied if a stub serving the engine now (taken here, before the
+    request goes out: a reload replaces the records, but this request stays with the processes that
+    took it) is gone, DeadlineExceeded past `deadline`. An engine that records no stubs (e.g.
+    another runtime's) is waited on without the liveness check."""
+    serving = engine_records(folder, engine) if folder is not None else {}
+    next_liveness = [time.monotonic() + LIVENESS_POLL_S]
+
+    def on_timeout() -> None:
+        if check is not None:
+            check.poll()
+        if time.monotonic() < next_liveness[0]:
+            return
+        next_liveness[0] = time.monotonic() + LIVENESS_POLL_S
+        dead = [name for name, (pid, start) in serving.items() if process_start_time(pid) != start]
+        if dead:
+            raise EngineDied(dead_stub_message(dead)) from None
+        if time.monotonic() > deadline:
+            raise DeadlineExceeded() from None
+    return on_timeout
 
 
 def deadline_message(engine: str) -> str:
@@ -606,10 +653,16 @@ def stream_front(pb_utils, request, engine: str, input_names: list[str], extra: 
                  on_cancel=None, stubs=None) -> None:
     """Forward a decoupled engine's chunk responses; audio responses never carry the final flag.
 
-    When the client closes its stream, `on_cancel()` tells the engine (BLS response-iterator
-    cancel is newer than tritonserver 2.51) and forwarding stops. With `stubs` the waits are
-    bounded as in `offline_front` (a dead engine ends the stream with its dead-stub message).
+    The engine's responses are forwarded on the thread that iterates them (`pump_responses`: a
+    send from this thread meanwhile corrupted the stub's heap); this thread only sends once that
+    thread is done, or when the wait ends without it (a dead engine, the deadline; `closed` then
+    stops any later forward). When the client closes its stream, `on_cancel()` tells the engine
+    (BLS response-iterator cancel is newer than tritonserver 2.51) and forwarding stops. With
+    `stubs` the waits are bounded as in `offline_front` (a dead engine ends the stream with its
+    dead-stub message).
     """
+    import threading
+
     final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
     sender = request.get_response_sender()
     inputs = forward_inputs(pb_utils, request, input_names) + (extra or [])
@@ -617,34 +670,49 @@ def stream_front(pb_utils, request, engine: str, input_names: list[str], extra: 
     bls = pb_utils.InferenceRequest(model_name=engine, inputs=inputs, requested_output_names=["waveform", "info"])
     t0 = time.perf_counter()
     arrivals, sends = [], []
+    lock = threading.Lock()
+    state = {"closed": False}
+    watch = CancelCheck(request, on_cancel)
+
+    def forward(response) -> bool:
+        arrivals.append(ms_since(t0))
+        with lock:
+            if state["closed"] or watch.fired:
+                return False
+            if response.has_error():
+                state["closed"] = True
+                sender.send(forward_error(pb_utils, response.error()), flags=final)
+                return False
+            wav, info = response_audio(pb_utils, response)
+            if wav is not None:
+                t_send = time.perf_counter()
+                sender.send(audio_response(pb_utils, wav, info))
+                sends.append(ms_since(t_send))
+        return True
+
+    def close(response=None) -> None:
+        with lock:
+            if state["closed"]:
+                return
+            state["closed"] = True
+        try:
+            sender.send(response, flags=final) if response is not None else sender.send(flags=final)
+        except Exception:  # noqa: BLE001 - the client may already be gone (cancelled)
+            pass
+
     try:
-        watch = CancelCheck(request, on_cancel)
         with BusyMarker():
-            for response in _responses(bls, engine, stubs, watch):
-                arrivals.append(ms_since(t0))
-                if watch.poll():
-                    break
-                if response.has_error():
-                    sender.send(forward_error(pb_utils, response.error()), flags=final)
-                    return
-                wav, info = response_audio(pb_utils, response)
-                if wav is not None:
-                    t_send = time.perf_counter()
-                    sender.send(audio_response(pb_utils, wav, info))
-                    sends.append(ms_since(t_send))
+            pump_responses(bls, forward, engine, stubs, request_deadline(), watch)
     except EngineDied as exc:
-        sender.send(error_response(pb_utils, f"{engine} stopped while serving this request: {exc}"), flags=final)
+        close(error_response(pb_utils, f"{engine} stopped while serving this request: {exc}"))
         return
     except DeadlineExceeded:
         if on_cancel is not None:
             _quietly(on_cancel)
-        sender.send(error_response(pb_utils, deadline_message(engine)), flags=final)
+        close(error_response(pb_utils, deadline_message(engine)))
         return
     except Exception as exc:  # noqa: BLE001 - one bad request must not take the instance down
-        sender.send(error_response(pb_utils, f"streaming failed: {exc}"), flags=final)
+        close(error_response(pb_utils, f"streaming failed: {exc}"))
         return
-    try:
-        sender.send(flags=final)
-    except Exception:  # noqa: BLE001 - the client may already be gone (cancelled)
-        pass
+    close()
     timing_log(f"{engine}:stream_front", arrivals=arrivals, sends=sends, total=ms_since(t0))

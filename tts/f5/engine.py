@@ -177,14 +177,13 @@ class Sink(Protocol):
 
 
 #: When a batch ends with n requests in flight (its own and those that waited meanwhile), the next
-#: batch waits up to this long (from that end) while fewer than n are ready: the finished requests'
-#: clients send their next ones a few ms later, and a batch started on the first arrivals leaves the
-#: rest for another batch after it (H100, c=8, 16 NFE: batches of 7 and 1 in turn, rtf 0.0083; with
-#: "wait for the last batch's size" 2 and 6 in turn, 0.0075; batches of 8 gave 0.0071). On an H100 a
-#: client's next request reached the engine ~15 ms after its answer left (c=1: a 62.7 ms cycle
-#: around a 47.5 ms batch), hence 20 ms. One request at a time never waits (n = 1).
-#: STUDIO_F5_ENGINE_GATHER_MS overrides it (0: start on whatever is ready).
-GATHER_S = 0.020
+#: batch may wait up to this long (from that end) while fewer than n are ready, to batch them all.
+#: Off by default: in one H100 call (commit d8dbe1e, 16 NFE, c=8, 24 requests) starting on whatever
+#: had arrived gave batches of 7 and 1 in turn, the GPU busy 93 % of the time, rtf 0.0069; waiting
+#: 20 ms gave batches of 4-8 with the GPU idle while it waited (85-88 % busy), rtf 0.0072-0.0079.
+#: The batch of one runs while the seven answers travel and their next requests come back.
+#: STUDIO_F5_ENGINE_GATHER_MS sets a wait (milliseconds, up to 1000).
+GATHER_S = 0.0
 GATHER_ENV = "STUDIO_F5_ENGINE_GATHER_MS"
 
 

@@ -82,12 +82,13 @@ CONV_PROBE_FRAMES = 2 * 1280
 CONV_AGREE_TOL = 2e-2
 MODES = ("off", "eager", "graph", "compile")
 #: Which buckets run once uncaptured before their capture (lazy initialisation, kernel specialisation):
-#: "all" (every bucket: safe, the default), or "first" (the first, largest, bucket of each batch size;
-#: a capture that then fails is warmed and retried). On the host a warm-up costs about what a capture
-#: does (Python launches through 22 blocks), and capture is most of a warm start (21.4 of 38.1 s on an
-#: H100), so "first" is the candidate for the warm-start target; not measured on a GPU yet.
+#: "first" (the first, largest, bucket of each batch size; a capture that then fails is warmed and
+#: retried; the default) or "all" (every bucket). On the host a warm-up costs about what a capture
+#: does (Python launches through 22 blocks): in one H100 call (commit d8dbe1e) a start on a warm
+#: compile cache took 22.6 s with "first" (capture 10.1 s) against 29.5 s with "all" (14.8 s), same
+#: speed afterwards (offline c=1 rtf 0.0118 against 0.0118-0.0123).
 CAPTURE_WARMUP_ENV = "STUDIO_F5_CAPTURE_WARMUP"
-CAPTURE_WARMUP_CHOICES = ("all", "first")
+CAPTURE_WARMUP_CHOICES = ("first", "all")  # the first is the default
 #: Env values that switch the fast path off / pick the default mode.
 OFF_VALUES = ("0", "off", "false", "no")
 DEFAULT_VALUES = ("", "1", "on", "true", "yes", "auto")
@@ -141,7 +142,7 @@ class FastOptions:
     fp8: bool = False  # the DiT blocks' large products in FP8 (`tts.f5.fp8`), where the device has FP8 tensor cores
     attention: str = "auto"  # packed attention kernel on CUDA: "auto" (the faster, measured at start-up), "flash", "cudnn"
     conv: str = "auto"  # position convolutions on CUDA: "auto" (the Triton kernel if it runs and agrees), "kernel", "matmul"
-    capture_warmup: str = "all"  # which buckets are warmed before their capture: CAPTURE_WARMUP_CHOICES
+    capture_warmup: str = "first"  # which buckets are warmed before their capture: CAPTURE_WARMUP_CHOICES
     #: length buckets of batches of more than FINE_LENGTH_MAX_BATCH items (None: `length_buckets`);
     #: `fast_options_from_env` sets DEFAULT_LARGE_BATCH_LENGTH_BUCKETS. Same largest bucket.
     large_batch_length_buckets: tuple[int, ...] | None = None

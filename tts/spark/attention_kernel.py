@@ -9,7 +9,7 @@ a 24-layer step at one row, each a few microseconds of mostly idle GPU. Here:
 1. `partials`: program (row r, KV head g, split s) takes keys [s*CHUNK, (s+1)*CHUNK) of slot r
    that `cached[r]` marks, for the REP query heads sharing g: scores q.k * scale in float32, and
    the split's running max m, sum of exponentials l and weighted value sum acc (online softmax);
-2. `combine`: program (r, g) merges the splits with the new key's score and value:
+2. `combine`: program (r, query head) merges the splits with the new key's score and value:
 
        out = (sum_s e^(m_s - M) acc_s + e^(x_new - M) v_new) / (sum_s e^(m_s - M) l_s + e^(x_new - M))
 
@@ -40,6 +40,11 @@ from tts.triton_kernels import can_run
 #: 1,000-key bucket is then 16 splits x 2 KV heads = 32 programs, each a single block: the step is
 #: latency-bound, so more programs with one load each beat fewer looping ones.
 CHUNK = 64
+#: Splits `combine` loads at once: one load of each up to 32 x CHUNK = 2,048 keys. A program per
+#: query head (14 at one row) instead of one per KV head looping over the splits one at a time: that
+#: form took ~11 us a layer at one row (H100, `spark-step` profile, 0.27 ms of a 1.4 ms step), its
+#: two programs waiting on a chain of dependent loads.
+COMBINE_SPLITS = 32
 #: Query heads per KV head padded to tl.dot's smallest tile (Qwen2.5-0.5B has 7).
 REP_PAD = 16
 NUM_WARPS = 4
@@ -85,34 +90,38 @@ def _kernels():
     @triton.jit
     def combine(q_ptr, q_sr, q_sh, kn_ptr, kn_sr, kn_sh, vn_ptr, vn_sr, vn_sh, m_ptr, l_ptr, acc_ptr,
                 out_ptr, n_split, scale, KV: tl.constexpr, REP: tl.constexpr, RP: tl.constexpr,
-                D: tl.constexpr, DP: tl.constexpr, NSPLIT: tl.constexpr):
-        rg = tl.program_id(0)
+                D: tl.constexpr, DP: tl.constexpr, NSPLIT: tl.constexpr, SB: tl.constexpr):
+        pid = tl.program_id(0)  # (row, KV head, query head of the group)
+        rg = pid // REP
+        h = pid % REP
         r = rg // KV
         g = rg % KV
-        hi = tl.arange(0, RP)
+        head = g * REP + h
         d = tl.arange(0, DP)
         dm = d < D
-        heads = g * REP + hi
-        live = hi < REP
-        q = tl.load(q_ptr + r * q_sr + heads[:, None] * q_sh + d[None, :], mask=live[:, None] & dm[None, :],
-                    other=0.0)
+        q = tl.load(q_ptr + r * q_sr + head * q_sh + d, mask=dm, other=0.0).to(tl.float32)
         kn = tl.load(kn_ptr + r * kn_sr + g * kn_sh + d, mask=dm, other=0.0).to(tl.float32)
         vn = tl.load(vn_ptr + r * vn_sr + g * vn_sh + d, mask=dm, other=0.0).to(tl.float32)
-        x_new = tl.sum(q.to(tl.float32) * kn[None, :], axis=1) * scale  # [RP]
+        x_new = tl.sum(q * kn, axis=0) * scale
+        sb = tl.arange(0, SB)
         big = x_new
-        for s in range(0, n_split):
-            big = tl.maximum(big, tl.load(m_ptr + (rg * NSPLIT + s) * RP + hi))
+        for s0 in range(0, n_split, SB):  # SB splits a load: one iteration up to SB * CHUNK keys
+            s = s0 + sb
+            ms = tl.load(m_ptr + (rg * NSPLIT + s) * RP + h, mask=s < n_split, other=float("-inf"))
+            big = tl.maximum(big, tl.max(ms, axis=0))
         w_new = tl.exp(x_new - big)
         den = w_new
-        num = w_new[:, None] * vn[None, :]
-        for s in range(0, n_split):
-            at = (rg * NSPLIT + s) * RP + hi
-            w = tl.exp(tl.load(m_ptr + at) - big)  # exp(-inf) = 0 for a split with no cached key
-            den += w * tl.load(l_ptr + at)
-            num += w[:, None] * tl.load(acc_ptr + at[:, None] * DP + d[None, :])
-        out = num / den[:, None]
-        tl.store(out_ptr + (r * KV * REP + heads)[:, None] * D + d[None, :], out.to(out_ptr.dtype.element_ty),
-                 mask=live[:, None] & dm[None, :])
+        num = w_new * vn
+        for s0 in range(0, n_split, SB):
+            s = s0 + sb
+            live = s < n_split
+            at = (rg * NSPLIT + s) * RP + h
+            w = tl.exp(tl.load(m_ptr + at, mask=live, other=float("-inf")) - big)  # 0 for a split with no key
+            den += tl.sum(w * tl.load(l_ptr + at, mask=live, other=0.0), axis=0)
+            acc = tl.load(acc_ptr + at[:, None] * DP + d[None, :], mask=live[:, None], other=0.0)
+            num += tl.sum(w[:, None] * acc, axis=0)
+        out = num / den
+        tl.store(out_ptr + (r * KV * REP + head) * D + d, out.to(out_ptr.dtype.element_ty), mask=dm)
 
     return triton, partials, combine
 
@@ -163,9 +172,9 @@ def decode_attention(q: Tensor, k_new: Tensor, v_new: Tensor, keys: Tensor, valu
                                 keys.stride(2), cached, cached.stride(0), length, m, l_sum, acc, scale, KV=kv,
                                 REP=h // kv, RP=REP_PAD, D=d, DP=dp, BLOCK=CHUNK, NSPLIT=nsplit, PRECISION=precision,
                                 num_warps=NUM_WARPS)
-    combine[(r * kv,)](q, q.stride(0), q.stride(1), k_new, k_new.stride(0), k_new.stride(1), v_new,
-                       v_new.stride(0), v_new.stride(1), m, l_sum, acc, out, n_split, scale, KV=kv, REP=h // kv,
-                       RP=REP_PAD, D=d, DP=dp, NSPLIT=nsplit, num_warps=NUM_WARPS)
+    combine[(r * h,)](q, q.stride(0), q.stride(1), k_new, k_new.stride(0), k_new.stride(1), v_new,
+                      v_new.stride(0), v_new.stride(1), m, l_sum, acc, out, n_split, scale, KV=kv, REP=h // kv,
+                      RP=REP_PAD, D=d, DP=dp, NSPLIT=nsplit, SB=COMBINE_SPLITS, num_warps=NUM_WARPS)
     return out
 
 
