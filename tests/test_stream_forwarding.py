@@ -41,7 +41,8 @@ parameters [ { key: "project_root" value: { string_value: "%(root)s" } },
              { key: "run_id" value: { string_value: "%(run_id)s" } } ]
 """
 
-ENGINE = """
+#: Both models' start: the project on sys.path (the stub ignores PYTHONPATH), triton_models.shared.
+MODEL_START = """
 import json, queue, sys, threading
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -53,6 +54,14 @@ class TritonPythonModel:
         from triton_models import shared
 
         self.shared = shared
+        self.started()
+
+    def started(self):
+        pass
+"""
+
+ENGINE = MODEL_START + """
+    def started(self):
         self.jobs = queue.SimpleQueue()
         threading.Thread(target=self.loop, daemon=True).start()
 
@@ -85,18 +94,7 @@ parameters [ { key: "project_root" value: { string_value: "%(root)s" } },
              { key: "run_id" value: { string_value: "%(run_id)s" } } ]
 """
 
-FRONT = """
-import json, sys
-import triton_python_backend_utils as pb_utils
-
-
-class TritonPythonModel:
-    def initialize(self, args):
-        sys.path.insert(0, json.loads(args["model_config"])["parameters"]["project_root"]["string_value"])
-        from triton_models import shared
-
-        self.shared = shared
-
+FRONT = MODEL_START + """
     def execute(self, requests):
         for request in requests:
             self.shared.stream_front(pb_utils, request, "burst_engine", ["chunks"])
@@ -117,7 +115,7 @@ class BurstServer(TritonServer):
             folder = self.run_dir / "models" / name
             (folder / "1").mkdir(parents=True, exist_ok=True)
             (folder / "config.pbtxt").write_text(config % values)
-            (folder / "1" / "model.py").write_text(code % values if "%(" in code else code)
+            (folder / "1" / "model.py").write_text(code % values)
         self.models = ["burst_front", "burst_engine"]
 
 
