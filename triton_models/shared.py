@@ -243,14 +243,9 @@ def _cancelled(request) -> bool:
 
 
 class CancelCheck:
-    """Whether the client went away (`request.is_cancelled()`), asked on the front's own thread at
-    most every POLL_S while it waits on its engine (`bounded_responses`) and between responses;
-    calls `on_cancel` once when it finds out, so the engine drops the request.
-
-    No thread of its own (a watcher thread used to ask every 20 ms beside the main thread's sends).
-    It was a suspect when streaming fronts' stubs died mid-request on an H100; they went on dying
-    without it, and stopped (Spark, 48 of 48 streams) once the engines ended a stream with its last
-    chunk and the final flag in one message (f5_engine's `_Sink`). One thread fewer stays."""
+    """Whether the client went away (`request.is_cancelled()`), asked at most every POLL_S while a
+    front waits on its engine (`pump_responses`); calls `on_cancel` once when it finds out, so the
+    engine drops the request. Polled from one thread only (not thread-safe)."""
 
     POLL_S = 0.02
 
@@ -438,50 +433,15 @@ class DeadlineExceeded(RuntimeError):
     """A request ran past the request deadline (tts.limits)."""
 
 
-def bounded_responses(bls, decoupled: bool, engine: str, folder, deadline: float,
-                      check: "CancelCheck | None" = None):
-    """The BLS request's responses, but never a wait without end: the iterator runs in a helper
-    thread, and while no response comes this checks every LIVENESS_POLL_S that the engine's stubs
-    still live (EngineDied otherwise) and that `deadline` (time.monotonic) has not passed
-    (DeadlineExceeded), and every CancelCheck.POLL_S whether the client went away (`check`, which
-    tells the engine; the engine then ends the stream). A helper left blocked on a dead engine's
-    iterator stays parked; the instance itself is free for the next request. `folder` None: no
-    liveness check. The caller must not send responses of its own while iterating (`pump_responses`
-    says why and forwards instead)."""
-    import queue
-    import threading
-
-    answers: queue.SimpleQueue = queue.SimpleQueue()
-    done = object()
-
-    def pump():
-        try:
-            for response in bls.exec(decoupled=decoupled):
-                answers.put(response)
-        except Exception as exc:  # noqa: BLE001 - handed to the waiting thread
-            answers.put(exc)
-        answers.put(done)
-
-    on_timeout = _wait_checks(engine, folder, deadline, check)
-    threading.Thread(target=pump, daemon=True, name=f"bls-{engine}").start()
-    wait_s = CancelCheck.POLL_S if check is not None else LIVENESS_POLL_S
-    while True:
-        try:
-            item = answers.get(timeout=wait_s)
-        except queue.Empty:
-            on_timeout()
-            continue
-        if item is done:
-            return
-        if isinstance(item, Exception):
-            raise item
-        yield item
-
-
 def pump_responses(bls, on_response, engine: str, folder, deadline: float, check: "CancelCheck | None" = None) -> None:
     """Iterate the BLS request's (decoupled) responses on a helper thread and hand each to
-    `on_response` on that same thread (it returns False to stop early); this thread waits with the
-    checks of `bounded_responses` and re-raises what the helper raised.
+    `on_response` on that same thread (it returns False to stop early), but never wait without end:
+    this thread checks every LIVENESS_POLL_S that the engine's stubs still live (EngineDied
+    otherwise) and that `deadline` (time.monotonic) has not passed (DeadlineExceeded), and every
+    CancelCheck.POLL_S whether the client went away (`check`, which tells the engine; the engine
+    then ends the stream); it re-raises what the helper raised. A helper left blocked on a dead
+    engine's iterator stays parked; the instance itself is free for the next request. `folder`
+    None: no liveness check. `on_response` must not poll `check` (read `check.fired`).
 
     Why the forwarding happens on the iterating thread: with tritonserver 2.51's Python backend, a
     stub whose main thread sent responses while another thread iterated a BLS response stream
@@ -611,32 +571,36 @@ def _quietly(fn) -> None:
         print(f"[front] cancel failed: {exc}", flush=True)
 
 
-def _responses(bls, engine, stubs, check: CancelCheck):
-    return bounded_responses(bls, True, engine, stubs, request_deadline(), check)
-
-
 def _offline_front(pb_utils, request, engine, input_names, join, extra, stubs, watch):
     t0 = time.perf_counter()
     arrivals = []
     inputs = forward_inputs(pb_utils, request, input_names) + (extra or [])
     inputs.append(pb_utils.Tensor("streaming", np.array([[False]], dtype=bool)))
     bls = pb_utils.InferenceRequest(model_name=engine, inputs=inputs, requested_output_names=["waveform", "info"])
-    chunks, overlaps, info, whole = [], [], None, None
-    for response in _responses(bls, engine, stubs, watch):
+    chunks, overlaps = [], []
+    got: dict = {"info": None, "whole": None, "error": None}
+
+    def collect(response) -> bool:  # on the iterating thread; nothing is sent until it is done
         arrivals.append(ms_since(t0))
-        if watch.poll():
-            return error_response(pb_utils, "the client went away; the request was cancelled")
+        if watch.fired:
+            return False
         if response.has_error():
-            return forward_error(pb_utils, response.error())
+            got["error"] = forward_error(pb_utils, response.error())
+            return False
         wav, chunk_info = response_audio(pb_utils, response)
-        if wav is None:
-            continue
-        chunks.append(wav)
-        overlaps.append(int(chunk_info.get("overlap_samples", 0)))
-        info = chunk_info
-        whole = response if chunk_info.get("final") and len(chunks) == 1 else None
+        if wav is not None:
+            chunks.append(wav)
+            overlaps.append(int(chunk_info.get("overlap_samples", 0)))
+            got["info"] = chunk_info
+            got["whole"] = response if chunk_info.get("final") and len(chunks) == 1 else None
+        return True
+
+    pump_responses(bls, collect, engine, stubs, request_deadline(), watch)
+    info, whole = got["info"], got["whole"]
     if watch.fired:
         return error_response(pb_utils, "the client went away; the request was cancelled")
+    if got["error"] is not None:
+        return got["error"]
     if info is None:
         return error_response(pb_utils, f"{engine} returned no audio")
     if whole is not None:  # the engine joined the request itself (F5): forward its tensors as they are

@@ -267,7 +267,8 @@ class F5Engine:
             with self._cv:
                 while not self._incoming and not waves.entries and not self._closed:
                     self._cv.wait()
-                self._gather(len(waves.entries))
+                if self.gather_s:
+                    self._gather(len(waves.entries))
                 if self._closed:
                     left = [item[3] for item in self._incoming] + [e.sink for e in waves.entries]
                     self._incoming.clear()
@@ -304,9 +305,10 @@ class F5Engine:
             waves.finish(batch, audio, ms, self._emit)
             # requests in flight as this batch ended: its own (back soon, finished or not) and those
             # that waited meanwhile; the next batch gathers that many (GATHER_S)
-            served = {id(e) for e in batch_members(batch)} | {id(e) for e in waves.entries}
-            with self._cv:
-                self._last_size, self._last_end = len(served) + len(self._incoming), time.perf_counter()
+            if self.gather_s:
+                served = {id(e) for e in batch_members(batch)} | {id(e) for e in waves.entries}
+                with self._cv:
+                    self._last_size, self._last_end = len(served) + len(self._incoming), time.perf_counter()
             if self.on_batch is not None:
                 self._call(self.on_batch, len(batch_members(batch)), len(batch), ms)
         for sink in left:

@@ -130,8 +130,7 @@ class _Sink:
     """One request's way back: offline requests get one response with the joined audio and the
     final flag together (one message through the stubs instead of one per chunk plus an empty final
     one, and no join in the front); streaming ones a response per chunk, the last one with the final
-    flag (on an H100, streaming fronts' stubs died mid-request while engines sent the last chunk and
-    an empty final response back to back from a thread of their own; see BENCHMARKS.md).
+    flag (one message fewer through the stubs than the chunk and an empty final response).
     Every way out removes the request's cancel marker."""
 
     def __init__(self, model: "TritonPythonModel", sender, streaming: bool, key: str):

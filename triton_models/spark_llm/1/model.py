@@ -93,7 +93,6 @@ class TritonPythonModel:
             info = dict(event.info, demo_weights=self.demo, overlap_samples=event.overlap_samples,
                         chunk_index=event.index, final=event.final)
             # the last chunk carries the final flag: one message, not the chunk and an empty final one
-            # back to back (see f5_engine's _Sink)
             sender.send(s.audio_response(pb_utils, event.wav, info), flags=final if event.final else 0)
 
     def execute(self, requests):
