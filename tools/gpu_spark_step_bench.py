@@ -121,9 +121,40 @@ def bench_batch(model, tok, name: str, slots: int, seq_len: int, prompt_len: int
         for seq in seqs:
             batch.drop(seq)
         out[f"{name}_head_misses_r{rows}"] = batch.head_misses  # cumulative over the row counts
+    if name == DEFAULT_FORM and batch.prefill is not None:
+        out["prefill_ms"] = time_prefills(batch, tok, device)
     del batch
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+#: Prompt lengths whose lone prefill (`DecodeBatch.add`: the prefill and the first token's sampling)
+#: is timed from the prefill graphs and eagerly: a ~3 s prompt clip's cloning prompt is ~400 tokens.
+PREFILL_LENGTHS = (200, 400, 1000)
+
+
+def time_prefills(batch: DecodeBatch, tok, device, reps: int = 7) -> dict:
+    """Median ms of one lone prompt's `add` (prefill + first token) per PREFILL_LENGTHS, with the
+    batch's prefill graphs and without them (the eager prefill)."""
+    gen = torch.Generator().manual_seed(5)
+    params = SamplingParams(max_new_tokens=NEVER_END, min_new_tokens=NEVER_END)
+    graphs, res = batch.prefill, {}
+    for n in PREFILL_LENGTHS:
+        ids = torch.randint(0, tok.speech_ids_from, (n,), generator=gen).tolist()
+        for label, prefill in (("graph", graphs), ("eager", None)):
+            batch.prefill = prefill
+            times = []
+            for _ in range(reps):
+                seq = Sequence(ids, params, end_ids=tok.end_ids, seed=0)
+                sync(device)
+                t0 = time.perf_counter()
+                batch.add(seq)
+                sync(device)
+                times.append((time.perf_counter() - t0) * 1000)
+                batch.drop(seq)
+            res[f"{label}_{n}"] = round(statistics.median(times[1:]), 3)
+    batch.prefill = graphs
+    return res
 
 
 def random_llm(folder: Path, tiny: bool, device, dtype):
@@ -198,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         misses = [out[k] for k in (f"{n}_head_misses_r{r}" for r in rows_list) if k in out]
         if FORMS[n][3] and misses:
             print(f"{n}: speech-head misses (cumulative over the row counts) {misses}")
+        if n == DEFAULT_FORM and "prefill_ms" in out:
+            print(f"{n}: one prompt's add (prefill + first token), ms: {out['prefill_ms']}")
         prof = out.get(f"{n}_profile_r1")
         if prof:
             print(f"{n} profile at one row: {prof[0]}; top kernels:")

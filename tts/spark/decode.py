@@ -25,6 +25,7 @@ import torch
 from tts.spark import fast_step as FS
 from tts.spark.kv_cache import SPARE_POSITIONS, StaticKVCache
 from tts.spark.llm import forward_prefill, forward_prefill_many, forward_step, new_cache
+from tts.spark.prefill_graphs import PREFILL_GRAPHS_ENV, PrefillGraphs
 from tts.switches import number_from_env, switch_from_env
 
 
@@ -241,7 +242,8 @@ class DecodeBatch:
 
     def __init__(self, model, max_batch: int, max_seq_len: int, cuda_graphs: bool | None = None,
                  fused: bool = False, log=None, tokens_per_replay: int | None = None,
-                 attention: str | None = None, align_first_chunk: bool | None = None, head_from: int = 0):
+                 attention: str | None = None, align_first_chunk: bool | None = None, head_from: int = 0,
+                 prefill_graphs: bool | None = None):
         """cuda_graphs: None = the fast path on CUDA as STUDIO_SPARK_FAST says (default compile +
         graphs), True = required, False = eager `forward_step`. fused=True on a CPU model runs the
         fused step without graphs (tests compare it with the eager step). tokens_per_replay: decode
@@ -250,7 +252,10 @@ class DecodeBatch:
         STUDIO_SPARK_ATTENTION, default DEFAULT_ATTENTION; see `ATTENTION_FORMS`). align_first_chunk:
         one-step replays up to a sequence's `tokens_due` (None = ALIGN_ENV, default on; only with
         more than one step a replay). head_from: the fast step's speech head starts at this id
-        (`tts.spark.fast_step`; 0 = the whole LM head; see `speech_head_from`)."""
+        (`tts.spark.fast_step`; 0 = the whole LM head; see `speech_head_from`). prefill_graphs: a
+        lone prompt's prefill from CUDA graphs (`tts.spark.prefill_graphs`; None = on with the fast
+        path on CUDA unless PREFILL_GRAPHS_ENV is 0; True on the CPU runs the same padded
+        prefill eagerly, for tests)."""
         self.model = model
         self.cache: StaticKVCache = new_cache(model, max_batch, max_seq_len)
         self.slots: list[Sequence | None] = [None] * max_batch
@@ -276,6 +281,11 @@ class DecodeBatch:
                                                     single_steps=align and self.tokens_per_replay > 1,
                                                     head_from=head_from)
         self.short_replays = 0  # one-step replays made for a first chunk (`tokens_due`)
+        self.prefill: PrefillGraphs | None = None
+        if prefill_graphs if prefill_graphs is not None else (on_cuda and mode != "off"
+                                                                and switch_from_env(PREFILL_GRAPHS_ENV)):
+            self.prefill = PrefillGraphs(model, self.cache)
+            self.stats.update(prefill_graphs=len(self.prefill.graphs), prefill_capture_s=self.prefill.capture_s)
         self._row_buckets = sorted({r for r, _ in self.steps})
         self._len_buckets = sorted({n for _, n in self.steps})
 
@@ -332,8 +342,11 @@ class DecodeBatch:
         done = []
         for group in groups:
             slots, free = free[:len(group)], free[len(group):]
-            logits = forward_prefill_many(self.model, self.cache, slots,
-                                          [torch.tensor(s.prompt_ids, dtype=torch.long) for s in group])
+            if len(group) == 1 and self.prefill is not None and self.prefill.fits(len(group[0].prompt_ids)):
+                logits = self.prefill(slots[0], group[0].prompt_ids).view(1, -1).clone()  # next group reuses it
+            else:
+                logits = forward_prefill_many(self.model, self.cache, slots,
+                                              [torch.tensor(s.prompt_ids, dtype=torch.long) for s in group])
             done.append((group, slots, logits))
         tokens = []
         for group, slots, logits in done:
@@ -355,7 +368,10 @@ class DecodeBatch:
         except ValueError:
             raise RuntimeError("no free decode slot") from None
         t0 = time.perf_counter()
-        logits = forward_prefill(self.model, self.cache, slot, torch.tensor(seq.prompt_ids, dtype=torch.long))
+        if self.prefill is not None and self.prefill.fits(len(seq.prompt_ids)):
+            logits = self.prefill(slot, seq.prompt_ids)
+        else:
+            logits = forward_prefill(self.model, self.cache, slot, torch.tensor(seq.prompt_ids, dtype=torch.long))
         seq.slot = slot
         self.slots[slot] = seq
         logits = logits.view(1, -1)
