@@ -294,6 +294,7 @@ def run_level(url: str, args, items, prompts, concurrency: int) -> dict:
             row[f"{key}_mean"] = round(float(np.mean(rates)), 4) if rates else None
         sims = [c.similarity for c in checked if c.similarity is not None]
         row["speaker_sim_mean"] = round(float(np.mean(sims)), 4) if sims else None
+    row.update(triton_path_ms(results, stream))
     if stream:
         # where a stream's first chunk went, from the first chunk's info (engine-side ms since the
         # request was prepared: Spark's prep_ms, first_token_ms, vocode_ms; F5's queue and compute)
@@ -310,6 +311,27 @@ def run_level(url: str, args, items, prompts, concurrency: int) -> dict:
     return row
 
 
+def triton_path_ms(results: list, stream: bool) -> dict:
+    """The way through Triton split in two from the engine's wall-clock stamps (F5: `engine_in_s`
+    when the engine took the request, `engine_out_s` when it handed the chunk to its sender) and
+    the client's send time; valid where client and server share a clock (this bench on the server's
+    machine). `path_in_ms_mean`: request sent -> engine has it (gRPC, the front, its BLS request, the
+    engine's parse); `path_out_ms_mean`: engine hands the audio over -> client has it (the engine's
+    send, the front, gRPC), for the whole answer offline and the first chunk streaming. Empty where
+    the engine gives no stamps."""
+    ins, outs = [], []
+    for r in results:
+        info = r.first_info if stream else r.info
+        if r.sent_at is None or not info or "engine_in_s" not in info or "engine_out_s" not in info:
+            continue
+        arrived = r.sent_at + (r.first_chunk_s if stream else r.latency_s)
+        ins.append((info["engine_in_s"] - r.sent_at) * 1000)
+        outs.append((arrived - info["engine_out_s"]) * 1000)
+    if not ins:
+        return {}
+    return {"path_in_ms_mean": round(float(np.mean(ins)), 3), "path_out_ms_mean": round(float(np.mean(outs)), 3)}
+
+
 def _mean_of(values: list) -> float | None:
     """Mean of the values given (None where no result carried one)."""
     given = [float(v) for v in values if v is not None]
@@ -324,6 +346,7 @@ def print_table(rows: list[dict], model: str, mode: str) -> None:
     cols += ["requests_per_s", "audio_s_per_s", "engine_compute_ms_mean", "engine_queue_ms_mean"]
     if any(r.get("server_queue_ms_mean") is not None for r in rows):
         cols.append("server_queue_ms_mean")
+    cols += [c for c in ("path_in_ms_mean", "path_out_ms_mean") if any(c in r for r in rows)]
     if model == "spark":
         cols.append("decode_tokens_per_s_per_stream")
     if any("check_ms_p50" in r for r in rows):

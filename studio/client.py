@@ -149,6 +149,8 @@ class SynthResult:
     recovered: bool = False  # sent twice: the first attempt met a dead instance (front or engine), then reloaded
     server: str | None = None  # gRPC host:port of the Triton server that answered (several: studio.pool)
     first_info: dict | None = None  # the first audio chunk's `info` (offline: the same as `info`)
+    sent_at: float | None = None  # time.time() when the request was sent (splits the latency with the
+    # engine's wall-clock info fields engine_in_s / engine_out_s when client and server share a clock)
 
 
 # --- request building -------------------------------------------------------------------------------
@@ -610,7 +612,7 @@ class StudioClient:
     def _offline(self, family, name, inputs, request_id, on_chunk, cancel, timeout_s) -> SynthResult:
         answers: queue.SimpleQueue = queue.SimpleQueue()
         outputs = [grpcclient.InferRequestedOutput(o) for o in OUTPUTS]
-        sent = time.perf_counter()
+        sent, sent_at = time.perf_counter(), time.time()
         call = self._client.async_infer(
             name, inputs, callback=lambda result, error: answers.put((time.perf_counter(), result, error)),
             outputs=outputs, request_id=request_id, client_timeout=timeout_s)
@@ -627,7 +629,7 @@ class StudioClient:
         if on_chunk is not None:
             on_chunk(wav, info)
         latency = received - sent
-        return _result(family, wav, info, latency, latency, [latency])
+        return _result(family, wav, info, latency, latency, [latency], sent_at=sent_at)
 
     def _stream(self, family, name, inputs, request_id, on_chunk, cancel, timeout_s) -> SynthResult:
         answers: queue.SimpleQueue = queue.SimpleQueue()
@@ -639,7 +641,7 @@ class StudioClient:
         client = self._take_stream_client()
         completed = False
         try:
-            sent = time.perf_counter()
+            sent, sent_at = time.perf_counter(), time.time()
             try:
                 client.start_stream(callback=lambda result, error: answers.put((time.perf_counter(), result, error)),
                                     stream_timeout=timeout_s)
@@ -672,7 +674,7 @@ class StudioClient:
         rest = np.zeros(0, np.float32) if joiner.finished else joiner.finish()
         if rest.size and on_chunk is not None:  # no chunk was marked final: hand out the held-back tail
             on_chunk(rest, info)
-        return _result(family, joiner.joined, info, arrivals[-1], arrivals[0], arrivals, first_info)
+        return _result(family, joiner.joined, info, arrivals[-1], arrivals[0], arrivals, first_info, sent_at)
 
     @staticmethod
     def _join(joiner: ChunkJoiner, wav: np.ndarray, info: dict, name: str) -> np.ndarray:
@@ -735,7 +737,7 @@ def _stream_failure(answers: queue.SimpleQueue, exc: InferenceServerException):
 
 
 def _result(family: str, audio: np.ndarray, info: dict, latency: float, first: float,
-            arrivals: list[float], first_info: dict | None = None) -> SynthResult:
+            arrivals: list[float], first_info: dict | None = None, sent_at: float | None = None) -> SynthResult:
     sr = int(info.get("sample_rate", SAMPLE_RATES[family]))
     audio_s = audio.size / sr
     seed = info.get("seed")
@@ -743,4 +745,4 @@ def _result(family: str, audio: np.ndarray, info: dict, latency: float, first: f
                        rtf=latency / audio_s if audio_s > 0 else float("inf"), info=info,
                        chunk_arrivals_s=list(arrivals), seed=None if seed is None else int(seed),
                        demo_weights=bool(info.get("demo_weights", False)),
-                       first_info=info if first_info is None else first_info)
+                       first_info=info if first_info is None else first_info, sent_at=sent_at)

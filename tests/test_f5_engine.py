@@ -298,6 +298,9 @@ def test_queue_wait_is_reported_once_per_request():
         assert [c[2]["queue_ms"] for c in first.chunks] == [a_info["queue_ms"]] * 2
         assert waits == [pytest.approx(a_info["queue_ms"], abs=1e-3), pytest.approx(b_info["queue_ms"], abs=1e-3)]
         assert b_info["queue_ms"] >= 200 > a_info["queue_ms"]
+        # wall-clock stamps: taken in, handed out; b waited for a's first batch in between
+        assert b_info["engine_out_s"] - b_info["engine_in_s"] >= 0.2 + b_info["compute_ms"] / 1000 - 1e-3
+        assert a_info["engine_in_s"] <= b_info["engine_in_s"] and a_info["engine_in_s"] < a_info["engine_out_s"]
     finally:
         gate.set()
         engine.close()

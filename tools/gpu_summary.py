@@ -93,10 +93,12 @@ def bench_section(benches: dict[str, dict]) -> list[str]:
     batches its chunks ran in); execute ms / execute queue ms: Triton's statistics of the engine
     model (time in `execute`, time queued before it). With the F5 engine thread, `execute` only
     parses and hands over, so those two no longer hold the synthesis or the wait for it: engine
-    queue ms is then the wait inside the engine (info.queue_ms), empty without the thread."""
+    queue ms is then the wait inside the engine (info.queue_ms), empty without the thread. path in /
+    out ms: request sent -> engine has it, engine hands the audio over -> client has it (the bench's
+    `triton_path_ms`; offline the whole answer, streaming the first chunk)."""
     head = ["run", "mode", "NFE", "c", "rtf_aggregate", "latency p50 s", "p90 s", "first chunk p50 s",
-            "req/s", "compute ms", "execute ms", "execute queue ms", "engine queue ms", "GPU util %", "failed",
-            "recovered"]
+            "req/s", "compute ms", "execute ms", "execute queue ms", "engine queue ms", "path in ms", "path out ms",
+            "GPU util %", "failed", "recovered"]
     lines = ["### End to end through Triton (`python -m studio bench`)", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, b in sorted(benches.items()):
@@ -110,7 +112,8 @@ def bench_section(benches: dict[str, dict]) -> list[str]:
                                             fmt(r.get("requests_per_s"), 2), fmt(r.get("server_compute_ms_mean"), 1),
                                             fmt(r.get("engine_compute_ms_mean"), 1),
                                             fmt(r.get("engine_queue_ms_mean"), 1),
-                                            fmt(r.get("server_queue_ms_mean"), 1), util,
+                                            fmt(r.get("server_queue_ms_mean"), 1),
+                                            fmt(r.get("path_in_ms_mean"), 1), fmt(r.get("path_out_ms_mean"), 1), util,
                                             fmt(r.get("failed")), fmt(r.get("recovered"))]) + " |")
     return lines + [""]
 

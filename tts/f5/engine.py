@@ -52,6 +52,7 @@ class Entry:
     spent_ms: float = 0.0  # wall time of the batches its chunks ran in (the info's compute_ms)
     arrived: float | None = None  # perf_counter when the engine took it (F5Engine)
     queue_ms: float | None = None  # from `arrived` to the start of its first batch (the info's queue_ms)
+    arrived_wall: float | None = None  # time.time() at `arrived` (the info's engine_in_s)
     done: dict[int, np.ndarray] = field(default_factory=dict)  # finished chunks not yet emitted
 
     @property
@@ -77,10 +78,10 @@ class Waves:
         return len(self.entries)
 
     def add(self, key: object, request: F5Request, streaming: bool, sink: "Sink | None" = None,
-            arrived: float | None = None) -> Entry:
+            arrived: float | None = None, arrived_wall: float | None = None) -> Entry:
         if not request.jobs:
             raise ValueError("a request without chunks")
-        entry = Entry(key, request, streaming, sink, arrived=arrived)
+        entry = Entry(key, request, streaming, sink, arrived=arrived, arrived_wall=arrived_wall)
         self.entries.append(entry)
         return entry
 
@@ -122,6 +123,8 @@ class Waves:
                 info = chunk_info(e.request, job, e.spent_ms, self.demo_weights)
                 if e.queue_ms is not None:
                     info["queue_ms"] = round(e.queue_ms, 3)
+                if e.arrived_wall is not None:  # wall clock: a client on the same machine splits its latency
+                    info.update(engine_in_s=round(e.arrived_wall, 6), engine_out_s=round(time.time(), 6))
                 emit(e, job.index, e.done.pop(e.sent), info)
                 e.sent += 1
         complete = [e for e in members if e.finished]
@@ -225,7 +228,7 @@ class F5Engine:
         self.gather_s = gather_s_from_env() if gather_s is None else gather_s
         self._last_size, self._last_end = 0, 0.0  # requests in flight when the last batch ended, and when
         self._waves = Waves(demo_weights)
-        self._incoming: list[tuple[object, F5Request, bool, Sink, float]] = []  # ..., perf_counter at submit
+        self._incoming: list[tuple] = []  # (key, request, streaming, sink, perf_counter and time.time() at submit)
         self._cv = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="f5-engine", daemon=True)
@@ -235,7 +238,7 @@ class F5Engine:
         with self._cv:
             if self._closed:
                 raise RuntimeError("the F5 engine is shut down")
-            self._incoming.append((key, request, streaming, sink, time.perf_counter()))
+            self._incoming.append((key, request, streaming, sink, time.perf_counter(), time.time()))
             self._cv.notify()
 
     @property
@@ -274,8 +277,8 @@ class F5Engine:
                     self._incoming.clear()
                     waves.entries.clear()
                     break
-                for key, request, streaming, sink, arrived in self._incoming:
-                    waves.add(key, request, streaming, sink, arrived=arrived)
+                for key, request, streaming, sink, arrived, wall in self._incoming:
+                    waves.add(key, request, streaming, sink, arrived=arrived, arrived_wall=wall)
                 self._incoming.clear()
             for e in list(waves.entries):
                 if self._call(e.sink.cancelled, default=False):
