@@ -312,8 +312,9 @@ def run_level(url: str, args, items, prompts, concurrency: int) -> dict:
 
 
 def triton_path_ms(results: list, stream: bool) -> dict:
-    """The way through Triton split in two from the engine's wall-clock stamps (F5: `engine_in_s`
-    when the engine took the request, `engine_out_s` when it handed the chunk to its sender) and
+    """The way through Triton split in two from the engine's wall-clock stamps (`engine_in_s` when
+    the engine took the request (Spark: began preparing it), `engine_out_s` when it handed the chunk
+    to its sender) and
     the client's send time; valid where client and server share a clock (this bench on the server's
     machine). `path_in_ms_mean`: request sent -> engine has it (gRPC, the front, its BLS request, the
     engine's parse); `path_out_ms_mean`: engine hands the audio over -> client has it (the engine's

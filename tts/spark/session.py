@@ -157,9 +157,14 @@ class RequestState:
         return self.chunker.overlap_for(index) * self.hop
 
     def info(self, final: bool, overlap_samples: int, extra: dict | None = None) -> dict:
+        since = time.perf_counter() - self.started
+        wall = time.time()
         out = {
             "request_id": self.request_id, "sample_rate": SAMPLE_RATE, "seed": self.seed,
-            "demo_weights": self.demo_weights, "compute_ms": round((time.perf_counter() - self.started) * 1000, 3),
+            "demo_weights": self.demo_weights, "compute_ms": round(since * 1000, 3),
+            # wall clock: the engine began preparing / hands this chunk over (a client on the same
+            # machine splits its latency with them: studio.bench.triton_path_ms)
+            "engine_in_s": round(wall - since, 6), "engine_out_s": round(wall, 6),
             "chunk_index": self.chunk_index, "final": final, "overlap_samples": overlap_samples,
             "tokens": self.tokens, "semantic_tokens": self.semantic_count, "prompt_tokens": self.prompt_tokens,
             "prefill_ms": round(self.prefill_ms, 3), "decode_ms": round(self.decode_ms, 3),
