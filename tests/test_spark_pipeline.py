@@ -370,3 +370,49 @@ def test_engine_on_cuda_vocoder_thread_and_joint_prefill_give_the_inline_audio(s
     for a, b in zip(*results):
         assert a.info["tokens"] == b.info["tokens"] and len(a.wav) == len(b.wav)
         assert np.max(np.abs(a.wav - b.wav)) <= 1e-4
+
+
+def test_vocoder_graphs_only_on_cuda(spark_pipeline):
+    """On the CPU no window is captured (the first streamed window's graph is a CUDA path)."""
+    from tts.spark.vocode_graphs import WindowGraphs
+
+    assert spark_pipeline.codec.window_graphs is None and spark_pipeline.vocode_capture_s is None
+    with pytest.raises(ValueError, match="CUDA"):
+        WindowGraphs(spark_pipeline.codec.bicodec, spark_pipeline.device, (50,))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_first_window_from_its_graph_equals_the_eager_vocoder_on_cuda(spark_dir, monkeypatch):
+    """The pipeline captures the first streamed window (50 tokens); its graph gives the eager
+    detokenize's audio (fp32) for any tokens, from two threads at once; other lengths go eager;
+    STUDIO_SPARK_VOCODE_GRAPHS=0 captures nothing."""
+    import torch
+
+    from tts.spark.pipeline import SparkPipeline
+    from tts.spark.vocode_graphs import VOCODE_GRAPHS_ENV
+
+    pipe = SparkPipeline(spark_dir, device="cuda", dtype=torch.float32, demo_weights=True, max_batch_size=2,
+                         max_seq_len=512)
+    codec = pipe.codec
+    assert set(codec.window_graphs.graphs) == {50} and pipe.vocode_capture_s > 0
+    rng = np.random.default_rng(0)
+    cases = [(rng.integers(0, 4096, GLOBAL_TOKENS), rng.integers(0, 8192, n)) for n in (50, 50, 37, 50)]
+    graphs = codec.window_graphs
+    got = [codec.detokenize(g, s) for g, s in cases]
+    codec.window_graphs = None
+    want = [codec.detokenize(g, s) for g, s in cases]
+    codec.window_graphs = graphs
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and np.max(np.abs(a - b)) <= 1e-5
+    outs: dict[int, np.ndarray] = {}
+    threads = [threading.Thread(target=lambda i=i: outs.__setitem__(i, codec.detokenize(*cases[i]))) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert np.max(np.abs(outs[0] - want[0])) <= 1e-5 and np.max(np.abs(outs[1] - want[1])) <= 1e-5
+    monkeypatch.setenv(VOCODE_GRAPHS_ENV, "0")
+    off = SparkPipeline(spark_dir, device="cuda", dtype=torch.float32, demo_weights=True, max_batch_size=2,
+                        max_seq_len=512)
+    assert off.codec.window_graphs is None and off.vocode_capture_s is None

@@ -52,6 +52,18 @@ class SparkAudioTokenizer:
         self.top = top or load_top_config(model_dir)
         self.bicodec = bicodec or load_bicodec(model_dir / "BiCodec", self.device)
         self.processor, self.wav2vec2 = load_wav2vec2(model_dir / "wav2vec2-large-xlsr-53", self.device)
+        self.window_graphs = None  # `capture_windows`
+
+    def capture_windows(self, lengths: tuple[int, ...]) -> float:
+        """On CUDA: detokenize windows of these token counts from CUDA graphs from now on
+        (`tts.spark.vocode_graphs`); returns the seconds the capture took."""
+        import time
+
+        from tts.spark.vocode_graphs import WindowGraphs
+
+        t0 = time.perf_counter()
+        self.window_graphs = WindowGraphs(self.bicodec, self.device, lengths)
+        return round(time.perf_counter() - t0, 2)
 
     @property
     def hop(self) -> int:
@@ -93,5 +105,9 @@ class SparkAudioTokenizer:
     @torch.no_grad()
     def detokenize_batch(self, global_tokens: torch.Tensor, semantic_tokens: torch.Tensor) -> np.ndarray:
         """[B, 32] and [B, N] (equal lengths: padding would change the edges) -> float32 [B, N * 320]."""
+        if self.window_graphs is not None:
+            wav = self.window_graphs(global_tokens, semantic_tokens)
+            if wav is not None:
+                return wav
         wav = self.bicodec.detokenize(global_tokens.to(self.device), semantic_tokens.to(self.device))
         return wav.float().cpu().numpy()

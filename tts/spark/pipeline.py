@@ -32,8 +32,11 @@ from tts.spark.llm import load_llm
 from tts.spark.reference import as_mono
 from tts.spark.request import SparkChunk, SparkRequest, SparkResult
 from tts.spark.session import ReferenceTokens, RequestState
+from tts.spark.streaming import STREAM_PLAN
 from tts.spark.text_split import MAX_SEGMENT_WEIGHT, split_text
 from tts.spark.tokenizer import SparkTokenizer
+from tts.spark.vocode_graphs import VOCODE_GRAPHS_ENV
+from tts.switches import switch_from_env
 
 PROMPT_CACHE_SIZE = 64
 #: KV cache length per slot: a 30 s reference (1500 tokens) + text + markers, plus 3000 new tokens.
@@ -110,6 +113,9 @@ class SparkPipeline:
         self.prompt_cache = PromptCache(prompt_cache_size)
         self.cuda_graphs = cuda_graphs  # None: on when the device is CUDA
         self._solo_batch = None
+        self.vocode_capture_s = None  # seconds the first streamed window's vocoder graph took to capture
+        if self.device.type == "cuda" and cuda_graphs is not False and switch_from_env(VOCODE_GRAPHS_ENV):
+            self.vocode_capture_s = self.codec.capture_windows((STREAM_PLAN.first_tokens,))
 
     @property
     def hop(self) -> int:

@@ -46,7 +46,9 @@ class TritonPythonModel:
                                                 **spark_pipeline_kwargs(params, pb_utils)),
                                   on_idle=shared.release_memory)  # freed buffers back once no request runs
         label = "DEMO WEIGHTS (random: output is noise)" if self.demo else params["model_dir"]
-        print(f"[spark_llm] ready on {device} in {time.perf_counter() - started:.1f} s: {label}", flush=True)
+        captured = self.engine.pipeline.vocode_capture_s
+        graphs = "" if captured is None else f" (first streamed window's vocoder graph captured in {captured} s)"
+        print(f"[spark_llm] ready on {device} in {time.perf_counter() - started:.1f} s{graphs}: {label}", flush=True)
         self._closing = False
         shared.register_stub(args)  # fronts and the studio watch this stub's liveness
         threading.Thread(target=self._log_batch_size, daemon=True).start()
