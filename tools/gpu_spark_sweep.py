@@ -10,8 +10,9 @@ bench` offline and streaming with `--fixed-tokens` (random weights never emit th
 Then (unless --eager-requests 0) the same server with the fast path off (STUDIO_SPARK_FAST=0, the
 eager decode step) for a short offline run at concurrency 1: the same-run eager comparison.
 --ab-levers adds, in the same run, the fast server with the engine's vocoder thread, joint
-prefill and first-chunk single steps off (STUDIO_SPARK_VOCODE_THREAD=0, STUDIO_SPARK_JOIN_PREFILL=0,
-STUDIO_SPARK_ALIGN_FIRST_CHUNK=0) at the highest offline level and every streaming level (the
+prefill, first-chunk single steps, prefill graphs and the first window's vocoder graph off
+(STUDIO_SPARK_VOCODE_THREAD=0, STUDIO_SPARK_JOIN_PREFILL=0, STUDIO_SPARK_ALIGN_FIRST_CHUNK=0,
+STUDIO_SPARK_PREFILL_GRAPHS=0, STUDIO_SPARK_VOCODE_GRAPHS=0) at the highest offline level and every streaming level (the
 single steps matter most to the first chunk at c=1; bench label `levers-off`). --attention sets the decode step's
 attention form (STUDIO_SPARK_ATTENTION) of the fast servers. Each --variant adds the fast server
 with its own settings, streaming levels only (one lever at a time). All JSON lands in --out.
@@ -72,7 +73,8 @@ def main() -> int:
     startup = {}
     plan = [("fast", fast, runs, "fast"), ("fast-restart", fast, [], "fast"),
             ("levers-off", fast | {"STUDIO_SPARK_VOCODE_THREAD": "0", "STUDIO_SPARK_JOIN_PREFILL": "0",
-                                   "STUDIO_SPARK_ALIGN_FIRST_CHUNK": "0"}, levers_off,
+                                   "STUDIO_SPARK_ALIGN_FIRST_CHUNK": "0", "STUDIO_SPARK_PREFILL_GRAPHS": "0",
+                                   "STUDIO_SPARK_VOCODE_GRAPHS": "0"}, levers_off,
              "fast"),
             *[(label, fast | env, [("streaming", args.streaming, args.requests, label, 2)], "fast")
               for label, env in variants],
