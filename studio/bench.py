@@ -78,13 +78,22 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
                         "per request and counts in the wall time (rtf_aggregate)")
     p.add_argument("--check-tokens", type=int, default=None,
                    help="with --check: recognition decodes exactly this many tokens (random weights never stop)")
+    p.add_argument("--gpu-sample-s", type=float, default=GPU_SAMPLE_S,
+                   help="seconds between nvidia-smi samples of GPU memory and utilisation (0: none; each "
+                        "sample starts a process beside the run)")
+
+
+#: Seconds between GPU samples (`GpuSampler`).
+GPU_SAMPLE_S = 0.2
 
 
 class GpuSampler:
-    """Samples nvidia-smi every 0.2 s: peak memory and mean utilisation per GPU (nothing on CPU)."""
+    """Samples nvidia-smi every `every_s` seconds: peak memory and mean utilisation per GPU
+    (nothing on CPU, nor with every_s = 0)."""
 
-    def __init__(self):
-        self.smi = shutil.which("nvidia-smi")
+    def __init__(self, every_s: float = GPU_SAMPLE_S):
+        self.every_s = every_s
+        self.smi = shutil.which("nvidia-smi") if every_s > 0 else None
         self.samples: list[list[tuple[float, float]]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -108,7 +117,7 @@ class GpuSampler:
                 self.samples.append([tuple(float(x) for x in line.split(",")) for line in out.strip().splitlines()])
             except (OSError, ValueError, subprocess.SubprocessError):
                 pass
-            self._stop.wait(0.2)
+            self._stop.wait(self.every_s)
 
     def summary(self) -> list[dict]:
         if not self.samples:
@@ -244,7 +253,7 @@ def run_level(url: str, args, items, prompts, concurrency: int) -> dict:
             before = _engine_stats(clients[0], ENGINE_MODEL[args.model])
             pool_before = first.servers() if is_pool(first) else []
             triton_before = _front_counts(first, front)
-            with GpuSampler() as gpus:
+            with GpuSampler(getattr(args, "gpu_sample_s", GPU_SAMPLE_S)) as gpus:
                 t0 = time.perf_counter()
                 outcomes = list(pool.map(one, range(args.requests)))
                 wall = time.perf_counter() - t0

@@ -115,3 +115,13 @@ def test_bench_with_objective_checks(triton_server, tmp_path):
     assert 0 < row["check_ms_p50"] <= row["check_ms_p90"]
     assert row["wer_mean"] is not None and -1.0 <= row["speaker_sim_mean"] <= 1.0
     assert "check_ms_p50" in run.stdout
+
+
+def test_gpu_sampling_can_be_turned_off():
+    """--gpu-sample-s 0 starts no nvidia-smi process beside the run (and reports no GPU figures)."""
+    from studio.bench import GPU_SAMPLE_S, GpuSampler
+
+    with GpuSampler(0) as off:
+        pass
+    assert off.smi is None and off.summary() == [] and not off._thread.is_alive()
+    assert GpuSampler().every_s == GPU_SAMPLE_S > 0
