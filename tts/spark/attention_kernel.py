@@ -13,12 +13,7 @@ a 24-layer step at one row, each a few microseconds of mostly idle GPU. Here:
 
        out = (sum_s e^(m_s - M) acc_s + e^(x_new - M) v_new) / (sum_s e^(m_s - M) l_s + e^(x_new - M))
 
-   with M the largest of the m_s and x_new (the new key is always there, so M is finite); the
-   programs of each group's first query head also write the new key and value into the cache at
-   the row's position (which `partials` never reads: it looks at positions below it only). That
-   write was two indexed copies a step after the forward plus a stack of the 24 layers' keys and
-   values (58 copy kernels a token, 0.056 ms of a 1.34 ms token and a launch gap each, H100
-   profile at one row).
+   with M the largest of the m_s and x_new (the new key is always there, so M is finite).
 
 Same function as the matrix-product form (`reference` below); float32 accumulation and
 probabilities throughout (the matrix-product form rounds scores and probabilities to the model
@@ -94,8 +89,7 @@ def _kernels():
 
     @triton.jit
     def combine(q_ptr, q_sr, q_sh, kn_ptr, kn_sr, kn_sh, vn_ptr, vn_sr, vn_sh, m_ptr, l_ptr, acc_ptr,
-                out_ptr, n_split, scale, k_ptr, v_ptr, c_sb, c_sg, c_ss, pos_ptr, pos_sr,
-                KV: tl.constexpr, REP: tl.constexpr, RP: tl.constexpr,
+                out_ptr, n_split, scale, KV: tl.constexpr, REP: tl.constexpr, RP: tl.constexpr,
                 D: tl.constexpr, DP: tl.constexpr, NSPLIT: tl.constexpr, SB: tl.constexpr):
         pid = tl.program_id(0)  # (row, KV head, query head of the group)
         rg = pid // REP
@@ -106,14 +100,8 @@ def _kernels():
         d = tl.arange(0, DP)
         dm = d < D
         q = tl.load(q_ptr + r * q_sr + head * q_sh + d, mask=dm, other=0.0).to(tl.float32)
-        kn_raw = tl.load(kn_ptr + r * kn_sr + g * kn_sh + d, mask=dm, other=0.0)
-        vn_raw = tl.load(vn_ptr + r * vn_sr + g * vn_sh + d, mask=dm, other=0.0)
-        # the group's first query head writes the new key and value at the row's position
-        slot = r.to(tl.int64) * c_sb + g * c_sg + tl.load(pos_ptr + r * pos_sr) * c_ss
-        writes = d < tl.where(h == 0, D, 0)
-        tl.store(k_ptr + slot + d, kn_raw.to(k_ptr.dtype.element_ty), mask=writes)
-        tl.store(v_ptr + slot + d, vn_raw.to(v_ptr.dtype.element_ty), mask=writes)
-        kn, vn = kn_raw.to(tl.float32), vn_raw.to(tl.float32)
+        kn = tl.load(kn_ptr + r * kn_sr + g * kn_sh + d, mask=dm, other=0.0).to(tl.float32)
+        vn = tl.load(vn_ptr + r * vn_sr + g * vn_sh + d, mask=dm, other=0.0).to(tl.float32)
         x_new = tl.sum(q * kn, axis=0) * scale
         sb = tl.arange(0, SB)
         big = x_new
@@ -144,8 +132,7 @@ def available() -> bool:
     return can_run(_kernels)
 
 
-def _check(q: Tensor, k_new: Tensor, v_new: Tensor, keys: Tensor, values: Tensor, cached: Tensor,
-           positions: Tensor) -> None:
+def _check(q: Tensor, k_new: Tensor, v_new: Tensor, keys: Tensor, values: Tensor, cached: Tensor) -> None:
     r, h, d = q.shape
     kv = k_new.shape[1]
     if h % kv or k_new.shape != (r, kv, d) or v_new.shape != (r, kv, d):
@@ -158,20 +145,16 @@ def _check(q: Tensor, k_new: Tensor, v_new: Tensor, keys: Tensor, values: Tensor
                          "(the cache must be contiguous in D and keys and values laid out alike)")
     if h // kv > REP_PAD:
         raise ValueError(f"decode_attention: {h // kv} query heads per KV head; the kernels take at most {REP_PAD}")
-    if positions.shape != (r,) or positions.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"decode_attention: positions {tuple(positions.shape)} {positions.dtype} are not [{r}] integers")
 
 
-@torch.library.custom_op("sparkstudio::decode_attention", mutates_args=("keys", "values"))
+@torch.library.custom_op("sparkstudio::decode_attention", mutates_args=())
 def decode_attention(q: Tensor, k_new: Tensor, v_new: Tensor, keys: Tensor, values: Tensor, cached: Tensor,
-                     positions: Tensor, scale: float) -> Tensor:
+                     scale: float) -> Tensor:
     """q [R, H, D] (after RoPE), this token's k_new / v_new [R, KV, D], one layer's whole cache
     keys / values [B, KV, S, D] (row r reads slot r), cached [R, L] bool (which of keys 0..L-1 row r
-    attends to), positions [R] (any stride) -> [R, H, D] in q's dtype: softmax(q.k * scale) over the
-    cached keys and the new one; k_new / v_new are written to slot r at positions[r] (a position
-    the row does not read: cached[r] must be false there)."""
+    attends to) -> [R, H, D] in q's dtype: softmax(q.k * scale) over the cached keys and the new one."""
     triton, partials, combine = _kernels()
-    _check(q, k_new, v_new, keys, values, cached, positions)
+    _check(q, k_new, v_new, keys, values, cached)
     r, h, d = q.shape
     kv = k_new.shape[1]
     length = cached.shape[1]
@@ -190,21 +173,19 @@ def decode_attention(q: Tensor, k_new: Tensor, v_new: Tensor, keys: Tensor, valu
                                 REP=h // kv, RP=REP_PAD, D=d, DP=dp, BLOCK=CHUNK, NSPLIT=nsplit, PRECISION=precision,
                                 num_warps=NUM_WARPS)
     combine[(r * h,)](q, q.stride(0), q.stride(1), k_new, k_new.stride(0), k_new.stride(1), v_new,
-                      v_new.stride(0), v_new.stride(1), m, l_sum, acc, out, n_split, scale, keys, values,
-                      keys.stride(0), keys.stride(1), keys.stride(2), positions, positions.stride(0), KV=kv,
-                      REP=h // kv, RP=REP_PAD, D=d, DP=dp, NSPLIT=nsplit, SB=COMBINE_SPLITS, num_warps=NUM_WARPS)
+                      v_new.stride(0), v_new.stride(1), m, l_sum, acc, out, n_split, scale, KV=kv, REP=h // kv,
+                      RP=REP_PAD, D=d, DP=dp, NSPLIT=nsplit, SB=COMBINE_SPLITS, num_warps=NUM_WARPS)
     return out
 
 
 @decode_attention.register_fake
-def _(q, k_new, v_new, keys, values, cached, positions, scale):
+def _(q, k_new, v_new, keys, values, cached, scale):
     return q.new_empty(q.shape)
 
 
 def reference(q: Tensor, k_new: Tensor, v_new: Tensor, keys: Tensor, values: Tensor, cached: Tensor,
-              positions: Tensor, scale: float) -> Tensor:
-    """`decode_attention` in plain torch, float32 throughout (what the tests compare the kernels with),
-    the cache write included (done after the attention reads: the row never reads its position)."""
+              scale: float) -> Tensor:
+    """`decode_attention` in plain torch, float32 throughout (what the tests compare the kernels with)."""
     r, h, d = q.shape
     kv = k_new.shape[1]
     length = cached.shape[1]
@@ -215,7 +196,4 @@ def reference(q: Tensor, k_new: Tensor, v_new: Tensor, keys: Tensor, values: Ten
     new = (qg * k_new.float().view(r, kv, 1, d)).sum(-1, keepdim=True) * scale
     probs = torch.softmax(torch.cat((old, new), dim=-1), dim=-1)
     out = torch.matmul(probs[..., :length], vs) + probs[..., length:] * v_new.float().view(r, kv, 1, d)
-    rows = torch.arange(r, device=positions.device)
-    keys[rows, :, positions] = k_new.to(keys.dtype)
-    values[rows, :, positions] = v_new.to(values.dtype)
     return out.reshape(r, h, d).to(q.dtype)
