@@ -18,7 +18,7 @@
 # Environment: OUT (default ./sweep-out), SWEEP_WORK (scratch, default /tmp/f5-sweep),
 # SWEEP_BUDGET_S (skip optional stages once this much wall time is spent; default 500), PYTHON,
 # SWEEP_MICRO=0 (skip stage b), SWEEP_SPARK_STEP=0 (skip stage f), SWEEP_LEVELS (default 1,2,4,8),
-# SWEEP_REQUESTS (default 16), SWEEP_NOSAMPLE=1 (offline c=1 again without the nvidia-smi sampler, label fast_nosample), SWEEP_STREAM=0 / SWEEP_COLD=0 / SWEEP_EAGER=0 / SWEEP_RESTART=0 (skip those runs;
+# SWEEP_REQUESTS (default 16), SWEEP_SAMPLED=1 (offline c=1 again with nvidia-smi sampling beside it, label fast_sampled), SWEEP_STREAM=0 / SWEEP_COLD=0 / SWEEP_EAGER=0 / SWEEP_RESTART=0 (skip those runs;
 # the restart is a second start of the fast server on the same data folder: start-up with a warm compile cache),
 # SWEEP_FP8=1 (add the fast server with FP8 products, STUDIO_F5_FP8=1: offline c=1,8 under the label fast_fp8),
 # SWEEP_LOOP_OFF=1 (add the fast server without the engine's continuous batching, on by default on a GPU,
@@ -203,8 +203,8 @@ snapshot
 # -- c. the fast server -----------------------------------------------------------------------------
 if start_server fast ""; then
   bench bench_fast_offline 180 --mode offline --concurrency "$LEVELS" --requests "$REQ" --nfe 16 --label fast
-  # SWEEP_NOSAMPLE=1: c=1 again without the nvidia-smi sampler (does its process cost the requests time?)
-  [[ ${SWEEP_NOSAMPLE:-0} != 0 ]] && bench bench_fast_nosample 90 --mode offline --concurrency 1 --requests "$REQ" --nfe 16 --gpu-sample-s 0 --label fast_nosample
+  # SWEEP_SAMPLED=1: c=1 again with nvidia-smi sampling the GPU every 0.2 s beside the run (what it costs)
+  [[ ${SWEEP_SAMPLED:-0} != 0 ]] && bench bench_fast_sampled 90 --mode offline --concurrency 1 --requests "$REQ" --nfe 16 --gpu-sample-s 0.2 --label fast_sampled
   [[ ${SWEEP_STREAM:-1} != 0 ]] && time_left 60 && bench bench_fast_stream 180 --mode streaming --concurrency "$LEVELS" --requests "$REQ" --nfe 16 --label fast
   [[ ${SWEEP_NFE32:-1} != 0 ]] && time_left 90 && bench bench_fast_nfe32 120 --mode offline --concurrency "$LEVELS_SHORT" --requests "$REQ" --nfe 32 --label fast_nfe32
   [[ ${SWEEP_COLD:-1} != 0 ]] && time_left 90 && bench bench_fast_cold 60 --mode offline --concurrency 1 --requests 8 --nfe 16 --cold-cache --label fast_cold
