@@ -158,7 +158,8 @@ class SparkEngine:
         self.join_prefill = switch_from_env(JOIN_PREFILL_ENV)
         self.vocoder = (VocodeWorker(getattr(pipeline, "device", None),
                                      on_error=lambda state, exc: self.scheduler.vocode_failed(state, exc),
-                                     name=f"{name}-vocode") if use_worker else None)
+                                     name=f"{name}-vocode", vocode_batch=getattr(pipeline, "vocode_batch", None))
+                        if use_worker else None)
         self.scheduler = self._new_scheduler()
         self._prep_thread = threading.Thread(target=self._prep_loop, name=f"{name}-prep", daemon=True)
         self._loop_thread = threading.Thread(target=self._decode_loop, name=f"{name}-decode", daemon=True)

@@ -174,6 +174,16 @@ class SparkPipeline:
         """32 global + N semantic tokens -> float32 [N * 320] at 16 kHz."""
         return self.codec.detokenize(global_tokens, semantic_tokens)
 
+    def vocode_batch(self, global_tokens: list, windows: list) -> list[np.ndarray]:
+        """One waveform per window (equal lengths; each with its own 32 global tokens), in one call."""
+        if len({len(w) for w in windows}) != 1:
+            raise ValueError(f"windows of one length only; got {sorted({len(w) for w in windows})}")
+        if len(windows) == 1:
+            return [self.vocode(global_tokens[0], windows[0])]
+        g = torch.as_tensor(np.stack([np.asarray(x, dtype=np.int64).reshape(-1) for x in global_tokens]))
+        s = torch.as_tensor(np.stack([np.asarray(x, dtype=np.int64) for x in windows]))
+        return list(self.codec.detokenize_batch(g, s))
+
     @staticmethod
     def empty_audio() -> np.ndarray:
         return np.zeros(0, dtype=np.float32)

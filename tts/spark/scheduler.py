@@ -26,6 +26,7 @@ from typing import Callable
 from tts.spark.decode import DecodeBatch, Sequence
 from tts.spark.request import SparkChunk
 from tts.spark.session import RequestState
+from tts.spark.vocode_worker import WindowJob
 
 Emit = Callable[[RequestState, SparkChunk], None]
 Fail = Callable[[RequestState, BaseException], None]
@@ -205,4 +206,10 @@ class Scheduler:
 
     def _vocode(self, state: RequestState, window, final: bool) -> None:
         global_tokens = state.global_tokens
+        if self.vocoder is not None and not state.request.streaming and getattr(self.vocoder, "batched", False):
+            # on the worker, batched with other requests' windows of this length waiting there
+            def done(wav, ms):
+                self.emit(state, state.chunk(wav, final=final, vocode_ms=ms))
+            self.vocoder.submit_window(WindowJob(state, global_tokens, window, done, lambda: state.cancelled))
+            return
         self._emit_later(state, lambda: self.pipeline.vocode(global_tokens, window), final)
