@@ -106,7 +106,7 @@ def parse_variant(text: str) -> tuple[str, dict]:
 #: The settings a sweep's servers are started with; each server gets all of them (unset: the default).
 SWEPT_ENV = ("STUDIO_SPARK_FAST", "STUDIO_SPARK_ATTENTION", "STUDIO_SPARK_VOCODE_THREAD", "STUDIO_SPARK_JOIN_PREFILL",
              "STUDIO_SPARK_ALIGN_FIRST_CHUNK", "STUDIO_SPARK_SPEECH_HEAD", "STUDIO_SPARK_PREFILL_GRAPHS",
-             "STUDIO_SPARK_VOCODE_GRAPHS")
+             "STUDIO_SPARK_VOCODE_GRAPHS", "STUDIO_SPARK_VOCODE_BATCH")
 
 
 def serve_and_bench(args, ck: Path, label: str, env: dict, runs: list, data: str) -> float | None:
