@@ -10,9 +10,10 @@ bench` offline and streaming with `--fixed-tokens` (random weights never emit th
 Then (unless --eager-requests 0) the same server with the fast path off (STUDIO_SPARK_FAST=0, the
 eager decode step) for a short offline run at concurrency 1: the same-run eager comparison.
 --ab-levers adds, in the same run, the fast server with the engine's vocoder thread, joint
-prefill, first-chunk single steps, prefill graphs and the first window's vocoder graph off
-(STUDIO_SPARK_VOCODE_THREAD=0, STUDIO_SPARK_JOIN_PREFILL=0, STUDIO_SPARK_ALIGN_FIRST_CHUNK=0,
-STUDIO_SPARK_PREFILL_GRAPHS=0, STUDIO_SPARK_VOCODE_GRAPHS=0) at the highest offline level and every streaming level (the
+prefill, first-chunk single steps, prefill graphs, the first window's vocoder graph and the
+vocoder's batches off (STUDIO_SPARK_VOCODE_THREAD=0, STUDIO_SPARK_JOIN_PREFILL=0,
+STUDIO_SPARK_ALIGN_FIRST_CHUNK=0, STUDIO_SPARK_PREFILL_GRAPHS=0, STUDIO_SPARK_VOCODE_GRAPHS=0,
+STUDIO_SPARK_VOCODE_BATCH=0) at the highest offline level and every streaming level (the
 single steps matter most to the first chunk at c=1; bench label `levers-off`). --attention sets the decode step's
 attention form (STUDIO_SPARK_ATTENTION) of the fast servers. Each --variant adds the fast server
 with its own settings, streaming levels only (one lever at a time). All JSON lands in --out.
@@ -46,8 +47,8 @@ def main() -> int:
     p.add_argument("--attention", choices=("matmul", "kernel"), default=None,
                    help="STUDIO_SPARK_ATTENTION of the fast servers (default: the engine's default)")
     p.add_argument("--ab-levers", action="store_true",
-                   help="also the fast server with the vocoder thread, joint prefill and first-chunk single "
-                        "steps off (same run)")
+                   help="also the fast server with the engine levers off (vocoder thread and batching, joint "
+                        "prefill, first-chunk single steps, prefill and vocoder graphs; same run)")
     p.add_argument("--variant", action="append", default=[], metavar="LABEL:NAME=VALUE[,NAME=VALUE]",
                    help="also the fast server with these settings (SWEPT_ENV names), streaming levels only, "
                         "under bench label LABEL (repeatable; e.g. vocode-off:STUDIO_SPARK_VOCODE_THREAD=0)")
@@ -74,7 +75,7 @@ def main() -> int:
     plan = [("fast", fast, runs, "fast"), ("fast-restart", fast, [], "fast"),
             ("levers-off", fast | {"STUDIO_SPARK_VOCODE_THREAD": "0", "STUDIO_SPARK_JOIN_PREFILL": "0",
                                    "STUDIO_SPARK_ALIGN_FIRST_CHUNK": "0", "STUDIO_SPARK_PREFILL_GRAPHS": "0",
-                                   "STUDIO_SPARK_VOCODE_GRAPHS": "0"}, levers_off,
+                                   "STUDIO_SPARK_VOCODE_GRAPHS": "0", "STUDIO_SPARK_VOCODE_BATCH": "0"}, levers_off,
              "fast"),
             *[(label, fast | env, [("streaming", args.streaming, args.requests, label, 2)], "fast")
               for label, env in variants],
