@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.test_spark_decode import END, _prompt, llm  # noqa: F401 - the decode tests' model fixture
 from tests.test_spark_fixtures import spark_dir, spark_one_thread  # noqa: F401 - fixtures
 from tts.spark import decode
 from tts.spark.decode import DecodeBatch, SamplingParams, Sequence
@@ -15,16 +16,6 @@ from tts.spark.llm import forward_prefill, load_llm, new_cache
 from tts.spark.prefill_graphs import PREFILL_BUCKETS, PREFILL_GRAPHS_ENV, PrefillGraphs
 
 pytestmark = pytest.mark.usefixtures("spark_one_thread")
-END = (3,)
-
-
-@pytest.fixture(scope="module")
-def llm(spark_dir):
-    return load_llm(spark_dir / "LLM")
-
-
-def _prompt(seed: int, n: int) -> list[int]:
-    return torch.randint(300, 12000, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 @pytest.mark.parametrize("n", [1, 21, 32, 33, 64])
