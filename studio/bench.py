@@ -331,10 +331,11 @@ def triton_path_ms(results: list, stream: bool) -> dict:
     to its sender) and
     the client's send time; valid where client and server share a clock (this bench on the server's
     machine). `path_in_ms_mean`: request sent -> engine has it (gRPC, the front, its BLS request, the
-    engine's parse); `path_out_ms_mean`: engine hands the audio over -> client has it (the engine's
+    engine's parse; F5 also `path_to_execute_ms_mean`: up to the engine model's execute, its parse
+    excluded); `path_out_ms_mean`: engine hands the audio over -> client has it (the engine's
     send, the front, gRPC), for the whole answer offline and the first chunk streaming. Empty where
     the engine gives no stamps."""
-    ins, outs = [], []
+    ins, outs, to_exec = [], [], []
     for r in results:
         info = r.first_info if stream else r.info
         if r.sent_at is None or not info or "engine_in_s" not in info or "engine_out_s" not in info:
@@ -342,9 +343,14 @@ def triton_path_ms(results: list, stream: bool) -> dict:
         arrived = r.sent_at + (r.first_chunk_s if stream else r.latency_s)
         ins.append((info["engine_in_s"] - r.sent_at) * 1000)
         outs.append((arrived - info["engine_out_s"]) * 1000)
+        if "engine_exec_s" in info:  # F5: when the engine model's execute got it (before its parse)
+            to_exec.append((info["engine_exec_s"] - r.sent_at) * 1000)
     if not ins:
         return {}
-    return {"path_in_ms_mean": round(float(np.mean(ins)), 3), "path_out_ms_mean": round(float(np.mean(outs)), 3)}
+    out = {"path_in_ms_mean": round(float(np.mean(ins)), 3), "path_out_ms_mean": round(float(np.mean(outs)), 3)}
+    if to_exec:
+        out["path_to_execute_ms_mean"] = round(float(np.mean(to_exec)), 3)
+    return out
 
 
 def _mean_of(values: list) -> float | None:
@@ -361,7 +367,7 @@ def print_table(rows: list[dict], model: str, mode: str) -> None:
     cols += ["requests_per_s", "audio_s_per_s", "engine_compute_ms_mean", "engine_queue_ms_mean"]
     if any(r.get("server_queue_ms_mean") is not None for r in rows):
         cols.append("server_queue_ms_mean")
-    cols += [c for c in ("path_in_ms_mean", "path_out_ms_mean") if any(c in r for r in rows)]
+    cols += [c for c in ("path_to_execute_ms_mean", "path_in_ms_mean", "path_out_ms_mean") if any(c in r for r in rows)]
     if model == "spark":
         cols.append("decode_tokens_per_s_per_stream")
     if any("check_ms_p50" in r for r in rows):

@@ -53,6 +53,7 @@ def test_f5_offline_levels_report(triton_server, tmp_path):
         # the way through Triton from the engine's wall-clock stamps: both legs there, and with the
         # engine's own time they fit in the slowest request's latency
         assert row["path_in_ms_mean"] > 0 and row["path_out_ms_mean"] > 0
+        assert 0 < row["path_to_execute_ms_mean"] <= row["path_in_ms_mean"]  # the engine's parse comes after
         engine_ms = row["server_queue_ms_mean"] + row["server_compute_ms_mean"]
         assert row["path_in_ms_mean"] + engine_ms + row["path_out_ms_mean"] <= row["latency_p99_s"] * 1000 + 1
     assert "rtf_aggregate" in run.stdout and "DEMO WEIGHTS" in run.stdout and "server_queue_ms_mean" in run.stdout

@@ -289,7 +289,7 @@ def test_queue_wait_is_reported_once_per_request():
         first, second = ListSink(), ListSink()
         engine.submit("a", request("a", 2), True, first)
         assert pipe.started.acquire(timeout=WAIT_S)  # a0 is running; b waits for it
-        engine.submit("b", request("b", 1), False, second)
+        engine.submit("b", request("b", 1), False, second, received_at=time.time() - 0.05)
         time.sleep(0.2)
         gate.set()
         assert first.finished.wait(WAIT_S) and second.finished.wait(WAIT_S)
@@ -301,6 +301,8 @@ def test_queue_wait_is_reported_once_per_request():
         # wall-clock stamps: taken in, handed out; b waited for a's first batch in between
         assert b_info["engine_out_s"] - b_info["engine_in_s"] >= 0.2 + b_info["compute_ms"] / 1000 - 1e-3
         assert a_info["engine_in_s"] <= b_info["engine_in_s"] and a_info["engine_in_s"] < a_info["engine_out_s"]
+        # when the server got it, if the adapter said (b: 50 ms before its submit)
+        assert "engine_exec_s" not in a_info and 0.04 < b_info["engine_in_s"] - b_info["engine_exec_s"] < 0.2
     finally:
         gate.set()
         engine.close()

@@ -53,6 +53,7 @@ class Entry:
     arrived: float | None = None  # perf_counter when the engine took it (F5Engine)
     queue_ms: float | None = None  # from `arrived` to the start of its first batch (the info's queue_ms)
     arrived_wall: float | None = None  # time.time() at `arrived` (the info's engine_in_s)
+    received_wall: float | None = None  # time.time() when the server's execute got it (the info's engine_exec_s)
     done: dict[int, np.ndarray] = field(default_factory=dict)  # finished chunks not yet emitted
 
     @property
@@ -78,10 +79,12 @@ class Waves:
         return len(self.entries)
 
     def add(self, key: object, request: F5Request, streaming: bool, sink: "Sink | None" = None,
-            arrived: float | None = None, arrived_wall: float | None = None) -> Entry:
+            arrived: float | None = None, arrived_wall: float | None = None,
+            received_wall: float | None = None) -> Entry:
         if not request.jobs:
             raise ValueError("a request without chunks")
-        entry = Entry(key, request, streaming, sink, arrived=arrived, arrived_wall=arrived_wall)
+        entry = Entry(key, request, streaming, sink, arrived=arrived, arrived_wall=arrived_wall,
+                      received_wall=received_wall)
         self.entries.append(entry)
         return entry
 
@@ -125,6 +128,8 @@ class Waves:
                     info["queue_ms"] = round(e.queue_ms, 3)
                 if e.arrived_wall is not None:  # wall clock: a client on the same machine splits its latency
                     info.update(engine_in_s=round(e.arrived_wall, 6), engine_out_s=round(time.time(), 6))
+                if e.received_wall is not None:
+                    info["engine_exec_s"] = round(e.received_wall, 6)
                 emit(e, job.index, e.done.pop(e.sent), info)
                 e.sent += 1
         complete = [e for e in members if e.finished]
@@ -228,17 +233,21 @@ class F5Engine:
         self.gather_s = gather_s_from_env() if gather_s is None else gather_s
         self._last_size, self._last_end = 0, 0.0  # requests in flight when the last batch ended, and when
         self._waves = Waves(demo_weights)
-        self._incoming: list[tuple] = []  # (key, request, streaming, sink, perf_counter and time.time() at submit)
+        self._incoming: list[tuple] = []  # (key, request, streaming, sink, perf_counter and time.time() at
+        # submit, time.time() when the server got it)
         self._cv = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="f5-engine", daemon=True)
         self._thread.start()
 
-    def submit(self, key: object, request: F5Request, streaming: bool, sink: Sink) -> None:
+    def submit(self, key: object, request: F5Request, streaming: bool, sink: Sink,
+               received_at: float | None = None) -> None:
+        """received_at: time.time() when the server got the request (before parsing it), reported
+        as the info's engine_exec_s."""
         with self._cv:
             if self._closed:
                 raise RuntimeError("the F5 engine is shut down")
-            self._incoming.append((key, request, streaming, sink, time.perf_counter(), time.time()))
+            self._incoming.append((key, request, streaming, sink, time.perf_counter(), time.time(), received_at))
             self._cv.notify()
 
     @property
@@ -277,8 +286,8 @@ class F5Engine:
                     self._incoming.clear()
                     waves.entries.clear()
                     break
-                for key, request, streaming, sink, arrived, wall in self._incoming:
-                    waves.add(key, request, streaming, sink, arrived=arrived, arrived_wall=wall)
+                for key, request, streaming, sink, arrived, wall, received in self._incoming:
+                    waves.add(key, request, streaming, sink, arrived=arrived, arrived_wall=wall, received_wall=received)
                 self._incoming.clear()
             for e in list(waves.entries):
                 if self._call(e.sink.cancelled, default=False):

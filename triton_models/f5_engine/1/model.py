@@ -82,7 +82,7 @@ class TritonPythonModel:
         return self.pipeline.make_request(wav, ref_text, text, options, streaming)
 
     def execute(self, requests):
-        t_start = time.perf_counter()
+        t_start, received_at = time.perf_counter(), time.time()
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         work = []  # (key, F5Request, streaming, sink)
         for i, request in enumerate(requests):
@@ -97,7 +97,7 @@ class TritonPythonModel:
         t_parsed = self.shared.ms_since(t_start)
         if self.engine is not None:  # continuous batching: the engine's thread answers
             for key, req, streaming, sink in work:
-                self.engine.submit(key, req, streaming, sink)
+                self.engine.submit(key, req, streaming, sink, received_at=received_at)
             self.shared.timing_log("f5_engine", requests=len(requests), parse=t_parsed,
                                    total=self.shared.ms_since(t_start))
             return None
