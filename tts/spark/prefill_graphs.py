@@ -63,12 +63,10 @@ class PrefillGraphs:
         self.slot = torch.zeros(1, dtype=torch.long, device=dev)
         self.last = torch.zeros(1, dtype=torch.long, device=dev)
         self.ids = {n: torch.zeros(1, n, dtype=torch.long, device=dev) for n in self.buckets}
-        self.host_ids = torch.zeros(max(self.buckets, default=1), dtype=torch.long)
         self.out: dict[int, Tensor] = {}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.capture_s = 0.0
         if graphs and dev.type == "cuda" and self.buckets:
-            self.host_ids = self.host_ids.pin_memory()
             self._capture()
 
     def fits(self, n: int) -> bool:
@@ -81,9 +79,9 @@ class PrefillGraphs:
         if not self.fits(t):
             raise ValueError(f"a prompt of {t} tokens is outside the prefill buckets (1..{self.buckets[-1]})")
         n = min(b for b in self.buckets if b >= t)
-        self.host_ids[:n] = 0
-        self.host_ids[:t] = torch.tensor(ids, dtype=torch.long)
-        self.ids[n][0].copy_(self.host_ids[:n], non_blocking=True)
+        # a fresh host tensor each call: a reused pinned buffer could be rewritten by the next call
+        # while its non-blocking copy is still in flight
+        self.ids[n][0].copy_(F.pad(torch.tensor(ids, dtype=torch.long), (0, n - t)))
         self.slot.fill_(slot)
         self.last.fill_(t - 1)
         graph = self.graphs.get(n)
