@@ -88,7 +88,7 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
 #: ~12 ms longer on its way into the engine (rtf_aggregate 0.0121 against 0.0099 without), so the
 #: utilisation figures cost the figures they sit beside; ask for them with --gpu-sample-s 0.2.
 GPU_SAMPLE_S = 0.0
-#: What --gpu-sample-s takes when a run wants utilisation anyway (the sweeps' SWEEP_GPU_SAMPLE_S).
+#: An interval for a run that wants utilisation anyway (the F5 sweep's SWEEP_SAMPLED=1 passes it).
 GPU_SAMPLE_ON_S = 0.2
 
 
@@ -328,8 +328,7 @@ def run_level(url: str, args, items, prompts, concurrency: int) -> dict:
 def triton_path_ms(results: list, stream: bool) -> dict:
     """The way through Triton split in two from the engine's wall-clock stamps (`engine_in_s` when
     the engine took the request (Spark: began preparing it), `engine_out_s` when it handed the chunk
-    to its sender) and
-    the client's send time; valid where client and server share a clock (this bench on the server's
+    to its sender) and the client's send time; valid where client and server share a clock (this bench on the server's
     machine). `path_in_ms_mean`: request sent -> engine has it (gRPC, the front, its BLS request, the
     engine's parse; F5 also `path_to_execute_ms_mean`: up to the engine model's execute, its parse
     excluded); `path_out_ms_mean`: engine hands the audio over -> client has it (the engine's

@@ -68,8 +68,7 @@ def plan_batches(items: list, limit: int = MAX_VOCODE_BATCH) -> list[list]:
                 if placed[j]:
                     continue
                 if (isinstance(other, WindowJob) and len(other.window) == len(item.window)
-                        and other.owner not in waiting and other.owner is not item.owner
-                        and all(other.owner is not g.owner for g in group)):
+                        and other.owner not in waiting and all(other.owner is not g.owner for g in group)):
                     placed[j] = True
                     group.append(other)
                 else:
