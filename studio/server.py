@@ -129,6 +129,22 @@ def visible_gpus() -> list[int]:
     return list(range(count))
 
 
+#: STUDIO_TRITON_TRACE=FILE: Triton traces every request's timestamps (gRPC receipt, queue, the
+#: model's execute, each BLS child request: `tools/trace_legs.py` splits a request's way through
+#: Triton with them) into FILE.0, FILE.1, ... (TRACE_LOG_FREQUENCY traces a file; the last few may
+#: be lost at shutdown). A diagnosis tool: off by default, as every traced request costs the server work.
+TRACE_ENV = "STUDIO_TRITON_TRACE"
+TRACE_LOG_FREQUENCY = 8
+
+
+def trace_args(path: str) -> list[str]:
+    """tritonserver options for STUDIO_TRITON_TRACE (none when `path` is empty)."""
+    if not path:
+        return []
+    return [f"--trace-config=triton,file={path}", f"--trace-config=triton,log-frequency={TRACE_LOG_FREQUENCY}",
+            "--trace-config=level=TIMESTAMPS", "--trace-config=rate=1", "--trace-config=count=-1"]
+
+
 def engine_instance_group(gpus: list[int], count_per_gpu: int = 1) -> str:
     """Engine models (the ones holding weights): one instance per GPU, or one on the CPU."""
     if gpus:
@@ -562,6 +578,7 @@ class TritonServer:
                f"--grpc-restricted-protocol=model-repository:{REPOSITORY_HEADER}={self.repository_secret}"]
         if backends:
             cmd.append(f"--backend-directory={backends}")
+        cmd += trace_args(os.environ.get(TRACE_ENV, ""))
         self._set("starting", f"starting tritonserver (gRPC {self.grpc_url}, HTTP {self.http_url}"
                               + (f", metrics {self.metrics_url})" if self.metrics_url else ")"))
         log = open(self.log_path, "ab")

@@ -52,3 +52,13 @@ def test_profile_summary_counts_named_ranges():
     assert s["kernels"] == 0 and s["device_busy_ms"] == 0.0 and s["device_span_ms"] == 0.0  # CPU only
     assert set(s["ranges"]) == {"f5.steps"} and s["ranges"]["f5.steps"]["calls"] == 2
     assert s["ranges"]["f5.steps"]["host_ms"] > 0
+
+
+def test_summary_of_collection_lines(tmp_path):
+    log = tmp_path / "tritonserver.log"
+    rows = [{"generation": 2, "ms": 134.0, "collected": 0}, {"generation": 0, "ms": 1.5, "collected": 3},
+            {"generation": 2, "ms": 140.5, "collected": 0}]
+    log.write_text("\n".join(f"[timing] f5_engine:gc {json.dumps(r)}" for r in rows) + "\n")
+    gc_summary = gpu_timing.summarise(gpu_timing.read([log]))["f5_engine:gc"]
+    assert gc_summary == {"n": 3, "ms_p50": 134.0, "ms_max": 140.5, "ms_sum": 276.0,
+                          "by_generation": {"0": 1, "2": 2}}

@@ -26,6 +26,8 @@
 # before capture, STUDIO_F5_CAPTURE_WARMUP=all: label warm_all; its start-up compares with fast-restart's,
 # both on a warm compile cache), SWEEP_GATHER_ON=1 (add the fast server whose engine waits up to 20 ms
 # after a batch for every request in flight, STUDIO_F5_ENGINE_GATHER_MS=20: label gather_on),
+# SWEEP_VARIANTS="label:VAR=VALUE ..." (more variants, one server each), SWEEP_TRACE=1 (add the fast server
+# with Triton tracing every request, label traced: tools/trace_legs.py splits the way through the server),
 # SWEEP_VARIANT_NEED_S (budget a variant needs left to start; default 150).
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -107,7 +109,12 @@ start_server() {
 
 # snapshot: summary + tarball of everything so far, so a sweep cut off by a time limit still returns results
 snapshot() {
-  [[ -f "$RES/tritonserver_fast.log" ]] && $PY tools/gpu_timing.py "$RES/tritonserver_fast.log" --json "$RES/timing_fast.json" >/dev/null 2>&1
+  local log label
+  for log in "$RES"/tritonserver_*.log; do  # every server's [timing] lines: timing_LABEL.json
+    [[ -f $log ]] || continue
+    label=${log##*/tritonserver_}
+    $PY tools/gpu_timing.py "$log" --json "$RES/timing_${label%.log}.json" >/dev/null 2>&1
+  done
   $PY tools/gpu_summary.py "$RES" --out "$OUT" >"$RES/summary.log" 2>&1 || say "summary FAILED: $(tail -n 5 "$RES/summary.log")"
   tar czf "$OUT/results.tgz" -C "$WORK" results 2>>"$LOG"
 }
@@ -235,6 +242,14 @@ variant() { # variant LABEL VAR=VALUE
 [[ ${SWEEP_LOOP_OFF:-0} != 0 ]] && variant loop_off STUDIO_F5_ENGINE_LOOP=0
 [[ ${SWEEP_WARM_ALL:-0} != 0 ]] && variant warm_all STUDIO_F5_CAPTURE_WARMUP=all
 [[ ${SWEEP_GATHER_ON:-0} != 0 ]] && variant gather_on STUDIO_F5_ENGINE_GATHER_MS=20
+# SWEEP_VARIANTS="label:VAR=VALUE ...": any other setting, one server each (e.g. nofreeze:STUDIO_GC_FREEZE=0)
+for spec in ${SWEEP_VARIANTS:-}; do variant "${spec%%:*}" "${spec#*:}"; done
+# SWEEP_TRACE=1: the fast server once more with Triton tracing every request (label traced); the way
+# through the server leg by leg (tools/trace_legs.py) lands in trace_legs.json and the sweep log
+if [[ ${SWEEP_TRACE:-0} != 0 ]]; then
+  variant traced "STUDIO_TRITON_TRACE=$RES/trace_traced.json"
+  $PY tools/trace_legs.py "$RES/trace_traced.json" --json "$RES/trace_legs.json" 2>&1 | tee -a "$LOG"
+fi
 
 # -- d. the eager server (the CPU code path on CUDA) ---------------------------------------------------
 if [[ ${SWEEP_EAGER:-1} != 0 ]] && time_left 100 && start_server eager 0; then

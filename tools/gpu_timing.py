@@ -8,7 +8,8 @@ in milliseconds. Engine lines give `parse` (inputs and request building), per ch
 give the `arrivals` of the engine's responses (ms since the front's BLS call began) and, streaming,
 how long each forward took. From these: the engine's time outside synthesis, and the hop from an
 engine's send to the front's receipt (front arrival minus the engine's send time, when both sides
-of one request line up).
+of one request line up). Collection lines (`<model>:gc`, `triton_models.shared.watch_gc`) give
+how many collections took 1 ms or more, by generation, their median, longest and summed time.
 """
 
 from __future__ import annotations
@@ -43,6 +44,13 @@ def med(values) -> float | None:
 def summarise(lines: dict[str, list[dict]]) -> dict:
     res: dict = {}
     for model, rows in lines.items():
+        if model.endswith(":gc"):
+            ms = [r["ms"] for r in rows if r.get("ms") is not None]
+            res[model] = {"n": len(rows), "ms_p50": med(ms), "ms_max": max(ms, default=None),
+                          "ms_sum": round(sum(ms), 3),
+                          "by_generation": {str(g): sum(1 for r in rows if r.get("generation") == g)
+                                            for g in sorted({r.get("generation") for r in rows}, key=str)}}
+            continue
         s: dict = {"n": len(rows), "total_ms_p50": med(r.get("total") for r in rows)}
         if model.endswith("_engine"):
             s["parse_ms_p50"] = med(r.get("parse") for r in rows)
