@@ -77,6 +77,10 @@ def test_large_batches_take_the_coarser_length_buckets():
     is one that warm-up captures."""
     opts = F.fast_options_from_env(env={})
     assert opts.lengths_for(2) == F.DEFAULT_LENGTH_BUCKETS
+    assert opts.lengths_for(1) == F.ONE_ITEM_LENGTH_BUCKETS  # a lone item: 32-frame steps over 512-1536
+    assert set(F.DEFAULT_LENGTH_BUCKETS) < set(opts.lengths_for(1)) and 544 in opts.lengths_for(1)
+    with pytest.raises(ValueError, match="one_item_length_buckets must end where"):
+        F.FastOptions(length_buckets=(128, 256), one_item_length_buckets=(128,))
     assert opts.lengths_for(4) == F.DEFAULT_LARGE_BATCH_LENGTH_BUCKETS
     assert all(n % 128 == 0 for n in opts.lengths_for(8) if n < 2048)
     assert max(opts.lengths_for(8)) == max(opts.lengths_for(1))
@@ -86,7 +90,7 @@ def test_large_batches_take_the_coarser_length_buckets():
     fs = object.__new__(F.FastSampler)  # the bucket arithmetic reads the options only
     fs.options = opts
     captured = set(fs.buckets())
-    for items, packed in [(2, 1246), (3, 1246), (4, 1900), (8, 5000), (1, 479)]:
+    for items, packed in [(2, 1246), (3, 1246), (4, 1900), (8, 5000), (1, 479), (1, 767)]:
         assert fs.bucket(items, packed) in captured
     assert fs.bucket(2, 1246) == (2, 1280) and fs.bucket(1, 1190) == (1, 1216) and fs.bucket(3, 1190) == (4, 1280)
 
@@ -259,8 +263,23 @@ def test_bucketed_item_equals_its_solo_run(tmp_path):
     both = fs.sample(dit, cond, ids, refs, lens, noise, 6, 2.0, -1.0)
     solo = fs.sample(dit, cond[1:, :50], ids[1:], refs[1:], lens[1:], noise[1:, :50], 6, 2.0, -1.0)
     assert fs.bucket(2, F.packed_length([120, 50])) == (2, 256)
-    assert fs.bucket(1, F.packed_length([50])) == (1, 128)  # different buckets
+    assert fs.bucket(1, F.packed_length([50])) == (1, 64)  # different buckets (a lone item packs without a gap)
     assert (both[1, :50] - solo[0]).abs().max() <= SAME_AUDIO
+
+
+@pytest.mark.parametrize("frames", [64, 62])
+def test_a_lone_item_that_fills_its_bucket_equals_the_eager_sampler(tmp_path, frames):
+    """A lone item packs without a gap: one of exactly a bucket's length (or within the text
+    convolutions' reach of it) ends both halves of the packed axis, where the text embedding's and
+    the position convolutions' rows end, and still equals the plain sampler."""
+    dit = tiny_dit(tmp_path)
+    fs = F.FastSampler(dit, small_options())
+    args = batch([frames], [20])
+    with torch.inference_mode():
+        ref = sample(dit, *args, 6, 2.0, -1.0)
+        out = fs.sample(dit, *args, 6, 2.0, -1.0)
+    assert fs.bucket(1, F.packed_length([frames])) == (1, 64)
+    assert (out - ref).abs().max() <= SAME_AUDIO
 
 
 def test_stale_buffer_contents_do_not_leak(tmp_path):
@@ -509,6 +528,24 @@ def test_graph_path_equals_eager_fp32(tmp_path, monkeypatch):
     assert float((out - ref).norm() / ref.norm()) <= 1e-4
     solo = fs.sample(dit, *[a[2:] for a in args], 8, 2.0, -1.0)
     assert float((out[2] - solo[0]).norm() / solo[0].norm()) <= 1e-4
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("mode", ["graph", "compile"])
+def test_lone_item_filling_its_bucket_equals_eager_fp32_on_cuda(tmp_path, monkeypatch, mode):
+    """A lone item packed without a gap, exactly a bucket long: its captured step (two padded
+    rows, the text convolutions stopping at each row's end) equals the eager sampler."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    dit = tiny_dit(tmp_path, depth=4, dtype=torch.float32, device="cuda")
+    fs = F.FastSampler(dit, small_options(mode=mode, self_check=False, cache_dir=str(tmp_path / "cache"),
+                                          length_buckets=(128, 256)))
+    fs.warmup()
+    args = batch([128], [40], device="cuda")
+    assert fs.ready and fs.bucket(1, F.packed_length([128])) == (1, 128)
+    out = fs.sample(dit, *args, 8, 2.0, -1.0)
+    ref = sample(dit, *args, 8, 2.0, -1.0)
+    assert float((out - ref).norm() / ref.norm()) <= 1e-4
 
 
 @pytest.mark.gpu

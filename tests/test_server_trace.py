@@ -121,3 +121,15 @@ def test_f5_warmup_loads_the_text_front_ends_dictionaries(tmp_path, monkeypatch)
     monkeypatch.setattr(P.text_mod, "text_to_units", lambda text: seen.append(text) or real(text))
     pipe.warmup()
     assert any(any(P.text_mod._is_chinese(ch) for ch in text) for text in seen)
+
+
+def test_engine_queue_delay_defaults_and_override(monkeypatch):
+    from studio.server import QUEUE_DELAY_ENV, engine_queue_delay_us
+
+    monkeypatch.delenv(QUEUE_DELAY_ENV, raising=False)
+    assert engine_queue_delay_us(True) == 250 and engine_queue_delay_us(False) == 10000
+    monkeypatch.setenv(QUEUE_DELAY_ENV, "0")
+    assert engine_queue_delay_us(True) == 0
+    monkeypatch.setenv(QUEUE_DELAY_ENV, "-5")
+    with pytest.raises(ValueError, match=QUEUE_DELAY_ENV):
+        engine_queue_delay_us(True)

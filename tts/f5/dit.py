@@ -149,10 +149,13 @@ class ConvNeXtV2Block(nn.Module):
         h = F.gelu(self.pwconv1(self.norm(h)))
         return x + self.pwconv2(self.grn(h, valid))
 
-    def forward_packed(self, x: Tensor, members: Tensor, seg: Tensor) -> Tensor:
+    def forward_packed(self, x: Tensor, members: Tensor, seg: Tensor, rows: int = 1) -> Tensor:
         """x [N, C] packed items, zero between them (at least TEXT_CONV_KERNEL // 2 tokens apart,
-        so the depthwise conv never reaches across); see `GRN.forward_packed`."""
-        h = self.dwconv(x.t()[None])[0].t()
+        so the depthwise conv never reaches across); see `GRN.forward_packed`. `rows`: the axis is
+        that many independent rows of N / rows tokens (the depthwise conv stops at each row's end,
+        so an item may end its row without a gap)."""
+        n, c = x.shape
+        h = self.dwconv(x.view(rows, n // rows, c).transpose(1, 2)).transpose(1, 2).reshape(n, c)
         h = F.gelu(self.pwconv1(self.norm(h)))
         return x + self.pwconv2(self.grn.forward_packed(h, members, seg))
 
@@ -182,11 +185,12 @@ class TextEmbedding(nn.Module):
         return x
 
     def forward_packed(self, ids: Tensor, valid: Tensor, keep: Tensor, pos: Tensor, seg: Tensor,
-                       segments: int) -> Tensor:
+                       segments: int, rows: int = 1) -> Tensor:
         """`forward` on packed items: ids, valid, keep [N] as in `forward` but on one token axis;
         pos [N] long: each token's frame index within its item; seg [N] long: its item in
-        [0, segments), or `segments` between items. -> [N, text_dim]; a token's values equal
-        `forward`'s for its item and frame (items at least TEXT_CONV_KERNEL // 2 tokens apart)."""
+        [0, segments), or `segments` between items; rows: the axis is that many rows of N / rows
+        tokens no item crosses. -> [N, text_dim]; a token's values equal `forward`'s for its item
+        and frame (items at least TEXT_CONV_KERNEL // 2 tokens apart, or at a row's end)."""
         valid1, keep1 = valid[:, None], keep[:, None]
         x = self.text_embed(ids).masked_fill(~valid1, 0.0)
         if self.text_blocks is None:
@@ -194,7 +198,7 @@ class TextEmbedding(nn.Module):
         x = (x + text_positions_at(pos, x.shape[-1]).to(x.dtype)).masked_fill(~keep1, 0.0)
         members = ((seg[None, :] == torch.arange(segments, device=seg.device)[:, None]) & valid[None, :]).float()
         for block in self.text_blocks:
-            x = block.forward_packed(x, members, seg).masked_fill(~keep1, 0.0)
+            x = block.forward_packed(x, members, seg, rows).masked_fill(~keep1, 0.0)
         return x
 
 
@@ -546,7 +550,8 @@ class DiT(nn.Module):
         n = ids.shape[0]
         emb = self.text_embed.forward_packed(
             torch.cat((ids, torch.zeros_like(ids))), torch.cat((valid, valid)), torch.cat((keep, keep)),
-            torch.cat((pos, pos)), torch.cat((seg, torch.where(seg < items, seg + items, 2 * items))), 2 * items)
+            torch.cat((pos, pos)), torch.cat((seg, torch.where(seg < items, seg + items, 2 * items))), 2 * items,
+            rows=2)  # the halves are rows: a lone item may fill its half (`tts.f5.fast.packed_length`)
         return emb[:n], emb[n:]
 
     def forward(self, x: Tensor, cond: Tensor, text_cond: Tensor, text_uncond: Tensor, time: Tensor,
