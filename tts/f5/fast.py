@@ -875,7 +875,10 @@ class FastSampler:
         so they can share it). A bucket whose capture fails is logged and runs uncaptured (correct,
         slower)."""
         dev = self.device
-        pool = torch.cuda.graph_pool_handle()
+        # One pool for every graph; a capture that fails may leave the allocator recording into
+        # its pool (seen on an H100 in a test: every later capture into that pool then failed with
+        # "beginAllocateToPool: already recording to mempool_id"), so later captures take a new one.
+        pools = [torch.cuda.graph_pool_handle()]
         side = torch.cuda.Stream(device=dev)
         errors: dict[str, str] = {}
         warm = buckets_to_warm(buckets, self.options.capture_warmup)
@@ -890,10 +893,14 @@ class FastSampler:
 
         def capture(v: BucketViews) -> tuple[torch.cuda.CUDAGraph, torch.cuda.CUDAGraph]:
             graph, prologue = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-                static_step(self.dit, v, self.buffers.step, self.buffers.cfg, self.buffers.mods)
-            with torch.cuda.graph(prologue, pool=pool, capture_error_mode="thread_local"):
-                static_prologue(self.dit, v)
+            try:
+                with torch.cuda.graph(graph, pool=pools[-1], capture_error_mode="thread_local"):
+                    static_step(self.dit, v, self.buffers.step, self.buffers.cfg, self.buffers.mods)
+                with torch.cuda.graph(prologue, pool=pools[-1], capture_error_mode="thread_local"):
+                    static_prologue(self.dit, v)
+            except Exception:
+                pools.append(torch.cuda.graph_pool_handle())
+                raise
             return graph, prologue
 
         with torch.cuda.device(dev), step_context():
