@@ -404,7 +404,9 @@ BUSY_SUFFIX = ".busy"
 
 
 def register_stub(args: dict) -> None:
-    """Record this stub process under its instance name (called from every model's `initialize`)."""
+    """Record this stub process under its instance name (called last in every model's
+    `initialize`), then freeze the heap built so far (`freeze_heap`) and, with STUDIO_TIMING_LOG,
+    log long garbage collections (`watch_gc`)."""
     global _STUB_RECORD
     pid = os.getpid()
     path = stubs_dir(args) / args["model_instance_name"]
@@ -425,9 +427,10 @@ def freeze_heap() -> None:
     model builds in `initialize`) out of the garbage collector's reach (`gc.freeze`), so a full
     collection later scans only what requests allocate. Measured without it on the CPU (F5 engine,
     tiny weights, eager): two full collections of 134 and 141 ms, collecting nothing, inside one
-    request's parse; the compiled fast path on a GPU holds more objects still. Objects frozen here
-    are still freed when their reference count drops; only cycles among them are never collected.
-    Called last in `initialize` (through `register_stub`)."""
+    request's parse; the compiled fast path on a GPU holds more objects still (on an H100, though,
+    no collection of 1 ms or more ran in the engine during a 64-request run, with or without the
+    freeze). Objects frozen here are still freed when their reference count drops; only cycles among
+    them are never collected. Called last in `initialize` (through `register_stub`)."""
     import gc
 
     from tts.switches import switch_from_env
