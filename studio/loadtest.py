@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -256,15 +257,15 @@ def main(args) -> int:
     if not Path(args.prompt).is_file():
         print(f"error: --prompt {str(args.prompt)!r} does not exist", file=sys.stderr)
         return 2
-    proc, tmp = None, None
+    proc, tmp, report = None, None, None
     data_dir = args.data_dir
     url = (args.url or "").rstrip("/")
     try:
         if not url:
-            tmp = tempfile.TemporaryDirectory(prefix="studio-loadtest-")
-            data_dir = Path(tmp.name) / "data"
-            proc, url = start_app(data_dir, not args.real_weights, args.concurrency, Path(tmp.name) / "app.log")
-            print(f"started the studio at {url} (log {Path(tmp.name) / 'app.log'})", flush=True)
+            tmp = Path(tempfile.mkdtemp(prefix="studio-loadtest-"))
+            data_dir = tmp / "data"
+            proc, url = start_app(data_dir, not args.real_weights, args.concurrency, tmp / "app.log")
+            print(f"started the studio at {url} (log {tmp / 'app.log'})", flush=True)
         wait_until_serving(url, _request_kwargs(args), proc, START_TIMEOUT_S)
         report = run_load(url, args, data_dir)
     except RuntimeError as exc:
@@ -274,7 +275,10 @@ def main(args) -> int:
         if proc is not None:
             stop_app(proc)
         if tmp is not None:
-            tmp.cleanup()
+            if report is not None and report["failures"] == 0 and report["not_run"] == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:  # a failed run keeps the app's and the server's logs for whoever reads the failure
+                print(f"kept {tmp} (the app's log, and the server's under data/runs/)", flush=True)
     print(format_report(report))
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))

@@ -761,3 +761,35 @@ def test_tritonserver_killed_comes_back_without_leftover_stubs(fault_server, fcl
     assert old_stubs and not [pid for pid in old_stubs if process_start_time(pid) is not None], \
         "a stub of the killed server is still running"
     assert f5(fclient).audio.size > 0
+
+
+@pytest.mark.parametrize("failures,kept", [(0, False), (2, True)])
+def test_a_failed_loadtest_keeps_its_logs(tmp_path, monkeypatch, capsys, failures, kept):
+    """A load test that started its own studio removes that folder after a clean run and keeps it
+    (the app's log, the server's logs) after a run with failures, saying where."""
+    import argparse
+    import tempfile
+
+    from studio import loadtest
+
+    made = []
+    real_mkdtemp = tempfile.mkdtemp
+
+    def mkdtemp(prefix=""):
+        made.append(Path(real_mkdtemp(prefix=prefix, dir=tmp_path)))
+        return str(made[-1])
+
+    report = {"url": "http://x", "requests": 4, "concurrency": 1, "wall_s": 1.0, "ok": 4 - failures, "busy": 0,
+              "failures": failures, "not_run": 0, "latency_s": {"p50": 0.1, "p90": 0.1, "p99": 0.1},
+              "pss_mib": {"before": 1.0, "first_quarter": 1.0, "last_quarter": 1.0, "after": 1.0,
+                          "growth_first_to_last_quarter_pct": 0.0}, "failure_examples": ["boom"] * failures}
+    monkeypatch.setattr(loadtest.tempfile, "mkdtemp", mkdtemp)
+    monkeypatch.setattr(loadtest, "start_app", lambda data_dir, demo, conc, log: (None, "http://x"))
+    monkeypatch.setattr(loadtest, "wait_until_serving", lambda *a: None)
+    monkeypatch.setattr(loadtest, "run_load", lambda url, args, data_dir: report)
+    p = argparse.ArgumentParser()
+    loadtest.add_loadtest_args(p)
+    args = p.parse_args(["--requests", "4", "--concurrency", "1"])
+    assert loadtest.main(args) == (1 if failures else 0)
+    assert len(made) == 1 and made[0].exists() == kept
+    assert (f"kept {made[0]}" in capsys.readouterr().out) == kept
