@@ -71,6 +71,15 @@ def test_default_length_buckets_cover_the_pipeline_range():
     assert all((nxt - cur) / cur <= 1 / 8 for cur, nxt in zip(b, b[1:]) if cur >= 2048)
 
 
+def test_compile_mode_from_the_environment():
+    assert F.fast_options_from_env(env={}).compile_mode is None
+    assert F.fast_options_from_env(env={F.COMPILE_MODE_ENV: "default"}).compile_mode is None
+    opts = F.fast_options_from_env(env={F.COMPILE_MODE_ENV: "max-autotune-no-cudagraphs"})
+    assert opts.compile_mode == "max-autotune-no-cudagraphs"
+    with pytest.raises(ValueError, match=F.COMPILE_MODE_ENV):
+        F.fast_options_from_env(env={F.COMPILE_MODE_ENV: "max-autotune"})  # its own CUDA graphs clash with ours
+
+
 def test_large_batches_take_the_coarser_length_buckets():
     """Batches of up to FINE_LENGTH_MAX_BATCH items round to 64-frame steps below 2048, larger ones
     to 128-frame steps; both end at the same largest bucket, and every bucket a batch can land in

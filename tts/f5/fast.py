@@ -87,6 +87,12 @@ MODES = ("off", "eager", "graph", "compile")
 #: does (Python launches through 22 blocks): in one H100 call (commit d8dbe1e) a start on a warm
 #: compile cache took 22.6 s with "first" (capture 10.1 s) against 29.5 s with "all" (14.8 s), same
 #: speed afterwards (offline c=1 rtf 0.0118 against 0.0118-0.0123).
+#: inductor's mode for the DiT blocks: unset = its default (matrix products through cuBLAS, pointwise
+#: work fused around them), or "max-autotune-no-cudagraphs" (products as autotuned Triton templates
+#: that can take the pointwise work into their epilogues; a far longer first compile, kept in the
+#: compile cache). Not measured end to end yet.
+COMPILE_MODE_ENV = "STUDIO_F5_COMPILE_MODE"
+COMPILE_MODE_CHOICES = ("default", "max-autotune-no-cudagraphs")
 CAPTURE_WARMUP_ENV = "STUDIO_F5_CAPTURE_WARMUP"
 CAPTURE_WARMUP_CHOICES = ("first", "all")  # the first is the default
 #: Env values that switch the fast path off / pick the default mode.
@@ -209,6 +215,8 @@ def fast_options_from_env(max_batch: int = 8, env: dict | None = None, **overrid
     overrides.setdefault("attention", _env_choice(env, ATTENTION_ENV, ATTENTION_CHOICES))
     overrides.setdefault("conv", _env_choice(env, CONV_ENV, CONV_CHOICES))
     overrides.setdefault("capture_warmup", _env_choice(env, CAPTURE_WARMUP_ENV, CAPTURE_WARMUP_CHOICES))
+    compile_mode = _env_choice(env, COMPILE_MODE_ENV, COMPILE_MODE_CHOICES)
+    overrides.setdefault("compile_mode", None if compile_mode == "default" else compile_mode)
     overrides.setdefault("large_batch_length_buckets", DEFAULT_LARGE_BATCH_LENGTH_BUCKETS)
     overrides.setdefault("one_item_length_buckets", ONE_ITEM_LENGTH_BUCKETS)
     return FastOptions(mode=mode, batch_buckets=batch_buckets_for(max_batch), **overrides)
@@ -626,6 +634,8 @@ class FastSampler:
         self.ready = self.mode == "eager"  # the other modes become ready in warmup()
         self.stats: dict = {"mode": self.mode, "fused_gelu": bool(self.use_graphs and options.fused_gelu and not self.fp8),
                             "fp8": self.fp8}
+        if options.compile_mode:
+            self.stats["compile_mode"] = options.compile_mode
 
     # -- public ---------------------------------------------------------------------------------
     def bucket(self, batch: int, packed: int) -> tuple[int, int] | None:
