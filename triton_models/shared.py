@@ -6,6 +6,7 @@ ignores PYTHONPATH). Importing `triton_python_backend_utils` works only inside a
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import threading
@@ -39,8 +40,6 @@ def watch_gc(model: str) -> None:
     whichever thread allocates at that moment, so a long one sits on some request's path."""
     if not TIMING_LOG:
         return
-    import gc
-
     started = [0.0]
 
     def on_gc(phase: str, info: dict) -> None:
@@ -431,8 +430,6 @@ def freeze_heap() -> None:
     no collection of 1 ms or more ran in the engine during a 64-request run, with or without the
     freeze). Objects frozen here are still freed when their reference count drops; only cycles among
     them are never collected. Called last in `initialize` (through `register_stub`)."""
-    import gc
-
     from tts.switches import switch_from_env
 
     if not switch_from_env(GC_FREEZE_ENV, default=True):

@@ -81,18 +81,18 @@ CONV_PROBE_FRAMES = 2 * 1280
 #: measured on the H200).
 CONV_AGREE_TOL = 2e-2
 MODES = ("off", "eager", "graph", "compile")
-#: Which buckets run once uncaptured before their capture (lazy initialisation, kernel specialisation):
-#: "first" (the first, largest, bucket of each batch size; a capture that then fails is warmed and
-#: retried; the default) or "all" (every bucket). On the host a warm-up costs about what a capture
-#: does (Python launches through 22 blocks): in one H100 call (commit d8dbe1e) a start on a warm
-#: compile cache took 22.6 s with "first" (capture 10.1 s) against 29.5 s with "all" (14.8 s), same
-#: speed afterwards (offline c=1 rtf 0.0118 against 0.0118-0.0123).
 #: inductor's mode for the DiT blocks: unset = its default (matrix products through cuBLAS, pointwise
 #: work fused around them), or "max-autotune-no-cudagraphs" (products as autotuned Triton templates
 #: that can take the pointwise work into their epilogues; a far longer first compile, kept in the
 #: compile cache). Not measured end to end yet.
 COMPILE_MODE_ENV = "STUDIO_F5_COMPILE_MODE"
 COMPILE_MODE_CHOICES = ("default", "max-autotune-no-cudagraphs")
+#: Which buckets run once uncaptured before their capture (lazy initialisation, kernel specialisation):
+#: "first" (the first, largest, bucket of each batch size; a capture that then fails is warmed and
+#: retried; the default) or "all" (every bucket). On the host a warm-up costs about what a capture
+#: does (Python launches through 22 blocks): in one H100 call (commit d8dbe1e) a start on a warm
+#: compile cache took 22.6 s with "first" (capture 10.1 s) against 29.5 s with "all" (14.8 s), same
+#: speed afterwards (offline c=1 rtf 0.0118 against 0.0118-0.0123).
 CAPTURE_WARMUP_ENV = "STUDIO_F5_CAPTURE_WARMUP"
 CAPTURE_WARMUP_CHOICES = ("first", "all")  # the first is the default
 #: Env values that switch the fast path off / pick the default mode.
