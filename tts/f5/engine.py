@@ -81,10 +81,13 @@ class Waves:
     def add(self, key: object, request: F5Request, streaming: bool, sink: "Sink | None" = None,
             arrived: float | None = None, arrived_wall: float | None = None,
             received_wall: float | None = None) -> Entry:
-        if not request.jobs:
+        return self.admit(Entry(key, request, streaming, sink, arrived=arrived, arrived_wall=arrived_wall,
+                                received_wall=received_wall))
+
+    def admit(self, entry: Entry) -> Entry:
+        """Add an entry made elsewhere (`F5Engine.submit` makes it when the request arrives)."""
+        if not entry.request.jobs:
             raise ValueError("a request without chunks")
-        entry = Entry(key, request, streaming, sink, arrived=arrived, arrived_wall=arrived_wall,
-                      received_wall=received_wall)
         self.entries.append(entry)
         return entry
 
@@ -233,8 +236,7 @@ class F5Engine:
         self.gather_s = gather_s_from_env() if gather_s is None else gather_s
         self._last_size, self._last_end = 0, 0.0  # requests in flight when the last batch ended, and when
         self._waves = Waves(demo_weights)
-        self._incoming: list[tuple] = []  # (key, request, streaming, sink, perf_counter and time.time() at
-        # submit, time.time() when the server got it)
+        self._incoming: list[Entry] = []  # submitted, not yet in `_waves` (the loop admits them between batches)
         self._cv = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="f5-engine", daemon=True)
@@ -244,10 +246,14 @@ class F5Engine:
                received_at: float | None = None) -> None:
         """received_at: time.time() when the server got the request (before parsing it), reported
         as the info's engine_exec_s."""
+        if not request.jobs:
+            raise ValueError("a request without chunks")
+        entry = Entry(key, request, streaming, sink, arrived=time.perf_counter(), arrived_wall=time.time(),
+                      received_wall=received_at)
         with self._cv:
             if self._closed:
                 raise RuntimeError("the F5 engine is shut down")
-            self._incoming.append((key, request, streaming, sink, time.perf_counter(), time.time(), received_at))
+            self._incoming.append(entry)
             self._cv.notify()
 
     @property
@@ -282,12 +288,12 @@ class F5Engine:
                 if self.gather_s:
                     self._gather(len(waves.entries))
                 if self._closed:
-                    left = [item[3] for item in self._incoming] + [e.sink for e in waves.entries]
+                    left = [e.sink for e in self._incoming + waves.entries]
                     self._incoming.clear()
                     waves.entries.clear()
                     break
-                for key, request, streaming, sink, arrived, wall, received in self._incoming:
-                    waves.add(key, request, streaming, sink, arrived=arrived, arrived_wall=wall, received_wall=received)
+                for entry in self._incoming:
+                    waves.admit(entry)
                 self._incoming.clear()
             for e in list(waves.entries):
                 if self._call(e.sink.cancelled, default=False):
