@@ -333,3 +333,46 @@ def test_conv_kernel_arithmetic_under_the_triton_interpreter():
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert float(done.stdout.strip().splitlines()[-1]) <= 1e-5
+
+
+
+_ATTENTION_INTERPRETER_CHECK = r"""
+import itertools, sys
+sys.path.insert(0, sys.argv[1])
+import torch
+from tts.f5 import attention_kernel as AK
+from tts.f5.dit import packed_attention
+torch.manual_seed(0)
+worst = 0.0
+# packed items with gaps; a lone item's rows (its padding a sequence, one of them empty); one frame
+for lens, heads, dim_head in (([37, 5, 37, 5], 2, 16), ([70, 16, 100, 16, 70, 16, 100, 16], 3, 32),
+                              ([64, 0, 64, 0], 2, 16), ([1, 130], 2, 16)):
+    n = sum(lens)
+    cu = torch.tensor([0] + list(itertools.accumulate(lens)), dtype=torch.int32)
+    q, k, v = torch.randn(n, 3, heads, dim_head).unbind(1)  # strided views of a fused projection
+    ref = packed_attention(q, k, v, cu, max(lens))
+    for config in AK.CONFIGS:
+        out = AK.packed_attention_triton(q, k, v, cu, config)
+        assert out.shape == q.shape and out.is_contiguous()
+        worst = max(worst, float((out - ref).abs().max()))
+print(worst)
+"""
+
+
+def test_attention_kernel_arithmetic_under_the_triton_interpreter():
+    """The Triton packed attention (`tts.f5.attention_kernel`) equals the masked attention of
+    `packed_attention` in every tile config, under Triton's CPU interpreter where Triton is
+    installed (a child process, as for the convolution above). On CUDA:
+    tests/test_f5_fast.py::test_triton_packed_attention_equals_per_sequence_sdpa."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    root = str(Path(__file__).resolve().parent.parent)
+    done = subprocess.run([sys.executable, "-c", _ATTENTION_INTERPRETER_CHECK, root], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert float(done.stdout.strip().splitlines()[-1]) <= 1e-5

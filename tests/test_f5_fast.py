@@ -291,6 +291,26 @@ def test_a_lone_item_that_fills_its_bucket_equals_the_eager_sampler(tmp_path, fr
     assert (out - ref).abs().max() <= SAME_AUDIO
 
 
+@pytest.mark.parametrize("frames", [64, 50])
+def test_a_lone_items_rows_through_the_packed_attention_equal_the_eager_sampler(tmp_path, monkeypatch, frames):
+    """The rows layout with its attention on the packed axis (`PACKED_ATTENTION["rows"]` "triton":
+    the item and the padding after it as sequences of their own in each half) gives the eager
+    sampler's result. On the CPU the packed attention is its masked form, so this checks the
+    layout (rows flattened to the packed axis and back, per-token rotary angles), not the kernel
+    (tests/test_f5_dit.py under the Triton interpreter, test_triton_packed_attention_* on CUDA)."""
+    from tts.f5 import dit as D
+
+    monkeypatch.setitem(D.PACKED_ATTENTION, "rows", "triton")
+    dit = tiny_dit(tmp_path)
+    fs = F.FastSampler(dit, small_options())
+    args = batch([frames], [20])
+    with torch.inference_mode():
+        ref = sample(dit, *args, 6, 2.0, -1.0)
+        out = fs.sample(dit, *args, 6, 2.0, -1.0)
+    assert fs.bucket(1, F.packed_length([frames])) == (1, 64)
+    assert (out - ref).abs().max() <= SAME_AUDIO
+
+
 def test_stale_buffer_contents_do_not_leak(tmp_path):
     """Poison every static buffer (NaN) before a run: the result must not change."""
     dit = tiny_dit(tmp_path)
@@ -648,10 +668,49 @@ def test_cudnn_packed_attention_equals_flash_and_per_sequence_sdpa():
                 err = float((out[a:b] - ref).norm() / ref.norm())
                 assert err <= 1e-2, (backend, a, b, err)
         stats = F.choose_packed_attention(16, 64, torch.bfloat16, torch.device("cuda"))
-        assert stats["chosen"] in D.PACKED_ATTENTION_BACKENDS and "flash_us" in stats, stats
-        assert D.PACKED_ATTENTION["backend"] == stats["chosen"]
+        print(f"[attention] start-up choice: {stats}")
+        assert stats["chosen"].partition(":")[0] in D.PACKED_ATTENTION_BACKENDS and "flash" in stats["packed_us"], stats
+        assert stats["rows"].partition(":")[0] in D.ROW_ATTENTION_BACKENDS and "sdpa" in stats["rows_us"], stats
+        assert any(name.startswith("triton:") for name in stats["packed_us"]), stats  # the kernel ran and agreed
+        assert D.PACKED_ATTENTION["backend"] == stats["chosen"].partition(":")[0]
+        assert D.PACKED_ATTENTION["rows"] == stats["rows"].partition(":")[0]
     finally:
         D.PACKED_ATTENTION.update(before)
+
+
+@pytest.mark.gpu
+@cuda
+@torch.no_grad()
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_triton_packed_attention_equals_per_sequence_sdpa(dtype, tol):
+    """The Triton kernel (`tts.f5.attention_kernel`) in each tile config gives every sequence its
+    own attention: the packed layout of three items with their gaps, a lone item's rows (its
+    padding a sequence of its own; one empty when the item fills its row), inputs read through the
+    strides of a fused q/k/v projection."""
+    from tts.f5 import attention_kernel as AK
+
+    assert AK.available()
+    torch.manual_seed(0)
+    layouts = []
+    lens = [300, 170, 555]
+    n = F.packed_length(lens) + 30
+    layouts.append((F.packed_cu_seqlens(lens, 3, n), n))
+    for item, row in ((850, 864), (864, 864), (1, 64)):
+        layouts.append((F.packed_cu_seqlens([item], 1, row), row))
+    for cu_list, n in layouts:
+        qkv = torch.randn(2 * n, 3, 16, 64, device="cuda", dtype=dtype)
+        q, k, v = qkv.unbind(1)  # strided views, as the projection's output is read
+        cu = torch.tensor(cu_list, dtype=torch.int32, device="cuda")
+        for config in AK.CONFIGS:
+            out = AK.packed_attention_triton(q, k, v, cu, config).float()
+            assert out.shape == q.shape and out.is_contiguous()
+            for a, b in zip(cu_list[:-1], cu_list[1:]):
+                if b == a:
+                    continue
+                ref = torch.nn.functional.scaled_dot_product_attention(
+                    *(t[a:b].transpose(0, 1).double() for t in (q, k, v))).transpose(0, 1)
+                err = float((out[a:b].double() - ref).norm() / ref.norm())
+                assert err <= tol, (config, n, a, b, err)
 
 
 @pytest.mark.gpu

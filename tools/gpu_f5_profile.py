@@ -154,9 +154,27 @@ def varlen_vs_sdpa(cfg: F5Config, lens: list[int], t: int, device, dtype) -> dic
         out["aten_flash_varlen_ms"] = cuda_ms(lambda: fa(q, k, v, cu, cu, max(lens), max(lens), 0.0, False, False), 20, device)
     except Exception as exc:  # noqa: BLE001
         out["aten_flash_varlen_ms"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+    from tts.f5 import attention_kernel as AK
+
+    if AK.available():
+        for config in AK.CONFIGS:  # in a CUDA graph, as the server runs it (no Python launch cost)
+            try:
+                out[f"triton_{config}_graph_ms"] = round(FF.graph_us(
+                    lambda c=config: AK.packed_attention_triton(q, k, v, cu, c), device, 20) / 1000, 4)
+            except Exception as exc:  # noqa: BLE001
+                out[f"triton_{config}_graph_ms"] = f"{type(exc).__name__}: {str(exc)[:200]}"
     qp, kp, vp = (torch.randn(len(lens), h, t, dh, generator=g).to(device, dtype) for _ in range(3))
     mask = (torch.arange(t)[None, :] < torch.tensor(lens)[:, None]).to(device)[:, None, None, :]
     out["sdpa_masked_padded_ms"] = cuda_ms(lambda: F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask), 20, device)
+    if device.type == "cuda":
+        out["sdpa_masked_padded_graph_ms"] = round(FF.graph_us(
+            lambda: F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask), device, 20) / 1000, 4)
+        try:
+            from torch.nn.attention.varlen import varlen_attn
+            out["varlen_graph_ms"] = round(FF.graph_us(
+                lambda: varlen_attn(q, k, v, cu, cu, max(lens), max(lens)), device, 20) / 1000, 4)
+        except Exception as exc:  # noqa: BLE001
+            out["varlen_graph_ms"] = f"{type(exc).__name__}: {str(exc)[:200]}"
     return out
 
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tts.f5 import conv_kernel
+from tts.f5 import attention_kernel, conv_kernel
 from tts.f5.config import F5Config
 
 ROPE_BASE = 10000.0  # x_transformers RotaryEmbedding default base, as upstream builds it
@@ -326,12 +326,18 @@ def _varlen_attn():
 
 
 #: Kernel for packed (variable-length) attention on CUDA in fp16 / bf16: "flash" (flash attention's
-#: varlen kernel through torch.nn.attention.varlen) or "cudnn" (cuDNN's fused attention on ragged
-#: sequences, the kernel SDPA uses for nested tensors). The fast path measures both at start-up and
-#: sets the faster (`tts.f5.fast.choose_packed_attention`); a module global, so torch.compile
-#: guards on it and the graphs capture the chosen kernel.
-PACKED_ATTENTION = {"backend": "flash"}
-PACKED_ATTENTION_BACKENDS = ("flash", "cudnn")
+#: varlen kernel through torch.nn.attention.varlen), "cudnn" (cuDNN's fused attention on ragged
+#: sequences, the kernel SDPA uses for nested tensors) or "triton" (`tts.f5.attention_kernel`).
+#: "rows": how a lone item's two halves attend (`DiT.forward_packed` runs them as two rows):
+#: "sdpa" (SDPA with the key mask on the padded rows; cuDNN's fused kernel on an H100) or "triton"
+#: (the packed kernel over the rows' sequences). The fast path times the candidates at start-up and
+#: sets the fastest (`tts.f5.fast.choose_packed_attention`); a module global, so torch.compile
+#: guards on it and the graphs capture the chosen kernels.
+#: "triton_packed" / "triton_rows": the Triton kernel's tiles in each layout (`attention_kernel.CONFIGS`).
+PACKED_ATTENTION = {"backend": "flash", "rows": "sdpa", "triton_packed": attention_kernel.DEFAULT_CONFIG,
+                    "triton_rows": attention_kernel.DEFAULT_CONFIG}
+PACKED_ATTENTION_BACKENDS = ("flash", "cudnn", "triton")
+ROW_ATTENTION_BACKENDS = ("sdpa", "triton")
 
 
 @torch.library.custom_op("f5studio::cudnn_packed_attention", mutates_args=())
@@ -348,7 +354,8 @@ def _(q, k, v, cu_seqlens, max_seqlen):
     return torch.empty_like(q)
 
 
-def packed_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
+def packed_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int,
+                     kernel: str | None = None, config: str | None = None) -> Tensor:
     """Attention within each sequence of a packed token axis: q, k, v [N, H, Dh]; sequence i holds
     tokens [cu_seqlens[i], cu_seqlens[i + 1]) (int32 [S + 1], cu_seqlens[-1] == N); every token
     belongs to one sequence; max_seqlen bounds the longest. -> [N, H, Dh].
@@ -356,10 +363,15 @@ def packed_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_se
     On CUDA in fp16 / bf16: a varlen kernel, no padding computed and no mask read
     (`PACKED_ATTENTION`: flash attention's or cuDNN's). Elsewhere (CPU, fp32, a torch without
     them): SDPA over the whole axis with a block-diagonal mask, the same result (used by the CPU
-    tests; N^2 memory)."""
+    tests; N^2 memory). `kernel` overrides `PACKED_ATTENTION["backend"]`, `config` the Triton
+    kernel's tiles (`PACKED_ATTENTION["triton_packed"]`)."""
     # the varlen kernels run fp16 / bf16 only; an fp32 DiT (tests, debugging) takes the masked path
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        if PACKED_ATTENTION["backend"] == "cudnn":
+        kernel = kernel or PACKED_ATTENTION["backend"]
+        if kernel == "triton":
+            return attention_kernel.packed_attention_triton(q, k, v, cu_seqlens,
+                                                            config or PACKED_ATTENTION["triton_packed"])
+        if kernel == "cudnn":
             return cudnn_packed_attention(q, k, v, cu_seqlens, max_seqlen)
         varlen = _varlen_attn()
         if varlen is not None:
@@ -435,15 +447,22 @@ class Attention(nn.Module):
 
 
     def _forward_packed(self, x: Tensor, cos: Tensor, sin: Tensor, cu_seqlens: Tensor) -> Tensor:
+        shape = x.shape  # [1, N, D], or [rows, N / rows, D] (a lone item's halves, `DiT.forward_packed`)
+        x = x.reshape(1, -1, shape[-1])
         n = x.shape[1]
         q, k, v = (y[0].transpose(0, 1) for y in self._project(x))  # each [N, H, Dh]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = cos[:, None], sin[:, None]  # [N, 1, Dh]: broadcast over heads
         q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+        # several rows reach here only when the packed kernel serves a lone item's rows (`PACKED_ATTENTION`)
+        layout = "rows" if shape[0] > 1 else "packed"
+        kernel = PACKED_ATTENTION["rows"] if layout == "rows" else PACKED_ATTENTION["backend"]
+        if kernel != "triton":  # the Triton kernel reads strided views; the others want contiguous tensors
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         # a sequence never exceeds the half of the axis it lives in (conditional / unconditional)
-        out = packed_attention(q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens, n // 2)
-        return self.to_out[0](out.reshape(1, n, self.heads * self.dim_head))
+        out = packed_attention(q, k, v, cu_seqlens, n // 2, kernel, PACKED_ATTENTION[f"triton_{layout}"])
+        return self.to_out[0](out.reshape(*shape[:-1], self.heads * self.dim_head))
 
 
 class FeedForward(nn.Module):
@@ -615,12 +634,16 @@ class DiT(nn.Module):
         # which dispatches to cuDNN's fused kernel, measured faster than varlen flash at these
         # sizes on the H200 (first chunk 48 vs 56 ms end to end at 16 NFE). Several items: packed.
         rows = 2 if cu_seqlens.shape[0] == 5 else 1
+        # ... unless the packed kernel serves the rows too: then attention sees the rows' four
+        # sequences (the item, the padding after it, in each half) on the packed axis
+        # (off CUDA or in fp32, `packed_attention` runs its masked form on those sequences: the same result)
+        rows_packed = rows == 2 and PACKED_ATTENTION["rows"] == "triton"
         shape = (rows, 2 * n // rows)
         mask2 = torch.cat((valid, valid)).view(shape)
         h = self.input_embed(torch.cat((x, x)).to(dt).view(*shape, -1),
                              torch.cat((cond, torch.zeros_like(cond))).to(dt).view(*shape, -1),
                              torch.cat((text_cond, text_uncond)).to(dt).view(*shape, -1), mask2)
-        if rows == 2:
+        if rows == 2 and not rows_packed:
             cos, sin = rope_cos_sin(n, self.cfg.dim_head, x.device)  # frame index = position in the row
             key_mask, packed = mask2[:, None, None, :], None
         else:

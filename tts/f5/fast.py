@@ -7,10 +7,11 @@ how a batch is laid out and where the step is called (gpt-fast / nano-vllm style
 * the items of a batch are packed back to back on one token axis (`DiT.forward_packed`), each
   followed by ITEM_GAP empty frames, so no frame is computed for padding: a request's two chunks
   (~470 and ~740 frames) cost 2 x 1,280 tokens per step instead of 4 x 768 padded. Attention runs
-  per item (a varlen kernel on CUDA: flash attention's, or cuDNN's if it measures faster at
-  start-up, `choose_packed_attention`), the position convolution sees zeros in the
-  gaps, so an item's result equals its solo run. A one-item bucket runs its two CFG halves as two
-  padded rows instead (masked SDPA: cuDNN's kernel, faster there than varlen).
+  per item (a varlen kernel on CUDA: flash attention's, cuDNN's or the project's Triton kernel,
+  `tts.f5.attention_kernel`, whichever measures fastest at start-up, `choose_packed_attention`),
+  the position convolution sees zeros in the gaps, so an item's result equals its solo run. A
+  one-item bucket runs its two CFG halves as two padded rows instead; their attention is masked
+  SDPA (cuDNN's kernel) or the Triton kernel over the rows' sequences, again the faster.
 * shapes are rounded up to a bucket (items in `batch_buckets`, packed frames in `length_buckets`),
   so a hundred-odd fixed shapes cover every request; the tail past the last item is one more gap.
 * each bucket's step (DiT forward on the conditional and unconditional halves, guidance, Euler
@@ -53,11 +54,12 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.profiler import record_function
 
 from tts.compile_cache import CACHE_SUBDIR, DATA_DIR_ENV, configure_compile_cache, default_cache_dir  # noqa: F401
-from tts.f5 import conv_kernel, fp8
+from tts.f5 import attention_kernel, conv_kernel, fp8
 from tts.f5.dit import PACKED_ATTENTION, PACKED_ATTENTION_BACKENDS, DiT, packed_attention
 from tts.f5.sampler import guided_euler, timesteps
 from tts.f5.sampler import sample as eager_sample
@@ -66,11 +68,14 @@ from tts.switches import switch_from_env
 FAST_ENV = "STUDIO_F5_FAST"
 FUSED_GELU_ENV = "STUDIO_F5_FUSED_GELU"  # 0: the feed-forward's GELU as its own kernel (for comparisons)
 FP8_ENV = "STUDIO_F5_FP8"  # 1: the DiT blocks' large products in FP8 (`tts.f5.fp8`; opt-in, lower SNR)
-ATTENTION_ENV = "STUDIO_F5_ATTENTION"  # packed attention kernel: auto (measured at start-up), flash, cudnn
+ATTENTION_ENV = "STUDIO_F5_ATTENTION"  # attention kernels: auto (measured at start-up), flash, cudnn, triton
 ATTENTION_CHOICES = ("auto",) + PACKED_ATTENTION_BACKENDS
 #: Items (frames) of the shapes `choose_packed_attention` times: a request's two chunks at
 #: concurrency 1 (the benchmark workload's typical 474 + 740) and eight first chunks.
 ATTENTION_PROBES = ((474, 740), (480,) * 8)
+#: (item frames, row frames) of the lone item `choose_packed_attention` times in the rows layout:
+#: the benchmark workload's typical request at concurrency 1 (one chunk of ~850 frames).
+ROW_ATTENTION_PROBE = (850, 864)
 #: Largest relative L2 difference accepted between the two kernels' outputs (bf16 rounding).
 ATTENTION_AGREE_TOL = 2e-2
 CONV_ENV = "STUDIO_F5_CONV"  # position convolutions: auto, kernel (Triton), matmul (product + shifted sum)
@@ -152,7 +157,7 @@ class FastOptions:
     self_check: bool = True  # compare one graph-path sample with the eager sampler at start-up
     fused_gelu: bool = True  # on CUDA: feed-forward bias + GELU in the GEMM epilogue (`DiT.fuse_gelu`)
     fp8: bool = False  # the DiT blocks' large products in FP8 (`tts.f5.fp8`), where the device has FP8 tensor cores
-    attention: str = "auto"  # packed attention kernel on CUDA: "auto" (the faster, measured at start-up), "flash", "cudnn"
+    attention: str = "auto"  # attention kernels on CUDA: "auto" (the fastest, measured at start-up), "flash", "cudnn", "triton"
     conv: str = "auto"  # position convolutions on CUDA: "auto" (the Triton kernel if it runs and agrees), "kernel", "matmul"
     capture_warmup: str = "first"  # which buckets are warmed before their capture: CAPTURE_WARMUP_CHOICES
     #: length buckets of batches of more than FINE_LENGTH_MAX_BATCH items (None: `length_buckets`);
@@ -168,7 +173,7 @@ class FastOptions:
                              f"(set {FAST_ENV}=0|eager|graph|compile)")
         if self.attention not in ATTENTION_CHOICES:
             raise ValueError(f"attention must be one of {ATTENTION_CHOICES}; got {self.attention!r} "
-                             f"(set {ATTENTION_ENV}=auto|flash|cudnn)")
+                             f"(set {ATTENTION_ENV}={'|'.join(ATTENTION_CHOICES)})")
         if self.conv not in CONV_CHOICES:
             raise ValueError(f"conv must be one of {CONV_CHOICES}; got {self.conv!r} (set {CONV_ENV}=auto|kernel|matmul)")
         if self.capture_warmup not in CAPTURE_WARMUP_CHOICES:
@@ -316,53 +321,114 @@ def max_rel_diff(outs: list[Tensor], refs: list[Tensor]) -> float:
 HOPELESS_FACTOR = 10
 
 
+def graph_us(fn: Callable[[], object], device: torch.device, iters: int) -> float:
+    """Device time of one `fn()` in microseconds as the server's graphs run it: `iters` calls
+    captured in one CUDA graph and replayed (no host launch cost in the figure: a kernel launched
+    from Python can take longer to launch than to run)."""
+    fn()
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(iters):
+            fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    graph.replay()
+    end.record()
+    torch.cuda.synchronize(device)
+    return start.elapsed_time(end) / iters * 1000
+
+
+def _attention_candidates(layout: str, choice: str) -> list[str]:
+    """Kernels `choose_packed_attention` times for a layout ("packed" or "rows"), the reference
+    (flash / sdpa) first; Triton's as "triton:<config>" (`attention_kernel.CONFIGS`), where it runs."""
+    ref = "flash" if layout == "packed" else "sdpa"
+    triton = [f"triton:{c}" for c in attention_kernel.CONFIGS] if attention_kernel.available() else []
+    if choice == "auto":
+        return [ref] + (["cudnn"] if layout == "packed" else []) + triton
+    if choice == "triton":
+        return [ref] + triton
+    return [ref] + ([choice] if layout == "packed" and choice != ref else [])
+
+
 def choose_packed_attention(heads: int, dim_head: int, dtype: torch.dtype, device: torch.device,
                             choice: str = "auto", iters: int = 20) -> dict:
     """Set `tts.f5.dit.PACKED_ATTENTION` for this process and say why.
 
-    choice "flash" / "cudnn" sets that kernel (cuDNN only if it runs and agrees with flash on a
-    probe); "auto" times both on the packed layouts of ATTENTION_PROBES (q, k, v [2 n, heads,
-    dim_head], CUDA events, the mean of `iters` calls after a warm-up; one call for a kernel
-    HOPELESS_FACTOR times slower than the fastest) and keeps the faster. Off CUDA or in fp32
-    nothing is chosen (the masked path serves). Returns stats: {"chosen", "flash_us", "cudnn_us"
-    (summed over the probes), "max_rel_diff", "error"}.
+    Two layouts: "packed" (several items on one axis: flash's varlen kernel, cuDNN's ragged one or
+    the Triton kernel of `tts.f5.attention_kernel` in each of its tile configs) on the packed shapes
+    of ATTENTION_PROBES, and "rows" (a lone item's halves as two padded rows: SDPA with the key mask,
+    or the Triton kernel over the rows' sequences) on ROW_ATTENTION_PROBE. Each candidate runs
+    `iters` calls in a CUDA graph (`graph_us`; one eager call first: a kernel HOPELESS_FACTOR times
+    slower than the fastest so far is not timed further), must agree with the layout's reference
+    (flash, SDPA) within ATTENTION_AGREE_TOL, and the fastest is kept. `choice` "flash" / "cudnn"
+    sets that packed kernel (checked against flash) and SDPA for rows; "triton" the Triton kernel
+    for both, in its fastest config. Off CUDA or in fp32 nothing is chosen (the masked path serves).
+    Returns stats: {"chosen" (packed kernel), "rows", "<layout>_us": {candidate: us summed over the
+    layout's probes}, "max_rel_diff": {candidate: difference to the reference}, "error": ...}.
     """
     stats: dict = {"chosen": PACKED_ATTENTION["backend"]}
     if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
         return stats
     gen = torch.Generator(device="cpu").manual_seed(0)
-    probes = []
+    rand = lambda *shape: torch.randn(*shape, generator=gen).to(device, dtype)  # noqa: E731
+    packed_probes = []
     for lens in ATTENTION_PROBES:
         n = packed_length(list(lens))
         cu = torch.tensor(packed_cu_seqlens(list(lens), len(lens), n), dtype=torch.int32, device=device)
-        q, k, v = (torch.randn(2 * n, heads, dim_head, generator=gen).to(device, dtype) for _ in range(3))
-        probes.append((q, k, v, cu, n))
-    timings: dict[str, float] = {}
-    outs: dict[str, list[Tensor]] = {}
-    # a forced kernel is checked against flash (timed once when flash itself is forced)
-    for backend in PACKED_ATTENTION_BACKENDS if choice == "auto" else tuple(dict.fromkeys(("flash", choice))):
-        PACKED_ATTENTION["backend"] = backend
-        try:
-            outs[backend] = [packed_attention(*probe) for probe in probes]
-            calls = [lambda probe=probe: packed_attention(*probe) for probe in probes]
-            total = sum(device_us(call, device, 1) for call in calls)
-            if not timings or total < HOPELESS_FACTOR * min(timings.values()):
-                total = sum(device_us(call, device, iters) for call in calls)
-            timings[backend] = total
-            stats[f"{backend}_us"] = round(total, 1)
-        except Exception as exc:  # noqa: BLE001 - a kernel this torch / cuDNN cannot run: not chosen
-            stats["error"] = f"{backend}: {type(exc).__name__}: {exc}"[:500]
-    if "cudnn" in outs and "flash" in outs:
-        diff = max_rel_diff(outs["cudnn"], outs["flash"])
-        stats["max_rel_diff"] = round(diff, 6)
-        if not math.isfinite(diff) or diff > ATTENTION_AGREE_TOL:
-            timings.pop("cudnn", None)
-            stats["error"] = f"cudnn disagrees with flash (relative difference {diff:.3g})"
-    if choice != "auto" and choice in timings:
-        chosen = choice
-    else:
-        chosen = min(timings, key=timings.get) if timings else "flash"
-    PACKED_ATTENTION["backend"] = stats["chosen"] = chosen
+        packed_probes.append((rand(2 * n, heads, dim_head), rand(2 * n, heads, dim_head), rand(2 * n, heads, dim_head),
+                              cu, n))
+    item, n = ROW_ATTENTION_PROBE
+    q, k, v = (rand(2, heads, n, dim_head) for _ in range(3))  # SDPA's [rows, heads, frames, dim_head]
+    key_mask = (torch.arange(n, device=device) < item)[None, None, None, :].expand(2, 1, 1, n)
+    cu_rows = torch.tensor(packed_cu_seqlens([item], 1, n), dtype=torch.int32, device=device)
+    flat = [t.transpose(1, 2).reshape(2 * n, heads, dim_head) for t in (q, k, v)]  # the rows' packed axis
+    valid = torch.cat([torch.arange(n, device=device) < item] * 2)
+
+    def run(layout: str, name: str) -> list[Tensor]:
+        kernel, _, config = name.partition(":")
+        if layout == "packed":
+            return [packed_attention(*probe, kernel=kernel, config=config or None) for probe in packed_probes]
+        if kernel == "sdpa":
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask).transpose(1, 2).reshape(2 * n, heads, -1)
+        else:
+            out = packed_attention(*flat, cu_rows, n, kernel=kernel, config=config)
+        return [out[valid]]  # the padding's rows differ by design (they attend to nothing, or to each other)
+
+    chosen: dict[str, str] = {}
+    for layout in ("packed", "rows"):
+        timings: dict[str, float] = {}
+        diffs: dict[str, float] = {}
+        ref_out: list[Tensor] | None = None
+        for name in _attention_candidates(layout, choice):
+            try:
+                outs = run(layout, name)
+                if ref_out is None:
+                    ref_out = outs
+                else:
+                    diff = max_rel_diff(outs, ref_out)
+                    diffs[name] = round(diff, 6)
+                    if not math.isfinite(diff) or diff > ATTENTION_AGREE_TOL:
+                        stats.setdefault("error", {})[name] = f"disagrees with the reference ({diff:.3g})"
+                        continue
+                call = lambda layout=layout, name=name: run(layout, name)  # noqa: E731
+                if timings and device_us(call, device, 1) > HOPELESS_FACTOR * min(timings.values()):
+                    stats.setdefault("error", {})[name] = "hopeless (one call > 10x the fastest)"
+                    continue
+                timings[name] = round(graph_us(call, device, iters), 1)
+            except Exception as exc:  # noqa: BLE001 - a kernel this torch / cuDNN / Triton cannot run: not chosen
+                stats.setdefault("error", {})[name] = f"{type(exc).__name__}: {exc}"[:300]
+        stats[f"{layout}_us"], stats.setdefault("max_rel_diff", {})[layout] = timings, diffs
+        forced = [t for t in timings if choice != "auto" and t.partition(":")[0] == choice]
+        pool = forced or list(timings)
+        chosen[layout] = min(pool, key=timings.get) if pool else ("flash" if layout == "packed" else "sdpa")
+    for layout, name in chosen.items():
+        kernel, _, config = name.partition(":")
+        PACKED_ATTENTION["backend" if layout == "packed" else "rows"] = kernel
+        if config:
+            PACKED_ATTENTION[f"triton_{layout}"] = config
+    stats.update(chosen=chosen["packed"], rows=chosen["rows"])
     return stats
 
 
