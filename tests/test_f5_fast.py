@@ -318,7 +318,8 @@ def test_stale_buffer_contents_do_not_leak(tmp_path):
     args = batch([90, 60], [30, 20])
     clean = fs.sample(dit, *args, 4, 2.0, -1.0)
     buf = fs.buffers
-    for t in (buf.x, buf.cond, buf.text_cond, buf.text_uncond, buf.step, buf.cfg, buf.mods):
+    for t in (buf.x, buf.cond, buf.text_cond, buf.text_uncond, buf.step, buf.cfg, buf.mods, buf.joined, buf.rope_cos,
+              buf.rope_sin):
         t.fill_(float("nan"))
     buf.valid.fill_(True)
     buf.pos.fill_(7)
@@ -326,6 +327,11 @@ def test_stale_buffer_contents_do_not_leak(tmp_path):
     again = fs.sample(dit, *args, 4, 2.0, -1.0)
     assert torch.isfinite(again).all()
     assert torch.equal(clean, again)
+    for t in (buf.joined, buf.rope_cos, buf.rope_sin, buf.x):  # a lone item (two rows) after the poison too
+        t.fill_(float("nan"))
+    lone = [a[1:] for a in args]
+    assert torch.equal(fs.sample(dit, *lone, 4, 2.0, -1.0), fs.sample(dit, *lone, 4, 2.0, -1.0))
+    assert torch.isfinite(fs.sample(dit, *lone, 4, 2.0, -1.0)).all()
 
 
 def test_each_schedule_uses_its_own_time_modulations(tmp_path):

@@ -279,7 +279,11 @@ class InputEmbedding(nn.Module):
 
     def forward(self, x: Tensor, cond: Tensor, text: Tensor, mask: Tensor) -> Tensor:
         """noisy mel x, reference mel cond [B, T, mel], text [B, T, text_dim], mask [B, T] -> [B, T, D]."""
-        h = self.proj(torch.cat((x, cond, text), dim=-1))
+        return self.forward_joined(torch.cat((x, cond, text), dim=-1), mask)
+
+    def forward_joined(self, joined: Tensor, mask: Tensor) -> Tensor:
+        """`forward` on the inputs already side by side: joined [B, T, 2 mel + text_dim] (x, cond, text)."""
+        h = self.proj(joined)
         return self.conv_pos_embed(h, mask) + h
 
 
@@ -611,8 +615,44 @@ class DiT(nn.Module):
         rows = [block.attn_norm.modulation(temb)[:, 0] for block in self.transformer_blocks]
         return torch.cat(rows + [self.norm_out.modulation(temb)[:, 0]])
 
+    def packed_rows(self, cu_seqlens: Tensor) -> tuple[int, bool]:
+        """(rows, attention on the packed axis) of `forward_packed`'s layout for these sequences.
+
+        One item per half (4 b + 1 == 5 boundaries): the two halves are two rows of the padded
+        layout (the item first, its padding after), whose attention is masked SDPA on [2, n] rows
+        (cuDNN's fused kernel on an H100) unless `PACKED_ATTENTION["rows"]` is "triton": then the
+        rows' four sequences (the item, its padding, in each half) go through the packed kernel.
+        (Off CUDA or in fp32 `packed_attention` runs its masked form on those sequences: the same
+        result.) Several items: one row, packed."""
+        rows = 2 if cu_seqlens.shape[0] == 5 else 1
+        return rows, rows == 1 or PACKED_ATTENTION["rows"] == "triton"
+
+    def packed_rope(self, pos: Tensor, cu_seqlens: Tensor) -> tuple[Tensor, Tensor]:
+        """cos and sin of the rotary angles for `forward_packed`'s layout, float32: [2 N, dim_head],
+        each token's from its frame index `pos` [N] (both halves), where attention runs on the packed
+        axis; [N, dim_head] by position in the row for the masked rows (`packed_rows`). They depend
+        on the layout only, so the fast path computes them once per request (`rope=`)."""
+        n = pos.shape[0]
+        if not self.packed_rows(cu_seqlens)[1]:
+            return rope_cos_sin(n, self.cfg.dim_head, pos.device)  # frame index = position in the row
+        # rotary angles per token from its frame index: the same float32 products as rope_cos_sin
+        angles = torch.cat((pos, pos)).float()[:, None] * rope_inv_freq(self.cfg.dim_head, pos.device)
+        angles = angles.repeat_interleave(2, dim=-1)
+        return angles.cos(), angles.sin()
+
+    def packed_inputs(self, cond: Tensor, text_cond: Tensor, text_uncond: Tensor) -> Tensor:
+        """The input embedding's inputs side by side for both halves, [2 N, 2 mel + text_dim] in the
+        weights' dtype: the noisy-mel columns zero (`forward_packed` writes them each step), the
+        reference mel (zero in the unconditional half) and the text. They do not change between
+        steps, so the fast path fills them once per request (`joined=`)."""
+        dt = self.dtype
+        x = torch.zeros(2 * cond.shape[0], cond.shape[1], dtype=dt, device=cond.device)
+        return torch.cat((x, torch.cat((cond, torch.zeros_like(cond))).to(dt),
+                          torch.cat((text_cond, text_uncond)).to(dt)), dim=-1)
+
     def forward_packed(self, x: Tensor, cond: Tensor, text_cond: Tensor, text_uncond: Tensor, time: Tensor,
-                       valid: Tensor, pos: Tensor, cu_seqlens: Tensor, mods: Tensor | None = None
+                       valid: Tensor, pos: Tensor, cu_seqlens: Tensor, mods: Tensor | None = None,
+                       joined: Tensor | None = None, rope: tuple[Tensor, Tensor] | None = None
                        ) -> tuple[Tensor, Tensor]:
         """`forward` on packed items: every item's frames back to back on one token axis, no padding.
 
@@ -622,36 +662,26 @@ class DiT(nn.Module):
         unconditional half, 2N tokens; a gap between items is a sequence of its own). Items must
         be at least CONV_POS_KERNEL // 2 invalid tokens apart, so the position convolution never
         reaches across (`tts.f5.fast.ITEM_GAP`). `mods`: `modulations(time)` when the caller has it
-        (then `time` is not read). Returns (pred_cond, pred_uncond) [N, mel] in the weights' dtype;
-        a token's values equal `forward`'s for its item and frame.
+        (then `time` is not read). `joined`: `packed_inputs(cond, text_cond, text_uncond)` and
+        `rope`: `packed_rope(pos, cu_seqlens)` when the caller keeps them across steps (then cond,
+        text_cond, text_uncond and pos are not read; `joined`'s noisy-mel columns are overwritten).
+        Returns (pred_cond, pred_uncond) [N, mel] in the weights' dtype; a token's values equal
+        `forward`'s for its item and frame.
         """
         n = x.shape[0]
         dt = self.dtype
         if mods is None:  # every item is at the same flow time: one row of modulations for all
             mods = self.modulations(time)
-        # One item per half (4 b + 1 == 5 boundaries): the two halves are two rows of the padded
-        # layout (the item first, its gap after), so attention runs as masked SDPA on [2, n] rows,
-        # which dispatches to cuDNN's fused kernel, measured faster than varlen flash at these
-        # sizes on the H200 (first chunk 48 vs 56 ms end to end at 16 NFE). Several items: packed.
-        rows = 2 if cu_seqlens.shape[0] == 5 else 1
-        # ... unless the packed kernel serves the rows too: then attention sees the rows' four
-        # sequences (the item, the padding after it, in each half) on the packed axis
-        # (off CUDA or in fp32, `packed_attention` runs its masked form on those sequences: the same result)
-        rows_packed = rows == 2 and PACKED_ATTENTION["rows"] == "triton"
+        rows, on_packed_axis = self.packed_rows(cu_seqlens)
         shape = (rows, 2 * n // rows)
         mask2 = torch.cat((valid, valid)).view(shape)
-        h = self.input_embed(torch.cat((x, x)).to(dt).view(*shape, -1),
-                             torch.cat((cond, torch.zeros_like(cond))).to(dt).view(*shape, -1),
-                             torch.cat((text_cond, text_uncond)).to(dt).view(*shape, -1), mask2)
-        if rows == 2 and not rows_packed:
-            cos, sin = rope_cos_sin(n, self.cfg.dim_head, x.device)  # frame index = position in the row
-            key_mask, packed = mask2[:, None, None, :], None
-        else:
-            # rotary angles per token from its frame index: the same float32 products as rope_cos_sin
-            angles = torch.cat((pos, pos)).float()[:, None] * rope_inv_freq(self.cfg.dim_head, x.device)
-            angles = angles.repeat_interleave(2, dim=-1)
-            cos, sin = angles.cos(), angles.sin()
-            key_mask, packed = None, cu_seqlens
+        if joined is None:
+            joined = self.packed_inputs(cond, text_cond, text_uncond)
+        mel = x.shape[1]
+        joined[:, :mel].view(2, n, mel).copy_(x.to(dt)[None].expand(2, n, mel))  # the same x in both halves
+        h = self.input_embed.forward_joined(joined.view(*shape, -1), mask2)
+        cos, sin = self.packed_rope(pos, cu_seqlens) if rope is None else rope
+        key_mask, packed = (None, cu_seqlens) if on_packed_axis else (mask2[:, None, None, :], None)
         for i, block in enumerate(self.transformer_blocks):
             h = block(h, None, cos, sin, key_mask, packed, mods[6 * i: 6 * i + 6, None])
         out = self.proj_out(self.norm_out(h, None, mods[-2:, None])).reshape(2 * n, -1)

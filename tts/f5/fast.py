@@ -360,8 +360,8 @@ def choose_packed_attention(heads: int, dim_head: int, dtype: torch.dtype, devic
     the Triton kernel of `tts.f5.attention_kernel` in each of its tile configs) on the packed shapes
     of ATTENTION_PROBES, and "rows" (a lone item's halves as two padded rows: SDPA with the key mask,
     or the Triton kernel over the rows' sequences) on ROW_ATTENTION_PROBE. Each candidate runs
-    `iters` calls in a CUDA graph (`graph_us`; one eager call first: a kernel HOPELESS_FACTOR times
-    slower than the fastest so far is not timed further), must agree with the layout's reference
+    `iters` calls in a CUDA graph (`graph_us`; one eager call first: a kernel whose eager call takes
+    HOPELESS_FACTOR times the fastest eager call so far is not timed further), must agree with the layout's reference
     (flash, SDPA) within ATTENTION_AGREE_TOL, and the fastest is kept. `choice` "flash" / "cudnn"
     sets that packed kernel (checked against flash) and SDPA for rows; "triton" the Triton kernel
     for both, in its fastest config. Off CUDA or in fp32 nothing is chosen (the masked path serves).
@@ -400,6 +400,7 @@ def choose_packed_attention(heads: int, dim_head: int, dtype: torch.dtype, devic
     chosen: dict[str, str] = {}
     for layout in ("packed", "rows"):
         timings: dict[str, float] = {}
+        first_calls: dict[str, float] = {}  # one eager call each (launch cost included), for the hopeless test
         diffs: dict[str, float] = {}
         ref_out: list[Tensor] | None = None
         for name in _attention_candidates(layout, choice):
@@ -414,9 +415,11 @@ def choose_packed_attention(heads: int, dim_head: int, dtype: torch.dtype, devic
                         stats.setdefault("error", {})[name] = f"disagrees with the reference ({diff:.3g})"
                         continue
                 call = lambda layout=layout, name=name: run(layout, name)  # noqa: E731
-                if timings and device_us(call, device, 1) > HOPELESS_FACTOR * min(timings.values()):
-                    stats.setdefault("error", {})[name] = "hopeless (one call > 10x the fastest)"
+                first = device_us(call, device, 1)
+                if first_calls and first > HOPELESS_FACTOR * min(first_calls.values()):
+                    stats.setdefault("error", {})[name] = f"hopeless (one call {first:.0f} us, > 10x the fastest)"
                     continue
+                first_calls[name] = first
                 timings[name] = round(graph_us(call, device, iters), 1)
             except Exception as exc:  # noqa: BLE001 - a kernel this torch / cuDNN / Triton cannot run: not chosen
                 stats.setdefault("error", {})[name] = f"{type(exc).__name__}: {exc}"[:300]
@@ -487,6 +490,10 @@ class BucketViews:
     keep: Tensor  # [n] bool, the positions the text embedding keeps
     seg: Tensor  # [n] long, each frame's item (b in the gaps)
     ref: Tensor  # [n] bool, True on the reference frames (the result keeps the reference mel there)
+    # per request, filled by the prologue (`static_prologue`), read by every step:
+    joined: Tensor | None = None  # [2 n, 2 C + text_dim] DiT dtype, `DiT.packed_inputs`
+    cos: Tensor | None = None  # [2 n, dim_head] float32, `DiT.packed_rope` (its first n rows for the masked rows)
+    sin: Tensor | None = None
 
 
 class StaticBuffers:
@@ -497,8 +504,14 @@ class StaticBuffers:
     """
 
     def __init__(self, max_b: int, max_n: int, mel_dim: int, text_dim: int, text_dtype: torch.dtype,
-                 device: torch.device, mod_rows: int = 0, mod_dim: int = 0):
+                 device: torch.device, mod_rows: int = 0, mod_dim: int = 0, dim_head: int = 0):
+        """dim_head > 0 adds the per-request buffers (`BucketViews.joined`, `cos`, `sin`)."""
         self.max_b, self.max_n, self.mel_dim, self.text_dim = max_b, max_n, mel_dim, text_dim
+        self.joined_dim, self.dim_head = 2 * mel_dim + text_dim, dim_head
+        if dim_head:
+            self.joined = torch.zeros(2 * max_n * self.joined_dim, dtype=text_dtype, device=device)
+            self.rope_cos = torch.zeros(2 * max_n * dim_head, dtype=torch.float32, device=device)
+            self.rope_sin = torch.zeros(2 * max_n * dim_head, dtype=torch.float32, device=device)
         self.x = torch.zeros(max_n * mel_dim, dtype=torch.float32, device=device)
         self.cond = torch.zeros(max_n * mel_dim, dtype=torch.float32, device=device)
         self.text_cond = torch.zeros(max_n * text_dim, dtype=text_dtype, device=device)
@@ -522,7 +535,11 @@ class StaticBuffers:
                            self.text_cond[: n * self.text_dim].view(n, self.text_dim),
                            self.text_uncond[: n * self.text_dim].view(n, self.text_dim),
                            self.valid[:n], self.pos[:n], self.cu_seqlens[: 4 * b + 1], self.ids[:n],
-                           self.keep[:n], self.seg[:n], self.ref[:n])
+                           self.keep[:n], self.seg[:n], self.ref[:n],
+                           *((self.joined[: 2 * n * self.joined_dim].view(2 * n, self.joined_dim),
+                              self.rope_cos[: 2 * n * self.dim_head].view(2 * n, self.dim_head),
+                              self.rope_sin[: 2 * n * self.dim_head].view(2 * n, self.dim_head))
+                             if self.dim_head else ()))
 
 
 def packed_length(lens: list[int]) -> int:
@@ -621,12 +638,27 @@ def pack_on_host(text_ids: list[list[int]], ref_lens: list[int], total_lens: lis
 
 
 def static_prologue(dit: DiT, v: BucketViews) -> None:
-    """The text embedding of a bucket's packed items into its static buffers: what each bucket's
-    prologue graph captures (once per request, before the steps)."""
+    """What each bucket's prologue graph captures (once per request, before the steps): the text
+    embedding of the bucket's packed items into its static buffers, then what the steps share and
+    would otherwise each recompute (about 15 small kernels a step): the input embedding's reference
+    and text columns (`DiT.packed_inputs`) and the rotary angles (`DiT.packed_rope`)."""
     items = (v.cu_seqlens.shape[0] - 1) // 4
     cond, uncond = dit.embed_text_packed(v.ids, v.valid, v.keep, v.pos, v.seg, items)
     v.text_cond.copy_(cond)
     v.text_uncond.copy_(uncond)
+    if v.joined is not None:
+        v.joined.copy_(dit.packed_inputs(v.cond, v.text_cond, v.text_uncond))
+        cos, sin = dit.packed_rope(v.pos, v.cu_seqlens)
+        v.cos[: cos.shape[0]].copy_(cos)
+        v.sin[: sin.shape[0]].copy_(sin)
+
+
+def step_rope(dit: DiT, v: BucketViews) -> tuple[Tensor, Tensor] | None:
+    """The views of `v.cos` / `v.sin` the steps read (`DiT.packed_rope`'s shape for this layout)."""
+    if v.cos is None:
+        return None
+    m = v.cos.shape[0] if dit.packed_rows(v.cu_seqlens)[1] else v.cos.shape[0] // 2
+    return v.cos[:m], v.sin[:m]
 
 
 def static_step(dit: DiT, v: BucketViews, step: Tensor, cfg: Tensor, mods: Tensor | None = None) -> None:
@@ -635,11 +667,12 @@ def static_step(dit: DiT, v: BucketViews, step: Tensor, cfg: Tensor, mods: Tenso
     `step` [2] float32 holds (t0, dt); `cfg` is a 0-d tensor so one graph serves every guidance
     strength (it is rounded to the DiT dtype inside the guidance product: 2.0, 1.5, 2.5 are exact);
     `mods` [DiT.modulation_rows, D]: `dit.modulations(t0)`, precomputed per schedule (`mod_table`;
-    None computes them in the step). The same arithmetic as `tts.f5.sampler.ode_step`; frames
-    between items stay zero.
+    None computes them in the step); the input columns and rotary angles come from the prologue
+    (`static_prologue`) when the buffers hold them. The same arithmetic as
+    `tts.f5.sampler.ode_step`; frames between items stay zero.
     """
     pred, null = dit.forward_packed(v.x, v.cond, v.text_cond, v.text_uncond, step[0], v.valid, v.pos, v.cu_seqlens,
-                                    mods)
+                                    mods, joined=v.joined, rope=step_rope(dit, v))
     v.x.copy_(torch.where(v.valid[:, None], guided_euler(v.x, pred, null, step[1], cfg), 0.0))
 
 
@@ -691,7 +724,8 @@ class FastSampler:
         cfg = dit.cfg
         with torch.inference_mode(False):  # normal tensors even if built under inference mode (see step_context)
             self.buffers = StaticBuffers(max(options.batch_buckets), max(options.length_buckets), cfg.mel_dim,
-                                         cfg.text_dim, dit.dtype, self.device, dit.modulation_rows, cfg.dim)
+                                         cfg.text_dim, dit.dtype, self.device, dit.modulation_rows, cfg.dim,
+                                         dim_head=cfg.dim_head)
         self.staging = HostStaging(max(options.batch_buckets), max(options.length_buckets), cfg.mel_dim,
                                    pin=self.device.type == "cuda")
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # each bucket's step
