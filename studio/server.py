@@ -149,17 +149,26 @@ def trace_args(path: str) -> list[str]:
 QUEUE_DELAY_ENV = "STUDIO_ENGINE_QUEUE_DELAY_US"
 
 
-def engine_queue_delay_us(gpu: bool) -> int:
+def engine_queue_delay_us(gpu: bool, own_thread: bool = False) -> int:
     """The engines' `max_queue_delay_microseconds`. The dynamic batcher holds a lone request for the
     whole delay before it runs it, so at concurrency 1 the delay is pure latency (1.2 ms of queue
     time per request measured with 1000 us on the H200; 0.38 ms with 250 us in a traced H100 run).
     250 us still groups requests whose front ends forward them together; under load the engine is
-    busy and requests queue during its execute anyway. On the CPU, wait longer for concurrent
-    requests to arrive through their front ends."""
+    busy and requests queue during its execute anyway. An engine that batches on a thread of its
+    own (`own_thread`: the F5 engine on a GPU) gains nothing from grouping (its execute only hands
+    requests over; the thread batches whatever has arrived), so it gets none. On the CPU, wait
+    longer for concurrent requests to arrive through their front ends."""
     from tts.switches import number_from_env
 
-    return int(number_from_env(QUEUE_DELAY_ENV, 250 if gpu else 10000, 0, 1_000_000, "microseconds (a whole number)",
-                               whole=True))
+    default = (0 if own_thread else 250) if gpu else 10000
+    return int(number_from_env(QUEUE_DELAY_ENV, default, 0, 1_000_000, "microseconds (a whole number)", whole=True))
+
+
+def f5_engine_own_thread(gpu: bool) -> bool:
+    """Whether the F5 engine will batch on a thread of its own (`tts.f5.engine.LOOP_ENV`; default on a GPU)."""
+    from tts.switches import F5_ENGINE_LOOP_ENV, switch_from_env
+
+    return switch_from_env(F5_ENGINE_LOOP_ENV, default=gpu)
 
 
 def engine_instance_group(gpus: list[int], count_per_gpu: int = 1) -> str:
@@ -185,6 +194,7 @@ def render_model_repository(dest: Path, families: dict[str, FamilyWeights], *, g
         "runtime": runtime,
         "run_id": run_id,  # readiness checks compare it: the server answering is this run's
         "engine_queue_delay_us": str(engine_queue_delay_us(bool(gpus))),
+        "f5_engine_queue_delay_us": str(engine_queue_delay_us(bool(gpus), f5_engine_own_thread(bool(gpus)))),
     }
     values.update(runtime_values(runtime, engines_dir, families, gpus))  # --runtime trtllm: engine slots
     for fam, weights in families.items():

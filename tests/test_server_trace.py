@@ -123,13 +123,33 @@ def test_f5_warmup_loads_the_text_front_ends_dictionaries(tmp_path, monkeypatch)
     assert any(any(P.text_mod._is_chinese(ch) for ch in text) for text in seen)
 
 
-def test_engine_queue_delay_defaults_and_override(monkeypatch):
-    from studio.server import QUEUE_DELAY_ENV, engine_queue_delay_us
+def test_engine_queue_delay_defaults_and_override(monkeypatch, tmp_path):
+    from studio.server import QUEUE_DELAY_ENV, engine_queue_delay_us, f5_engine_own_thread
+    from tts.switches import F5_ENGINE_LOOP_ENV
 
     monkeypatch.delenv(QUEUE_DELAY_ENV, raising=False)
+    monkeypatch.delenv(F5_ENGINE_LOOP_ENV, raising=False)
     assert engine_queue_delay_us(True) == 250 and engine_queue_delay_us(False) == 10000
+    # the F5 engine batches on its own thread on a GPU (unless switched off): no batcher delay there
+    assert f5_engine_own_thread(True) and not f5_engine_own_thread(False)
+    assert engine_queue_delay_us(True, own_thread=True) == 0 and engine_queue_delay_us(False, own_thread=False) == 10000
+    monkeypatch.setenv(F5_ENGINE_LOOP_ENV, "0")
+    assert not f5_engine_own_thread(True)
+    monkeypatch.delenv(F5_ENGINE_LOOP_ENV)
+    rendered = _render_f5(tmp_path / "gpu", gpus=[0])
+    assert "max_queue_delay_microseconds: 0 " in rendered["f5_engine"]
+    assert "max_queue_delay_microseconds: 10000 " in _render_f5(tmp_path / "cpu", gpus=[])["f5_engine"]
     monkeypatch.setenv(QUEUE_DELAY_ENV, "0")
     assert engine_queue_delay_us(True) == 0
     monkeypatch.setenv(QUEUE_DELAY_ENV, "-5")
     with pytest.raises(ValueError, match=QUEUE_DELAY_ENV):
         engine_queue_delay_us(True)
+
+
+def _render_f5(dest, gpus):
+    """The F5 models' rendered config.pbtxt texts, by model name (demo weights)."""
+    from studio.server import render_model_repository
+    from tests.test_server_config import fake_f5
+
+    names = render_model_repository(dest, {"f5": fake_f5()}, gpus=gpus, front_instances=2)
+    return {name: (dest / name / "config.pbtxt").read_text() for name in names}

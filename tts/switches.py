@@ -8,6 +8,11 @@ import os
 ON_VALUES = ("1", "on", "true", "yes")
 OFF_VALUES = ("0", "off", "false", "no")
 
+#: The F5 engine's continuous batching on a thread of its own ("1") or each Triton execute's
+#: requests run to the end ("0"); unset: on on a GPU (`tts.f5.engine`). Here, not there, because
+#: the server's launcher reads it too (it sets the engine's queue delay) and imports no torch.
+F5_ENGINE_LOOP_ENV = "STUDIO_F5_ENGINE_LOOP"
+
 
 def switch_from_env(name: str, default: bool = True, env: dict | None = None) -> bool:
     """`name` in `env` (default os.environ) as a switch: unset or empty gives `default`; anything

@@ -30,13 +30,13 @@ import numpy as np
 
 from tts.devices import bind_thread
 from tts.f5.pipeline import ChunkJob, F5Pipeline, F5Request, chunk_info
-from tts.switches import number_from_env
+from tts.switches import F5_ENGINE_LOOP_ENV, number_from_env
 
 Emit = Callable[[object, int, np.ndarray, dict], None]
 #: The Triton adapter's switch: "1" continuous batching on the engine thread; "0" each execute's
 #: requests run to the end. Unset: on on a GPU, off on the CPU (measured: faster at c=8 on an H100,
 #: slower on the CPU)
-LOOP_ENV = "STUDIO_F5_ENGINE_LOOP"
+LOOP_ENV = F5_ENGINE_LOOP_ENV
 
 
 @dataclass(eq=False)
