@@ -321,6 +321,13 @@ def test_conv_kernel_arithmetic_under_the_triton_interpreter():
     Triton is installed (CUDA builds of torch bring it; the CPU CI does not install it, ~1 GB).
     A child process: the interpreter must be chosen before Triton is first imported. The same
     check on the GPU is tests/test_f5_fast.py::test_grouped_conv_kernel_equals_the_convolution."""
+    assert _under_triton_interpreter(_INTERPRETER_CHECK) <= 1e-5
+
+
+def _under_triton_interpreter(script: str) -> float:
+    """Run `script` (argv[1]: the project root) in a child process under Triton's CPU interpreter
+    (it must be chosen before Triton is first imported); its last printed line as a float. Skips
+    where Triton is not installed."""
     import os
     import subprocess
     import sys
@@ -329,11 +336,9 @@ def test_conv_kernel_arithmetic_under_the_triton_interpreter():
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")
     root = str(Path(__file__).resolve().parent.parent)
-    done = subprocess.run([sys.executable, "-c", _INTERPRETER_CHECK, root], env=env, capture_output=True,
-                          text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-c", script, root], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert float(done.stdout.strip().splitlines()[-1]) <= 1e-5
-
+    return float(done.stdout.strip().splitlines()[-1])
 
 
 _ATTENTION_INTERPRETER_CHECK = r"""
@@ -364,15 +369,4 @@ def test_attention_kernel_arithmetic_under_the_triton_interpreter():
     `packed_attention` in every tile config, under Triton's CPU interpreter where Triton is
     installed (a child process, as for the convolution above). On CUDA:
     tests/test_f5_fast.py::test_triton_packed_attention_equals_per_sequence_sdpa."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    root = str(Path(__file__).resolve().parent.parent)
-    done = subprocess.run([sys.executable, "-c", _ATTENTION_INTERPRETER_CHECK, root], env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert float(done.stdout.strip().splitlines()[-1]) <= 1e-5
+    assert _under_triton_interpreter(_ATTENTION_INTERPRETER_CHECK) <= 1e-5

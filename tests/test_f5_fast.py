@@ -276,31 +276,20 @@ def test_bucketed_item_equals_its_solo_run(tmp_path):
     assert (both[1, :50] - solo[0]).abs().max() <= SAME_AUDIO
 
 
-@pytest.mark.parametrize("frames", [64, 62])
-def test_a_lone_item_that_fills_its_bucket_equals_the_eager_sampler(tmp_path, frames):
+@pytest.mark.parametrize("frames,rows", [(64, "sdpa"), (62, "sdpa"), (64, "triton"), (50, "triton")])
+def test_a_lone_item_that_fills_its_bucket_equals_the_eager_sampler(tmp_path, monkeypatch, frames, rows):
     """A lone item packs without a gap: one of exactly a bucket's length (or within the text
     convolutions' reach of it) ends both halves of the packed axis, where the text embedding's and
-    the position convolutions' rows end, and still equals the plain sampler."""
-    dit = tiny_dit(tmp_path)
-    fs = F.FastSampler(dit, small_options())
-    args = batch([frames], [20])
-    with torch.inference_mode():
-        ref = sample(dit, *args, 6, 2.0, -1.0)
-        out = fs.sample(dit, *args, 6, 2.0, -1.0)
-    assert fs.bucket(1, F.packed_length([frames])) == (1, 64)
-    assert (out - ref).abs().max() <= SAME_AUDIO
+    the position convolutions' rows end, and still equals the plain sampler.
 
-
-@pytest.mark.parametrize("frames", [64, 50])
-def test_a_lone_items_rows_through_the_packed_attention_equal_the_eager_sampler(tmp_path, monkeypatch, frames):
-    """The rows layout with its attention on the packed axis (`PACKED_ATTENTION["rows"]` "triton":
-    the item and the padding after it as sequences of their own in each half) gives the eager
-    sampler's result. On the CPU the packed attention is its masked form, so this checks the
-    layout (rows flattened to the packed axis and back, per-token rotary angles), not the kernel
-    (tests/test_f5_dit.py under the Triton interpreter, test_triton_packed_attention_* on CUDA)."""
+    rows "triton": the rows' attention on the packed axis (`PACKED_ATTENTION["rows"]`: the item and
+    the padding after it as sequences of their own in each half). On the CPU the packed attention is
+    its masked form, so this checks that layout (rows flattened to the packed axis and back,
+    per-token rotary angles), not the kernel (tests/test_f5_dit.py under the Triton interpreter,
+    test_triton_packed_attention_equals_per_sequence_sdpa on CUDA)."""
     from tts.f5 import dit as D
 
-    monkeypatch.setitem(D.PACKED_ATTENTION, "rows", "triton")
+    monkeypatch.setitem(D.PACKED_ATTENTION, "rows", rows)
     dit = tiny_dit(tmp_path)
     fs = F.FastSampler(dit, small_options())
     args = batch([frames], [20])
