@@ -213,6 +213,20 @@ def test_close_fails_the_waiting_requests_and_refuses_new_ones():
         engine.submit("c", request("c", 1), False, ListSink())
 
 
+def test_a_request_without_chunks_is_refused_at_submit_and_the_engine_serves_on():
+    pipe = FakePipeline()
+    engine = F5Engine(pipe, demo_weights=False, log=lambda msg: None)
+    try:
+        with pytest.raises(ValueError, match="without chunks"):
+            engine.submit("empty", request("empty", 0), False, ListSink())
+        sink = ListSink()
+        engine.submit("a", request("a", 1), False, sink)
+        assert sink.finished.wait(WAIT_S)
+        assert len(sink.chunks) == 1 and sink.error is None
+    finally:
+        engine.close()
+
+
 def test_idle_and_batch_callbacks():
     """on_idle runs once the engine has had no work for idle_s (at start too), once per idle spell;
     a request that follows the last one within idle_s does not wait on it."""
