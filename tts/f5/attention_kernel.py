@@ -118,7 +118,8 @@ def tiles_bound(tokens: int, sequences: int, block_m: int) -> int:
 
 
 @torch.library.custom_op("f5studio::packed_attention_triton", mutates_args=())
-def packed_attention_triton(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, config: str = DEFAULT_CONFIG) -> Tensor:
+def packed_attention_triton(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor,
+                            config: str = DEFAULT_CONFIG) -> Tensor:
     """Attention within each sequence of a packed token axis, on CUDA: q, k, v [N, H, Dh] (any
     strides with a unit last stride), cu_seqlens int32 [S + 1] (cu_seqlens[-1] == N) -> [N, H, Dh]
     contiguous; `config` names the tiles (`CONFIGS`). The same arithmetic as

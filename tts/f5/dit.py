@@ -365,10 +365,11 @@ def packed_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_se
     belongs to one sequence; max_seqlen bounds the longest. -> [N, H, Dh].
 
     On CUDA in fp16 / bf16: a varlen kernel, no padding computed and no mask read
-    (`PACKED_ATTENTION`: flash attention's, cuDNN's or the Triton kernel of `tts.f5.attention_kernel`). Elsewhere (CPU, fp32, a torch without
-    them): SDPA over the whole axis with a block-diagonal mask, the same result (used by the CPU
-    tests; N^2 memory). `kernel` overrides `PACKED_ATTENTION["backend"]`, `config` the Triton
-    kernel's tiles (`PACKED_ATTENTION["triton_packed"]`)."""
+    (`PACKED_ATTENTION`: flash attention's, cuDNN's or the Triton kernel of
+    `tts.f5.attention_kernel`). Elsewhere (CPU, fp32, a torch without them): SDPA over the whole
+    axis with a block-diagonal mask, the same result (used by the CPU tests; N^2 memory). `kernel`
+    overrides `PACKED_ATTENTION["backend"]`, `config` the Triton kernel's tiles
+    (`PACKED_ATTENTION["triton_packed"]`)."""
     # the varlen kernels run fp16 / bf16 only; an fp32 DiT (tests, debugging) takes the masked path
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         kernel = kernel or PACKED_ATTENTION["backend"]

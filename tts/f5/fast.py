@@ -157,7 +157,8 @@ class FastOptions:
     self_check: bool = True  # compare one graph-path sample with the eager sampler at start-up
     fused_gelu: bool = True  # on CUDA: feed-forward bias + GELU in the GEMM epilogue (`DiT.fuse_gelu`)
     fp8: bool = False  # the DiT blocks' large products in FP8 (`tts.f5.fp8`), where the device has FP8 tensor cores
-    attention: str = "auto"  # attention kernels on CUDA: "auto" (the fastest, measured at start-up), "flash", "cudnn", "triton"
+    # attention kernels on CUDA: "auto" (the fastest, measured at start-up), "flash", "cudnn", "triton"
+    attention: str = "auto"
     conv: str = "auto"  # position convolutions on CUDA: "auto" (the Triton kernel if it runs and agrees), "kernel", "matmul"
     capture_warmup: str = "first"  # which buckets are warmed before their capture: CAPTURE_WARMUP_CHOICES
     #: length buckets of batches of more than FINE_LENGTH_MAX_BATCH items (None: `length_buckets`);
@@ -391,7 +392,8 @@ def choose_packed_attention(heads: int, dim_head: int, dtype: torch.dtype, devic
         if layout == "packed":
             return [packed_attention(*probe, kernel=kernel, config=config or None) for probe in packed_probes]
         if kernel == "sdpa":
-            return [F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask).transpose(1, 2).reshape(2 * n, heads, -1)]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
+            return [out.transpose(1, 2).reshape(2 * n, heads, dim_head)]
         return [packed_attention(*flat, cu_rows, n, kernel=kernel, config=config)]
 
     def compared(layout: str, outs: list[Tensor]) -> list[Tensor]:  # the padding's rows differ by design
