@@ -46,6 +46,11 @@ CONFIGS: dict[str, dict] = {
 }
 DEFAULT_CONFIG = "m64n64"
 
+#: Sequence slots every program scans (a compile-time size): 64 holds the 4 b + 1 boundaries of
+#: any batch bucket up to 15 items, so one compile per tile config serves every bucket (each
+#: distinct size would be a compile of its own at start-up).
+MIN_S_PAD = 64
+
 LOG2E = 1.4426950408889634  # the softmax runs in base 2 (exp2): scores are scaled by log2(e) first
 
 
@@ -140,7 +145,7 @@ def packed_attention_triton(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor,
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     fwd[grid](q, k, v, out, cu_seqlens, s, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
               v.stride(1), out.stride(0), out.stride(1), LOG2E / math.sqrt(d), D=d,
-              S_PAD=triton.next_power_of_2(s + 1), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+              S_PAD=max(MIN_S_PAD, triton.next_power_of_2(s + 1)), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
               PRECISION=precision, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
 
