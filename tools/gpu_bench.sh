@@ -10,7 +10,7 @@
 #   bash tools/gpu_bench.sh spark-serve     # Spark end to end (fast + eager server)
 #   bash tools/gpu_bench.sh offline         # F5 offline (16 and 32 NFE) and Spark offline c=1,16 + streaming c=1,8
 #   bash tools/gpu_bench.sh f5-step-profile # where one F5 ODE step's time goes (kernels, attention backends;
-#                                           # F5_PROFILE_BUCKETS=1x864,8x6144 picks the buckets, items x packed frames)
+#                                           # default buckets 1x864,8x6144, items x packed frames: F5_PROFILE_BUCKETS)
 #   bash tools/gpu_bench.sh f5-fast         # F5 fast server only, offline + streaming c=1,8, with [timing] lines
 #   bash tools/gpu_bench.sh f5-request-profile  # where one F5 request's engine time goes (pipeline phases)
 #   bash tools/gpu_bench.sh checks          # what the objective checks (Whisper + two WavLM embeddings) add per generation
@@ -111,12 +111,12 @@ if want offline; then
 fi
 
 if want f5-step-profile; then
-  say "F5 step profile (tools/gpu_f5_profile.py: buckets (items x packed frames) 1x512, 1x768, 2x1280 (one request at c=1) and 8x5120; one request's sample + Vocos)"
+  say "F5 step profile (tools/gpu_f5_profile.py: buckets (items x packed frames) ${F5_PROFILE_BUCKETS:-1x864,8x6144}, filled as the server's requests fill them; one request's sample + Vocos)"
   mkdir -p "$W/f5-profile"
   [[ -n $TINY ]] || $PY -m pip install -q --no-index --no-deps $(ls .whl/*.whl | grep -v /numpy-) >>"$LOG" 2>&1
   $PY tools/gpu_make_checkpoints.py "$W/f5-ck" $TINY >>"$LOG" 2>&1
   if [[ -n $TINY ]]; then PROF=(--tiny --device cpu --buckets 1x128,2x256 --requests "20:60|20:60,20:90");
-  else PROF=(--buckets "${F5_PROFILE_BUCKETS:-1x512,1x768,2x1280,8x5120}"); fi
+  else PROF=(--buckets "${F5_PROFILE_BUCKETS:-1x864,8x6144}"); fi  # the workload's c=1 and c=8 buckets
   PROF+=(--vocos "$W/f5-ck/vocos-mel-24khz")
   timeout --kill-after=10 330 $PY tools/gpu_f5_profile.py --out "$W/f5-profile" "${PROF[@]}" >"$W/f5_profile.log" 2>&1
   say "F5 profile exit $?"

@@ -920,12 +920,14 @@ class FastSampler:
                 tables = self._tables[key] = (table, mod_table(self.dit, table))
         return tables
 
-    def _fill_dummy(self, v: BucketViews, seed: int = 0) -> None:
-        """Plausible (non-zero, finite) packed inputs for compiling and capturing; values do not matter."""
+    def _fill_dummy(self, v: BucketViews, seed: int = 0, lens: list[int] | None = None) -> None:
+        """Plausible (non-zero, finite) packed inputs for compiling and capturing; values do not
+        matter. `lens`: the items' frames (default: random, half to all of an item's share)."""
         gen = torch.Generator(device="cpu").manual_seed(seed)
         n, b = v.valid.shape[0], (v.cu_seqlens.shape[0] - 1) // 4
         per = max(n // b - ITEM_GAP, 1)
-        lens = [int(torch.randint(max(per // 2, 1), per + 1, (1,), generator=gen)) for _ in range(b)]
+        if lens is None:
+            lens = [int(torch.randint(max(per // 2, 1), per + 1, (1,), generator=gen)) for _ in range(b)]
         v.cond.copy_(torch.randn(n, v.cond.shape[-1], generator=gen))
         v.text_cond.copy_(torch.randn(n, v.text_cond.shape[-1], generator=gen))
         v.text_uncond.copy_(torch.randn(n, v.text_uncond.shape[-1], generator=gen))
