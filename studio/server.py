@@ -51,6 +51,7 @@ from pathlib import Path
 from studio.config import PROJECT_ROOT, default_data_dir
 from studio.runtimes import RuntimeUnavailable, check_runtime, runtime_models, runtime_values
 from studio.weights import FamilyWeights, resolve_check_model, resolve_f5, resolve_spark
+from tts import switches
 
 MODELS_SRC = PROJECT_ROOT / "triton_models"
 
@@ -133,7 +134,7 @@ def visible_gpus() -> list[int]:
 #: model's execute, each BLS child request: `tools/trace_legs.py` splits a request's way through
 #: Triton with them) into FILE.0, FILE.1, ... (TRACE_LOG_FREQUENCY traces a file; the last few may
 #: be lost at shutdown). A diagnosis tool: off by default, as every traced request costs the server work.
-TRACE_ENV = "STUDIO_TRITON_TRACE"
+TRACE_ENV = switches.TRACE_ENV
 TRACE_LOG_FREQUENCY = 8
 
 

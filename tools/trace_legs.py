@@ -1,5 +1,5 @@
 """Split requests' way through Triton into legs, from the traces of a server run with
-`STUDIO_TRITON_TRACE=FILE` (studio.server.TRACE_ENV: timestamps of every request, the fronts'
+`STUDIO_TRITON_TRACE=FILE` (tts.switches.TRACE_ENV: timestamps of every request, the fronts'
 BLS requests to their engine traced as children).
 
     python tools/trace_legs.py FILE [--json out.json]

@@ -19,6 +19,7 @@ import numpy as np
 # ~7 ms on the CPU, dataclasses included: half the requests of a 32-request run at concurrency 1
 # land on a fresh instance of the 16).
 from tts.limits import ENV as LIMIT_ENV, current_limits
+from tts.switches import TRACE_ENV
 
 #: `STUDIO_TIMING_LOG=1`: every front and engine request prints one `[timing] MODEL {json}` line
 #: (milliseconds) to the server log: where a request's time goes between the stubs (tools/gpu_timing.py).
@@ -245,9 +246,9 @@ def request_error_response(pb_utils, exc: Exception):
     return error_response(pb_utils, str(exc), invalid=isinstance(exc, ValueError))
 
 
-#: Set by the studio's server for `STUDIO_TRITON_TRACE` (studio.server.TRACE_ENV): the fronts then
+#: Set by the studio's server for `STUDIO_TRITON_TRACE` (tts.switches.TRACE_ENV): the fronts then
 #: hand each request's trace to their BLS request, so the engine's part shows in the same trace.
-TRACING = bool(os.environ.get("STUDIO_TRITON_TRACE"))
+TRACING = bool(os.environ.get(TRACE_ENV))
 
 
 def traced(request) -> dict:

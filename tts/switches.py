@@ -13,6 +13,11 @@ OFF_VALUES = ("0", "off", "false", "no")
 #: the server's launcher reads it too (it sets the engine's queue delay) and imports no torch.
 F5_ENGINE_LOOP_ENV = "STUDIO_F5_ENGINE_LOOP"
 
+#: STUDIO_TRITON_TRACE=FILE: the server's launcher has Triton trace every request into FILE.0, ...
+#: (`studio.server.trace_args`) and the model processes hand their trace to their BLS requests
+#: (`triton_models.shared.TRACING`); both read the name here.
+TRACE_ENV = "STUDIO_TRITON_TRACE"
+
 
 def switch_from_env(name: str, default: bool = True, env: dict | None = None) -> bool:
     """`name` in `env` (default os.environ) as a switch: unset or empty gives `default`; anything
