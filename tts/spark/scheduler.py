@@ -191,6 +191,10 @@ class Scheduler:
             self._failed.append(state.request_id)
         self.fail(state, exc)
 
+    def _emit_chunk(self, state: RequestState, wav, final: bool, vocode_ms: float) -> None:
+        """Emit a vocoded window as the request's next chunk (whichever way it was vocoded)."""
+        self.emit(state, state.chunk(wav, final=final, vocode_ms=vocode_ms))
+
     def _emit_later(self, state: RequestState, make_wav: Callable[[], object], final: bool) -> None:
         """make_wav() then emit, inline or on the vocoder (in order with the request's other chunks)."""
         def job():
@@ -198,7 +202,7 @@ class Scheduler:
                 return
             t0 = time.perf_counter()
             wav = make_wav()
-            self.emit(state, state.chunk(wav, final=final, vocode_ms=(time.perf_counter() - t0) * 1000))
+            self._emit_chunk(state, wav, final, (time.perf_counter() - t0) * 1000)
         if self.vocoder is None or state.request.streaming:
             job()  # streamed chunks inline: on a GPU the worker's jobs ran only once decoding paused
         else:
@@ -209,7 +213,7 @@ class Scheduler:
         if self.vocoder is not None and not state.request.streaming and getattr(self.vocoder, "batched", False):
             # on the worker, batched with other requests' windows of this length waiting there
             def done(wav, ms):
-                self.emit(state, state.chunk(wav, final=final, vocode_ms=ms))
+                self._emit_chunk(state, wav, final, ms)
             self.vocoder.submit_window(WindowJob(state, global_tokens, window, done, lambda: state.cancelled))
             return
         self._emit_later(state, lambda: self.pipeline.vocode(global_tokens, window), final)
