@@ -165,13 +165,6 @@ def engine_queue_delay_us(gpu: bool, own_thread: bool = False) -> int:
     return int(number_from_env(QUEUE_DELAY_ENV, default, 0, 1_000_000, "microseconds (a whole number)", whole=True))
 
 
-def f5_engine_own_thread(gpu: bool) -> bool:
-    """Whether the F5 engine will batch on a thread of its own (`tts.f5.engine.LOOP_ENV`; default on a GPU)."""
-    from tts.switches import F5_ENGINE_LOOP_ENV, switch_from_env
-
-    return switch_from_env(F5_ENGINE_LOOP_ENV, default=gpu)
-
-
 def engine_instance_group(gpus: list[int], count_per_gpu: int = 1) -> str:
     """Engine models (the ones holding weights): one instance per GPU, or one on the CPU."""
     if gpus:
@@ -195,7 +188,7 @@ def render_model_repository(dest: Path, families: dict[str, FamilyWeights], *, g
         "runtime": runtime,
         "run_id": run_id,  # readiness checks compare it: the server answering is this run's
         "engine_queue_delay_us": str(engine_queue_delay_us(bool(gpus))),
-        "f5_engine_queue_delay_us": str(engine_queue_delay_us(bool(gpus), f5_engine_own_thread(bool(gpus)))),
+        "f5_engine_queue_delay_us": str(engine_queue_delay_us(bool(gpus), switches.f5_engine_loop(bool(gpus)))),
     }
     values.update(runtime_values(runtime, engines_dir, families, gpus))  # --runtime trtllm: engine slots
     for fam, weights in families.items():

@@ -124,17 +124,17 @@ def test_f5_warmup_loads_the_text_front_ends_dictionaries(tmp_path, monkeypatch)
 
 
 def test_engine_queue_delay_defaults_and_override(monkeypatch, tmp_path):
-    from studio.server import QUEUE_DELAY_ENV, engine_queue_delay_us, f5_engine_own_thread
-    from tts.switches import F5_ENGINE_LOOP_ENV
+    from studio.server import QUEUE_DELAY_ENV, engine_queue_delay_us
+    from tts.switches import F5_ENGINE_LOOP_ENV, f5_engine_loop
 
     monkeypatch.delenv(QUEUE_DELAY_ENV, raising=False)
     monkeypatch.delenv(F5_ENGINE_LOOP_ENV, raising=False)
     assert engine_queue_delay_us(True) == 250 and engine_queue_delay_us(False) == 10000
     # the F5 engine batches on its own thread on a GPU (unless switched off): no batcher delay there
-    assert f5_engine_own_thread(True) and not f5_engine_own_thread(False)
+    assert f5_engine_loop(True) and not f5_engine_loop(False)
     assert engine_queue_delay_us(True, own_thread=True) == 0 and engine_queue_delay_us(False, own_thread=False) == 10000
     monkeypatch.setenv(F5_ENGINE_LOOP_ENV, "0")
-    assert not f5_engine_own_thread(True)
+    assert not f5_engine_loop(True)
     monkeypatch.delenv(F5_ENGINE_LOOP_ENV)
     rendered = _render_f5(tmp_path / "gpu", gpus=[0])
     assert "max_queue_delay_microseconds: 0 " in rendered["f5_engine"]

@@ -47,3 +47,9 @@ def number_from_env(name: str, default, lo, hi, what: str, whole: bool = False, 
         raise ValueError(f"{name}={raw!r} is not understood; use {what} from {lo} to {hi}")
     return value
 
+
+
+def f5_engine_loop(on_gpu: bool, env: dict | None = None) -> bool:
+    """Whether the F5 engine batches on a thread of its own (F5_ENGINE_LOOP_ENV; default on a GPU).
+    The engine model and the server's launcher (its queue delay) both ask here."""
+    return switch_from_env(F5_ENGINE_LOOP_ENV, default=on_gpu, env=env)

@@ -25,9 +25,9 @@ class TritonPythonModel:
         from tts import limits
         from tts.audio import F5_SAMPLE_RATE, join_chunks
         from triton_models.runtimes import f5_pipeline_kwargs
-        from tts.f5.engine import LOOP_ENV, F5Engine, serve
+        from tts.f5.engine import F5Engine, serve
         from tts.f5.pipeline import F5Options, F5Pipeline
-        from tts.switches import switch_from_env
+        from tts.switches import f5_engine_loop
         from triton_models import shared
 
         self.shared, self.F5Options, self.serve, self.join = shared, F5Options, serve, join_chunks
@@ -57,7 +57,7 @@ class TritonPythonModel:
         # rtf 0.060-0.065 against 0.050-0.056 at c=4). Off: each execute runs its requests to the end.
         # STUDIO_F5_ENGINE_LOOP=0|1 overrides either default.
         self.engine = None
-        if switch_from_env(LOOP_ENV, default=device.startswith("cuda")):
+        if f5_engine_loop(device.startswith("cuda")):
             queued = shared.engine_queue_counter(pb_utils, args, "f5_engine")  # the wait Triton's queue time misses
             self.engine = F5Engine(self.pipeline, self.demo, log=lambda msg: print(f"[f5_engine] {msg}", flush=True),
                                    on_queued=queued.add_ms if queued is not None else None,
