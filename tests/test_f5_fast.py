@@ -228,7 +228,7 @@ def test_graph_mode_needs_cuda(tmp_path):
 
 
 def test_static_views_share_one_storage(tmp_path):
-    buf = F.StaticBuffers(4, 256, 100, 32, torch.float32, torch.device("cpu"))
+    buf = F.StaticBuffers(4, 256, 100, 32, torch.float32, torch.device("cpu"), dim_head=16)
     a, b = buf.views(1, 64), buf.views(4, 256)
     for name in ("x", "cond", "text_cond", "text_uncond", "valid", "pos", "cu_seqlens"):
         va, vb = getattr(a, name), getattr(b, name)

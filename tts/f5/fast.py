@@ -493,9 +493,9 @@ class BucketViews:
     seg: Tensor  # [n] long, each frame's item (b in the gaps)
     ref: Tensor  # [n] bool, True on the reference frames (the result keeps the reference mel there)
     # per request, filled by the prologue (`static_prologue`), read by every step:
-    joined: Tensor | None = None  # [2 n, 2 C + text_dim] DiT dtype, `DiT.packed_inputs`
-    cos: Tensor | None = None  # [2 n, dim_head] float32, `DiT.packed_rope` (its first n rows for the masked rows)
-    sin: Tensor | None = None
+    joined: Tensor  # [2 n, 2 C + text_dim] DiT dtype, `DiT.packed_inputs`
+    cos: Tensor  # [2 n, dim_head] float32, `DiT.packed_rope` (its first n rows for the masked rows)
+    sin: Tensor
 
 
 class StaticBuffers:
@@ -506,14 +506,12 @@ class StaticBuffers:
     """
 
     def __init__(self, max_b: int, max_n: int, mel_dim: int, text_dim: int, text_dtype: torch.dtype,
-                 device: torch.device, mod_rows: int = 0, mod_dim: int = 0, dim_head: int = 0):
-        """dim_head > 0 adds the per-request buffers (`BucketViews.joined`, `cos`, `sin`)."""
+                 device: torch.device, mod_rows: int = 0, mod_dim: int = 0, *, dim_head: int):
         self.max_b, self.max_n, self.mel_dim, self.text_dim = max_b, max_n, mel_dim, text_dim
         self.joined_dim, self.dim_head = 2 * mel_dim + text_dim, dim_head
-        if dim_head:
-            self.joined = torch.zeros(2 * max_n * self.joined_dim, dtype=text_dtype, device=device)
-            self.rope_cos = torch.zeros(2 * max_n * dim_head, dtype=torch.float32, device=device)
-            self.rope_sin = torch.zeros(2 * max_n * dim_head, dtype=torch.float32, device=device)
+        self.joined = torch.zeros(2 * max_n * self.joined_dim, dtype=text_dtype, device=device)
+        self.rope_cos = torch.zeros(2 * max_n * dim_head, dtype=torch.float32, device=device)
+        self.rope_sin = torch.zeros(2 * max_n * dim_head, dtype=torch.float32, device=device)
         self.x = torch.zeros(max_n * mel_dim, dtype=torch.float32, device=device)
         self.cond = torch.zeros(max_n * mel_dim, dtype=torch.float32, device=device)
         self.text_cond = torch.zeros(max_n * text_dim, dtype=text_dtype, device=device)
@@ -538,10 +536,9 @@ class StaticBuffers:
                            self.text_uncond[: n * self.text_dim].view(n, self.text_dim),
                            self.valid[:n], self.pos[:n], self.cu_seqlens[: 4 * b + 1], self.ids[:n],
                            self.keep[:n], self.seg[:n], self.ref[:n],
-                           *((self.joined[: 2 * n * self.joined_dim].view(2 * n, self.joined_dim),
-                              self.rope_cos[: 2 * n * self.dim_head].view(2 * n, self.dim_head),
-                              self.rope_sin[: 2 * n * self.dim_head].view(2 * n, self.dim_head))
-                             if self.dim_head else ()))
+                           self.joined[: 2 * n * self.joined_dim].view(2 * n, self.joined_dim),
+                           self.rope_cos[: 2 * n * self.dim_head].view(2 * n, self.dim_head),
+                           self.rope_sin[: 2 * n * self.dim_head].view(2 * n, self.dim_head))
 
 
 def packed_length(lens: list[int]) -> int:
@@ -648,17 +645,14 @@ def static_prologue(dit: DiT, v: BucketViews) -> None:
     cond, uncond = dit.embed_text_packed(v.ids, v.valid, v.keep, v.pos, v.seg, items)
     v.text_cond.copy_(cond)
     v.text_uncond.copy_(uncond)
-    if v.joined is not None:
-        v.joined.copy_(dit.packed_inputs(v.cond, v.text_cond, v.text_uncond))
-        cos, sin = dit.packed_rope(v.pos, v.cu_seqlens)
-        v.cos[: cos.shape[0]].copy_(cos)
-        v.sin[: sin.shape[0]].copy_(sin)
+    v.joined.copy_(dit.packed_inputs(v.cond, v.text_cond, v.text_uncond))
+    cos, sin = dit.packed_rope(v.pos, v.cu_seqlens)
+    v.cos[: cos.shape[0]].copy_(cos)
+    v.sin[: sin.shape[0]].copy_(sin)
 
 
-def step_rope(dit: DiT, v: BucketViews) -> tuple[Tensor, Tensor] | None:
+def step_rope(dit: DiT, v: BucketViews) -> tuple[Tensor, Tensor]:
     """The views of `v.cos` / `v.sin` the steps read (`DiT.packed_rope`'s shape for this layout)."""
-    if v.cos is None:
-        return None
     m = v.cos.shape[0] if dit.packed_rows(v.cu_seqlens)[1] else v.cos.shape[0] // 2
     return v.cos[:m], v.sin[:m]
 
@@ -670,7 +664,7 @@ def static_step(dit: DiT, v: BucketViews, step: Tensor, cfg: Tensor, mods: Tenso
     strength (it is rounded to the DiT dtype inside the guidance product: 2.0, 1.5, 2.5 are exact);
     `mods` [DiT.modulation_rows, D]: `dit.modulations(t0)`, precomputed per schedule (`mod_table`;
     None computes them in the step); the input columns and rotary angles come from the prologue
-    (`static_prologue`) when the buffers hold them. The same arithmetic as
+    (`static_prologue`). The same arithmetic as
     `tts.f5.sampler.ode_step`; frames between items stay zero.
     """
     pred, null = dit.forward_packed(v.x, v.cond, v.text_cond, v.text_uncond, step[0], v.valid, v.pos, v.cu_seqlens,
