@@ -48,6 +48,24 @@ def test_chinese_units_are_spaced_pinyin_with_sandhi():
     assert text.text_to_units("不是") == [" ", "bu2", " ", "shi4"]
 
 
+def test_cached_syllables_match_fresh_ones():
+    """The word cache answers as pypinyin does, for a word seen before and inside other text."""
+    from pypinyin import Style, lazy_pinyin
+
+    text._pinyin.cache_clear()
+    sentence = "我们一起去看电影吧，你好不好？我们一起去吧。"
+    first = text.text_to_units(sentence)
+    misses = text._pinyin.cache_info().misses
+    assert text.text_to_units(sentence) == first
+    assert text._pinyin.cache_info().misses == misses, "the second pass is served by the cache"
+    assert text._pinyin.cache_info().hits > 0
+    for word in ("我们", "一起", "你好", "不好"):
+        assert list(text._pinyin(word)) == lazy_pinyin(word, style=Style.TONE3, tone_sandhi=True)
+    units = text.text_to_units("你好")
+    units.append("x")  # a caller changing its list must not change what the cache holds
+    assert text.text_to_units("你好") == [" ", "ni2", " ", "hao3"]
+
+
 def test_mixed_text():
     units = text.text_to_units("Hello, world. 你好，世界！")
     assert units == list("Hello, world. ") + [" ", "ni2", " ", "hao3", "，", " ", "shi4", " ", "jie4", "！"]
