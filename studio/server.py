@@ -707,14 +707,14 @@ class TritonServer:
         reload failed is tried again after RELOAD_RETRY_S, doubling up to RELOAD_RETRY_MAX_S."""
         from studio.client import ENGINE_MODELS, StudioClient, SynthesisError
 
-        from triton_models.shared import BUSY_SUFFIX, read_stub
+        from triton_models.shared import BUSY_SUFFIX, is_busy, read_stub
 
         dead = self.dead_instances()
         stubs = self.run_dir / "stubs"
         engines = set(ENGINE_MODELS.values())
         stuck = {}  # engine -> its stub records before the reload (their processes may be blocked)
         for name in list(dead):
-            busy = [inst for inst in dead[name] if (stubs / (inst + BUSY_SUFFIX)).exists()]
+            busy = [inst for inst in dead[name] if is_busy(stubs / (inst + BUSY_SUFFIX))]
             engine = next((e for fam, e in ENGINE_MODELS.items() if name in FAMILY_MODELS.get(fam, ())), None)
             if busy and engine and name != engine and engine in self.models:
                 # a front died while it waited on its engine: the engine is blocked in a send to it

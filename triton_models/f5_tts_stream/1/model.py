@@ -2,7 +2,6 @@
 
 import json
 import sys
-import uuid
 
 import triton_python_backend_utils as pb_utils
 
@@ -31,7 +30,7 @@ class TritonPythonModel:
 
     def execute(self, requests):
         for request in requests:
-            key = uuid.uuid4().hex
+            key = self.shared.request_key()
             self.shared.stream_front(pb_utils, request, self.engine, self.shared.F5_INPUTS,
                                      extra=[self.shared.key_tensor(pb_utils, "request_key", key)],
                                      on_cancel=lambda k=key: (self.cancel_dir / k).touch(),

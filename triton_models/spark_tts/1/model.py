@@ -2,7 +2,6 @@
 
 import json
 import sys
-import uuid
 
 import triton_python_backend_utils as pb_utils
 
@@ -27,7 +26,7 @@ class TritonPythonModel:
 
     def execute(self, requests):
         for r in requests:
-            key = uuid.uuid4().hex
+            key = self.shared.request_key()
             extra = [self.shared.key_tensor(pb_utils, "request_key", key)]
             response = self.shared.offline_front(
                 pb_utils, r, self.engine, self.shared.SPARK_INPUTS, self.join, extra=extra,

@@ -2,7 +2,6 @@
 
 import json
 import sys
-import uuid
 
 import triton_python_backend_utils as pb_utils
 
@@ -26,7 +25,7 @@ class TritonPythonModel:
 
     def execute(self, requests):
         for request in requests:
-            key = uuid.uuid4().hex
+            key = self.shared.request_key()
             extra = [self.shared.key_tensor(pb_utils, "request_key", key)]
             self.shared.stream_front(pb_utils, request, self.engine, self.shared.SPARK_INPUTS, extra=extra,
                                      on_cancel=lambda k=key: self.shared.cancel_via_bls(pb_utils, self.engine, k),
