@@ -27,10 +27,17 @@ def _age(folder, seconds: float) -> None:
     os.utime(folder, (then, then))
 
 
-@pytest.fixture
-def busy_byte(tmp_path, monkeypatch):
+@pytest.fixture(params=["mapped", "written"])
+def busy_byte(request, tmp_path, monkeypatch):
+    """A stub's busy marker, mapped into memory or (a file system refusing shared mappings) written."""
+    if request.param == "written":
+        def refuse(*args, **kwargs):
+            raise OSError("no shared mappings here")
+        monkeypatch.setattr(shared.mmap, "mmap", refuse)
     path = tmp_path / ("f5_tts_0_3" + shared.BUSY_SUFFIX)
-    monkeypatch.setattr(shared, "_BUSY_BYTE", shared._map_busy_marker(path, os.getpid()))
+    flag = shared._BusyFlag(path, os.getpid())
+    assert (flag.map is None) == (request.param == "written")
+    monkeypatch.setattr(shared, "_BUSY", flag)
     return path
 
 
@@ -51,13 +58,13 @@ def test_busy_mark_outlives_a_killed_process(tmp_path):
     path = tmp_path / ("f5_tts_0_1" + shared.BUSY_SUFFIX)
     code = ("import os, sys; sys.path.insert(0, sys.argv[2]); from pathlib import Path; "
             "from triton_models import shared; "
-            "shared._BUSY_BYTE = shared._map_busy_marker(Path(sys.argv[1]), os.getpid()); "
+            "shared._BUSY = shared._BusyFlag(Path(sys.argv[1]), os.getpid()); "
             "shared.BusyMarker().__enter__(); os._exit(9)")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run([sys.executable, "-c", code, str(path), root], timeout=60)
     assert proc.returncode == 9
     assert shared.is_busy(path)
-    shared._map_busy_marker(path, os.getpid())  # the instance registered again: a fresh, idle marker
+    shared._BusyFlag(path, os.getpid())  # the instance registered again: a fresh, idle marker
     assert not shared.is_busy(path)
 
 

@@ -406,37 +406,49 @@ _STUB_RECORD = None
 #: through BLS (`BusyMarker`): one byte, BUSY_YES or BUSY_NO.
 BUSY_SUFFIX = ".busy"
 BUSY_YES, BUSY_NO = b"1", b"0"
-#: The marker's byte mapped into this process (set by register_stub), so marking a request costs
-#: no system call: creating and removing a file per request took 0.3-0.4 ms inside a front's stub
-#: (CPU, traced c=1 run; 9 us in a plain process) on the way from the front to its engine.
-_BUSY_BYTE: mmap.mmap | None = None
+#: This stub's busy marker (`_BusyFlag`), set by register_stub.
+_BUSY: "_BusyFlag | None" = None
+
+
+class _BusyFlag:
+    """One stub's busy marker: a one-byte file holding BUSY_NO or BUSY_YES, mapped shared into the
+    process, so marking a request costs no system call (creating and removing a marker file per
+    request took 0.3-0.4 ms inside a front's stub, CPU, traced c=1 run; 9 us in a plain process). What
+    the process writes into the mapping is what a reader of the file sees, also after the process
+    died. Where the file system refuses a shared mapping, each change is one write to the file."""
+
+    def __init__(self, path, pid: int):
+        tmp = path.with_name(f".{path.name}.{pid}")
+        tmp.write_bytes(BUSY_NO)
+        os.replace(tmp, path)  # a fresh marker, never half written
+        self.fd = os.open(path, os.O_RDWR)
+        try:
+            self.map: mmap.mmap | None = mmap.mmap(self.fd, len(BUSY_NO))
+        except (OSError, ValueError):
+            self.map = None
+
+    def set(self, busy: bool) -> None:
+        value = BUSY_YES if busy else BUSY_NO
+        if self.map is not None:
+            self.map[:] = value
+        else:
+            os.pwrite(self.fd, value, 0)
 
 
 def register_stub(args: dict) -> None:
     """Record this stub process under its instance name (called last in every model's
     `initialize`), create its busy marker (BUSY_NO), then freeze the heap built so far
     (`freeze_heap`) and, with STUDIO_TIMING_LOG, log long garbage collections (`watch_gc`)."""
-    global _STUB_RECORD, _BUSY_BYTE
+    global _STUB_RECORD, _BUSY
     pid = os.getpid()
     path = stubs_dir(args) / args["model_instance_name"]
-    _BUSY_BYTE = _map_busy_marker(path.with_name(path.name + BUSY_SUFFIX), pid)
+    _BUSY = _BusyFlag(path.with_name(path.name + BUSY_SUFFIX), pid)
     tmp = path.with_name(f".{path.name}.{pid}")
     tmp.write_text(f"{pid} {process_start_time(pid)}\n")
     os.replace(tmp, path)  # atomic: a reader never sees half a record
     _STUB_RECORD = path
     freeze_heap()
     watch_gc(args.get("model_name", path.name))
-
-
-def _map_busy_marker(path, pid: int) -> mmap.mmap:
-    """A fresh marker file holding BUSY_NO (written aside, then moved in place), mapped shared: what
-    this process writes into the mapping is what a reader of the file sees, also after the process
-    died."""
-    tmp = path.with_name(f".{path.name}.{pid}")
-    tmp.write_bytes(BUSY_NO)
-    os.replace(tmp, path)
-    with open(path, "r+b") as f:
-        return mmap.mmap(f.fileno(), len(BUSY_NO))
 
 
 def is_busy(path) -> bool:
@@ -476,13 +488,13 @@ class BusyMarker:
     busy (`is_busy`)."""
 
     def __enter__(self):
-        if _BUSY_BYTE is not None:
-            _BUSY_BYTE[:] = BUSY_YES
+        if _BUSY is not None:
+            _BUSY.set(True)
         return self
 
     def __exit__(self, *exc):
-        if _BUSY_BYTE is not None:
-            _BUSY_BYTE[:] = BUSY_NO
+        if _BUSY is not None:
+            _BUSY.set(False)
 
 
 def read_stub(path) -> tuple[int, int] | None:
