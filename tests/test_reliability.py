@@ -169,8 +169,15 @@ def test_stub_killed_mid_batch_offline(fault_server, fclient, instance):
     each ends within the bound, with audio (sent again after a reload) or a clear error."""
     from studio.client import SynthesisError
 
+    from triton_models.shared import BUSY_SUFFIX, is_busy
+
     results = [run_in_thread(lambda: f5(fclient, LONG, params={"nfe_steps": 16})) for _ in range(2)]
-    time.sleep(1.0)
+    stubs, deadline, busy = fault_server.run_dir / "stubs", time.monotonic() + 20, []
+    while len(busy) < 2 and time.monotonic() < deadline:  # both requests reach their fronts
+        time.sleep(0.05)
+        busy = [p.name for p in stubs.glob(f"f5_tts_0_*{BUSY_SUFFIX}") if is_busy(p)]
+    assert len(busy) == 2, f"the two fronts waiting on the engine are marked busy: {busy}"
+    time.sleep(0.5)
     kill_stub(fault_server, instance)
     for result in results:
         value, took = result(ERROR_WITHIN_S + RECOVER_WITHIN_S)
