@@ -66,6 +66,27 @@ def test_join_chunks_edge_cases():
         join_chunks([one, one], [0])
 
 
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64, np.int16])
+def test_one_chunk_joins_as_the_joiner_would(dtype):
+    """join_chunks' shortcut for one chunk answers what ChunkJoiner answers: values, dtype, a copy,
+    the same refusals."""
+    chunk = (np.random.default_rng(3).standard_normal(1001) * 1000).astype(dtype)
+    joiner = ChunkJoiner(hold_back=0)
+    joiner.add(chunk, 0)
+    expected = joiner.finish_joined()
+    got = join_chunks([chunk], [55])
+    assert got.dtype == expected.dtype and got.shape == expected.shape
+    np.testing.assert_array_equal(got, expected)
+    got[0] = 7
+    assert chunk[0] != 7, "the answer is a copy: changing it leaves the chunk alone"
+    for bad in (np.zeros((2, 5), np.float32), np.array(["a", "b"])):
+        with pytest.raises(ValueError) as shortcut:
+            join_chunks([bad], [0])
+        with pytest.raises(ValueError) as general:
+            ChunkJoiner(hold_back=0).add(bad, 0)
+        assert str(shortcut.value) == str(general.value)
+
+
 def test_join_chunks_equals_pairwise_crossfades():
     rng = np.random.default_rng(1)
     chunks = [rng.standard_normal(int(n)).astype(np.float32) for n in rng.integers(1, 400, 12)]

@@ -81,6 +81,9 @@ def join_chunks(chunks: list[np.ndarray], overlaps: list[int]) -> np.ndarray:
     if len(chunks) != len(overlaps):
         raise ValueError(f"join_chunks needs one overlap per chunk: got {len(chunks)} chunks "
                          f"and {len(overlaps)} overlaps")
+    if len(chunks) == 1:  # nothing to cross-fade (F5's offline answers): checked and copied as `add` does
+        chunk = _as_mono_float(chunks[0], "chunk")
+        return chunk.astype(np.result_type(chunk.dtype, np.float32), copy=True)
     # Holding back the largest overlap keeps the work linear in the total length.
     joiner = ChunkJoiner(hold_back=max([0] + [int(o) for o in overlaps[1:]]))
     for chunk, overlap in zip(chunks, overlaps):
