@@ -455,6 +455,7 @@ class TritonServer:
                 self._prepare_run_dir()
                 self._launch()
                 self._wait_ready(timeout_s)
+                self._warm_fronts()
             except ServerStartError as exc:
                 self._set("failed", str(exc))
                 self._kill_group()
@@ -650,6 +651,14 @@ class TritonServer:
         tail = "\n".join(self.log_tail(25))
         raise ServerStartError(f"tritonserver was not ready after {timeout_s:.0f} s; its log ends:\n{tail}")
 
+    def _warm_fronts(self) -> None:
+        """One request through every front instance (studio.front_warmup; STUDIO_WARM_FRONTS=0: none)."""
+        from studio.front_warmup import WARM_FRONTS_ENV, warm_fronts
+        from tts.switches import switch_from_env
+
+        if switch_from_env(WARM_FRONTS_ENV, default=True):
+            warm_fronts(self.grpc_url, list(self.families), self.front_instances, log=self._log_fn)
+
     def _watch(self) -> None:
         """Reload models whose stub died; restart a server that died on its own (bounded:
         MAX_RESTARTS within 10 minutes)."""
@@ -673,6 +682,7 @@ class TritonServer:
                 with self._lock:
                     self._launch()
                     self._wait_ready(600)
+                    self._warm_fronts()
             except ServerStartError as exc:
                 self._set("failed", str(exc))
                 return
