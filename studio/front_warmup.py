@@ -11,7 +11,9 @@ once as it has instances (each front instance holds its request until the engine
 each instance gets one), with a short text and few steps, before the server is called ready.
 Failures are logged, never fatal: a family whose engine cannot serve still starts as before.
 
-`STUDIO_WARM_FRONTS=0` skips it.
+On by default where the engines run on GPUs. Off by default on the CPU: there a real-weight F5 or
+Spark request takes seconds, so sixteen of them per front model would lengthen the start by far
+more than the milliseconds they save once. `STUDIO_WARM_FRONTS=0|1` overrides either default.
 """
 
 from __future__ import annotations

@@ -652,11 +652,12 @@ class TritonServer:
         raise ServerStartError(f"tritonserver was not ready after {timeout_s:.0f} s; its log ends:\n{tail}")
 
     def _warm_fronts(self) -> None:
-        """One request through every front instance (studio.front_warmup; STUDIO_WARM_FRONTS=0: none)."""
+        """One request through every front instance (studio.front_warmup): by default where the
+        engines run on GPUs; STUDIO_WARM_FRONTS=0|1 overrides."""
         from studio.front_warmup import WARM_FRONTS_ENV, warm_fronts
         from tts.switches import switch_from_env
 
-        if switch_from_env(WARM_FRONTS_ENV, default=True):
+        if switch_from_env(WARM_FRONTS_ENV, default=bool(self.gpus)):
             warm_fronts(self.grpc_url, list(self.families), self.front_instances, log=self._log_fn)
 
     def _watch(self) -> None:

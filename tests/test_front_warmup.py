@@ -37,9 +37,17 @@ def test_the_switch_turns_it_off(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(front_warmup, "warm_fronts", lambda *a, **k: calls.append(a))
     server = TritonServer(tmp_path, demo_weights=True, no_download=True, gpus=[], families=["f5"])
+    monkeypatch.delenv(front_warmup.WARM_FRONTS_ENV, raising=False)
+    server._warm_fronts()
+    assert calls == [], "off by default on the CPU"
+    server.gpus = [0]
+    server._warm_fronts()
+    assert len(calls) == 1, "on by default with GPUs"
+    calls.clear()
     monkeypatch.setenv(front_warmup.WARM_FRONTS_ENV, "0")
     server._warm_fronts()
     assert calls == []
+    server.gpus = []
     monkeypatch.setenv(front_warmup.WARM_FRONTS_ENV, "1")
     server._warm_fronts()
     assert calls == [(server.grpc_url, ["f5"], server.front_instances)]
