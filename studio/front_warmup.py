@@ -8,7 +8,8 @@ c=1, 48 traced requests, demo weights, engine loop on), the front's leg to its B
 after 18 warm-up requests had passed through all of them, and the way in (`path_in_ms_mean`)
 9.0-13.1 against 6.4-7.7 ms. So the server manager sends, per front model, as many requests at
 once as it has instances (each front instance holds its request until the engine answers, so
-each instance gets one), with a short text and few steps, before the server is called ready.
+each instance gets one), with a short text and few steps, before `TritonServer.start()` returns
+(Triton is ready and serving meanwhile: a request sent then waits behind the warm-up's).
 Failures are logged, never fatal: a family whose engine cannot serve still starts as before.
 
 On by default where the engines run on GPUs. Off by default on the CPU: there a real-weight F5 or
@@ -25,7 +26,7 @@ import numpy as np
 
 WARM_FRONTS_ENV = "STUDIO_WARM_FRONTS"
 #: Per warm-up request (s): a front stuck this long is left to the supervisor, start-up goes on.
-WARM_TIMEOUT_S = 120.0
+WARM_TIMEOUT_S = 60.0
 #: What each family's warm-up request asks for: the shortest real request (F5: 2 ODE steps; Spark:
 #: 8 tokens, fixed because random weights never emit the end token).
 WARM_PARAMS = {"f5": {"nfe_steps": 2, "seed": 0}, "spark": {"max_new_tokens": 8, "min_new_tokens": 8, "seed": 0}}
@@ -49,13 +50,18 @@ def warm_fronts(grpc_url: str, families: list[str], instances: int, log=print) -
     from studio.client import SAMPLE_RATES, StudioClient, triton_model_name
 
     done: dict[str, int] = {}
+    if instances < 1:
+        return done
     for family in [f for f in families if f in WARM_PARAMS]:
         prompt = warm_prompt(SAMPLE_RATES[family])
         for stream in (False, True):
             name = triton_model_name(family, stream)
             started = time.perf_counter()
-            clients = [StudioClient(grpc_url) for _ in range(instances)]
+            clients: list[StudioClient] = []
             try:
+                for _ in range(instances):
+                    clients.append(StudioClient(grpc_url))
+
                 def one(client: StudioClient) -> str | None:
                     try:
                         client.synthesize(family, WARM_TEXT, prompt, WARM_PROMPT_TEXT, stream=stream,

@@ -342,6 +342,7 @@ class TritonServer:
         self.require_weights = require_weights or os.environ.get("STUDIO_REQUIRE_WEIGHTS", "0") in ("1", "true")
         self.f5_model = f5_model
         self.front_instances = instances or int(os.environ.get("STUDIO_FRONT_INSTANCES", DEFAULT_FRONT_INSTANCES))
+        self._warm = False  # warm the front instances once ready (`_warm_fronts_wanted`, set by start)
         self.families = families or available_families()
         if no_asr or os.environ.get("STUDIO_NO_ASR", "0") in ("1", "true"):
             self.families = [f for f in self.families if f not in CHECK_FAMILIES]
@@ -445,6 +446,7 @@ class TritonServer:
         with self._lock:
             self._stopping = False
             try:
+                self._warm = self._warm_fronts_wanted()  # a bad value is said before anything loads
                 self._set("starting", "resolving weights")
                 try:  # before any weights move: a missing TensorRT or engine is said at once
                     check_runtime(self.runtime, self.engines_dir, self.families, self.f5_model)
@@ -651,14 +653,25 @@ class TritonServer:
         tail = "\n".join(self.log_tail(25))
         raise ServerStartError(f"tritonserver was not ready after {timeout_s:.0f} s; its log ends:\n{tail}")
 
-    def _warm_fronts(self) -> None:
-        """One request through every front instance (studio.front_warmup): by default where the
-        engines run on GPUs; STUDIO_WARM_FRONTS=0|1 overrides."""
-        from studio.front_warmup import WARM_FRONTS_ENV, warm_fronts
+    def _warm_fronts_wanted(self) -> bool:
+        """Whether to warm the front instances: by default where the engines run on GPUs;
+        STUDIO_WARM_FRONTS=0|1 overrides (ValueError naming the variable for anything else)."""
+        from studio.front_warmup import WARM_FRONTS_ENV
         from tts.switches import switch_from_env
 
-        if switch_from_env(WARM_FRONTS_ENV, default=bool(self.gpus)):
+        return switch_from_env(WARM_FRONTS_ENV, default=bool(self.gpus))
+
+    def _warm_fronts(self) -> None:
+        """One request through every front instance (studio.front_warmup), when wanted. Never
+        fatal: the server is ready and serving already; a warm-up that fails is only logged."""
+        from studio.front_warmup import warm_fronts
+
+        if not self._warm:
+            return
+        try:
             warm_fronts(self.grpc_url, list(self.families), self.front_instances, log=self._log_fn)
+        except Exception as exc:  # noqa: BLE001 - the server serves without it
+            self._log_fn(f"front warm-up failed: {type(exc).__name__}: {exc}")
 
     def _watch(self) -> None:
         """Reload models whose stub died; restart a server that died on its own (bounded:
