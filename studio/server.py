@@ -343,6 +343,7 @@ class TritonServer:
         self.f5_model = f5_model
         self.front_instances = instances or int(os.environ.get("STUDIO_FRONT_INSTANCES", DEFAULT_FRONT_INSTANCES))
         self._warm = False  # warm the front instances once ready (`_warm_fronts_wanted`, set by start)
+        self._start_env: dict[str, str] | None = None  # os.environ at start(), for every launch it makes
         self.families = families or available_families()
         if no_asr or os.environ.get("STUDIO_NO_ASR", "0") in ("1", "true"):
             self.families = [f for f in self.families if f not in CHECK_FAMILIES]
@@ -446,6 +447,9 @@ class TritonServer:
         with self._lock:
             self._stopping = False
             try:
+                # the environment of this start, kept for a supervised restart: a restarted server is
+                # the same server (its limits, switches), whatever the caller's environment is by then
+                self._start_env = dict(os.environ)
                 self._warm = self._warm_fronts_wanted()  # a bad value is said before anything loads
                 self._set("starting", "resolving weights")
                 try:  # before any weights move: a missing TensorRT or engine is said at once
@@ -567,10 +571,10 @@ class TritonServer:
             metrics = ["--allow-metrics=true", f"--metrics-address={self.bind}", f"--metrics-port={self.metrics_port}"]
         else:  # off (the default); a free port is named all the same, never the default 8002
             metrics = ["--allow-metrics=false", f"--metrics-port={free_port()}"]
-        env = dict(os.environ)
+        env = dict(self._start_env if self._start_env is not None else os.environ)
         # The stub runs the interpreter first on PATH; STUDIO_STUB_PYTHON_BIN can name another
         # environment's bin/ (same Python version), e.g. one whose numpy suits the 2.51 stub.
-        stub_bin = os.environ.get("STUDIO_STUB_PYTHON_BIN") or os.path.dirname(sys.executable)
+        stub_bin = env.get("STUDIO_STUB_PYTHON_BIN") or os.path.dirname(sys.executable)
         env["PATH"] = stub_bin + os.pathsep + env.get("PATH", "")
         libdirs = [str(libs)] if libs else []
         libdirs.append(self._libpython_dir())
@@ -597,7 +601,7 @@ class TritonServer:
                f"--grpc-restricted-protocol=model-repository:{REPOSITORY_HEADER}={self.repository_secret}"]
         if backends:
             cmd.append(f"--backend-directory={backends}")
-        cmd += trace_args(os.environ.get(TRACE_ENV, ""))
+        cmd += trace_args(env.get(TRACE_ENV, ""))
         self._set("starting", f"starting tritonserver (gRPC {self.grpc_url}, HTTP {self.http_url}"
                               + (f", metrics {self.metrics_url})" if self.metrics_url else ")"))
         log = open(self.log_path, "ab")

@@ -67,6 +67,14 @@ def test_dead_server_is_restarted(triton_server):
         time.sleep(0.5)
     assert triton_server._proc is not None and triton_server._proc.pid != old_pid
     assert triton_server.status()["state"] == "ready"
+    # the restart launched with the environment of the start (the fixture set the engine loop switch
+    # only while starting; its limits and switches would otherwise be lost on a restart)
+    from tts.f5.engine import LOOP_ENV
+
+    assert os.environ.get(LOOP_ENV) is None
+    with open(f"/proc/{triton_server._proc.pid}/environ", "rb") as f:
+        launched = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+    assert launched.get(LOOP_ENV.encode()) == b"1"
     from studio.client import StudioClient
 
     with StudioClient(triton_server.grpc_url) as c:  # the restarted server serves on the same ports
