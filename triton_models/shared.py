@@ -400,8 +400,6 @@ def stubs_dir(args: dict):
     return folder
 
 
-#: This stub's record (a stub process hosts exactly one model instance), set by register_stub.
-_STUB_RECORD = None
 #: Suffix of the marker beside the stub's record that says whether a front waits on its engine
 #: through BLS (`BusyMarker`): one byte, BUSY_YES or BUSY_NO.
 BUSY_SUFFIX = ".busy"
@@ -442,14 +440,13 @@ def register_stub(args: dict) -> None:
     """Record this stub process under its instance name (called last in every model's
     `initialize`), create its busy marker (BUSY_NO), then freeze the heap built so far
     (`freeze_heap`) and, with STUDIO_TIMING_LOG, log long garbage collections (`watch_gc`)."""
-    global _STUB_RECORD, _BUSY
+    global _BUSY
     pid = os.getpid()
     path = stubs_dir(args) / args["model_instance_name"]
     _BUSY = _BusyFlag(path.with_name(path.name + BUSY_SUFFIX), pid)
     tmp = path.with_name(f".{path.name}.{pid}")
     tmp.write_text(f"{pid} {process_start_time(pid)}\n")
     os.replace(tmp, path)  # atomic: a reader never sees half a record
-    _STUB_RECORD = path
     freeze_heap()
     watch_gc(args.get("model_name", path.name))
 
