@@ -342,7 +342,6 @@ class TritonServer:
         self.require_weights = require_weights or os.environ.get("STUDIO_REQUIRE_WEIGHTS", "0") in ("1", "true")
         self.f5_model = f5_model
         self.front_instances = instances or int(os.environ.get("STUDIO_FRONT_INSTANCES", DEFAULT_FRONT_INSTANCES))
-        self._warm = False  # warm the front instances once ready (`_warm_fronts_wanted`, set by start)
         self._start_env: dict[str, str] | None = None  # os.environ at start(), for every launch it makes
         self.families = families or available_families()
         if no_asr or os.environ.get("STUDIO_NO_ASR", "0") in ("1", "true"):
@@ -450,7 +449,7 @@ class TritonServer:
                 # the environment of this start, kept for a supervised restart: a restarted server is
                 # the same server (its limits, switches), whatever the caller's environment is by then
                 self._start_env = dict(os.environ)
-                self._warm = self._warm_fronts_wanted()  # a bad value is said before anything loads
+                self._warm_fronts_wanted()  # a bad value is said before anything loads
                 self._set("starting", "resolving weights")
                 try:  # before any weights move: a missing TensorRT or engine is said at once
                     check_runtime(self.runtime, self.engines_dir, self.families, self.f5_model)
@@ -659,18 +658,19 @@ class TritonServer:
 
     def _warm_fronts_wanted(self) -> bool:
         """Whether to warm the front instances: by default where the engines run on GPUs;
-        STUDIO_WARM_FRONTS=0|1 overrides (ValueError naming the variable for anything else)."""
+        STUDIO_WARM_FRONTS=0|1 in the start's environment overrides (ValueError naming the variable
+        for anything else)."""
         from studio.front_warmup import WARM_FRONTS_ENV
         from tts.switches import switch_from_env
 
-        return switch_from_env(WARM_FRONTS_ENV, default=bool(self.gpus))
+        return switch_from_env(WARM_FRONTS_ENV, default=bool(self.gpus), env=self._start_env)
 
     def _warm_fronts(self) -> None:
         """One request through every front instance (studio.front_warmup), when wanted. Never
         fatal: the server is ready and serving already; a warm-up that fails is only logged."""
         from studio.front_warmup import warm_fronts
 
-        if not self._warm:
+        if not self._warm_fronts_wanted():
             return
         try:
             warm_fronts(self.grpc_url, list(self.families), self.front_instances, log=self._log_fn)

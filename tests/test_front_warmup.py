@@ -83,9 +83,10 @@ def test_a_failing_warm_up_never_stops_the_server(tmp_path, monkeypatch):
     server = TritonServer(tmp_path, demo_weights=True, no_download=True, gpus=[], families=["f5"],
                           log=lines.append)
     monkeypatch.setattr(front_warmup, "warm_fronts", lambda *a, **k: calls.append(a))
+    monkeypatch.delenv(front_warmup.WARM_FRONTS_ENV, raising=False)
     server._warm_fronts()
     assert calls == [], "not wanted: nothing sent"
-    server._warm = True
+    monkeypatch.setenv(front_warmup.WARM_FRONTS_ENV, "1")
     server._warm_fronts()
     assert calls == [(server.grpc_url, ["f5"], server.front_instances)]
 
