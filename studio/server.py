@@ -657,13 +657,12 @@ class TritonServer:
         raise ServerStartError(f"tritonserver was not ready after {timeout_s:.0f} s; its log ends:\n{tail}")
 
     def _warm_fronts_wanted(self) -> bool:
-        """Whether to warm the front instances: by default where the engines run on GPUs;
-        STUDIO_WARM_FRONTS=0|1 in the start's environment overrides (ValueError naming the variable
-        for anything else)."""
+        """Whether to warm the front instances: STUDIO_WARM_FRONTS=0|1 in the start's environment
+        (default off: studio.front_warmup says why; ValueError naming the variable for anything else)."""
         from studio.front_warmup import WARM_FRONTS_ENV
         from tts.switches import switch_from_env
 
-        return switch_from_env(WARM_FRONTS_ENV, default=bool(self.gpus), env=self._start_env)
+        return switch_from_env(WARM_FRONTS_ENV, default=False, env=self._start_env)
 
     def _warm_fronts(self) -> None:
         """One request through every front instance (studio.front_warmup), when wanted. Never

@@ -62,7 +62,7 @@ def test_the_switch_and_its_defaults(tmp_path, monkeypatch):
     monkeypatch.delenv(front_warmup.WARM_FRONTS_ENV, raising=False)
     assert server._warm_fronts_wanted() is False, "off by default on the CPU"
     server.gpus = [0]
-    assert server._warm_fronts_wanted() is True, "on by default with GPUs"
+    assert server._warm_fronts_wanted() is False, "off by default with GPUs too"
     monkeypatch.setenv(front_warmup.WARM_FRONTS_ENV, "0")
     assert server._warm_fronts_wanted() is False
     server.gpus = []

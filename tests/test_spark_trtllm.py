@@ -300,7 +300,7 @@ def test_trtllm_runtime_through_triton_with_a_stand_in_llm_model(tmp_path, monke
         "build_config": {"max_batch_size": 4, "max_seq_len": 1024},
         "stand_in": {"project_root": str(Path(__file__).resolve().parent.parent), "llm_dir": str(model_dir / "LLM"),
                      "log_path": str(log)}}))
-    monkeypatch.setenv("STUDIO_WARM_FRONTS", "1")  # off by default on the CPU: its requests reach the stand-in too
+    monkeypatch.setenv("STUDIO_WARM_FRONTS", "1")  # off by default: its requests reach the stand-in too
     server = S.TritonServer(data, demo_weights=True, no_download=True, instances=2, gpus=[], families=["spark"],
                             runtime="trtllm", engines_dir=engines)
     server.start(timeout_s=600)

@@ -594,8 +594,13 @@ def pump_responses(bls, on_response, engine: str, folder, deadline: float, check
     corrupted", then "Stub process ... is not healthy"). Reproduced on a CPU with a thread sending
     30 chunks back to back per request to 8 concurrent streaming fronts: the stub died within ~30 s
     with or without the cancel checks; iterating and sending on one thread ran clean. This was the
-    mid-request death of streaming fronts seen on the H100s (F5 and Spark)."""
-    finished = threading.Event()
+    mid-request death of streaming fronts seen on the H100s (F5 and Spark).
+
+    The same holds for the helper's last moments: returning from its loop frees the response
+    iterator and the last response (the backend's objects) on that thread. So the caller resumes
+    (and may send) only once the helper thread has ended (`join`), not when its loop is done: an
+    offline front (the H100, 2026-12-08, 1 of 32 requests at c=8) and a streaming one died at that
+    point, each with its busy marker already cleared, i.e. after the engine's answer was in."""
     failure: list[BaseException] = []
 
     def pump():
@@ -605,13 +610,15 @@ def pump_responses(bls, on_response, engine: str, folder, deadline: float, check
                     break
         except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
             failure.append(exc)
-        finally:
-            finished.set()
 
     on_timeout = _wait_checks(engine, folder, deadline, check)
-    threading.Thread(target=pump, daemon=True, name=f"bls-{engine}").start()
+    helper = threading.Thread(target=pump, daemon=True, name=f"bls-{engine}")
+    helper.start()
     wait_s = CancelCheck.POLL_S if check is not None else LIVENESS_POLL_S
-    while not finished.wait(wait_s):
+    while True:
+        helper.join(wait_s)
+        if not helper.is_alive():  # ended, its frame and the thread's references to it released
+            break
         on_timeout()
     if failure:
         raise failure[0]
