@@ -28,7 +28,8 @@
 # after a batch for every request in flight, STUDIO_F5_ENGINE_GATHER_MS=20: label gather_on),
 # SWEEP_VARIANTS="label:VAR=VALUE ..." (more variants, one server each), SWEEP_TRACE=1 (add the fast server
 # with Triton tracing every request, label traced: tools/trace_legs.py splits the way through the server),
-# SWEEP_VARIANT_NEED_S (budget a variant needs left to start; default 150).
+# SWEEP_VARIANT_NEED_S (budget a variant needs left to start; default 150), SWEEP_AGAIN=1 (offline c=1 once
+# more on the fast server after its other runs, label fast_again).
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
@@ -215,6 +216,9 @@ if start_server fast ""; then
   [[ ${SWEEP_STREAM:-1} != 0 ]] && time_left 60 && bench bench_fast_stream 180 --mode streaming --concurrency "$LEVELS" --requests "$REQ" --nfe 16 --label fast
   [[ ${SWEEP_NFE32:-1} != 0 ]] && time_left 90 && bench bench_fast_nfe32 120 --mode offline --concurrency "$LEVELS_SHORT" --requests "$REQ" --nfe 32 --label fast_nfe32
   [[ ${SWEEP_COLD:-1} != 0 ]] && time_left 90 && bench bench_fast_cold 60 --mode offline --concurrency 1 --requests 8 --nfe 16 --cold-cache --label fast_cold
+  # SWEEP_AGAIN=1: offline c=1 once more on the same server, last (label fast_again): a first server
+  # slower than later ones is either this process's state (slow again) or the machine's first minutes
+  [[ ${SWEEP_AGAIN:-0} != 0 ]] && time_left 60 && bench bench_fast_again 90 --mode offline --concurrency 1 --requests "$REQ" --nfe 16 --label fast_again
   stop_server
   # the same server started again on the same data folder: the compile cache is warm (start-up only)
   if [[ ${SWEEP_RESTART:-1} != 0 ]] && time_left 100 && start_server fast-restart ""; then stop_server; fi
