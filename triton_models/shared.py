@@ -505,17 +505,20 @@ def read_stub(path) -> tuple[int, int] | None:
         return None
 
 
-def dead_instances(folder, model: str) -> list[str]:
-    """Instances of `model` whose recorded stub process no longer runs."""
-    dead = []
+def _instance_records(folder, model: str):
+    """(instance name, its record or None when unreadable) for each of `model`'s stub records in
+    `folder` (names `<model>_<group>_<index>`; another model whose name starts like this one, as
+    f5_tts_stream for f5_tts, is skipped)."""
     for path in folder.glob(f"{model}_*"):
         rest = path.name[len(model) + 1:].split("_")
-        if len(rest) != 2 or not all(part.isdigit() for part in rest):
-            continue  # another model whose name starts like this one (f5_tts vs f5_tts_stream)
-        record = read_stub(path)
-        if record is None or process_start_time(record[0]) != record[1]:
-            dead.append(path.name)
-    return sorted(dead)
+        if len(rest) == 2 and all(part.isdigit() for part in rest):
+            yield path.name, read_stub(path)
+
+
+def dead_instances(folder, model: str) -> list[str]:
+    """Instances of `model` whose recorded stub process no longer runs."""
+    return sorted(name for name, record in _instance_records(folder, model)
+                  if record is None or process_start_time(record[0]) != record[1])
 
 
 #: (folder, model) -> (the folder's mtime in ns, records) for `engine_records`.
@@ -540,12 +543,7 @@ def engine_records(folder, model: str) -> dict:
     kept = _RECORDS.get(key)
     if stamp is not None and kept is not None and kept[0] == stamp:
         return kept[1]
-    out = {}
-    for path in folder.glob(f"{model}_*"):
-        rest = path.name[len(model) + 1:].split("_")
-        record = read_stub(path) if len(rest) == 2 and all(part.isdigit() for part in rest) else None
-        if record is not None:
-            out[path.name] = record
+    out = {name: record for name, record in _instance_records(folder, model) if record is not None}
     if stamp is not None and now - stamp > RECORDS_SETTLE_NS:
         _RECORDS[key] = (stamp, out)
     else:
