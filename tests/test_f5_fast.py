@@ -363,6 +363,7 @@ def test_shapes_beyond_the_buckets_run_the_eager_sampler(tmp_path):
     args = batch([100], [20])
     assert fs.bucket(1, F.packed_length([100])) is None
     assert torch.equal(fs.sample(dit, *args, 3, 2.0, -1.0), sample(dit, *args, 3, 2.0, -1.0))
+    assert dict(fs.served) == {"eager": 1}, "counted as served by the eager sampler"
     other = tiny_dit(tmp_path / "other")  # a different DiT object is never run through the buffers
     args = batch([40], [10])
     assert torch.equal(fs.sample(other, *args, 3, 2.0, -1.0), sample(other, *args, 3, 2.0, -1.0))
@@ -375,7 +376,9 @@ def test_failed_self_check_turns_the_fast_path_off(tmp_path, monkeypatch):
     stats = fs.warmup()
     assert not fs.ready and "self_check_failed" in stats
     args = batch([50], [10])
+    before = fs.served["eager"]
     assert torch.equal(fs.sample(dit, *args, 3, 2.0, -1.0), sample(dit, *args, 3, 2.0, -1.0))
+    assert fs.served["eager"] == before + 1
 
 
 def test_self_check_passes_on_the_eager_path(tmp_path):
@@ -448,9 +451,10 @@ def test_graph_protocol_with_a_stand_in_for_cuda_graphs(tmp_path, monkeypatch):
     assert stats["self_check_rel_err"] <= 1e-5
     args = batch([100, 70, 33], [30, 20, 10])
     graph, prologue = fs._graphs[(4, 256)], fs._prologues[(4, 256)]
-    before, before_prologue = graph.replays, prologue.replays
+    before, before_prologue, served = graph.replays, prologue.replays, dict(fs.served)
     out = fs.sample(dit, *args, 8, 2.0, -1.0)
     assert graph.replays - before == 8 and prologue.replays - before_prologue == 1
+    assert fs.served["graph"] == served.get("graph", 0) + 1 and fs.served["eager"] == served.get("eager", 0)
     assert (out - sample(dit, *args, 8, 2.0, -1.0)).abs().max() <= SAME_AUDIO
 
 

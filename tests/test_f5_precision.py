@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -94,13 +95,18 @@ def test_fast_path_waveform_snr_against_fp32_eager(checkpoints, monkeypatch, no_
     def fresh(dtype, fast: bool):
         pipe = _pipeline(checkpoints, dtype, fast=fast, monkeypatch=monkeypatch)
         try:
-            return run(pipe), (pipe.fast.stats if pipe.fast is not None else {})
+            before = Counter(pipe.fast.served) if fast else Counter()
+            audio = run(pipe)
+            if fast:  # the figure is the fast path's only if its captured graphs produced it
+                served = dict(pipe.fast.served - before)
+                assert served == {"graph": 1}, (served, pipe.fast.stats)
+            return audio, (pipe.fast.stats if pipe.fast is not None else {})
         finally:
             del pipe
             torch.cuda.empty_cache()
 
     ref, _ = fresh(torch.float32, fast=False)
-    out, _ = fresh(torch.bfloat16, fast=True)
+    out, stats = fresh(torch.bfloat16, fast=True)
     plain, _ = fresh(torch.bfloat16, fast=False)  # plain bf16 torch arithmetic: the bar for the fast path
     half, _ = fresh(torch.float16, fast=False)  # upstream's own inference precision
     # the opt-in FP8 products (STUDIO_F5_FP8=1) on the same request, reported in the same run
@@ -114,7 +120,9 @@ def test_fast_path_waveform_snr_against_fp32_eager(checkpoints, monkeypatch, no_
     where = f"full-size random weights, {item['id']}, seed 7, 16 NFE, over {ref.size / 24000:.2f} s"
     for name, (wave, mel) in figures.items():
         extra = (f", RMS ratio {rms_ratio:.3f} (fp8 on: {stats8.get('fp8')}, self-check "
-                 f"{stats8.get('self_check_rel_err')})" if name.startswith("FP8") else "")
+                 f"{stats8.get('self_check_rel_err')})" if name.startswith("FP8") else
+                 f" (self-check {stats.get('self_check_rel_err')}, attention "
+                 f"{stats.get('attention', {}).get('chosen')})" if name == "bf16 fast path" else "")
         print(f"\n[precision] F5 {name} vs fp32 eager, {where}: waveform SNR {wave:.1f} dB, log-mel SNR "
               f"{mel:.1f} dB{extra}", flush=True)
     (fast_wave, fast_mel), (plain_wave, plain_mel) = figures["bf16 fast path"], figures["bf16 eager"]

@@ -48,6 +48,7 @@ import math
 import os
 import sys
 import time
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
@@ -729,6 +730,10 @@ class FastSampler:
         self._tables: dict[tuple[int, float | None, bool], tuple[Tensor, Tensor]] = {}
         self._compiled = False
         self.ready = self.mode == "eager"  # the other modes become ready in warmup()
+        #: Batches served so far, by how: "graph" (a captured bucket), "uncaptured" (a bucket whose
+        #: capture failed: the static step run directly), "eager" (beyond the buckets, or the fast path
+        #: not ready: the eager sampler). Tests read it to know which path produced an output.
+        self.served: Counter = Counter()
         self.stats: dict = {"mode": self.mode, "fused_gelu": bool(self.use_graphs and options.fused_gelu and not self.fp8),
                             "fp8": self.fp8}
         if options.compile_mode:
@@ -812,6 +817,7 @@ class FastSampler:
         b, frames, mel_dim = noise.shape
         lens = [int(n) for n in total_lens.tolist()]
         if dit is not self.dit or self.bucket(b, packed_length(lens)) is None or not self.ready:
+            self.served["eager"] += 1
             with eager_stance():
                 return eager_sample(dit, cond_mel, text_ids, ref_lens, total_lens, noise, nfe, cfg_strength,
                                     sway, use_epss)
@@ -855,6 +861,7 @@ class FastSampler:
                              f"({[int(nz.shape[0]) for nz in noises]} frames)")
         key = self.bucket(b, packed_length(lens))
         if key is None or not self.ready:
+            self.served["eager"] += 1
             return self._eager_items(text_ids, ref_mels, lens, noises, nfe, cfg_strength, sway, use_epss)
         v = self.buffers.views(*key)
         with record_function("f5.load_inputs"):  # names for tools/gpu_f5_request_profile.py
@@ -871,6 +878,7 @@ class FastSampler:
             self.buffers.cfg.fill_(float(cfg_strength))
         buf = self.buffers
         graph, prologue = self._graphs.get(key), self._prologues.get(key)
+        self.served["graph" if graph is not None else "uncaptured"] += 1
         with step_context(), record_function("f5.steps"):
             if prologue is not None:
                 prologue.replay()
