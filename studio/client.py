@@ -75,6 +75,13 @@ ENGINE_MODELS = {"f5": "f5_engine", "spark": "spark_llm"}
 RELOAD_TIMEOUT_S = {"front": 120.0, "engine": 900.0}
 #: Reloads one request may trigger before its error is passed on (each after a dead instance).
 RECOVERY_ATTEMPTS = 3
+#: A client that may not reload models (another process than the studio server's: it lacks the
+#: repository secret) waits for the server's own supervisor instead, which finds a dead stub within
+#: a second (studio.server.SUPERVISE_S) and reloads its model (a front ~2 s; an engine 20-60 s on a
+#: GPU): it sends the request again every SUPERVISOR_RETRY_S for up to this long (capped by the
+#: request's own timeout), then passes the error on.
+SUPERVISOR_WAIT_S = {"front": 30.0, "engine": 180.0}
+SUPERVISOR_RETRY_S = 1.0
 #: Repository-API headers by server URL, registered by the embedded server manager (studio.server),
 #: so every client of that server in this process can reload a dead model without being told.
 _repository_headers: dict[str, dict] = {}
@@ -126,6 +133,11 @@ class SynthesisError(RuntimeError):
     def __init__(self, message: str, status: str | None = None):
         super().__init__(message)
         self.status = status
+
+
+class ReloadRefused(SynthesisError):
+    """The server refused this client's reload of a dead model: its repository API needs a secret
+    this client was not given (only the process running the studio server holds it)."""
 
 
 class GenerationCancelled(Exception):
@@ -531,6 +543,7 @@ class StudioClient:
 
         started = time.perf_counter()
         reloaded: list[str] = []
+        waited: dict[str, float] = {}  # model -> when this request began waiting for the server to replace it
         while True:
             tried_at = time.perf_counter()
             try:
@@ -554,17 +567,36 @@ class StudioClient:
                     raise SynthesisError(f"{clean_message(str(exc))} The request stopped after part of its audio; "
                                          f"{dead} is being reloaded, so the next request will be served.",
                                          exc.status) from None
-                self.reload_model(dead, failed_at=time.perf_counter(), cause=str(exc),
-                                  timeout_s=RELOAD_TIMEOUT_S["engine" if dead == ENGINE_MODELS[family] else "front"])
-                reloaded.append(dead)
+                kind = "engine" if dead == ENGINE_MODELS[family] else "front"
+                try:
+                    self.reload_model(dead, failed_at=time.perf_counter(), cause=str(exc),
+                                      timeout_s=RELOAD_TIMEOUT_S[kind])
+                    reloaded.append(dead)
+                except ReloadRefused:
+                    # Not ours to reload: the studio server's supervisor replaces the dead stub. Send
+                    # again until it has (a dead front: the next try mostly lands on a live instance).
+                    since = waited.setdefault(dead, time.monotonic())
+                    bound = min(SUPERVISOR_WAIT_S[kind], timeout_s)
+                    if time.monotonic() - since + SUPERVISOR_RETRY_S > bound:
+                        raise SynthesisError(
+                            f"{clean_message(str(exc))} This client may not reload models (the studio server's "
+                            f"process holds the repository secret), and the server did not replace the instance "
+                            f"within {bound:g} s: restart the server.", exc.status) from None
+                    time.sleep(SUPERVISOR_RETRY_S)
         result.server = self.url
-        if not reloaded:
+        if not reloaded and not waited:
             return result
         lost = tried_at - started  # the failed attempts and the reloads, before the one that served
-        what = " and ".join(f"a {m} instance" for m in reloaded)
-        result.info = dict(result.info, notes=list(result.info.get("notes", [])) + [
-            f"{what} had died (its stub process was gone); the model was reloaded and the request "
-            f"sent again: {lost:.2f} s of this request's latency"])
+        notes = []
+        if reloaded:
+            what = " and ".join(f"a {m} instance" for m in reloaded)
+            notes.append(f"{what} had died (its stub process was gone); the model was reloaded and the request "
+                         f"sent again: {lost:.2f} s of this request's latency")
+        if waited:
+            what = " and ".join(f"a {m} instance" for m in waited)
+            notes.append(f"{what} had died (its stub process was gone); the request was sent again until the "
+                         f"server had replaced it: {lost:.2f} s of this request's latency")
+        result.info = dict(result.info, notes=list(result.info.get("notes", [])) + notes)
         result.latency_s += lost
         result.first_chunk_s += lost
         result.chunk_arrivals_s = [t + lost for t in result.chunk_arrivals_s]
@@ -604,9 +636,10 @@ class StudioClient:
                 self._client.load_model(name, headers=self.repository_headers or None, config=json.dumps(config),
                                         client_timeout=timeout_s)
             except InferenceServerException as exc:
-                raise SynthesisError(f"{clean_message(cause) or name + ' failed'}; reloading {name} to replace the "
-                                     f"dead instance failed too ({clean_message(exc.message())}): restart the "
-                                     f"server") from None
+                refused = "protocol is restricted" in (exc.message() or "")
+                raise (ReloadRefused if refused else SynthesisError)(
+                    f"{clean_message(cause) or name + ' failed'}; reloading {name} to replace the dead instance "
+                    f"failed too ({clean_message(exc.message())}): restart the server") from None
             _reloads[key] = time.perf_counter()
 
     def _offline(self, family, name, inputs, request_id, on_chunk, cancel, timeout_s) -> SynthResult:

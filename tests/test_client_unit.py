@@ -522,7 +522,7 @@ def test_dead_stub_model(message, model):
 
 
 class _CountingLoads:
-    def __init__(self, fail: bool = False):
+    def __init__(self, fail: bool | str = False):
         self.loads, self.fail = [], fail
 
     def get_model_config(self, name, as_json=False, client_timeout=None):
@@ -533,6 +533,9 @@ class _CountingLoads:
 
         # a forced reload: the model's own config with the reload parameter changed
         assert json.loads(config)["parameters"]["studio_reload"]["string_value"]
+        if self.fail == "restricted":  # the studio server's answer to a client without its secret
+            raise InferenceServerException("This protocol is restricted, expecting header "
+                                           "'triton-grpc-protocol-studio-repository-key'")
         if self.fail:
             raise InferenceServerException("explicit model load / unload is not allowed if polling is enabled")
         time.sleep(0.05)
@@ -615,5 +618,50 @@ def test_several_dead_instances_in_a_row_are_each_reloaded():
         with pytest.raises(SynthesisError, match="spark_tts_0_1"):
             c.synthesize("f5", "Hello there.", ref, "A reference.")
         assert c._client.loads == []
+    finally:
+        c.close()
+
+
+def test_a_client_without_the_repository_secret_waits_for_the_server_to_replace_the_instance(monkeypatch):
+    """A client of another process may not reload (the studio server refuses it the repository
+    API): it sends again every SUPERVISOR_RETRY_S while the server's supervisor replaces the stub."""
+    import studio.client as client_mod
+
+    monkeypatch.setattr(client_mod, "SUPERVISOR_RETRY_S", 0.05)
+    ref = np.zeros(24000, np.float32)
+    c = _DyingFronts(["f5_engine_0_0"] * 3)  # the engine: every try fails until it is replaced
+    c._client.fail = "restricted"
+    try:
+        r = c.synthesize("f5", "Hello there.", ref, "A reference.")
+        assert r.recovered and c.calls == 4 and c._client.loads == []
+        assert r.latency_s >= 0.15  # three waits of 0.05 s, counted in the request's latency
+        assert any("sent again until the server had replaced it" in n for n in r.info["notes"])
+    finally:
+        c.close()
+    monkeypatch.setitem(client_mod.SUPERVISOR_WAIT_S, "engine", 0.3)
+    c = _DyingFronts(["f5_engine_0_0"] * 100)  # never replaced: the error comes within the bound
+    c._client.fail = "restricted"
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(SynthesisError, match="did not replace the instance within 0.3 s") as err:
+            c.synthesize("f5", "Hello there.", ref, "A reference.")
+        assert time.monotonic() - t0 < 2.0 and "f5_engine_0_0" in str(err.value)
+        assert not isinstance(err.value, client_mod.ReloadRefused)
+    finally:
+        c.close()
+
+
+def test_a_refused_reload_is_told_apart():
+    from studio.client import ReloadRefused
+
+    c = StudioClient("127.0.0.1:1")
+    try:
+        c._client = _CountingLoads(fail="restricted")
+        with pytest.raises(ReloadRefused, match="restart the server"):
+            c.reload_model("f5_tts", cause="Stub process 'f5_tts_0_2' is not healthy.")
+        c._client = _CountingLoads(fail=True)
+        with pytest.raises(SynthesisError) as err:
+            c.reload_model("f5_tts", cause="Stub process 'f5_tts_0_2' is not healthy.")
+        assert not isinstance(err.value, ReloadRefused)
     finally:
         c.close()
