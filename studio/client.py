@@ -535,19 +535,22 @@ class StudioClient:
             if on_chunk is not None:
                 on_chunk(samples, info)
 
-        def attempt():
+        def attempt(limit_s: float):
             request_id = f"studio-{uuid.uuid4().hex[:16]}"
             if stream:
-                return self._stream(family, name, inputs, request_id, tracked, cancel, timeout_s)
-            return self._offline(family, name, inputs, request_id, tracked, cancel, timeout_s)
+                return self._stream(family, name, inputs, request_id, tracked, cancel, limit_s)
+            return self._offline(family, name, inputs, request_id, tracked, cancel, limit_s)
 
         started = time.perf_counter()
+        deadline = started + timeout_s  # what waiting for the server's supervisor may not pass
         reloaded: list[str] = []
         waited: dict[str, float] = {}  # model -> when this request began waiting for the server to replace it
         while True:
             tried_at = time.perf_counter()
             try:
-                result = attempt()
+                # after a reload a retry gets the whole timeout again (the reload was not the request's
+                # doing); while waiting on the server's supervisor the request keeps its own deadline
+                result = attempt(max(deadline - tried_at, 0.001) if waited else timeout_s)
                 break
             except SynthesisError as exc:
                 # An instance whose stub died answers every request routed to it with this error (the
@@ -575,28 +578,29 @@ class StudioClient:
                 except ReloadRefused:
                     # Not ours to reload: the studio server's supervisor replaces the dead stub. Send
                     # again until it has (a dead front: the next try mostly lands on a live instance).
-                    since = waited.setdefault(dead, time.monotonic())
-                    bound = min(SUPERVISOR_WAIT_S[kind], timeout_s)
-                    if time.monotonic() - since + SUPERVISOR_RETRY_S > bound:
+                    now = time.perf_counter()
+                    since = waited.setdefault(dead, now)
+                    bound_at = min(since + SUPERVISOR_WAIT_S[kind], deadline)
+                    if now + SUPERVISOR_RETRY_S > bound_at:
                         raise SynthesisError(
                             f"{clean_message(str(exc))} This client may not reload models (the studio server's "
                             f"process holds the repository secret), and the server did not replace the instance "
-                            f"within {bound:g} s: restart the server.", exc.status) from None
-                    time.sleep(SUPERVISOR_RETRY_S)
+                            f"within {bound_at - since:.3g} s: restart the server.", exc.status) from None
+                    if cancel is not None and cancel.wait(SUPERVISOR_RETRY_S):
+                        raise GenerationCancelled("cancelled while waiting for the server to replace a dead "
+                                                  f"{dead} instance") from None
+                    if cancel is None:
+                        time.sleep(SUPERVISOR_RETRY_S)
         result.server = self.url
         if not reloaded and not waited:
             return result
-        lost = tried_at - started  # the failed attempts and the reloads, before the one that served
-        notes = []
-        if reloaded:
-            what = " and ".join(f"a {m} instance" for m in reloaded)
-            notes.append(f"{what} had died (its stub process was gone); the model was reloaded and the request "
-                         f"sent again: {lost:.2f} s of this request's latency")
-        if waited:
-            what = " and ".join(f"a {m} instance" for m in waited)
-            notes.append(f"{what} had died (its stub process was gone); the request was sent again until the "
-                         f"server had replaced it: {lost:.2f} s of this request's latency")
-        result.info = dict(result.info, notes=list(result.info.get("notes", [])) + notes)
+        lost = tried_at - started  # the failed attempts, reloads and waits before the one that served
+        died = " and ".join(f"a {m} instance" for m in reloaded + [m for m in waited if m not in reloaded])
+        how = ("the model was reloaded and the request sent again" if not waited else
+               "the request was sent again while the server replaced it" if not reloaded else
+               "the models were reloaded or replaced by the server and the request sent again")
+        result.info = dict(result.info, notes=list(result.info.get("notes", [])) + [
+            f"{died} had died (its stub process was gone); {how}: {lost:.2f} s of this request's latency"])
         result.latency_s += lost
         result.first_chunk_s += lost
         result.chunk_arrivals_s = [t + lost for t in result.chunk_arrivals_s]

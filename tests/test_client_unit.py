@@ -635,7 +635,7 @@ def test_a_client_without_the_repository_secret_waits_for_the_server_to_replace_
         r = c.synthesize("f5", "Hello there.", ref, "A reference.")
         assert r.recovered and c.calls == 4 and c._client.loads == []
         assert r.latency_s >= 0.15  # three waits of 0.05 s, counted in the request's latency
-        assert any("sent again until the server had replaced it" in n for n in r.info["notes"])
+        assert any("sent again while the server replaced it" in n for n in r.info["notes"])
     finally:
         c.close()
     monkeypatch.setitem(client_mod.SUPERVISOR_WAIT_S, "engine", 0.3)
@@ -647,6 +647,23 @@ def test_a_client_without_the_repository_secret_waits_for_the_server_to_replace_
             c.synthesize("f5", "Hello there.", ref, "A reference.")
         assert time.monotonic() - t0 < 2.0 and "f5_engine_0_0" in str(err.value)
         assert not isinstance(err.value, client_mod.ReloadRefused)
+    finally:
+        c.close()
+
+
+def test_cancelling_while_waiting_for_the_server(monkeypatch):
+    import studio.client as client_mod
+
+    monkeypatch.setattr(client_mod, "SUPERVISOR_RETRY_S", 5.0)
+    c = _DyingFronts(["f5_engine_0_0"] * 100)
+    c._client.fail = "restricted"
+    cancel = threading.Event()
+    threading.Timer(0.2, cancel.set).start()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(client_mod.GenerationCancelled):
+            c.synthesize("f5", "Hello there.", np.zeros(24000, np.float32), "A reference.", cancel=cancel)
+        assert time.monotonic() - t0 < 2.0 and c.calls == 1, "the wait ends with the cancel, nothing sent again"
     finally:
         c.close()
 

@@ -89,3 +89,23 @@ def test_the_deadline_ends_a_wait_on_a_silent_engine(monkeypatch):
             shared.pump_responses(_Request(responses), lambda r: True, "f5_engine", None, time.monotonic() + 0.2)
     finally:
         release.set()
+
+
+def test_after_a_deadline_the_caller_can_let_the_helper_end(monkeypatch):
+    """The deadline leaves the helper iterating (the engine still answers); once the engine is told
+    to stop and ends its stream, `settle_helper` returns as soon as the helper has ended."""
+    monkeypatch.setattr(shared, "LIVENESS_POLL_S", 0.05)
+    stop = threading.Event()
+
+    def responses():
+        while not stop.wait(0.01):  # an engine streaming until it is cancelled
+            yield object()
+
+    with pytest.raises(shared.DeadlineExceeded) as err:
+        shared.pump_responses(_Request(responses), lambda r: True, "f5_engine", None, time.monotonic() + 0.2)
+    helper = err.value.helper
+    assert helper.is_alive(), "the deadline does not wait for the stream"
+    stop.set()  # the cancel reached the engine
+    t0 = time.monotonic()
+    shared.settle_helper(err.value)
+    assert not helper.is_alive() and time.monotonic() - t0 < shared.HELPER_GRACE_S

@@ -598,7 +598,11 @@ def pump_responses(bls, on_response, engine: str, folder, deadline: float, check
     iterator and the last response (the backend's objects) on that thread. So the caller resumes
     (and may send) only once the helper thread has ended (`join`), not when its loop is done: an
     offline front (the H100, 2026-12-08, 1 of 32 requests at c=8) and a streaming one died at that
-    point, each with its busy marker already cleared, i.e. after the engine's answer was in."""
+    point, each with its busy marker already cleared, i.e. after the engine's answer was in.
+    EngineDied and DeadlineExceeded leave the helper running (it carries it as `exc.helper`; after
+    a deadline the caller cancels, then `settle_helper`). Exceptions to the one-thread rule that
+    remain: a cancel sent through BLS (Spark's fronts) goes out from the waiting thread while the
+    helper iterates, and a helper whose engine died stays parked in its iterator."""
     failure: list[BaseException] = []
 
     def pump():
@@ -613,13 +617,31 @@ def pump_responses(bls, on_response, engine: str, folder, deadline: float, check
     helper = threading.Thread(target=pump, daemon=True, name=f"bls-{engine}")
     helper.start()
     wait_s = CancelCheck.POLL_S if check is not None else LIVENESS_POLL_S
-    while True:
-        helper.join(wait_s)
-        if not helper.is_alive():  # ended, its frame and the thread's references to it released
-            break
-        on_timeout()
+    try:
+        while True:
+            helper.join(wait_s)
+            if not helper.is_alive():  # ended, its frame and the thread's references to it released
+                break
+            on_timeout()
+    except (EngineDied, DeadlineExceeded) as exc:
+        exc.helper = helper  # still running: `settle_helper` lets it end before the caller sends
+        raise
     if failure:
         raise failure[0]
+
+
+#: How long a front whose request ran past its deadline lets its helper thread end (the engine, told
+#: to drop the request, ends its stream within a batch or a decode step) before it sends its error.
+HELPER_GRACE_S = 1.0
+
+
+def settle_helper(exc: BaseException) -> None:
+    """After a deadline and the cancel sent to the engine: wait up to HELPER_GRACE_S for the helper
+    thread of `pump_responses` to end, so the front's error is not sent while it still iterates.
+    (A dead engine's helper never ends: it stays parked, as `pump_responses` says.)"""
+    helper = getattr(exc, "helper", None)
+    if helper is not None:
+        helper.join(HELPER_GRACE_S)
 
 
 def _wait_checks(engine: str, folder, deadline: float, check: "CancelCheck | None"):
@@ -700,9 +722,10 @@ def offline_front(pb_utils, request, engine: str, input_names: list[str], join, 
                                   CancelCheck(request, on_cancel))
     except EngineDied as exc:
         return error_response(pb_utils, f"{engine} stopped while serving this request: {exc}")
-    except DeadlineExceeded:
+    except DeadlineExceeded as exc:
         if on_cancel is not None:
             _quietly(on_cancel)
+        settle_helper(exc)
         return error_response(pb_utils, deadline_message(engine))
     except Exception as exc:  # noqa: BLE001 - one bad request must not take the instance down
         return error_response(pb_utils, f"{engine} request failed: {exc}")
@@ -814,9 +837,10 @@ def stream_front(pb_utils, request, engine: str, input_names: list[str], extra: 
     except EngineDied as exc:
         close(error_response(pb_utils, f"{engine} stopped while serving this request: {exc}"))
         return
-    except DeadlineExceeded:
+    except DeadlineExceeded as exc:
         if on_cancel is not None:
             _quietly(on_cancel)
+        settle_helper(exc)
         close(error_response(pb_utils, deadline_message(engine)))
         return
     except Exception as exc:  # noqa: BLE001 - one bad request must not take the instance down

@@ -730,9 +730,11 @@ class FastSampler:
         self._tables: dict[tuple[int, float | None, bool], tuple[Tensor, Tensor]] = {}
         self._compiled = False
         self.ready = self.mode == "eager"  # the other modes become ready in warmup()
-        #: Batches served so far, by how: "graph" (a captured bucket), "uncaptured" (a bucket whose
-        #: capture failed: the static step run directly), "eager" (beyond the buckets, or the fast path
-        #: not ready: the eager sampler). Tests read it to know which path produced an output.
+        #: Batches handed to a path so far (counted as they start): "graph" (a captured bucket's
+        #: graphs), "uncaptured" (a bucket without a graph: its capture failed, or this mode captures
+        #: none, as "eager" or "compile" on a CPU: the static step run directly), "eager" (beyond the
+        #: buckets, another DiT, or the fast path not ready: the eager sampler). Tests read it to know
+        #: which path produced an output.
         self.served: Counter = Counter()
         self.stats: dict = {"mode": self.mode, "fused_gelu": bool(self.use_graphs and options.fused_gelu and not self.fp8),
                             "fp8": self.fp8}
