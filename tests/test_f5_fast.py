@@ -114,6 +114,12 @@ def test_packed_layout():
     assert F.packed_cu_seqlens([5], 2, 40) == [0, 5, 5 + g, 5 + g, 40, 45, 45 + g, 45 + g, 80]
 
 
+def test_capture_spread():
+    assert F.capture_spread([]) == {}
+    spread = F.capture_spread([(0.02, "1x128"), (0.05, "8x6144"), (0.03, "2x256")])
+    assert spread == {"capture_ms_p50": 30.0, "capture_ms_max": 50.0, "capture_slowest": "8x6144"}
+
+
 def test_buckets_cover_every_batch_once():
     fs_opts = small_options(length_buckets=(64, 128, 256, 384, 512))
     fs = F.FastSampler.__new__(F.FastSampler)
@@ -448,6 +454,8 @@ def test_graph_protocol_with_a_stand_in_for_cuda_graphs(tmp_path, monkeypatch):
     fs.use_graphs, fs.mode = True, "graph"
     stats = fs.warmup()
     assert stats["graphs"] == len(fs.buckets()) and "capture_errors" not in stats and fs.ready
+    assert 0 <= stats["capture_ms_p50"] <= stats["capture_ms_max"]
+    assert stats["capture_slowest"] in {f"{b}x{t}" for b, t in fs.buckets()}
     assert stats["self_check_rel_err"] <= 1e-5
     args = batch([100, 70, 33], [30, 20, 10])
     graph, prologue = fs._graphs[(4, 256)], fs._prologues[(4, 256)]
