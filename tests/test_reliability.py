@@ -186,6 +186,24 @@ def test_stub_killed_mid_batch_offline(fault_server, fclient, instance):
 
 
 @pytest.mark.slow
+def test_a_client_of_another_process_waits_for_the_servers_supervisor(fault_server):
+    """A client without the repository secret (any process but the server's: here the same server
+    under another name, which this process holds no secret for) cannot reload the engine it finds
+    dead; it sends again while the server's supervisor reloads it, and is served."""
+    from studio.client import StudioClient
+
+    port = fault_server.grpc_url.rsplit(":", 1)[1]
+    before = len(fault_server.reloads)
+    with StudioClient(f"localhost:{port}") as foreign:
+        assert not foreign.repository_headers
+        kill_stub(fault_server, "f5_engine_0_0")
+        r = f5(foreign)  # sent at once: the supervisor needs seconds to notice and reload the engine
+    assert r.audio.size > 0 and r.recovered
+    assert any("sent again while the server replaced it" in n for n in r.info["notes"]), r.info["notes"]
+    assert any(m == "f5_engine" for m, _ in fault_server.reloads[before:])
+
+
+@pytest.mark.slow
 def test_idle_engine_death_is_repaired_before_the_next_request(fault_server, fclient):
     before = len(fault_server.reloads)
     kill_stub(fault_server, "f5_engine_0_0")
