@@ -163,6 +163,12 @@ def checks(benches: dict, starts: dict) -> list[dict]:
          "result": verdict(startup, TARGET_STARTUP_S)},
         {"check": f"server start-up with a warm compile cache <= {TARGET_WARM_STARTUP_S:.0f} s (must)", "value": warm,
          "result": verdict(warm, TARGET_WARM_STARTUP_S)},
+    ] + [  # the same Musts on every other server of the sweep (variants, the first server measured again)
+        {"check": f"[{label}] F5 offline 16 NFE rtf_aggregate at c={c} <= {limit} (must)", "value": value,
+         "result": verdict(value, limit)}
+        for label in sorted({b.get("label") for b in benches.values()} - {"fast", None})
+        for c, limit in ((1, TARGET_RTF_C1), (8, TARGET_RTF_C8))
+        if (value := rtf_at(benches, label, "offline", c)) is not None
     ]
 
 
