@@ -12,10 +12,10 @@ each instance gets one), with a short text and few steps, before `TritonServer.s
 (Triton is ready and serving meanwhile: a request sent then waits behind the warm-up's).
 Failures are logged, never fatal: a family whose engine cannot serve still starts as before.
 
-Off by default (`STUDIO_WARM_FRONTS=1` turns it on). On an H100 (2026-12-08, same run, full-size
-random weights, F5 offline c=1, 32 requests) the way in was 5.1 ms with the warm-up and 5.0 ms
-without, the way back 4.0 and 3.8 ms: the host there (16 cores) shows no first-request penalty worth
-the start-up time. On the CPU a real-weight F5 or Spark request takes seconds, so sixteen of them
+Off by default (`STUDIO_WARM_FRONTS=1` turns it on). On an H100 (2026-12-08, two servers of one
+run, full-size random weights, F5 offline c=1, 32 requests) the way in was 5.2 ms with the warm-up
+and 4.9 ms without, the way back 4.0 and 3.8 ms: the host there (16 cores) shows no first-request
+penalty worth the start-up time. On the CPU a real-weight F5 or Spark request takes seconds, so sixteen of them
 per front model would lengthen the start by far more than they save.
 """
 

@@ -548,9 +548,8 @@ def capture_spread(took: list[tuple[float, str]]) -> dict:
     uniformly slower capture from a few slow buckets."""
     if not took:
         return {}
-    ms = sorted(1000 * sec for sec, _ in took)
     slowest = max(took)
-    return {"capture_ms_p50": round(float(np.median(ms)), 1), "capture_ms_max": round(1000 * slowest[0], 1),
+    return {"capture_ms_p50": round(1000 * float(np.median([sec for sec, _ in took])), 1), "capture_ms_max": round(1000 * slowest[0], 1),
             "capture_slowest": slowest[1]}
 
 
